@@ -1,0 +1,220 @@
+"""CoPS model configuration.
+
+`CoPSConfig` holds the frozen CLIP towers' configurations (as transformers' `CLIPConfig` does) and every
+hyperparameter of the CoPS modules. The reference implementation switches some of them by dataset name
+(`'visa' in args.dataset`); here they are plain fields with the general value as default, and the switches are
+named presets (`TEST_DATASET_PRESETS`, `TRAIN_DATASET_PRESETS`) applied with `CoPSConfig.with_preset`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+from transformers import CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# CLIP ViT-L/14@336px, the tower CoPS is published with ("openai/clip-vit-large-patch14-336").
+VIT_L14_336_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "projection_dim": 768,
+}
+VIT_L14_336_VISION = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+}
+
+# Test-time switches of the reference, per test dataset. Every dataset but VisA uses the general values.
+_GENERAL_TEST = {"test_kernel_size": 5, "distance_alpha": 0.26, "image_score_beta": 0.9}
+_VISA_TEST = {"test_kernel_size": 3, "distance_alpha": 0.35, "image_score_beta": 1.0}
+TEST_DATASET_PRESETS: dict[str, dict[str, Any]] = {
+    name: dict(_VISA_TEST if name == "visa" else _GENERAL_TEST)
+    for name in (
+        "mvtec", "visa", "btad", "mpdd", "dtd", "headct", "brainmri", "br35h",
+        "isic", "colondb", "clinicdb", "kvasir", "endo", "general",
+    )
+}  # fmt: skip
+
+# Training-time switches of the reference, per auxiliary (training) dataset.
+TRAIN_DATASET_PRESETS: dict[str, dict[str, Any]] = {
+    "visa": {"train_kernel_size": 5, "use_recon_loss": False},
+    "mvtec": {"train_kernel_size": 3, "use_recon_loss": True},
+    "general": {"train_kernel_size": 5, "use_recon_loss": True},
+}
+
+
+class CoPSConfig(PretrainedConfig):
+    r"""Configuration of [`CoPSForAnomalyDetection`].
+
+    Args:
+        text_config (`dict` or `CLIPTextConfig`, *optional*): CLIP text tower. Defaults to ViT-L/14's.
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*): CLIP vision tower. Defaults to ViT-L/14@336's.
+        projection_dim (`int`): CLIP joint embedding size D. Must equal the text width, since prototypes (from
+            projected patch tokens) are added to prompt tokens.
+        logit_scale_init_value (`float`): CLIP's logit scale (kept for weight compatibility, unused by CoPS).
+        prompt_length (`int`): learnable context tokens per prompt, without class tokens (reference `n_ctx`).
+        prototype_length (`int`): number P of state prototypes; also the last P context tokens that receive them
+            (reference `prt_length`).
+        class_token_length (`int`): class tokens per prompt, shifted by the VAE class token.
+        deep_prompt_length (`int`): tokens replaced at the input of deep text layers (reference `t_n_ctx`).
+        deep_prompt_depth (`int`): number of text layers (1..depth) that receive deep prompts.
+        dpam_layers (`int`): number of last vision layers with dual-path (value-value) attention.
+        feature_layers (`list[int]`): 1-based vision layers whose patch tokens are used.
+        image_size (`int`): square input size in pixels; a multiple of the patch size.
+        temperature (`float`): softmax temperature of image/patch-text similarities.
+        vae_samples (`int`): class-token samples S drawn from the VAE prior at inference.
+        train_kernel_size, test_kernel_size (`int`): neighbour-averaging kernel in training / inference.
+        distance_alpha (`float`): weight of the normal-prototype distance in the patch weighting.
+        image_score_beta (`float`): weight of the global score against the max patch score.
+        gaussian_sigma (`float`): sigma of the Gaussian smoothing of anomaly maps (scipy conventions).
+        use_recon_loss (`bool`): add the VAE reconstruction term to the training loss.
+        prototype_attention_heads (`int`): heads of the prototype extractor's cross-attention (D % heads == 0).
+        prompt_suffix_token_ids (`list[int]`): token ids that follow the context in the prompt template
+            "X ... X." (the "." of CLIP's BPE vocabulary); start/end ids come from `text_config`.
+        image_threshold, pixel_threshold (`float`, *optional*): calibrated decision thresholds on image scores and
+            anomaly maps, used by the pipeline to emit labels and masks.
+    """
+
+    model_type = "cops"
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "text_config": SubConfigSpec(CLIPTextConfig, init_kwargs=VIT_L14_336_TEXT),
+        "vision_config": SubConfigSpec(CLIPVisionConfig, init_kwargs=VIT_L14_336_VISION),
+    }
+
+    text_config: dict | CLIPTextConfig | None = None
+    vision_config: dict | CLIPVisionConfig | None = None
+    projection_dim: int = 768
+    logit_scale_init_value: float = 2.6592
+    prompt_length: int = 12
+    prototype_length: int = 6
+    class_token_length: int = 2
+    deep_prompt_length: int = 4
+    deep_prompt_depth: int = 8
+    dpam_layers: int = 24
+    feature_layers: list[int] | None = None
+    image_size: int = 518
+    temperature: float = 0.07
+    vae_samples: int = 10
+    train_kernel_size: int = 5
+    test_kernel_size: int = 5
+    distance_alpha: float = 0.26
+    image_score_beta: float = 0.9
+    gaussian_sigma: float = 4.0
+    use_recon_loss: bool = True
+    prototype_attention_heads: int = 12
+    prompt_suffix_token_ids: list[int] | None = None
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.feature_layers is None:
+            self.feature_layers = [24]
+        if self.prompt_suffix_token_ids is None:
+            self.prompt_suffix_token_ids = [269]
+        super().__post_init__(**kwargs)
+        self.validate()
+
+    @property
+    def patch_grid_size(self) -> int:
+        """Side s of the patch grid at `image_size` (37 for 518 px and patch 14)."""
+        return self.image_size // self.vision_config.patch_size
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Context tokens per prompt, class tokens included (14 by default)."""
+        return self.prompt_length + self.class_token_length
+
+    def validate(self) -> None:
+        """Check that the fields fit together; raise `ValueError` saying what to change."""
+        vision, text = self.vision_config, self.text_config
+        num_vision_layers = vision.num_hidden_layers
+        problems = []
+        if not 0 <= self.dpam_layers <= num_vision_layers:
+            problems.append(
+                f"dpam_layers={self.dpam_layers} must be between 0 and the vision tower's {num_vision_layers} layers"
+            )
+        if not self.feature_layers or any(not 1 <= layer <= num_vision_layers for layer in self.feature_layers):
+            problems.append(
+                f"feature_layers={self.feature_layers} must be a non-empty list of 1-based vision layers "
+                f"in 1..{num_vision_layers}"
+            )
+        if not 1 <= self.prototype_length <= self.prompt_length:
+            problems.append(
+                f"prototype_length={self.prototype_length} must be between 1 and prompt_length={self.prompt_length}"
+            )
+        if self.class_token_length < 0 or self.deep_prompt_length < 0 or self.deep_prompt_depth < 0:
+            problems.append("class_token_length, deep_prompt_length and deep_prompt_depth must be >= 0")
+        if self.deep_prompt_depth >= text.num_hidden_layers and self.deep_prompt_depth > 0:
+            problems.append(
+                f"deep_prompt_depth={self.deep_prompt_depth} must be below the text tower's "
+                f"{text.num_hidden_layers} layers (deep prompts enter layers 1..depth)"
+            )
+        if self.deep_prompt_length > self.num_prompt_tokens:
+            problems.append(
+                f"deep_prompt_length={self.deep_prompt_length} must not exceed the prompt's "
+                f"{self.num_prompt_tokens} context tokens"
+            )
+        if self.image_size <= 0 or self.image_size % vision.patch_size != 0:
+            problems.append(
+                f"image_size={self.image_size} must be a positive multiple of the patch size {vision.patch_size} "
+                f"(e.g. {max(1, round(self.image_size / vision.patch_size)) * vision.patch_size})"
+            )
+        if self.projection_dim != text.hidden_size:
+            problems.append(
+                f"projection_dim={self.projection_dim} must equal the text width {text.hidden_size}: prototypes "
+                "live in the joint space and are added to prompt tokens"
+            )
+        if self.projection_dim % self.prototype_attention_heads != 0:
+            problems.append(
+                f"prototype_attention_heads={self.prototype_attention_heads} must divide projection_dim="
+                f"{self.projection_dim} (ViT-B/16's 512 needs e.g. 8)"
+            )
+        for name in ("train_kernel_size", "test_kernel_size"):
+            kernel = getattr(self, name)
+            if kernel < 1 or kernel % 2 == 0:
+                problems.append(f"{name}={kernel} must be a positive odd integer")
+        if not 0.0 <= self.distance_alpha <= 1.0 or not 0.0 <= self.image_score_beta <= 1.0:
+            problems.append("distance_alpha and image_score_beta must lie in [0, 1]")
+        if self.temperature <= 0 or self.gaussian_sigma < 0 or self.vae_samples < 1:
+            problems.append("temperature must be > 0, gaussian_sigma >= 0 and vae_samples >= 1")
+        sequence_length = 2 + self.num_prompt_tokens + len(self.prompt_suffix_token_ids)
+        if sequence_length > text.max_position_embeddings:
+            problems.append(
+                f"the prompt needs {sequence_length} tokens but the text tower holds {text.max_position_embeddings}"
+            )
+        if problems:
+            raise ValueError("Invalid CoPSConfig: " + "; ".join(problems) + ".")
+
+    def with_preset(self, test_dataset: str | None = None, train_dataset: str | None = None) -> CoPSConfig:
+        """Return a copy with the reference's dataset switches applied.
+
+        Args:
+            test_dataset: name of the dataset being tested (see `TEST_DATASET_PRESETS`): sets the test kernel,
+                `distance_alpha` and `image_score_beta`.
+            train_dataset: name of the auxiliary training dataset (see `TRAIN_DATASET_PRESETS`): sets the
+                training kernel and `use_recon_loss`.
+        """
+        updated = copy.deepcopy(self)
+        for name, presets in (("test", test_dataset), ("train", train_dataset)):
+            if presets is None:
+                continue
+            table = TEST_DATASET_PRESETS if name == "test" else TRAIN_DATASET_PRESETS
+            key = presets.lower()
+            if key not in table:
+                raise ValueError(f"Unknown {name} dataset preset {presets!r}; choose one of {sorted(table)}.")
+            for field, value in table[key].items():
+                setattr(updated, field, value)
+        updated.validate()
+        return updated
+
+
+__all__ = ["CoPSConfig", "TEST_DATASET_PRESETS", "TRAIN_DATASET_PRESETS"]

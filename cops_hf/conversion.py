@@ -1,0 +1,338 @@
+"""Conversion of the official release: OpenAI CLIP archives and reference CoPS checkpoints -> our model.
+
+* OpenAI CLIP (`ViT-L-14-336px.pt`, a TorchScript archive, or any OpenAI-layout state dict) is mapped onto
+  transformers' `CLIPModel` names; its configuration is read off the tensor shapes.
+* A reference CoPS checkpoint (`{"prompt_learner": state_dict}`, as saved by the reference's train.py) is
+  mapped onto our CoPS modules. Keys the reference saves but the method never reads (`projector*`,
+  `extractor_*`, `token_*`, `tokenized_prompts_*`) are dropped; `vae_encoder*` may be absent (only training
+  needs it). Any other unknown key, and any missing required key, is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig
+
+from .configuration_cops import CoPSConfig
+from .modeling_cops import CoPSForAnomalyDetection
+
+logger = logging.getLogger(__name__)
+
+StateDict = Mapping[str, torch.Tensor]
+
+# OpenAI residual-block names -> transformers CLIPEncoderLayer names (in_proj is split separately).
+_BLOCK_RENAMES = {
+    "attn.out_proj.weight": "self_attn.out_proj.weight",
+    "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "ln_1.weight": "layer_norm1.weight",
+    "ln_1.bias": "layer_norm1.bias",
+    "ln_2.weight": "layer_norm2.weight",
+    "ln_2.bias": "layer_norm2.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+_CLIP_RENAMES = {
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "logit_scale": "logit_scale",
+}
+_CLIP_TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
+# Scalars the TorchScript archive stores beside the weights.
+_CLIP_METADATA_KEYS = {"input_resolution", "context_length", "vocab_size"}
+_TOWER_PREFIXES = {"visual.transformer.resblocks.": "vision_model.encoder.layers.",
+                   "transformer.resblocks.": "text_model.encoder.layers."}  # fmt: skip
+
+# Reference CoPS names -> ours.
+_COPS_RENAMES = {
+    "t_n": "state_prototypes.normal_queries",
+    "t_a": "state_prototypes.anomalous_queries",
+    "extractor.attn.in_proj_weight": "state_prototypes.extractor.cross_attention.in_proj_weight",
+    "extractor.attn.in_proj_bias": "state_prototypes.extractor.cross_attention.in_proj_bias",
+    "extractor.attn.out_proj.weight": "state_prototypes.extractor.cross_attention.out_proj.weight",
+    "extractor.attn.out_proj.bias": "state_prototypes.extractor.cross_attention.out_proj.bias",
+    "extractor.ln_1.weight": "state_prototypes.extractor.layer_norm1.weight",
+    "extractor.ln_1.bias": "state_prototypes.extractor.layer_norm1.bias",
+    "extractor.ln_2.weight": "state_prototypes.extractor.layer_norm2.weight",
+    "extractor.ln_2.bias": "state_prototypes.extractor.layer_norm2.bias",
+    "extractor.mlp.c_fc.weight": "state_prototypes.extractor.fc1.weight",
+    "extractor.mlp.c_fc.bias": "state_prototypes.extractor.fc1.bias",
+    "extractor.mlp.c_proj.weight": "state_prototypes.extractor.fc2.weight",
+    "extractor.mlp.c_proj.bias": "state_prototypes.extractor.fc2.bias",
+    "vae_decoder.net.0.weight": "class_token_vae.decoder.0.weight",
+    "vae_decoder.net.0.bias": "class_token_vae.decoder.0.bias",
+    "vae_decoder.net.2.weight": "class_token_vae.decoder.2.weight",
+    "vae_decoder.net.2.bias": "class_token_vae.decoder.2.bias",
+}
+_COPS_ENCODER_RENAMES = {
+    "vae_encoder.net.0.weight": "class_token_vae.encoder.0.weight",
+    "vae_encoder.net.0.bias": "class_token_vae.encoder.0.bias",
+    "vae_encoder.mean.weight": "class_token_vae.mean_head.weight",
+    "vae_encoder.mean.bias": "class_token_vae.mean_head.bias",
+    "vae_encoder.log_var.weight": "class_token_vae.log_var_head.weight",
+    "vae_encoder.log_var.bias": "class_token_vae.log_var_head.bias",
+}
+_VAE_ENCODER_PREFIXES = ("class_token_vae.encoder.", "class_token_vae.mean_head.", "class_token_vae.log_var_head.")
+_COPS_UNUSED = re.compile(r"^(projector|extractor_\.|token_|tokenized_prompts_)")
+_DEEP_PROMPT = re.compile(r"^compound_prompts_text\.(\d+)$")
+
+
+class CheckpointConversionError(ValueError):
+    """A checkpoint does not have the layout conversion expects (the message names the key or file)."""
+
+
+def load_openai_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read an OpenAI CLIP file: a TorchScript archive (as OpenAI ships) or a plain state-dict checkpoint.
+
+    Plain checkpoints are loaded with `weights_only=True`; TorchScript archives with `torch.jit.load`, which runs
+    no Python pickle code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointConversionError(f"CLIP file '{path}' does not exist.")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            is_torchscript = any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+        if is_torchscript:
+            return {
+                name: tensor.float()
+                for name, tensor in torch.jit.load(str(path), map_location="cpu").state_dict().items()
+            }
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise CheckpointConversionError(f"'{path}' holds no state dict (found {type(state).__name__}).")
+    return {name.removeprefix("module."): tensor for name, tensor in state.items()}
+
+
+def clip_config_from_openai(state: StateDict) -> CLIPConfig:
+    """Infer a `CLIPConfig` from OpenAI CLIP tensor shapes (heads = width // 64, as OpenAI builds them)."""
+    for key in ("visual.conv1.weight", "visual.positional_embedding", "ln_final.weight", "text_projection"):
+        if key not in state:
+            raise CheckpointConversionError(f"Not an OpenAI ViT CLIP state dict: key '{key}' is missing.")
+
+    def count_layers(prefix: str) -> int:
+        return len({key[len(prefix) :].split(".")[0] for key in state if key.startswith(prefix)})
+
+    vision_width, _, patch_size, _ = state["visual.conv1.weight"].shape
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = state["ln_final.weight"].shape[0]
+    embed_dim = state["text_projection"].shape[1]
+    return CLIPConfig(
+        text_config={
+            "hidden_size": text_width,
+            "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            "num_hidden_layers": count_layers("transformer.resblocks."),
+            "num_attention_heads": max(1, text_width // 64),
+            "max_position_embeddings": state["positional_embedding"].shape[0],
+            "vocab_size": state["token_embedding.weight"].shape[0],
+            "projection_dim": embed_dim,
+        },
+        vision_config={
+            "hidden_size": vision_width,
+            "intermediate_size": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            "num_hidden_layers": count_layers("visual.transformer.resblocks."),
+            "num_attention_heads": max(1, vision_width // 64),
+            "image_size": grid * patch_size,
+            "patch_size": patch_size,
+            "projection_dim": embed_dim,
+        },
+        projection_dim=embed_dim,
+    )
+
+
+def convert_openai_clip_state_dict(state: StateDict) -> dict[str, torch.Tensor]:
+    """Rename an OpenAI CLIP state dict to transformers' `CLIPModel` keys (q/k/v split from in_proj)."""
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key in _CLIP_METADATA_KEYS:
+            continue
+        if key in _CLIP_RENAMES:
+            converted[_CLIP_RENAMES[key]] = tensor
+            continue
+        if key in _CLIP_TRANSPOSED:
+            converted[_CLIP_TRANSPOSED[key]] = tensor.t().contiguous()
+            continue
+        prefix = next((prefix for prefix in _TOWER_PREFIXES if key.startswith(prefix)), None)
+        if prefix is None:
+            raise CheckpointConversionError(f"Unexpected key '{key}' in the OpenAI CLIP state dict.")
+        index, name = key[len(prefix) :].split(".", 1)
+        target = f"{_TOWER_PREFIXES[prefix]}{index}.self_attn."
+        if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = "weight" if name.endswith("weight") else "bias"
+            for projection, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
+                converted[f"{target}{projection}.{kind}"] = part.contiguous()
+        elif name in _BLOCK_RENAMES:
+            converted[f"{_TOWER_PREFIXES[prefix]}{index}.{_BLOCK_RENAMES[name]}"] = tensor
+        else:
+            raise CheckpointConversionError(f"Unexpected key '{key}' in the OpenAI CLIP state dict.")
+    return converted
+
+
+def load_reference_cops_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a reference CoPS checkpoint (`{"prompt_learner": ...}`) with `weights_only=True`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointConversionError(f"CoPS checkpoint '{path}' does not exist.")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, Mapping) or "prompt_learner" not in checkpoint:
+        raise CheckpointConversionError(
+            f"'{path}' is not a reference CoPS checkpoint: expected a dict with a 'prompt_learner' entry."
+        )
+    return dict(checkpoint["prompt_learner"])
+
+
+def _cops_fields_from_reference(state: StateDict, class_token_length: int) -> dict:
+    deep_prompts = sorted(
+        (int(match.group(1)), tensor) for key, tensor in state.items() if (match := _DEEP_PROMPT.match(key))
+    )
+    context = state["ctx_pos"].reshape(-1, state["ctx_pos"].shape[-1])
+    fields = {
+        "prompt_length": context.shape[0] - class_token_length,
+        "prototype_length": state["t_n"].shape[0],
+        "deep_prompt_depth": len(deep_prompts),
+    }
+    if deep_prompts:
+        fields["deep_prompt_length"] = deep_prompts[0][1].shape[0]
+    return fields
+
+
+def convert_reference_cops_state_dict(state: StateDict) -> tuple[dict[str, torch.Tensor], bool]:
+    """Rename a reference `prompt_learner` state dict to our CoPS keys.
+
+    Returns:
+        `(converted, has_vae_encoder)`.
+    """
+    converted: dict[str, torch.Tensor] = {}
+    deep_prompts: dict[int, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key in ("ctx_pos", "ctx_neg"):
+            name = "normal_context" if key == "ctx_pos" else "anomalous_context"
+            converted[f"prompt_synthesizer.{name}"] = tensor.reshape(-1, tensor.shape[-1])
+        elif key in _COPS_RENAMES:
+            converted[_COPS_RENAMES[key]] = tensor
+        elif key in _COPS_ENCODER_RENAMES:
+            converted[_COPS_ENCODER_RENAMES[key]] = tensor
+        elif match := _DEEP_PROMPT.match(key):
+            deep_prompts[int(match.group(1))] = tensor
+        elif not _COPS_UNUSED.match(key):
+            raise CheckpointConversionError(f"Unexpected key '{key}' in the CoPS checkpoint.")
+    if deep_prompts:
+        if sorted(deep_prompts) != list(range(len(deep_prompts))):
+            raise CheckpointConversionError(
+                f"Deep prompt keys compound_prompts_text.N are not contiguous: found N in {sorted(deep_prompts)}."
+            )
+        converted["prompt_synthesizer.deep_prompts"] = torch.stack([deep_prompts[i] for i in sorted(deep_prompts)])
+    required = ["prompt_synthesizer.normal_context", "prompt_synthesizer.anomalous_context", *_COPS_RENAMES.values()]
+    reference_names = {value: key for key, value in _COPS_RENAMES.items()}
+    reference_names.update({"prompt_synthesizer.normal_context": "ctx_pos",
+                            "prompt_synthesizer.anomalous_context": "ctx_neg"})  # fmt: skip
+    for name in required:
+        if name not in converted:
+            raise CheckpointConversionError(f"Missing key '{reference_names[name]}' in the CoPS checkpoint.")
+    has_encoder = all(name in converted for name in _COPS_ENCODER_RENAMES.values())
+    return converted, has_encoder
+
+
+def convert_original_checkpoint(
+    clip: str | os.PathLike | StateDict,
+    cops: str | os.PathLike | StateDict | None = None,
+    *,
+    clip_config: CLIPConfig | None = None,
+    **cops_fields,
+) -> CoPSForAnomalyDetection:
+    """Build a [`CoPSForAnomalyDetection`] from the official release files.
+
+    Args:
+        clip: OpenAI CLIP state dict, or the path of an OpenAI `.pt` file (TorchScript archive or checkpoint).
+        cops: reference CoPS checkpoint path or its `prompt_learner` state dict; `None` gives fresh CoPS modules.
+        clip_config: overrides the CLIP configuration read off the shapes (e.g. head counts that are not
+            width // 64).
+        **cops_fields: `CoPSConfig` fields (image_size, presets' fields, ...). Fields implied by the checkpoint
+            (prompt_length, prototype_length, deep prompt sizes) are read from it; a conflicting value is an error.
+
+    Returns:
+        The model in eval mode.
+    """
+    clip_state = load_openai_clip_state_dict(clip) if isinstance(clip, (str, os.PathLike)) else dict(clip)
+    clip_config = clip_config or clip_config_from_openai(clip_state)
+    clip_weights = convert_openai_clip_state_dict(clip_state)
+
+    cops_weights: dict[str, torch.Tensor] = {}
+    has_encoder = False
+    if cops is not None:
+        cops_state = load_reference_cops_state_dict(cops) if isinstance(cops, (str, os.PathLike)) else dict(cops)
+        cops_weights, has_encoder = convert_reference_cops_state_dict(cops_state)
+        implied = _cops_fields_from_reference(cops_state, cops_fields.get("class_token_length", 2))
+        for name, value in implied.items():
+            if name in cops_fields and cops_fields[name] != value:
+                raise CheckpointConversionError(
+                    f"{name}={cops_fields[name]} was given but the CoPS checkpoint implies {name}={value}."
+                )
+            cops_fields[name] = value
+
+    num_vision_layers = clip_config.vision_config.num_hidden_layers
+    cops_fields.setdefault("dpam_layers", num_vision_layers)
+    cops_fields.setdefault("feature_layers", [num_vision_layers])
+    config = CoPSConfig(
+        text_config=clip_config.text_config.to_dict(),
+        vision_config=clip_config.vision_config.to_dict(),
+        projection_dim=clip_config.projection_dim,
+        **cops_fields,
+    )
+    model = CoPSForAnomalyDetection(config)
+    _load_exact(model.clip, clip_weights, "OpenAI CLIP")
+    if cops_weights:
+        expected = {name for name in model.state_dict() if not name.startswith("clip.")}
+        if not has_encoder:
+            expected -= {name for name in expected if name.startswith(_VAE_ENCODER_PREFIXES)}
+            logger.warning("The CoPS checkpoint has no VAE encoder: fine for inference, re-initialized for training.")
+        _load_exact(model, cops_weights, "CoPS", expected=expected)
+    return model.eval()
+
+
+def _load_exact(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, expected=None) -> None:
+    """Copy `weights` into `module`, erroring on any missing, unexpected or mis-shaped key."""
+    own = module.state_dict()
+    expected = set(own) if expected is None else expected
+    missing = sorted(expected - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if missing:
+        raise CheckpointConversionError(f"{source} weights lack '{missing[0]}' ({len(missing)} missing in all).")
+    if unexpected:
+        raise CheckpointConversionError(f"{source} weights have unexpected '{unexpected[0]}'.")
+    for name, tensor in weights.items():
+        if own[name].shape != tensor.shape:
+            raise CheckpointConversionError(
+                f"{source} weight '{name}' has shape {list(tensor.shape)}, expected {list(own[name].shape)}."
+            )
+    module.load_state_dict(weights, strict=False)
+
+
+__all__ = [
+    "CheckpointConversionError",
+    "clip_config_from_openai",
+    "convert_openai_clip_state_dict",
+    "convert_original_checkpoint",
+    "convert_reference_cops_state_dict",
+    "load_openai_clip_state_dict",
+    "load_reference_cops_state_dict",
+]

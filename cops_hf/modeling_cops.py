@@ -1,0 +1,720 @@
+"""CoPS: Conditional Prompt Synthesis for zero-shot anomaly detection, on transformers' CLIP.
+
+The frozen CLIP towers are transformers' own `CLIPModel` (its modules and weight names). CoPS adds:
+
+* a dual-path vision forward (value-value attention beside the ordinary one) run on CLIP's own layers,
+* explicit state prototypes: learnable queries that attend to the smoothed patch tokens,
+* implicit class tokens: a small VAE on the global image token,
+* prompt synthesis (context vectors shifted by prototypes and class tokens) and a text forward with deep prompts
+  that stops at the end-of-text token,
+* scoring (patch/image probabilities, distance weighting, maps, Gaussian smoothing) and the training loss.
+
+Symbols in shape comments: B batch, N patches (s_h * s_w), D joint embedding size, W vision width, P prototypes,
+S class-token samples, T context tokens per prompt, L layers, H x W pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPConfig, CLIPModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import QuickGELUActivation
+from transformers.utils import ModelOutput
+
+from . import losses
+from .configuration_cops import CoPSConfig
+
+NORMAL, ANOMALOUS = 0, 1
+
+
+@dataclass
+class CoPSVisionOutput(ModelOutput):
+    """Outputs of the frozen dual-path vision forward; what the training loop caches.
+
+    Args:
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            Global image token g: the class token of the original stream after the last block, projected
+            (without `post_layernorm`, as in the reference).
+        patch_embeds (`torch.FloatTensor` of shape `(batch_size, num_feature_layers, num_patches, projection_dim)`):
+            Patch tokens of each layer in `config.feature_layers` (value stream for dual-path layers), after
+            `post_layernorm` and the visual projection, before neighbour averaging.
+    """
+
+    image_embeds: torch.FloatTensor | None = None
+    patch_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class CoPSAnomalyDetectionOutput(ModelOutput):
+    """Outputs of [`CoPSForAnomalyDetection`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            cls + 4 * seg + gather + scatter + kl + recon (recon only when `config.use_recon_loss`).
+        loss_terms (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` is given):
+            The detached scalar terms `cls`, `seg`, `gather`, `scatter`, `kl`, `recon`.
+        image_scores (`torch.FloatTensor` of shape `(batch_size,)`):
+            Anomaly score per image in [0, 1]. In training mode (labels given) this is the unfused global
+            probability of the anomalous state.
+        anomaly_maps (`torch.FloatTensor` of shape `(batch_size, height, width)`):
+            Per-pixel anomaly map at input resolution: distance-weighted, nearest-upsampled and Gaussian-smoothed
+            at inference; the unweighted, unsmoothed anomalous-state probability in training mode.
+        patch_scores (`torch.FloatTensor` of shape `(batch_size, num_patches)`):
+            Anomalous-state probability per patch of the last feature layer (weighted at inference).
+        text_embeds (`torch.FloatTensor` of shape `(batch_size, 2, projection_dim)`):
+            L2-normalized (normal, anomalous) text features synthesized for each image.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            Global image token g (not normalized).
+        normal_distances, anomalous_distances (`torch.FloatTensor` of shape `(batch_size, num_patches)`):
+            Cosine distance of each smoothed patch token to its nearest normal / anomalous prototype.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_terms: dict[str, torch.Tensor] | None = None
+    image_scores: torch.FloatTensor | None = None
+    anomaly_maps: torch.FloatTensor | None = None
+    patch_scores: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    normal_distances: torch.FloatTensor | None = None
+    anomalous_distances: torch.FloatTensor | None = None
+
+
+def neighbour_average(patch_tokens: torch.Tensor, grid: tuple[int, int], kernel_size: int) -> torch.Tensor:
+    """Average each patch token with its k x k neighbours (zero padding counted, as avg_pool2d's default).
+
+    Args:
+        patch_tokens: `[B, N, D]` tokens of an `s_h x s_w` grid.
+        grid: `(s_h, s_w)`.
+        kernel_size: odd kernel size k.
+    """
+    batch_size, _, dim = patch_tokens.shape
+    # [B, N, D] -> [B, D, s_h, s_w]
+    spatial = patch_tokens.transpose(1, 2).reshape(batch_size, dim, *grid)
+    pooled = F.avg_pool2d(spatial, kernel_size, stride=1, padding=kernel_size // 2)
+    # [B, D, s_h, s_w] -> [B, N, D]
+    return pooled.flatten(2).transpose(1, 2)
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normalized 1-D Gaussian weights with scipy's radius `int(truncate * sigma + 0.5)`."""
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return (weights / weights.sum()).to(dtype)
+
+
+def reflect_indices(length: int, radius: int, device: torch.device | None = None) -> torch.Tensor:
+    """Indices that extend `range(length)` by `radius` on both sides with scipy's "reflect" mode.
+
+    scipy's reflect repeats the edge sample (d c b a | a b c d | d c b a), valid for any radius.
+    """
+    positions = torch.arange(-radius, length + radius, device=device)
+    period = 2 * length
+    folded = torch.remainder(positions, period)
+    return torch.where(folded >= length, period - 1 - folded, folded)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """`scipy.ndimage.gaussian_filter(map, sigma)` (truncate 4, mode reflect) on each `[B, H, W]` map."""
+    if sigma <= 0:
+        return maps
+    weights = gaussian_kernel1d(sigma, dtype=maps.dtype).to(maps.device)
+    radius = weights.numel() // 2
+    height, width = maps.shape[-2:]
+    blurred = maps.unsqueeze(1)  # [B, 1, H, W]
+    blurred = blurred.index_select(2, reflect_indices(height, radius, maps.device))
+    blurred = F.conv2d(blurred, weights.view(1, 1, -1, 1))
+    blurred = blurred.index_select(3, reflect_indices(width, radius, maps.device))
+    blurred = F.conv2d(blurred, weights.view(1, 1, 1, -1))
+    return blurred.squeeze(1)
+
+
+def minmax_per_image(values: torch.Tensor) -> torch.Tensor:
+    """Scale each row of `[B, N]` to [0, 1] (a constant row becomes 0)."""
+    low = values.amin(dim=1, keepdim=True)
+    span = (values.amax(dim=1, keepdim=True) - low).clamp_min(torch.finfo(values.dtype).tiny)
+    return (values - low) / span
+
+
+def nearest_prototype_distance(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """`min_j (1 - cos(features[b, i], prototypes[b, j]))` -> `[B, N]` for `[B, N, D]` and `[B, P, D]` inputs."""
+    eps = 1e-8
+    features_unit = features / features.norm(dim=-1, keepdim=True).clamp_min(eps)
+    prototypes_unit = prototypes / prototypes.norm(dim=-1, keepdim=True).clamp_min(eps)
+    cosine = features_unit @ prototypes_unit.transpose(1, 2)  # [B, N, P]
+    return (1.0 - cosine).amin(dim=-1)
+
+
+class CoPSPrototypeExtractor(nn.Module):
+    """Pre-norm cross-attention block: queries attend to the patch tokens, then an MLP."""
+
+    def __init__(self, dim: int, num_heads: int, layer_norm_eps: float) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.cross_attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.fc1 = nn.Linear(dim, dim)
+        self.activation = QuickGELUActivation()
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, queries: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """Map `[P, D]` queries and `[B, N, D]` patch tokens to `[B, P, D]` prototypes."""
+        prototypes = queries.unsqueeze(0).expand(patch_tokens.shape[0], -1, -1)
+        normed_tokens = self.layer_norm1(patch_tokens)
+        attended, _ = self.cross_attention(
+            self.layer_norm1(prototypes), normed_tokens, normed_tokens, need_weights=False
+        )
+        prototypes = prototypes + attended
+        return prototypes + self.fc2(self.activation(self.fc1(self.layer_norm2(prototypes))))
+
+
+class CoPSStatePrototypes(nn.Module):
+    """Explicit state prototypes: normal and anomalous query sets read out by one shared extractor."""
+
+    def __init__(self, config: CoPSConfig) -> None:
+        super().__init__()
+        dim = config.projection_dim
+        self.normal_queries = nn.Parameter(torch.empty(config.prototype_length, dim))
+        self.anomalous_queries = nn.Parameter(torch.empty(config.prototype_length, dim))
+        self.extractor = CoPSPrototypeExtractor(
+            dim, config.prototype_attention_heads, config.text_config.layer_norm_eps
+        )
+
+    def forward(self, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `(normal_prototypes, anomalous_prototypes)`, each `[B, P, D]`, for `[B, N, D]` tokens."""
+        return self.extractor(self.normal_queries, patch_tokens), self.extractor(self.anomalous_queries, patch_tokens)
+
+
+class CoPSClassTokenVAE(nn.Module):
+    """Implicit class tokens: a VAE whose decoder turns latent samples into a class-token shift."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
+        self.mean_head = nn.Linear(dim, dim)
+        self.log_var_head = nn.Linear(dim, dim)
+        self.decoder = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def encode(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior `(mean, log_var)`, each `[B, D]`, of the global image token."""
+        hidden = self.encoder(image_embeds)
+        return self.mean_head(hidden), self.log_var_head(hidden)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Class tokens `[..., D]` from latents `[..., D]`."""
+        return self.decoder(latents)
+
+
+class CoPSPromptSynthesizer(nn.Module):
+    """Learnable prompt context (normal, anomalous) and deep text prompts; builds per-image prompts."""
+
+    def __init__(self, config: CoPSConfig) -> None:
+        super().__init__()
+        dim = config.text_config.hidden_size
+        self.prompt_length = config.prompt_length
+        self.prototype_length = config.prototype_length
+        self.normal_context = nn.Parameter(torch.empty(config.num_prompt_tokens, dim))
+        self.anomalous_context = nn.Parameter(torch.empty(config.num_prompt_tokens, dim))
+        self.deep_prompts = nn.Parameter(torch.empty(config.deep_prompt_depth, config.deep_prompt_length, dim))
+
+    def forward(
+        self, normal_prototypes: torch.Tensor, anomalous_prototypes: torch.Tensor, class_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """Synthesize the context tokens of both prompts for every image and class-token sample.
+
+        Args:
+            normal_prototypes, anomalous_prototypes: `[B, P, D]`.
+            class_tokens: `[B, S, D]`, added to every class token of both prompts.
+
+        Returns:
+            `[B, 2, S, T, D]` context tokens, index 0 the normal prompt and 1 the anomalous one. The normal
+            prompt's state tokens are shifted by the ANOMALOUS prototypes and vice versa, as in the reference.
+        """
+        batch_size, num_samples, dim = class_tokens.shape
+        state_start = self.prompt_length - self.prototype_length
+        context = torch.stack([self.normal_context, self.anomalous_context])  # [2, T, D]
+        state_shift = torch.stack([anomalous_prototypes, normal_prototypes], dim=1)  # [B, 2, P, D]
+        shape = (batch_size, 2, num_samples)
+        generic = context[None, :, None, :state_start].expand(*shape, -1, dim)
+        state = (context[:, state_start : self.prompt_length] + state_shift).unsqueeze(2).expand(*shape, -1, dim)
+        # [1, 2, 1, C, D] + [B, 1, S, 1, D] -> [B, 2, S, C, D]
+        classes = context[None, :, None, self.prompt_length :] + class_tokens[:, None, :, None, :]
+        return torch.cat([generic, state, classes], dim=3)
+
+
+class CoPSPreTrainedModel(PreTrainedModel):
+    """Weight initialization and loading glue shared by CoPS models."""
+
+    config_class = CoPSConfig
+    base_model_prefix = "cops"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["CLIPEncoderLayer", "CLIPTextEmbeddings", "CLIPVisionEmbeddings"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, CoPSPromptSynthesizer):
+            for parameter in (module.normal_context, module.anomalous_context, module.deep_prompts):
+                init.normal_(parameter, mean=0.0, std=std)
+        elif isinstance(module, CoPSStatePrototypes):
+            init.normal_(module.normal_queries, mean=0.0, std=std)
+            init.normal_(module.anomalous_queries, mean=0.0, std=std)
+        elif isinstance(module, nn.MultiheadAttention):
+            init.normal_(module.in_proj_weight, mean=0.0, std=std)
+            init.zeros_(module.in_proj_bias)
+            init.normal_(module.out_proj.weight, mean=0.0, std=std)
+            init.zeros_(module.out_proj.bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class CoPSForAnomalyDetection(CoPSPreTrainedModel):
+    """CoPS zero-shot anomaly detector: a frozen `CLIPModel` plus the learnable CoPS modules.
+
+    Only `prompt_synthesizer`, `state_prototypes` and `class_token_vae` train; `clip` stays frozen and in eval
+    mode. Saved checkpoints hold the CLIP weights too, so a saved model is self-contained.
+    """
+
+    def __init__(self, config: CoPSConfig) -> None:
+        super().__init__(config)
+        clip_config = CLIPConfig(
+            text_config=config.text_config,
+            vision_config=config.vision_config,
+            projection_dim=config.projection_dim,
+            logit_scale_init_value=config.logit_scale_init_value,
+        )
+        self.clip = CLIPModel(clip_config)
+        self.clip.requires_grad_(False)
+        self.prompt_synthesizer = CoPSPromptSynthesizer(config)
+        self.state_prototypes = CoPSStatePrototypes(config)
+        self.class_token_vae = CoPSClassTokenVAE(config.projection_dim)
+        self.post_init()
+
+    @classmethod
+    def from_clip(
+        cls, clip: str | CLIPModel, *, clip_kwargs: dict | None = None, **cops_fields
+    ) -> CoPSForAnomalyDetection:
+        """Build a fresh (untrained) CoPS around pretrained CLIP weights; what training starts from.
+
+        Args:
+            clip: a `CLIPModel` or a name/path for `CLIPModel.from_pretrained`, e.g.
+                `"openai/clip-vit-large-patch14-336"`.
+            clip_kwargs: extra arguments for `CLIPModel.from_pretrained` (revision, cache_dir, ...).
+            **cops_fields: `CoPSConfig` fields (e.g. `image_size=518`, `dpam_layers=24`).
+        """
+        if isinstance(clip, str):
+            clip = CLIPModel.from_pretrained(clip, **(clip_kwargs or {}))
+        clip_config = clip.config
+        cops_fields.setdefault("dpam_layers", clip_config.vision_config.num_hidden_layers)
+        cops_fields.setdefault("feature_layers", [clip_config.vision_config.num_hidden_layers])
+        config = CoPSConfig(
+            text_config=clip_config.text_config.to_dict(),
+            vision_config=clip_config.vision_config.to_dict(),
+            projection_dim=clip_config.projection_dim,
+            logit_scale_init_value=float(clip.logit_scale.detach()),
+            **cops_fields,
+        )
+        model = cls(config)
+        model.clip.load_state_dict(clip.state_dict())
+        return model.to(clip.dtype)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> CoPSForAnomalyDetection:
+        """`PreTrainedModel.from_pretrained`, with CLIP frozen again (loading replaces its parameters)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        model.clip.requires_grad_(False)
+        return loaded
+
+    def train(self, mode: bool = True) -> CoPSForAnomalyDetection:
+        """Set the CoPS modules' training mode; CLIP always stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    # ------------------------------------------------------------------ vision tower
+
+    def _interpolated_position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Positional embeddings `[1 + s_h * s_w, W]`, bilinearly resized from CLIP's own grid (class kept)."""
+        table = self.clip.vision_model.embeddings.position_embedding.weight
+        side = math.isqrt(table.shape[0] - 1)
+        if (side, side) == tuple(grid):
+            return table
+        # [side*side, W] -> [1, W, side, side]
+        patch_table = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        resized = F.interpolate(patch_table, size=grid, mode="bilinear", align_corners=False)
+        # [1, W, s_h, s_w] -> [s_h*s_w, W]
+        return torch.cat([table[:1], resized.flatten(2).squeeze(0).transpose(0, 1)])
+
+    @staticmethod
+    def _split_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
+        # [B, L, W] -> [B, heads, L, W/heads]
+        batch_size, length, width = states.shape
+        return states.view(batch_size, length, num_heads, width // num_heads).transpose(1, 2)
+
+    @staticmethod
+    def _merge_heads(states: torch.Tensor) -> torch.Tensor:
+        # [B, heads, L, W/heads] -> [B, L, W]
+        batch_size, num_heads, length, head_dim = states.shape
+        return states.transpose(1, 2).reshape(batch_size, length, num_heads * head_dim)
+
+    def _dual_path_block(
+        self, layer: nn.Module, original: torch.Tensor, value_stream: torch.Tensor | None, class_token_only: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One CLIP encoder layer run as two streams from the original stream's `layer_norm1`.
+
+        The original stream gets ordinary attention and the MLP; the value stream gets value-value attention
+        and no MLP. Work no output reads is skipped: with `class_token_only` the original stream is computed at
+        the class token alone (all that is read of it after the last block), and a `None` value stream (past the
+        last feature layer) stays `None`.
+        """
+        attention = layer.self_attn
+        normed = layer.layer_norm1(original)
+        queries = self._split_heads(
+            attention.q_proj(normed[:, :1] if class_token_only else normed), attention.num_heads
+        )
+        keys = self._split_heads(attention.k_proj(normed), attention.num_heads)
+        values = self._split_heads(attention.v_proj(normed), attention.num_heads)
+        ordinary = attention.out_proj(self._merge_heads(F.scaled_dot_product_attention(queries, keys, values)))
+        original = (original[:, :1] if class_token_only else original) + ordinary
+        original = original + layer.mlp(layer.layer_norm2(original))
+        if value_stream is None:
+            return original, None
+        value_value = attention.out_proj(self._merge_heads(F.scaled_dot_product_attention(values, values, values)))
+        return original, value_stream + value_value
+
+    @torch.no_grad()
+    def dual_path_vision_forward(self, pixel_values: torch.Tensor) -> CoPSVisionOutput:
+        """Frozen vision tower with dual-path attention in its last `config.dpam_layers` layers.
+
+        Args:
+            pixel_values: `[B, 3, H, W]` normalized images; H and W multiples of the patch size.
+        """
+        vision = self.clip.vision_model
+        embeddings = vision.embeddings
+        pixel_values = pixel_values.to(embeddings.patch_embedding.weight.dtype)
+        patches = embeddings.patch_embedding(pixel_values)  # [B, W, s_h, s_w]
+        grid = tuple(patches.shape[-2:])
+        patches = patches.flatten(2).transpose(1, 2)  # [B, N, W]
+        class_token = embeddings.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        hidden = torch.cat([class_token, patches], dim=1) + self._interpolated_position_embeddings(grid)
+        hidden = vision.pre_layrnorm(hidden)  # [B, 1 + N, W]
+
+        layers = vision.encoder.layers
+        num_layers = len(layers)
+        first_dual_path = num_layers - self.config.dpam_layers + 1  # 1-based
+        last_feature = max(self.config.feature_layers)
+        value_stream = None
+        layer_features = {}
+        for index, layer in enumerate(layers, start=1):
+            if index < first_dual_path:
+                hidden = layer(hidden, attention_mask=None)
+            else:
+                if index == first_dual_path:
+                    value_stream = hidden
+                hidden, value_stream = self._dual_path_block(
+                    layer,
+                    hidden,
+                    value_stream if index <= last_feature else None,
+                    class_token_only=index == num_layers,
+                )
+            if index in self.config.feature_layers:
+                layer_features[index] = value_stream if value_stream is not None else hidden
+
+        projection = self.clip.visual_projection
+        image_embeds = projection(hidden[:, 0])
+        patch_embeds = torch.stack(
+            [projection(vision.post_layernorm(layer_features[index][:, 1:])) for index in self.config.feature_layers],
+            dim=1,
+        )  # [B, num_feature_layers, N, D]
+        return CoPSVisionOutput(image_embeds=image_embeds, patch_embeds=patch_embeds)
+
+    # ------------------------------------------------------------------ text tower
+
+    def encode_prompts(self, context_tokens: torch.Tensor) -> torch.Tensor:
+        """Text features of prompts given their context tokens, through CLIP's text tower with deep prompts.
+
+        The prompt is `[SOS] + context + suffix ("." ) + [EOS]`; since the mask is causal and only the EOS
+        position is read, the sequence stops at EOS (the reference's 77-token padding changes nothing).
+
+        Args:
+            context_tokens: `[M, T, D]` context token embeddings.
+
+        Returns:
+            `[M, D]` L2-normalized projected text features.
+        """
+        text_model = self.clip.text_model
+        text_config = self.config.text_config
+        num_prompts = context_tokens.shape[0]
+        device = context_tokens.device
+        token_embedding = text_model.embeddings.token_embedding
+        start_ids = torch.tensor([text_config.bos_token_id], device=device)
+        end_ids = torch.tensor([*self.config.prompt_suffix_token_ids, text_config.eos_token_id], device=device)
+        start = token_embedding(start_ids).to(context_tokens.dtype).expand(num_prompts, -1, -1)
+        end = token_embedding(end_ids).to(context_tokens.dtype).expand(num_prompts, -1, -1)
+        hidden = torch.cat([start, context_tokens, end], dim=1)  # [M, L, D]
+        length = hidden.shape[1]
+        hidden = hidden + text_model.embeddings.position_embedding.weight[:length]
+        causal_mask = torch.full((length, length), float("-inf"), device=device, dtype=hidden.dtype).triu(1)
+        causal_mask = causal_mask[None, None]  # [1, 1, L, L]
+
+        deep_prompts = self.prompt_synthesizer.deep_prompts.to(hidden.dtype)
+        num_deep = deep_prompts.shape[1]
+        for index, layer in enumerate(text_model.encoder.layers):
+            if 1 <= index <= deep_prompts.shape[0]:
+                replaced = deep_prompts[index - 1].expand(num_prompts, -1, -1)
+                hidden = torch.cat([hidden[:, :1], replaced, hidden[:, 1 + num_deep :]], dim=1)
+            hidden = layer(hidden, attention_mask=causal_mask)
+        end_state = text_model.final_layer_norm(hidden[:, -1])
+        text_embeds = self.clip.text_projection(end_state)
+        return text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+
+    def synthesize_text_embeds(
+        self, normal_prototypes: torch.Tensor, anomalous_prototypes: torch.Tensor, class_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-image (normal, anomalous) text features `[B, 2, D]`, averaged over the class-token samples.
+
+        Args:
+            normal_prototypes, anomalous_prototypes: `[B, P, D]`.
+            class_tokens: `[B, S, D]`.
+        """
+        context = self.prompt_synthesizer(normal_prototypes, anomalous_prototypes, class_tokens)  # [B, 2, S, T, D]
+        batch_size, num_states, num_samples, num_tokens, dim = context.shape
+        text_embeds = self.encode_prompts(context.reshape(-1, num_tokens, dim))
+        text_embeds = text_embeds.view(batch_size, num_states, num_samples, -1).mean(dim=2)
+        return text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.vision_config.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape [batch, {self.config.vision_config.num_channels}, height, width], "
+                f"got {list(pixel_values.shape)}. Use CoPSProcessor to turn images into pixel_values."
+            )
+        patch = self.config.vision_config.patch_size
+        height, width = pixel_values.shape[-2:]
+        if height % patch or width % patch or height == 0 or width == 0:
+            raise ValueError(
+                f"pixel_values height and width ({height}x{width}) must be positive multiples of the patch size "
+                f"{patch}; resize to config.image_size={self.config.image_size} (CoPSProcessor does)."
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contains NaN or infinite values; check the input images and their scaling.")
+
+    def _state_probs(self, patch_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Softmax over (normal, anomalous) of patch-text similarities: `[B, F, N, D]` -> `[B, F, N, 2]`."""
+        patches_unit = patch_embeds / patch_embeds.norm(dim=-1, keepdim=True)
+        logits = torch.einsum("bfnd,bsd->bfns", patches_unit, text_embeds) / self.config.temperature
+        return logits.softmax(dim=-1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        vae_noise: torch.Tensor | None = None,
+        vision_outputs: CoPSVisionOutput | None = None,
+        return_dict: bool | None = None,
+    ) -> CoPSAnomalyDetectionOutput | tuple:
+        r"""Score images, or compute the training loss when `labels` are given.
+
+        Args:
+            pixel_values: `[B, 3, H, W]` from [`CoPSProcessor`]; H, W multiples of the patch size.
+            labels: `[B]` image labels (1 = anomalous). Given, the forward follows the training path: posterior
+                class-token sample, training kernel, detached prototypes for the text features, and the loss.
+            masks: `[B, H, W]` binary ground-truth masks for the segmentation and prototype terms. Without masks
+                (image-level data) the loss is cls + kl (+ recon).
+            vae_noise: noise for reproducible runs: `[B, S, D]` prior samples at inference (S may differ from
+                `config.vae_samples`), `[B, 1, D]` reparameterization noise with labels. Drawn from torch's
+                generator when omitted.
+            vision_outputs: precomputed [`CoPSVisionOutput`] (e.g. cached by the trainer) instead of pixel_values.
+            return_dict: return a [`CoPSAnomalyDetectionOutput`] (default) or a tuple.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if vision_outputs is None:
+            if pixel_values is None:
+                raise ValueError("Pass pixel_values (or precomputed vision_outputs).")
+            self._check_pixel_values(pixel_values)
+            vision_outputs = self.dual_path_vision_forward(pixel_values)
+            output_size = tuple(pixel_values.shape[-2:])
+        else:
+            output_size = (self.config.image_size, self.config.image_size)
+        patch = self.config.vision_config.patch_size
+        grid = (output_size[0] // patch, output_size[1] // patch)
+        training_path = labels is not None
+        kernel_size = self.config.train_kernel_size if training_path else self.config.test_kernel_size
+
+        compute_dtype = self.prompt_synthesizer.normal_context.dtype
+        image_embeds = vision_outputs.image_embeds.to(compute_dtype)
+        layer_patch_embeds = vision_outputs.patch_embeds.to(compute_dtype)
+        batch_size, num_layers, num_patches, dim = layer_patch_embeds.shape
+        # [B, F, N, D] -> [B*F, N, D] -> smoothed -> [B, F, N, D]
+        smoothed = neighbour_average(layer_patch_embeds.flatten(0, 1), grid, kernel_size).view_as(layer_patch_embeds)
+        fused = smoothed.mean(dim=1)  # [B, N, D]
+        normal_prototypes, anomalous_prototypes = self.state_prototypes(fused)
+        normal_distances = nearest_prototype_distance(fused, normal_prototypes)
+        anomalous_distances = nearest_prototype_distance(fused, anomalous_prototypes)
+
+        vae = self.class_token_vae
+        if training_path:
+            mean, log_var = vae.encode(image_embeds)
+            noise = vae_noise if vae_noise is not None else torch.randn_like(mean).unsqueeze(1)
+            self._check_noise(noise, (batch_size, 1, dim))
+            latents = mean + torch.exp(0.5 * log_var) * noise[:, 0].to(mean.dtype)
+            class_tokens = vae.decode(latents).unsqueeze(1)  # [B, 1, D]
+            text_embeds = self.synthesize_text_embeds(
+                normal_prototypes.detach(), anomalous_prototypes.detach(), class_tokens
+            )
+        else:
+            noise = vae_noise
+            if noise is None:
+                noise = torch.randn(
+                    batch_size, self.config.vae_samples, dim, device=image_embeds.device, dtype=compute_dtype
+                )
+            self._check_noise(noise, (batch_size, None, dim))
+            class_tokens = vae.decode(noise.to(compute_dtype))  # [B, S, D]
+            text_embeds = self.synthesize_text_embeds(normal_prototypes, anomalous_prototypes, class_tokens)
+
+        state_probs = self._state_probs(smoothed.float(), text_embeds.float())  # [B, F, N, 2]
+        image_unit = image_embeds.float() / image_embeds.float().norm(dim=-1, keepdim=True)
+        image_logits = torch.einsum("bd,bsd->bs", image_unit, text_embeds.float()) / self.config.temperature
+
+        if training_path:
+            outputs = self._training_outputs(
+                state_probs, image_logits, labels, masks, grid, output_size,
+                normal_distances, anomalous_distances, mean, log_var, image_embeds, class_tokens[:, 0],
+            )  # fmt: skip
+        else:
+            outputs = self._inference_outputs(
+                state_probs, image_logits, grid, output_size, normal_distances, anomalous_distances
+            )
+        outputs.text_embeds = text_embeds
+        outputs.image_embeds = image_embeds
+        outputs.normal_distances = normal_distances
+        outputs.anomalous_distances = anomalous_distances
+        return outputs if return_dict else outputs.to_tuple()
+
+    @staticmethod
+    def _check_noise(noise: torch.Tensor, expected: tuple[int | None, ...]) -> None:
+        matches = noise.ndim == len(expected) and all(
+            want is None or have == want for have, want in zip(noise.shape, expected, strict=True)
+        )
+        if not matches:
+            described = ", ".join("S" if want is None else str(want) for want in expected)
+            raise ValueError(f"vae_noise must have shape [{described}], got {list(noise.shape)}.")
+
+    def _upsample_patches(self, patch_values: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]):
+        """Nearest-neighbour upsampling of `[B, C, N]` patch values to `[B, C, H, W]`."""
+        return F.interpolate(patch_values.unflatten(-1, grid), size=size, mode="nearest")
+
+    def _inference_outputs(
+        self,
+        state_probs: torch.Tensor,
+        image_logits: torch.Tensor,
+        grid: tuple[int, int],
+        output_size: tuple[int, int],
+        normal_distances: torch.Tensor,
+        anomalous_distances: torch.Tensor,
+    ) -> CoPSAnomalyDetectionOutput:
+        alpha = self.config.distance_alpha
+        patch_weights = alpha * minmax_per_image(normal_distances.float()) + (1.0 - alpha) * (
+            1.0 - minmax_per_image(anomalous_distances.float())
+        )  # [B, N]
+        anomalous_probs = state_probs[..., ANOMALOUS] * patch_weights.unsqueeze(1)  # [B, F, N]
+        layer_maps = self._upsample_patches(anomalous_probs, grid, output_size)  # [B, F, H, W]
+        anomaly_maps = gaussian_blur(layer_maps.mean(dim=1), self.config.gaussian_sigma)
+        patch_scores = anomalous_probs[:, -1]
+        global_scores = image_logits.softmax(dim=-1)[:, ANOMALOUS]
+        beta = self.config.image_score_beta
+        image_scores = beta * global_scores + (1.0 - beta) * patch_scores.amax(dim=-1)
+        return CoPSAnomalyDetectionOutput(
+            image_scores=image_scores, anomaly_maps=anomaly_maps, patch_scores=patch_scores
+        )
+
+    def _training_outputs(
+        self,
+        state_probs: torch.Tensor,
+        image_logits: torch.Tensor,
+        labels: torch.Tensor,
+        masks: torch.Tensor | None,
+        grid: tuple[int, int],
+        output_size: tuple[int, int],
+        normal_distances: torch.Tensor,
+        anomalous_distances: torch.Tensor,
+        mean: torch.Tensor,
+        log_var: torch.Tensor,
+        image_embeds: torch.Tensor,
+        class_tokens: torch.Tensor,
+    ) -> CoPSAnomalyDetectionOutput:
+        # [B, F, N, 2] -> [B*F, 2, N] -> [B, F, 2, H, W]
+        batch_size, num_layers = state_probs.shape[:2]
+        state_maps = self._upsample_patches(state_probs.flatten(0, 1).transpose(1, 2), grid, output_size)
+        state_maps = state_maps.view(batch_size, num_layers, 2, *output_size)
+        zero = image_logits.new_zeros(())
+        terms = {
+            "cls": losses.image_classification_loss(image_logits, labels.to(image_logits.device)),
+            "kl": losses.kl_divergence(mean.float(), log_var.float()),
+            "recon": losses.reconstruction_loss(image_embeds.float(), class_tokens.float())
+            if self.config.use_recon_loss
+            else zero,
+            "seg": zero,
+            "gather": zero,
+            "scatter": zero,
+        }
+        if masks is not None:
+            masks = self._binary_masks(masks, batch_size, output_size).to(state_maps.dtype)
+            terms["seg"] = losses.segmentation_loss(list(state_maps.unbind(dim=1)), masks)
+            patch = self.config.vision_config.patch_size
+            patch_labels = F.max_pool2d(masks.unsqueeze(1), patch).flatten(1)  # [B, N]
+            terms["gather"], terms["scatter"] = losses.prototype_gather_scatter(
+                normal_distances.float(), anomalous_distances.float(), patch_labels
+            )
+        loss = (
+            terms["cls"]
+            + losses.SEGMENTATION_LOSS_WEIGHT * terms["seg"]
+            + terms["gather"]
+            + terms["scatter"]
+            + terms["kl"]
+            + terms["recon"]
+        )
+        return CoPSAnomalyDetectionOutput(
+            loss=loss,
+            loss_terms={name: value.detach() for name, value in terms.items()},
+            image_scores=image_logits.softmax(dim=-1)[:, ANOMALOUS],
+            anomaly_maps=state_maps[:, -1, ANOMALOUS],
+            patch_scores=state_probs[:, -1, :, ANOMALOUS],
+        )
+
+    @staticmethod
+    def _binary_masks(masks: torch.Tensor, batch_size: int, size: tuple[int, int]) -> torch.Tensor:
+        if masks.ndim == 4 and masks.shape[1] == 1:
+            masks = masks[:, 0]
+        if masks.ndim != 3 or masks.shape[0] != batch_size or tuple(masks.shape[-2:]) != tuple(size):
+            raise ValueError(
+                f"masks must have shape [{batch_size}, {size[0]}, {size[1]}] (one per image, at the input "
+                f"resolution), got {list(masks.shape)}. CoPSProcessor(images, masks=...) prepares them."
+            )
+        return (masks > 0.5).float()
+
+
+__all__ = [
+    "CoPSAnomalyDetectionOutput",
+    "CoPSForAnomalyDetection",
+    "CoPSPreTrainedModel",
+    "CoPSVisionOutput",
+]

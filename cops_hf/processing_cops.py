@@ -1,0 +1,259 @@
+"""Image/mask preprocessing, tokenizer and post-processing for CoPS.
+
+Images follow the reference exactly (method spec, section 1): PIL bicubic resize to a square (aspect not kept)
+in the image's own mode, conversion to RGB, scaling to [0, 1] and CLIP normalization. Masks: binarized (> 0),
+PIL bilinear resize, scaled to [0, 1], thresholded at 0.5.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from transformers import BatchFeature, CLIPTokenizer
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.processing_utils import ProcessorMixin
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+
+# Modes PIL cannot resample with bicubic or convert to RGB faithfully: rescaled to 8-bit first.
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+class ImageLoadError(ValueError):
+    """An input image or mask cannot be read or has the wrong layout."""
+
+
+def _describe(item: Any, index: int) -> str:
+    return f"'{item}'" if isinstance(item, (str, os.PathLike)) else f"input #{index} ({type(item).__name__})"
+
+
+def _array_to_pil(array: np.ndarray, what: str) -> Image.Image:
+    """Turn an HxW, HxWxC or CxHxW array (uint8, uint16, bool or float in [0, 1]) into a PIL image."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CxHxW -> HxWxC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ImageLoadError(f"{what}: expected an HxW, HxWx3 or HxWx4 array, got shape {list(array.shape)}.")
+    if array.dtype == bool:
+        return Image.fromarray(array.astype(np.uint8) * 255)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            raise ImageLoadError(f"{what}: float arrays must hold finite values in [0, 1].")
+        return Image.fromarray(np.round(array * 255.0).astype(np.uint8))
+    if array.dtype == np.uint8:
+        return Image.fromarray(array)
+    if np.issubdtype(array.dtype, np.integer) and array.ndim == 2:
+        return _rescale_to_8bit(array.astype(np.float64))
+    raise ImageLoadError(f"{what}: unsupported array dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1].")
+
+
+def _rescale_to_8bit(values: np.ndarray) -> Image.Image:
+    """Min-max scale a single-channel high-bit-depth image to an 8-bit 'L' image."""
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
+
+
+def load_image(item: ImageLike, index: int = 0) -> Image.Image:
+    """Open a path, PIL image, numpy array or tensor as a PIL image (mode kept), with clear errors."""
+    what = _describe(item, index)
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        if not path.is_file():
+            raise ImageLoadError(f"Image file {what} does not exist; check the path.")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ImageLoadError(
+                f"Image file {what} cannot be read ({error}); it is not an image or is truncated."
+            ) from error
+    elif isinstance(item, Image.Image):
+        image = item
+    elif isinstance(item, torch.Tensor):
+        image = _array_to_pil(item.detach().cpu().numpy(), what)
+    elif isinstance(item, np.ndarray):
+        image = _array_to_pil(item, what)
+    else:
+        raise ImageLoadError(f"{what}: expected a path, PIL image, numpy array or tensor.")
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        image = _rescale_to_8bit(np.asarray(image, dtype=np.float64))
+    return image
+
+
+class CoPSImageProcessor(BaseImageProcessor):
+    r"""Turns images (and optional masks) into CoPS inputs, exactly as the reference preprocesses them.
+
+    Args:
+        size (`int`): square side in pixels (518 for the official checkpoints).
+        image_mean, image_std (`list[float]`): CLIP normalization.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        size: int = 518,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.size = int(size)
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike], **kwargs: Any) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image -> normalized `[3, size, size]` float tensor."""
+        resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC).convert("RGB")
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.image_std).view(3, 1, 1)
+        return (pixels - mean) / std
+
+    def preprocess_mask(self, mask: Image.Image) -> torch.Tensor:
+        """One PIL mask (any non-zero pixel is anomalous) -> binary `[size, size]` float tensor."""
+        binary = Image.fromarray((np.asarray(mask.convert("L")) > 0).astype(np.uint8) * 255, mode="L")
+        resized = binary.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        return torch.from_numpy((np.asarray(resized, dtype=np.float32) / 255.0 > 0.5).astype(np.float32))
+
+    def preprocess(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        masks: ImageLike | Sequence[ImageLike | None] | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Preprocess a batch.
+
+        Args:
+            images: one image or a list (paths, PIL images of any mode, numpy arrays, tensors).
+            masks: optional masks, one per image (`None` entries mean "normal": an all-zero mask). Each mask must
+                have its image's size.
+
+        Returns:
+            `BatchFeature` with `pixel_values` `[B, 3, size, size]`, `original_sizes` (list of `(height, width)`)
+            and, when masks are given, `masks` `[B, size, size]`.
+        """
+        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not image_list:
+            raise ImageLoadError("No images were given.")
+        loaded = [load_image(item, index) for index, item in enumerate(image_list)]
+        data: dict[str, Any] = {
+            "pixel_values": torch.stack([self.preprocess_image(image) for image in loaded]),
+            "original_sizes": [(image.height, image.width) for image in loaded],
+        }
+        if masks is not None:
+            mask_list = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+            if len(mask_list) != len(loaded):
+                raise ImageLoadError(f"Got {len(mask_list)} masks for {len(loaded)} images; give one per image.")
+            processed = []
+            for index, (mask_item, image) in enumerate(zip(mask_list, loaded, strict=True)):
+                if mask_item is None:
+                    processed.append(torch.zeros(self.size, self.size))
+                    continue
+                mask = load_image(mask_item, index)
+                if mask.size != image.size:
+                    raise ImageLoadError(
+                        f"Mask {_describe(mask_item, index)} is {mask.width}x{mask.height} but its image "
+                        f"{_describe(image_list[index], index)} is {image.width}x{image.height}; masks must "
+                        "have their image's size."
+                    )
+                processed.append(self.preprocess_mask(mask))
+            data["masks"] = torch.stack(processed)
+        return BatchFeature(data=data, tensor_type=None)
+
+
+def packaged_tokenizer() -> CLIPTokenizer:
+    """CLIP's BPE tokenizer from the vocabulary shipped with cops_hf (works offline)."""
+    with resources.as_file(resources.files("cops_hf") / "assets" / "clip_tokenizer") as directory:
+        return CLIPTokenizer.from_pretrained(str(directory))
+
+
+class CoPSProcessor(ProcessorMixin):
+    r"""CoPS processor: [`CoPSImageProcessor`] for images and masks plus a CLIP tokenizer.
+
+    Class names are carried through untouched (for per-category metrics). The tokenizer gives the prompt
+    template's token ids (`"X X ... X."`); CoPS itself needs no text input.
+    """
+
+    def __init__(self, image_processor: CoPSImageProcessor | None = None, tokenizer: CLIPTokenizer | None = None):
+        super().__init__(image_processor or CoPSImageProcessor(), tokenizer or packaged_tokenizer())
+
+    def __call__(
+        self,
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        masks: ImageLike | Sequence[ImageLike | None] | None = None,
+        class_names: str | Sequence[str] | None = None,
+        text: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Preprocess images (and masks); tokenize `text` if given; pass `class_names` through."""
+        if images is None and text is None:
+            raise ValueError("Pass images (and optionally masks / class_names) or text.")
+        features = BatchFeature()
+        if images is not None:
+            features = self.image_processor(images, masks=masks)
+            if class_names is not None:
+                names = [class_names] if isinstance(class_names, str) else list(class_names)
+                if len(names) != len(features["pixel_values"]):
+                    raise ValueError(f"Got {len(names)} class names for {len(features['pixel_values'])} images.")
+                features["class_names"] = names
+        if text is not None:
+            features.update(self.tokenizer(text, return_tensors="pt", padding=True))
+        return features
+
+    def prompt_template_ids(self, num_context_tokens: int) -> list[int]:
+        """Token ids of the CoPS prompt template with `num_context_tokens` placeholders ("X ... X.")."""
+        return self.tokenizer(" ".join(["X"] * num_context_tokens) + ".")["input_ids"]
+
+    def post_process_anomaly_detection(
+        self,
+        outputs: Any,
+        target_sizes: Sequence[tuple[int, int]] | None = None,
+        threshold: float | None = None,
+        image_threshold: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Per image: `score`, `anomaly_map` at the original size and, with thresholds, `mask` and `label`.
+
+        Args:
+            outputs: a `CoPSAnomalyDetectionOutput` (needs `image_scores` and `anomaly_maps`).
+            target_sizes: `(height, width)` per image, e.g. the processor's `original_sizes`; maps are resized
+                bilinearly. `None` keeps the model resolution.
+            threshold: pixel threshold on the map: adds a boolean `mask`.
+            image_threshold: threshold on the score: adds `label` ("anomalous" / "normal").
+        """
+        scores = outputs.image_scores.detach().float().cpu()
+        maps = outputs.anomaly_maps.detach().float().cpu()
+        if target_sizes is not None and len(target_sizes) != len(scores):
+            raise ValueError(f"Got {len(target_sizes)} target sizes for {len(scores)} images.")
+        results = []
+        for index, (score, anomaly_map) in enumerate(zip(scores, maps, strict=True)):
+            if target_sizes is not None and tuple(target_sizes[index]) != tuple(anomaly_map.shape):
+                anomaly_map = F.interpolate(
+                    anomaly_map[None, None], size=tuple(target_sizes[index]), mode="bilinear", align_corners=False
+                )[0, 0]
+            result: dict[str, Any] = {"score": float(score), "anomaly_map": anomaly_map}
+            if threshold is not None:
+                result["mask"] = anomaly_map > threshold
+            if image_threshold is not None:
+                result["label"] = "anomalous" if float(score) > image_threshold else "normal"
+            results.append(result)
+        return results
+
+
+__all__ = ["CoPSImageProcessor", "CoPSProcessor", "ImageLoadError", "load_image", "packaged_tokenizer"]
