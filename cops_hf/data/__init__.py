@@ -1,0 +1,48 @@
+"""Data layer of cops-hf: the ``meta.json`` dataset format, builders for original layouts, synthetic data.
+
+Typical use::
+
+    from cops_hf.data import build_mvtec_meta, load_meta_dataset
+
+    build_mvtec_meta("/data/mvtec")                    # writes /data/mvtec/meta.json once
+    test_set = load_meta_dataset("/data/mvtec", split="test")
+    test_set[0]["image"], test_set[0]["mask"], test_set[0]["gt_label"]
+"""
+
+from .loading import (
+    META_FEATURES,
+    ValidationReport,
+    has_masks,
+    load_meta_dataset,
+    load_meta_dataset_with_report,
+    validate_meta_dataset,
+)
+from .meta import (
+    META_FILENAME,
+    NORMAL_SPECIE,
+    SPLITS,
+    DataError,
+    DataProblem,
+    make_record,
+    meta_json_path,
+    read_meta_json,
+    write_meta_json,
+)
+
+__all__ = [
+    "META_FEATURES",
+    "META_FILENAME",
+    "NORMAL_SPECIE",
+    "SPLITS",
+    "DataError",
+    "DataProblem",
+    "ValidationReport",
+    "has_masks",
+    "load_meta_dataset",
+    "load_meta_dataset_with_report",
+    "make_record",
+    "meta_json_path",
+    "read_meta_json",
+    "validate_meta_dataset",
+    "write_meta_json",
+]

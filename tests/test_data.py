@@ -1,0 +1,222 @@
+"""Tests of the data layer: meta.json I/O, validation, loading, builders and the synthetic source."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cops_hf.data import (
+    META_FEATURES,
+    DataError,
+    has_masks,
+    load_meta_dataset,
+    load_meta_dataset_with_report,
+    make_record,
+    read_meta_json,
+    validate_meta_dataset,
+    write_meta_json,
+)
+from tests.data_fakes import write_image, write_mask
+
+
+def _pixel_dataset(root: Path) -> dict:
+    """Two categories: 'bottle' (1 normal, 1 anomalous with mask) and 'cable' (1 normal); returns the meta."""
+    write_image(root / "bottle/good/0.png")
+    write_image(root / "bottle/crack/1.png")
+    write_mask(root / "bottle/gt/1_mask.png")
+    write_image(root / "cable/good/0.png", size=(6, 4))
+    return {
+        "test": {
+            "bottle": [
+                make_record("bottle/good/0.png", cls_name="bottle", anomaly=0),
+                make_record(
+                    "bottle/crack/1.png",
+                    cls_name="bottle",
+                    anomaly=1,
+                    specie_name="crack",
+                    mask_path="bottle/gt/1_mask.png",
+                ),
+            ],
+            "cable": [make_record("cable/good/0.png", cls_name="cable", anomaly=0)],
+        }
+    }
+
+
+# ---------------------------------------------------------------- meta.json round trip
+
+
+def test_write_then_load_round_trip(tmp_path: Path) -> None:
+    meta = _pixel_dataset(tmp_path)
+    path = write_meta_json(tmp_path, meta)
+
+    assert path == tmp_path / "meta.json"
+    assert json.loads(path.read_text()) == {"train": {}, "test": meta["test"]}
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["meta.json"]  # no temp file left
+
+    dataset = load_meta_dataset(tmp_path, split="test")
+    assert dataset.features == META_FEATURES
+    assert dataset["cls_name"] == ["bottle", "bottle", "cable"]
+    assert dataset["specie_name"] == ["good", "crack", "good"]
+    assert dataset["gt_label"] == [0, 1, 0]
+    assert dataset["image_path"] == [
+        str(tmp_path / p) for p in ("bottle/good/0.png", "bottle/crack/1.png", "cable/good/0.png")
+    ]
+    assert dataset["mask_path"] == ["", str(tmp_path / "bottle/gt/1_mask.png"), ""]
+    anomalous = dataset[1]
+    assert anomalous["image"].mode == "RGB" and anomalous["image"].size == (8, 8)
+    assert anomalous["mask"].mode == "L"
+    assert np.array_equal(np.asarray(anomalous["mask"]) > 0, np.pad(np.ones((4, 4), bool), ((0, 4), (0, 4))))
+    assert dataset[0]["mask"] is None
+    assert dataset[2]["image"].size == (6, 4)
+    assert has_masks(dataset)
+
+
+def test_load_selects_categories_in_requested_order(tmp_path: Path) -> None:
+    write_meta_json(tmp_path, _pixel_dataset(tmp_path))
+
+    assert load_meta_dataset(tmp_path, categories="cable")["cls_name"] == ["cable"]
+    assert load_meta_dataset(tmp_path, categories=["cable", "bottle"])["cls_name"] == ["cable", "bottle", "bottle"]
+    with pytest.raises(DataError, match=r"no categories \['carpet'\].*available: \['bottle', 'cable'\]"):
+        load_meta_dataset(tmp_path, categories=["carpet"])
+    with pytest.raises(DataError, match=r"no records in split 'train'; splits with records: \['test'\]"):
+        load_meta_dataset(tmp_path, split="train")
+
+
+def test_absolute_record_paths_are_accepted(tmp_path: Path) -> None:
+    image = write_image(tmp_path / "elsewhere" / "a.png")
+    write_meta_json(tmp_path / "root", {"test": {"brain": [make_record(str(image), cls_name="brain", anomaly=1)]}})
+
+    dataset = load_meta_dataset(tmp_path / "root")
+
+    assert dataset["image_path"] == [str(image)]
+
+
+# ---------------------------------------------------------------- bad data
+
+
+def test_missing_meta_json_names_the_path_and_the_builders(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as error:
+        load_meta_dataset(tmp_path)
+    assert str(tmp_path / "meta.json") in str(error.value)
+    assert "build_mvtec_meta" in str(error.value) and "make_synthetic_dataset" in str(error.value)
+
+
+def test_malformed_json_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "meta.json").write_text('{"test": {"bottle": [}')
+    with pytest.raises(DataError, match="meta.json is not valid JSON"):
+        load_meta_dataset(tmp_path)
+    (tmp_path / "meta.json").write_text('{"test": {"bottle": {"img_path": "a.png"}}}')
+    with pytest.raises(DataError, match="test/bottle must be a list of records, got dict"):
+        read_meta_json(tmp_path)
+
+
+def test_malformed_record_names_category_index_and_field(tmp_path: Path) -> None:
+    meta = _pixel_dataset(tmp_path)
+    del meta["test"]["bottle"][1]["anomaly"]
+    meta["test"]["cable"][0]["cls_name"] = "bottle"
+    with pytest.raises(DataError, match=r"test/bottle\[1\]: missing field 'anomaly'") as error:
+        write_meta_json(tmp_path, meta)
+    assert "test/cable[0]: field 'cls_name' is 'bottle' but the record is listed under 'cable'" in str(error.value)
+    assert not (tmp_path / "meta.json").exists()
+
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"missing field 'anomaly' \[test/bottle\[1\]\]"):
+        load_meta_dataset(tmp_path)
+
+
+def test_missing_image_is_named(tmp_path: Path) -> None:
+    write_meta_json(tmp_path, _pixel_dataset(tmp_path))
+    (tmp_path / "cable/good/0.png").unlink()
+
+    with pytest.raises(DataError, match="skip_invalid=True") as error:
+        load_meta_dataset(tmp_path)
+    assert f"{tmp_path / 'cable/good/0.png'}: image file not found [test/cable[0]]" in str(error.value)
+
+
+def test_mask_size_mismatch_names_both_files_and_sizes(tmp_path: Path) -> None:
+    write_meta_json(tmp_path, _pixel_dataset(tmp_path))
+    write_mask(tmp_path / "bottle/gt/1_mask.png", size=(8, 6))
+
+    with pytest.raises(DataError) as error:
+        load_meta_dataset(tmp_path)
+    message = str(error.value)
+    assert f"{tmp_path / 'bottle/gt/1_mask.png'}: mask size 8x6 differs from image size 8x8" in message
+    assert str(tmp_path / "bottle/crack/1.png") in message
+
+
+def test_validate_reports_every_problem_including_truncated_images(tmp_path: Path) -> None:
+    write_meta_json(tmp_path, _pixel_dataset(tmp_path))
+    truncated = tmp_path / "bottle/good/0.png"
+    write_image(truncated, size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:-30])
+    (tmp_path / "cable/good/0.png").unlink()
+    write_mask(tmp_path / "bottle/gt/1_mask.png", size=(8, 6))
+
+    report = validate_meta_dataset(tmp_path, "test")
+
+    assert not report.ok
+    assert (report.num_records, report.num_valid, report.num_invalid) == (3, 0, 3)
+    assert [(Path(problem.path).name, problem.location) for problem in report.problems] == [
+        ("0.png", "test/bottle[0]"),
+        ("1_mask.png", "test/bottle[1]"),
+        ("0.png", "test/cable[0]"),
+    ]
+    assert "unreadable or truncated image" in report.problems[0].reason
+    with pytest.raises(DataError, match="3 problems"):
+        report.raise_for_problems()
+    with pytest.raises(DataError, match=f"{truncated}: unreadable or truncated image"):
+        load_meta_dataset(tmp_path, categories="bottle", check_images=True)
+
+
+def test_header_checks_do_not_decode_unless_asked(tmp_path: Path) -> None:
+    write_meta_json(tmp_path, _pixel_dataset(tmp_path))
+    truncated = tmp_path / "cable/good/0.png"
+    write_image(truncated, size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:-30])
+
+    assert len(load_meta_dataset(tmp_path)) == 3
+    assert validate_meta_dataset(tmp_path, check_images=False).ok
+    assert not validate_meta_dataset(tmp_path, check_images=True).ok
+
+
+def test_require_masks(tmp_path: Path) -> None:
+    meta = _pixel_dataset(tmp_path)
+    meta["test"]["bottle"][1]["mask_path"] = ""
+    write_meta_json(tmp_path, meta)
+
+    report = validate_meta_dataset(tmp_path, require_masks=True)
+    assert [problem.reason for problem in report.problems] == [
+        "anomalous sample has no mask but masks are required",
+        "no valid anomalous sample, but masks are required (e.g. for training)",
+    ]
+    with pytest.raises(DataError, match="crack/1.png: anomalous sample has no mask"):
+        load_meta_dataset(tmp_path, require_masks=True)
+    with pytest.raises(DataError, match="no valid anomalous sample"):
+        load_meta_dataset(tmp_path, skip_invalid=True, require_masks=True)
+
+
+def test_skip_invalid_drops_counts_and_reports(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_meta_json(tmp_path, _pixel_dataset(tmp_path))
+    (tmp_path / "bottle/gt/1_mask.png").unlink()
+
+    with caplog.at_level(logging.WARNING, logger="cops_hf.data"):
+        dataset, report = load_meta_dataset_with_report(tmp_path, skip_invalid=True)
+
+    assert dataset["image_path"] == [str(tmp_path / "bottle/good/0.png"), str(tmp_path / "cable/good/0.png")]
+    assert report.dropped_invalid and report.num_skipped == 1
+    assert [(problem.path, problem.reason) for problem in report.skipped] == [
+        (str(tmp_path / "bottle/gt/1_mask.png"), "mask file not found")
+    ]
+    assert "Skipped 1 invalid records" in caplog.text
+    assert "1 invalid skipped" in dataset.info.description
+    assert len(load_meta_dataset(tmp_path, skip_invalid=True)) == 2
+
+
+def test_all_records_invalid_raises_even_when_skipping(tmp_path: Path) -> None:
+    write_meta_json(tmp_path, {"test": {"x": [make_record("gone.png", cls_name="x", anomaly=0)]}})
+    with pytest.raises(DataError, match="No valid records left"):
+        load_meta_dataset(tmp_path, skip_invalid=True)
