@@ -12,6 +12,9 @@ import pytest
 from cops_hf.data import (
     META_FEATURES,
     DataError,
+    build_folder_meta,
+    build_mvtec_meta,
+    build_visa_meta,
     has_masks,
     load_meta_dataset,
     load_meta_dataset_with_report,
@@ -93,6 +96,20 @@ def test_absolute_record_paths_are_accepted(tmp_path: Path) -> None:
     dataset = load_meta_dataset(tmp_path / "root")
 
     assert dataset["image_path"] == [str(image)]
+
+
+def test_image_level_dataset_is_first_class(tmp_path: Path) -> None:
+    write_image(tmp_path / "no/0.png")
+    write_image(tmp_path / "yes/0.png")
+    build_folder_meta(tmp_path, "no", "yes", category="brain")
+
+    dataset, report = load_meta_dataset_with_report(tmp_path)
+
+    assert dataset["gt_label"] == [0, 1] and dataset["mask_path"] == ["", ""]
+    assert dataset[1]["mask"] is None
+    assert not has_masks(dataset)
+    assert not report.pixel_level and report.ok
+    assert "image-level" in dataset.info.description
 
 
 # ---------------------------------------------------------------- bad data
@@ -220,3 +237,121 @@ def test_all_records_invalid_raises_even_when_skipping(tmp_path: Path) -> None:
     write_meta_json(tmp_path, {"test": {"x": [make_record("gone.png", cls_name="x", anomaly=0)]}})
     with pytest.raises(DataError, match="No valid records left"):
         load_meta_dataset(tmp_path, skip_invalid=True)
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _fake_mvtec(root: Path) -> None:
+    for name in ("000.png", "001.png"):
+        write_image(root / "bottle/train/good" / name)
+        write_image(root / "bottle/test/good" / name)
+    for name in ("000.png", "002.png"):
+        write_image(root / "bottle/test/broken_large" / name)
+        write_mask(root / "bottle/ground_truth/broken_large" / name.replace(".png", "_mask.png"))
+    write_image(root / "screw/train/good/000.png")
+    write_image(root / "screw/test/thread_top/005.png")
+    write_mask(root / "screw/ground_truth/thread_top/005_mask.png")
+    (root / "screw/test/thread_top/.DS_Store").write_text("")
+    (root / "license.txt").write_text("not a category")
+
+
+def test_build_mvtec_meta(tmp_path: Path) -> None:
+    _fake_mvtec(tmp_path)
+
+    meta = build_mvtec_meta(tmp_path)
+
+    assert read_meta_json(tmp_path) == meta
+    assert list(meta["test"]) == ["bottle", "screw"]
+    assert [r["img_path"] for r in meta["train"]["bottle"]] == [
+        "bottle/train/good/000.png",
+        "bottle/train/good/001.png",
+    ]
+    assert [(r["specie_name"], r["anomaly"], r["mask_path"]) for r in meta["test"]["bottle"]] == [
+        ("broken_large", 1, "bottle/ground_truth/broken_large/000_mask.png"),
+        ("broken_large", 1, "bottle/ground_truth/broken_large/002_mask.png"),
+        ("good", 0, ""),
+        ("good", 0, ""),
+    ]
+    assert meta["test"]["screw"] == [
+        make_record(
+            "screw/test/thread_top/005.png",
+            cls_name="screw",
+            anomaly=1,
+            specie_name="thread_top",
+            mask_path="screw/ground_truth/thread_top/005_mask.png",
+        )
+    ]
+    dataset = load_meta_dataset(tmp_path, check_images=True)
+    assert dataset["gt_label"] == [1, 1, 0, 0, 1] and has_masks(dataset)
+
+
+def test_build_mvtec_meta_requires_a_mask_per_defect_image(tmp_path: Path) -> None:
+    _fake_mvtec(tmp_path)
+    (tmp_path / "bottle/ground_truth/broken_large/002_mask.png").unlink()
+
+    with pytest.raises(DataError, match=r"No mask for .*bottle/test/broken_large/002.png"):
+        build_mvtec_meta(tmp_path)
+    assert not (tmp_path / "meta.json").exists()
+    with pytest.raises(DataError, match="No categories under"):
+        build_mvtec_meta(tmp_path / "bottle/train")
+
+
+def test_build_visa_meta(tmp_path: Path) -> None:
+    rows = [
+        ("pcb1", "train", "normal", "pcb1/Data/Images/Normal/0000.JPG", ""),
+        ("candle", "test", "anomaly", "candle/Data/Images/Anomaly/000.JPG", "candle/Data/Masks/Anomaly/000.png"),
+        ("candle", "test", "normal", "candle/Data/Images/Normal/0001.JPG", ""),
+        ("candle", "train", "normal", "candle/Data/Images/Normal/0002.JPG", ""),
+    ]
+    for _, _, _, image, mask in rows:
+        write_image(tmp_path / image)
+        if mask:
+            write_mask(tmp_path / mask)
+    (tmp_path / "split_csv").mkdir()
+    lines = ["object,split,label,image,mask"] + [",".join(row) for row in rows]
+    (tmp_path / "split_csv/1cls.csv").write_text("\n".join(lines) + "\n")
+
+    meta = build_visa_meta(tmp_path)
+
+    assert list(meta["train"]) == ["candle", "pcb1"]
+    assert meta["test"]["candle"] == [
+        make_record(rows[1][3], cls_name="candle", anomaly=1, specie_name="anomaly", mask_path=rows[1][4]),
+        make_record(rows[2][3], cls_name="candle", anomaly=0),
+    ]
+    assert load_meta_dataset(tmp_path, "test", check_images=True)["gt_label"] == [1, 0]
+    assert load_meta_dataset(tmp_path, "train")["cls_name"] == ["candle", "pcb1"]
+
+    (tmp_path / "split_csv/1cls.csv").write_text("\n".join([*lines, "pcb1,test,defect,x.JPG,"]) + "\n")
+    with pytest.raises(DataError, match="1cls.csv line 6: unknown label 'defect'"):
+        build_visa_meta(tmp_path)
+    (tmp_path / "split_csv/1cls.csv").unlink()
+    with pytest.raises(DataError, match="VisA split file not found: .*split_csv/1cls.csv"):
+        build_visa_meta(tmp_path)
+
+
+def test_build_folder_meta_matches_masks_by_stem(tmp_path: Path) -> None:
+    write_image(tmp_path / "normal/b.png")
+    write_image(tmp_path / "normal/a.jpg")
+    write_image(tmp_path / "bad/x.png")
+    write_image(tmp_path / "bad/y.bmp")
+    write_mask(tmp_path / "gt/y.png")
+    write_mask(tmp_path / "gt/x_mask.png")
+
+    meta = build_folder_meta(tmp_path, "normal", "bad", "gt", category="part", split="train")
+
+    assert meta["test"] == {}
+    assert [(r["img_path"], r["specie_name"], r["mask_path"]) for r in meta["train"]["part"]] == [
+        ("normal/a.jpg", "good", ""),
+        ("normal/b.png", "good", ""),
+        ("bad/x.png", "bad", "gt/x_mask.png"),
+        ("bad/y.bmp", "bad", "gt/y.png"),
+    ]
+    assert has_masks(load_meta_dataset(tmp_path, "train", require_masks=True))
+
+    write_image(tmp_path / "bad/z.png")
+    with pytest.raises(DataError, match=r"No mask for .*bad/z.png in .*gt"):
+        build_folder_meta(tmp_path, "normal", "bad", "gt")
+    with pytest.raises(DataError, match="Directory not found: .*missing"):
+        build_folder_meta(tmp_path, "missing", None)
+    assert build_folder_meta(tmp_path, "normal", None, write=False)["test"][tmp_path.name][0]["anomaly"] == 0

@@ -9,6 +9,15 @@ Typical use::
     test_set[0]["image"], test_set[0]["mask"], test_set[0]["gt_label"]
 """
 
+from .builders import (
+    IMAGE_SUFFIXES,
+    build_folder_meta,
+    build_mvtec_meta,
+    build_visa_meta,
+    folder_records,
+    list_image_files,
+    mvtec_layout_meta,
+)
 from .loading import (
     META_FEATURES,
     ValidationReport,
@@ -30,6 +39,7 @@ from .meta import (
 )
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "META_FEATURES",
     "META_FILENAME",
     "NORMAL_SPECIE",
@@ -37,11 +47,17 @@ __all__ = [
     "DataError",
     "DataProblem",
     "ValidationReport",
+    "build_folder_meta",
+    "build_mvtec_meta",
+    "build_visa_meta",
+    "folder_records",
     "has_masks",
+    "list_image_files",
     "load_meta_dataset",
     "load_meta_dataset_with_report",
     "make_record",
     "meta_json_path",
+    "mvtec_layout_meta",
     "read_meta_json",
     "validate_meta_dataset",
     "write_meta_json",
