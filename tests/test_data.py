@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cops_hf.data import (
+    DEFECT_TYPES,
     META_FEATURES,
     DataError,
     build_folder_meta,
@@ -19,7 +22,9 @@ from cops_hf.data import (
     load_meta_dataset,
     load_meta_dataset_with_report,
     make_record,
+    make_synthetic_dataset,
     read_meta_json,
+    render_synthetic_sample,
     validate_meta_dataset,
     write_meta_json,
 )
@@ -355,3 +360,99 @@ def test_build_folder_meta_matches_masks_by_stem(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="Directory not found: .*missing"):
         build_folder_meta(tmp_path, "missing", None)
     assert build_folder_meta(tmp_path, "normal", None, write=False)["test"][tmp_path.name][0]["anomaly"] == 0
+
+
+# ---------------------------------------------------------------- synthetic data
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def test_synthetic_dataset_is_byte_identical_per_seed(tmp_path: Path) -> None:
+    first = _tree_bytes(make_synthetic_dataset(tmp_path / "a", seed=3))
+    second = _tree_bytes(make_synthetic_dataset(tmp_path / "b", seed=3))
+    other_seed = _tree_bytes(make_synthetic_dataset(tmp_path / "c", seed=4))
+
+    assert first == second
+    assert first.keys() == other_seed.keys()
+    images = [name for name in first if name.endswith(".png") and "ground_truth" not in name]
+    assert len(images) == 32 and all(first[name] != other_seed[name] for name in images)
+
+
+def test_synthetic_masks_are_exactly_the_altered_pixels(tmp_path: Path) -> None:
+    root = make_synthetic_dataset(tmp_path, images_per_category=8, image_size=(40, 72), seed=1)
+
+    for split in ("train", "test"):
+        dataset = load_meta_dataset(root, split, check_images=True, require_masks=True)
+        assert dataset["gt_label"] == [0, 0, 0, 0, 1, 1, 1, 1] * 2
+        assert dataset["specie_name"][4:8] == list(DEFECT_TYPES)
+        for index, row in enumerate(dataset):
+            saved = np.asarray(row["image"])
+            assert saved.shape == (40, 72, 3) and saved.dtype == np.uint8
+            defect = row["specie_name"] if row["gt_label"] else None
+            sample = render_synthetic_sample(
+                row["cls_name"], index % 8, image_size=(40, 72), seed=1, defect_type=defect
+            )
+            assert np.array_equal(saved, sample.image)
+            if row["gt_label"] == 0:
+                assert row["mask"] is None and np.array_equal(sample.image, sample.clean_image)
+                continue
+            mask = np.asarray(row["mask"])
+            assert set(np.unique(mask)) == {0, 255}
+            assert np.array_equal(mask > 0, np.any(saved != sample.clean_image, axis=-1))
+            assert 8 <= (mask > 0).sum() < 0.5 * mask.size
+
+
+def test_synthetic_train_and_test_categories_are_disjoint(tmp_path: Path) -> None:
+    root = make_synthetic_dataset(tmp_path, categories=["wood", "bolt", "noise_texture"], images_per_category=3)
+    meta = read_meta_json(root)
+
+    assert list(meta["train"]) == ["wood"] and list(meta["test"]) == ["bolt", "noise_texture"]
+    assert [r["anomaly"] for r in meta["train"]["wood"]] == [0, 1, 1]
+    with pytest.raises(ValueError, match=r"disjoint .* \['disc'\]"):
+        make_synthetic_dataset(tmp_path, train_categories=["disc"], test_categories=["disc", "ring"])
+    with pytest.raises(ValueError, match="Unknown synthetic categories"):
+        make_synthetic_dataset(tmp_path, train_categories=["cat"])
+
+
+def test_synthetic_anomalous_fraction_bounds(tmp_path: Path) -> None:
+    def labels(fraction: float, count: int) -> list[int]:
+        root = make_synthetic_dataset(
+            tmp_path / f"{fraction}-{count}",
+            train_categories=[],
+            test_categories=["ring"],
+            images_per_category=count,
+            anomalous_fraction=fraction,
+        )
+        return [record["anomaly"] for record in read_meta_json(root)["test"]["ring"]]
+
+    assert labels(0.0, 3) == [0, 0, 0]
+    assert labels(1.0, 2) == [1, 1]
+    assert labels(0.5, 4) == [0, 0, 1, 1]
+    assert labels(0.1, 4) == [0, 0, 0, 1]
+    assert labels(0.9, 4) == [0, 1, 1, 1]
+    with pytest.raises(ValueError, match="not both"):
+        make_synthetic_dataset(tmp_path, categories=["ring", "disc"], train_categories=["wood"])
+
+
+def test_synthetic_dataset_is_fast_and_rebuildable_by_the_mvtec_builder(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    root = make_synthetic_dataset(tmp_path, train_categories=[], test_categories=["stripes", "disc"])
+    assert time.perf_counter() - start < 1.0
+
+    original = read_meta_json(root)["test"]
+    rebuilt = build_mvtec_meta(root, write=False)["test"]
+    assert list(rebuilt) == ["disc", "stripes"]
+    for category in original:
+        assert sorted(map(json.dumps, rebuilt[category])) == sorted(map(json.dumps, original[category]))
+
+
+def test_synthetic_image_size_and_argument_checks() -> None:
+    sample = render_synthetic_sample("bolt", 0, image_size=(32, 48), defect_type="scratch")
+    assert sample.image.shape == (32, 48, 3) and sample.mask.shape == (32, 48)
+    assert Image.fromarray(sample.image).mode == "RGB"
+    with pytest.raises(ValueError, match="at least 16"):
+        render_synthetic_sample("bolt", 0, image_size=8)
+    with pytest.raises(ValueError, match="Unknown defect type"):
+        render_synthetic_sample("bolt", 0, defect_type="dent")
