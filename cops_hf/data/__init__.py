@@ -17,6 +17,7 @@ from .builders import (
     folder_records,
     list_image_files,
     mvtec_layout_meta,
+    species_records,
 )
 from .loading import (
     META_FEATURES,
@@ -79,6 +80,7 @@ __all__ = [
     "mvtec_layout_meta",
     "read_meta_json",
     "render_synthetic_sample",
+    "species_records",
     "validate_meta_dataset",
     "write_meta_json",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ __all__ = [
     "folder_records",
     "list_image_files",
     "mvtec_layout_meta",
+    "species_records",
 ]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -114,6 +115,46 @@ def folder_records(
     return records
 
 
+def species_records(
+    root: str | os.PathLike[str],
+    parent_dir: str | os.PathLike[str],
+    *,
+    category: str,
+    normal_specie: str = NORMAL_SPECIE,
+    mask_dir_for: Callable[[str], Path] | None = None,
+    mask_suffix: str = "_mask",
+    exclude: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    """meta.json records for every ``<specie>`` subfolder of ``parent_dir`` (sorted), via :func:`folder_records`.
+
+    Args:
+        root: Dataset root; record paths are written relative to it.
+        parent_dir: Folder whose subfolders are the species (relative to ``root`` or absolute).
+        category: ``cls_name`` of the records.
+        normal_specie: The subfolder of normal images; every other subfolder is anomalous.
+        mask_dir_for: Maps an anomalous specie name to its mask folder; None for an image-level dataset.
+        mask_suffix: Suffix of mask stems.
+        exclude: Subfolder names that are not species (e.g. a mask folder beside them).
+    """
+    parent = Path(root) / parent_dir
+    if not parent.is_dir():
+        raise DataError(f"Directory not found: {parent}")
+    excluded = set(exclude)
+    records = []
+    for specie_dir in sorted(path for path in parent.iterdir() if path.is_dir() and path.name not in excluded):
+        anomaly = int(specie_dir.name != normal_specie)
+        records += folder_records(
+            root,
+            specie_dir,
+            category=category,
+            anomaly=anomaly,
+            specie_name=specie_dir.name,
+            mask_dir=mask_dir_for(specie_dir.name) if mask_dir_for is not None and anomaly else None,
+            mask_suffix=mask_suffix,
+        )
+    return records
+
+
 def _finish(root: str | os.PathLike[str], meta: Meta, write: bool) -> Meta:
     if write:
         write_meta_json(root, meta)
@@ -159,20 +200,14 @@ def mvtec_layout_meta(
             split_dir = category_dir / split
             if not split_dir.is_dir():
                 continue
-            records = []
-            for specie_dir in sorted(path for path in split_dir.iterdir() if path.is_dir()):
-                anomaly = int(specie_dir.name != normal_specie)
-                mask_dir = category_dir / "ground_truth" / specie_dir.name if with_masks and anomaly else None
-                records += folder_records(
-                    root,
-                    specie_dir,
-                    category=category,
-                    anomaly=anomaly,
-                    specie_name=specie_dir.name,
-                    mask_dir=mask_dir,
-                    mask_suffix=mask_suffix,
-                )
-            meta[split][category] = records
+            meta[split][category] = species_records(
+                root,
+                split_dir,
+                category=category,
+                normal_specie=normal_specie,
+                mask_dir_for=(category_dir / "ground_truth").joinpath if with_masks else None,
+                mask_suffix=mask_suffix,
+            )
     return meta
 
 
@@ -181,7 +216,8 @@ def build_mvtec_meta(
 ) -> Meta:
     """Index MVTec AD (``root/<category>/{train,test}/<defect>/*.png``, ``ground_truth/<defect>/<stem>_mask.png``).
 
-    The train split is ``train/good``, the test split every ``test/<defect>`` folder (``good`` is normal).
+    The train split indexes every ``train/<specie>`` folder (only ``good`` in MVTec AD), the test split every
+    ``test/<defect>`` folder (``good`` is normal).
     Categories default to every category folder found. Returns the meta dict and writes ``root/meta.json``.
     """
     return _finish(root, mvtec_layout_meta(root, categories), write)
@@ -242,6 +278,7 @@ def build_folder_meta(
     category: str | None = None,
     split: str = "test",
     mask_suffix: str = "_mask",
+    anomalous_specie: str | None = None,
     write: bool = True,
 ) -> Meta:
     """Index a generic layout: normal images in one folder, anomalous images in another, optional masks.
@@ -255,6 +292,7 @@ def build_folder_meta(
         category: ``cls_name`` of every record; default the name of ``root``.
         split: Split to put the records in (the other split is left empty).
         mask_suffix: Suffix of mask stems.
+        anomalous_specie: ``specie_name`` of the anomalous records; default the name of ``anomalous_dir``.
         write: Write ``root/meta.json``.
 
     Raises:
@@ -268,7 +306,13 @@ def build_folder_meta(
         records += folder_records(root, normal_dir, category=category, anomaly=0)
     if anomalous_dir is not None:
         records += folder_records(
-            root, anomalous_dir, category=category, anomaly=1, mask_dir=mask_dir, mask_suffix=mask_suffix
+            root,
+            anomalous_dir,
+            category=category,
+            anomaly=1,
+            specie_name=anomalous_specie,
+            mask_dir=mask_dir,
+            mask_suffix=mask_suffix,
         )
     meta: Meta = {"train": {}, "test": {}}
     meta[split] = {category: records}
