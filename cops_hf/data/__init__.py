@@ -4,11 +4,12 @@ Typical use::
 
     from cops_hf.data import build_mvtec_meta, load_meta_dataset
 
-    build_mvtec_meta("/data/mvtec")                    # writes /data/mvtec/meta.json once
+    build_mvtec_meta("/data/mvtec")                    # or prepare_dataset("mvtec", "/data/mvtec"), once
     test_set = load_meta_dataset("/data/mvtec", split="test")
     test_set[0]["image"], test_set[0]["mask"], test_set[0]["gt_label"]
 """
 
+from .benchmarks import BENCHMARKS, DATASET_BUILDERS, BenchmarkInfo, prepare_dataset
 from .builders import (
     IMAGE_SUFFIXES,
     build_folder_meta,
@@ -51,6 +52,10 @@ from .synthetic import (
 )
 
 __all__ = [
+    "BENCHMARKS",
+    "DATASET_BUILDERS",
+    "BenchmarkInfo",
+    "prepare_dataset",
     "DEFAULT_TEST_CATEGORIES",
     "DEFAULT_TRAIN_CATEGORIES",
     "DEFECT_TYPES",

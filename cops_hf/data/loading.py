@@ -46,8 +46,9 @@ META_FEATURES = datasets.Features(
         "mask_path": datasets.Value("string"),
     }
 )
-"""Columns of a loaded dataset. ``image`` decodes to RGB and ``mask`` to single-channel ``L`` (nonzero = anomalous
-pixel); ``mask`` is ``None`` when the record has no mask (normal samples, image-level datasets)."""
+"""Columns of a loaded dataset. ``image`` decodes to RGB and ``mask`` to single-channel ``L``: threshold it at 127,
+since some datasets ship JPEG masks (Kvasir) that are not exactly 0/255. ``mask`` is ``None`` when the record has no
+mask: normal samples (all-normal pixels) and image-level datasets."""
 
 _MAX_PROBLEMS_IN_MESSAGE = 20
 
