@@ -15,8 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .builders import Meta, build_folder_meta, build_mvtec_meta, build_visa_meta, mvtec_layout_meta, species_records
-from .meta import meta_json_path, write_meta_json
+from .builders import (
+    build_folder_meta,
+    build_mvtec_meta,
+    build_visa_meta,
+    finish_meta,
+    mvtec_layout_meta,
+    species_records,
+)
+from .meta import Meta, meta_json_path
 
 __all__ = [
     "BENCHMARKS",
@@ -39,30 +46,24 @@ logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 
 
-def _write(root: PathLike, meta: Meta, write: bool) -> Meta:
-    if write:
-        write_meta_json(root, meta)
-    return meta
-
-
 def build_btad_meta(root: PathLike, *, write: bool = True) -> Meta:
     """BTAD: ``root/{01,02,03}/{train,test}/{ok,ko}/*`` with masks ``root/<cat>/ground_truth/ko/<stem>.*``."""
-    return _write(root, mvtec_layout_meta(root, normal_specie="ok"), write)
+    return finish_meta(root, mvtec_layout_meta(root, normal_specie="ok"), write)
 
 
 def build_mpdd_meta(root: PathLike, *, write: bool = True) -> Meta:
     """MPDD: MVTec layout, ``root/<cat>/{train,test}/<defect>/*.png``, ``ground_truth/<defect>/<stem>_mask.png``."""
-    return _write(root, mvtec_layout_meta(root), write)
+    return finish_meta(root, mvtec_layout_meta(root), write)
 
 
 def build_dtd_synthetic_meta(root: PathLike, *, write: bool = True) -> Meta:
     """DTD-Synthetic: MVTec layout, ``root/<texture>/{train,test}/{good,bad}/*``, ``<texture>/ground_truth/bad``."""
-    return _write(root, mvtec_layout_meta(root), write)
+    return finish_meta(root, mvtec_layout_meta(root), write)
 
 
 def build_headct_meta(root: PathLike, *, write: bool = True) -> Meta:
     """HeadCT (image-level): ``root/brain/test/good/*`` normal, every other ``root/brain/test/<folder>`` anomalous."""
-    return _write(root, mvtec_layout_meta(root, categories=["brain"], with_masks=False), write)
+    return finish_meta(root, mvtec_layout_meta(root, categories=["brain"], with_masks=False), write)
 
 
 def build_brainmri_meta(root: PathLike, *, write: bool = True) -> Meta:
@@ -91,7 +92,7 @@ def build_isic_meta(root: PathLike, *, write: bool = True) -> Meta:
     records = species_records(
         root, "skin/test", category="skin", mask_dir_for=lambda _specie: masks, mask_suffix="_Segmentation"
     )
-    return _write(root, {"train": {}, "test": {"skin": records}}, write)
+    return finish_meta(root, {"train": {}, "test": {"skin": records}}, write)
 
 
 def build_polyp_meta(root: PathLike, *, write: bool = True) -> Meta:
@@ -103,7 +104,7 @@ def build_endo_meta(root: PathLike, *, write: bool = True) -> Meta:
     """Endo: ``root/<folder>/*`` (``good`` normal, others anomalous) with masks ``root/masks/<stem>.*``."""
     masks = Path(root) / "masks"
     records = species_records(root, ".", category="colon", mask_dir_for=lambda _specie: masks, exclude=["masks"])
-    return _write(root, {"train": {}, "test": {"colon": records}}, write)
+    return finish_meta(root, {"train": {}, "test": {"colon": records}}, write)
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .meta import NORMAL_SPECIE, DataError, make_record, write_meta_json
+from .meta import NORMAL_SPECIE, DataError, Meta, make_record, write_meta_json
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "build_folder_meta",
     "build_mvtec_meta",
     "build_visa_meta",
+    "finish_meta",
     "folder_records",
     "list_image_files",
     "mvtec_layout_meta",
@@ -27,8 +28,6 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-
-Meta = dict[str, dict[str, list[dict[str, Any]]]]
 
 
 def list_image_files(directory: str | os.PathLike[str]) -> list[Path]:
@@ -98,11 +97,15 @@ def folder_records(
     """
     root, image_dir = Path(root), Path(root) / image_dir
     specie = specie_name if specie_name is not None else (NORMAL_SPECIE if anomaly == 0 else image_dir.name)
-    masks_dir = Path(root) / mask_dir if mask_dir is not None and anomaly == 1 else None
-    masks_by_stem = _masks_by_stem(masks_dir) if masks_dir is not None else {}
+    resolved_mask_dir = root / mask_dir if mask_dir is not None and anomaly == 1 else None
+    masks_by_stem = _masks_by_stem(resolved_mask_dir) if resolved_mask_dir is not None else {}
     records = []
     for image in list_image_files(image_dir):
-        mask = _matching_mask(image, masks_by_stem, masks_dir, mask_suffix) if masks_dir is not None else None
+        mask = (
+            _matching_mask(image, masks_by_stem, resolved_mask_dir, mask_suffix)
+            if resolved_mask_dir is not None
+            else None
+        )
         records.append(
             make_record(
                 _relative_posix(image, root),
@@ -155,7 +158,8 @@ def species_records(
     return records
 
 
-def _finish(root: str | os.PathLike[str], meta: Meta, write: bool) -> Meta:
+def finish_meta(root: str | os.PathLike[str], meta: Meta, write: bool) -> Meta:
+    """Return ``meta`` after writing it to ``root/meta.json`` when ``write`` (the tail of every builder)."""
     if write:
         write_meta_json(root, meta)
     return meta
@@ -220,7 +224,7 @@ def build_mvtec_meta(
     ``test/<defect>`` folder (``good`` is normal).
     Categories default to every category folder found. Returns the meta dict and writes ``root/meta.json``.
     """
-    return _finish(root, mvtec_layout_meta(root, categories), write)
+    return finish_meta(root, mvtec_layout_meta(root, categories), write)
 
 
 _VISA_COLUMNS = ("object", "split", "label", "image", "mask")
@@ -266,7 +270,7 @@ def build_visa_meta(root: str | os.PathLike[str], *, write: bool = True) -> Meta
             )
         )
     meta = {split: dict(sorted(categories.items())) for split, categories in grouped.items()}
-    return _finish(root, meta, write)
+    return finish_meta(root, meta, write)
 
 
 def build_folder_meta(
@@ -316,4 +320,4 @@ def build_folder_meta(
         )
     meta: Meta = {"train": {}, "test": {}}
     meta[split] = {category: records}
-    return _finish(root, meta, write)
+    return finish_meta(root, meta, write)

@@ -27,6 +27,7 @@ __all__ = [
     "DataError",
     "DataProblem",
     "META_FILENAME",
+    "Meta",
     "NORMAL_SPECIE",
     "SPLITS",
     "make_record",
@@ -39,6 +40,9 @@ __all__ = [
 META_FILENAME = "meta.json"
 SPLITS = ("train", "test")
 NORMAL_SPECIE = "good"
+
+Meta = dict[str, dict[str, list[dict[str, Any]]]]
+"""Type of a meta.json document: ``{split: {category: [record, ...]}}``."""
 
 _BUILDER_HINT = (
     "Create it with a builder from cops_hf.data: build_mvtec_meta(root), build_visa_meta(root), "
