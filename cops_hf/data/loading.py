@@ -157,6 +157,22 @@ def _select_categories(
     return selected
 
 
+def _decoding_problems(image_path: Path, mask_path: Path | None, location: str, decode: bool) -> list[DataProblem]:
+    """Open the image and mask (fully when ``decode``, else headers only) and compare their sizes."""
+    files = {"image": image_path} if mask_path is None else {"image": image_path, "mask": mask_path}
+    sizes, problems = {}, []
+    for kind, path in files.items():
+        try:
+            sizes[kind] = _image_size(path, decode)
+        except Exception as error:  # any decoder failure means the file is unusable
+            problems.append(DataProblem(str(path), f"unreadable or truncated {kind}: {error}", location))
+    if len(sizes) == 2 and sizes["image"] != sizes["mask"]:
+        (mask_w, mask_h), (image_w, image_h) = sizes["mask"], sizes["image"]
+        reason = f"mask size {mask_w}x{mask_h} differs from image size {image_w}x{image_h} of {image_path}"
+        problems.append(DataProblem(str(mask_path), reason, location))
+    return problems
+
+
 def _check_record(
     root: Path, record: Any, category: str, location: str, meta_path: Path, check_images: bool, require_masks: bool
 ) -> tuple[dict[str, Any] | None, list[DataProblem]]:
@@ -175,23 +191,8 @@ def _check_record(
         problems.append(DataProblem(str(image_path), "anomalous sample has no mask but masks are required", location))
     if problems:
         return None, problems
-    files_to_read = {"image": image_path} if mask_path is None else {"image": image_path, "mask": mask_path}
-    sizes = {}
     if check_images or mask_path is not None:
-        for kind, path in files_to_read.items():
-            try:
-                sizes[kind] = _image_size(path, decode=check_images)
-            except Exception as error:  # any decoder failure means the file is unusable
-                problems.append(DataProblem(str(path), f"unreadable or truncated {kind}: {error}", location))
-    if len(sizes) == 2 and sizes["image"] != sizes["mask"]:
-        (mask_w, mask_h), (image_w, image_h) = sizes["mask"], sizes["image"]
-        problems.append(
-            DataProblem(
-                str(mask_path),
-                f"mask size {mask_w}x{mask_h} differs from image size {image_w}x{image_h} of {image_path}",
-                location,
-            )
-        )
+        problems += _decoding_problems(image_path, mask_path, location, decode=check_images)
     if problems:
         return None, problems
     row = {
