@@ -16,11 +16,12 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .meta import NORMAL_SPECIE, make_record, write_meta_json
+from .meta import NORMAL_SPECIE, Meta, make_record, write_meta_json
 
 __all__ = [
     "DEFAULT_TEST_CATEGORIES",
@@ -393,33 +394,42 @@ def make_synthetic_dataset(
     num_anomalous = round(images_per_category * anomalous_fraction)
     if 0 < anomalous_fraction < 1 and images_per_category >= 2:
         num_anomalous = min(max(num_anomalous, 1), images_per_category - 1)
-    num_normal = images_per_category - num_anomalous
+    defects = [None] * (images_per_category - num_anomalous) + [
+        DEFECT_TYPES[position % len(DEFECT_TYPES)] for position in range(num_anomalous)
+    ]
     root = Path(root)
-    meta: dict[str, dict[str, list[dict[str, object]]]] = {"train": {}, "test": {}}
+    meta: Meta = {"train": {}, "test": {}}
     for split, split_categories in (("train", train), ("test", test)):
         for category in split_categories:
-            records = []
-            for index in range(images_per_category):
-                defect = None if index < num_normal else DEFECT_TYPES[(index - num_normal) % len(DEFECT_TYPES)]
-                sample = render_synthetic_sample(category, index, image_size=image_size, seed=seed, defect_type=defect)
-                specie = defect or NORMAL_SPECIE
-                image_path = f"{category}/{split}/{specie}/{index:03d}.png"
-                mask_path = f"{category}/ground_truth/{specie}/{index:03d}_mask.png" if defect else ""
-                _save_png(root / image_path, sample.image)
-                if defect:
-                    _save_png(root / mask_path, sample.mask.astype(np.uint8) * 255)
-                records.append(
-                    make_record(
-                        image_path,
-                        cls_name=category,
-                        anomaly=int(bool(defect)),
-                        specie_name=specie,
-                        mask_path=mask_path,
-                    )
-                )
-            meta[split][category] = records
+            meta[split][category] = [
+                _write_sample(root, split, category, index, defect, image_size, seed)
+                for index, defect in enumerate(defects)
+            ]
     write_meta_json(root, meta)
     return root
+
+
+def _write_sample(
+    root: Path,
+    split: str,
+    category: str,
+    index: int,
+    defect: str | None,
+    image_size: int | tuple[int, int],
+    seed: int,
+) -> dict[str, Any]:
+    """Render one sample, save its image (and mask) in the MVTec-like layout, and return its meta.json record."""
+    sample = render_synthetic_sample(category, index, image_size=image_size, seed=seed, defect_type=defect)
+    specie = defect or NORMAL_SPECIE
+    image_path = f"{category}/{split}/{specie}/{index:03d}.png"
+    _save_png(root / image_path, sample.image)
+    mask_path = ""
+    if defect is not None:
+        mask_path = f"{category}/ground_truth/{specie}/{index:03d}_mask.png"
+        _save_png(root / mask_path, sample.mask.astype(np.uint8) * 255)
+    return make_record(
+        image_path, cls_name=category, anomaly=int(defect is not None), specie_name=specie, mask_path=mask_path
+    )
 
 
 def _save_png(path: Path, pixels: np.ndarray) -> None:
