@@ -83,10 +83,24 @@ def test_write_then_load_round_trip(tmp_path: Path) -> None:
     assert has_masks(dataset)
 
 
+def test_failed_write_keeps_the_previous_meta_json(tmp_path: Path) -> None:
+    meta = _pixel_dataset(tmp_path)
+    write_meta_json(tmp_path, meta)
+    before = (tmp_path / "meta.json").read_bytes()
+    meta["test"]["cable"][0]["extra"] = {1, 2}  # extra fields are allowed but must be JSON-serialisable
+
+    with pytest.raises(TypeError):
+        write_meta_json(tmp_path, meta)
+
+    assert (tmp_path / "meta.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["meta.json"]
+
+
 def test_load_selects_categories_in_requested_order(tmp_path: Path) -> None:
     write_meta_json(tmp_path, _pixel_dataset(tmp_path))
 
-    assert load_meta_dataset(tmp_path, categories="cable")["cls_name"] == ["cable"]
+    normal_only = load_meta_dataset(tmp_path, categories="cable")
+    assert normal_only["cls_name"] == ["cable"] and not has_masks(normal_only)
     assert load_meta_dataset(tmp_path, categories=["cable", "bottle"])["cls_name"] == ["cable", "bottle", "bottle"]
     with pytest.raises(DataError, match=r"no categories \['carpet'\].*available: \['bottle', 'cable'\]"):
         load_meta_dataset(tmp_path, categories=["carpet"])
@@ -354,6 +368,10 @@ def test_build_folder_meta_matches_masks_by_stem(tmp_path: Path) -> None:
     ]
     assert has_masks(load_meta_dataset(tmp_path, "train", require_masks=True))
 
+    write_mask(tmp_path / "gt/y.jpg")
+    with pytest.raises(DataError, match=r"Several masks for .*bad/y.bmp"):
+        build_folder_meta(tmp_path, "normal", "bad", "gt")
+    (tmp_path / "gt/y.jpg").unlink()
     write_image(tmp_path / "bad/z.png")
     with pytest.raises(DataError, match=r"No mask for .*bad/z.png in .*gt"):
         build_folder_meta(tmp_path, "normal", "bad", "gt")
