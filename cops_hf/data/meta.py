@@ -119,7 +119,7 @@ def _check_structure(meta: Any, source: str) -> None:
                 raise DataError(f"{source}: {split}/{category} must be a list of records, got {kind}")
 
 
-def read_meta_json(root: str | os.PathLike[str]) -> dict[str, dict[str, list[Any]]]:
+def read_meta_json(root: str | os.PathLike[str]) -> Meta:
     """Read ``ROOT/meta.json``, checking its top-level structure (records are checked when loading).
 
     Raises:
