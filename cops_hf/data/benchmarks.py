@@ -1,0 +1,202 @@
+"""``meta.json`` builders for the 13 benchmark datasets of the CoPS paper, from their download layouts.
+
+Industrial (pixel-level): MVTec AD, VisA, BTAD, MPDD, DTD-Synthetic. Medical image-level: HeadCT, BrainMRI, Br35H.
+Medical pixel-level: ISIC, CVC-ColonDB, CVC-ClinicDB, Kvasir, Endo. The expected folder layouts (the ones the CoPS
+and AnomalyCLIP preparation scripts read) are given in each builder's docstring. Use :func:`prepare_dataset`::
+
+    prepare_dataset("btad", "/data/BTAD")          # writes /data/BTAD/meta.json
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .builders import (
+    build_folder_meta,
+    build_mvtec_meta,
+    build_visa_meta,
+    finish_meta,
+    mvtec_layout_meta,
+    species_records,
+)
+from .meta import Meta, meta_json_path
+
+__all__ = [
+    "BENCHMARKS",
+    "DATASET_BUILDERS",
+    "BenchmarkInfo",
+    "build_br35h_meta",
+    "build_brainmri_meta",
+    "build_btad_meta",
+    "build_dtd_synthetic_meta",
+    "build_endo_meta",
+    "build_headct_meta",
+    "build_isic_meta",
+    "build_mpdd_meta",
+    "build_polyp_meta",
+    "prepare_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+def build_btad_meta(root: PathLike, *, write: bool = True) -> Meta:
+    """BTAD: ``root/{01,02,03}/{train,test}/{ok,ko}/*`` with masks ``root/<cat>/ground_truth/ko/<stem>.*``."""
+    return finish_meta(root, mvtec_layout_meta(root, normal_specie="ok"), write)
+
+
+def build_mpdd_meta(root: PathLike, *, write: bool = True) -> Meta:
+    """MPDD: MVTec layout, ``root/<cat>/{train,test}/<defect>/*.png``, ``ground_truth/<defect>/<stem>_mask.png``."""
+    return finish_meta(root, mvtec_layout_meta(root), write)
+
+
+def build_dtd_synthetic_meta(root: PathLike, *, write: bool = True) -> Meta:
+    """DTD-Synthetic: MVTec layout, ``root/<texture>/{train,test}/{good,bad}/*``, ``<texture>/ground_truth/bad``."""
+    return finish_meta(root, mvtec_layout_meta(root), write)
+
+
+def build_headct_meta(root: PathLike, *, write: bool = True) -> Meta:
+    """HeadCT (image-level): ``root/brain/test/good/*`` normal, every other ``root/brain/test/<folder>`` anomalous."""
+    return finish_meta(root, mvtec_layout_meta(root, categories=["brain"], with_masks=False), write)
+
+
+def build_brainmri_meta(root: PathLike, *, write: bool = True) -> Meta:
+    """BrainMRI (image-level): ``root/brain_tumor_dataset/no/*`` normal, ``root/brain_tumor_dataset/yes/*`` tumour."""
+    return build_folder_meta(
+        root,
+        "brain_tumor_dataset/no",
+        "brain_tumor_dataset/yes",
+        category="brain",
+        anomalous_specie="tumor",
+        write=write,
+    )
+
+
+def build_br35h_meta(root: PathLike, *, write: bool = True) -> Meta:
+    """Br35H (image-level): ``root/no/*`` normal, ``root/yes/*`` tumour (the unlabelled ``root/pred`` is ignored)."""
+    return build_folder_meta(root, "no", "yes", category="brain", anomalous_specie="tumor", write=write)
+
+
+def build_isic_meta(root: PathLike, *, write: bool = True) -> Meta:
+    """ISIC 2016: ``root/skin/test/<folder>/*.jpg``, masks ``root/skin/ISBI2016_ISIC_Part1_Test_GroundTruth``.
+
+    ``good`` folders are normal, every other folder holds lesions with masks ``<stem>_Segmentation.png``.
+    """
+    masks = Path(root) / "skin" / "ISBI2016_ISIC_Part1_Test_GroundTruth"
+    records = species_records(
+        root, "skin/test", category="skin", mask_dir_for=lambda _specie: masks, mask_suffix="_Segmentation"
+    )
+    return finish_meta(root, {"train": {}, "test": {"skin": records}}, write)
+
+
+def build_polyp_meta(root: PathLike, *, write: bool = True) -> Meta:
+    """CVC-ColonDB, CVC-ClinicDB, Kvasir: every image of ``root/images`` is a polyp, mask ``root/masks/<stem>.*``."""
+    return build_folder_meta(root, None, "images", "masks", category="colon", anomalous_specie="polyp", write=write)
+
+
+def build_endo_meta(root: PathLike, *, write: bool = True) -> Meta:
+    """Endo: ``root/<folder>/*`` (``good`` normal, others anomalous) with masks ``root/masks/<stem>.*``."""
+    masks = Path(root) / "masks"
+    records = species_records(root, ".", category="colon", mask_dir_for=lambda _specie: masks, exclude=["masks"])
+    return finish_meta(root, {"train": {}, "test": {"colon": records}}, write)
+
+
+@dataclass(frozen=True)
+class BenchmarkInfo:
+    """A benchmark dataset of the paper.
+
+    Attributes:
+        name: Registry key.
+        builder: Writes ``meta.json`` from the download layout: ``builder(root) -> meta dict``.
+        categories: The categories the full dataset has.
+        pixel_level: Whether anomalous images have ground-truth masks.
+        domain: ``"industrial"`` or ``"medical"``.
+    """
+
+    name: str
+    builder: Callable[[PathLike], Meta]
+    categories: tuple[str, ...]
+    pixel_level: bool
+    domain: str
+
+
+_MVTEC_CATEGORIES = tuple(
+    "bottle cable capsule carpet grid hazelnut leather metal_nut"
+    " pill screw tile toothbrush transistor wood zipper".split()
+)
+_VISA_CATEGORIES = tuple(
+    "candle capsules cashew chewinggum fryum macaroni1 macaroni2 pcb1 pcb2 pcb3 pcb4 pipe_fryum".split()
+)
+_DTD_CATEGORIES = tuple(
+    "Blotchy_099 Fibrous_183 Marbled_078 Matted_069 Mesh_114 Perforated_037"
+    " Stratified_154 Woven_001 Woven_068 Woven_104 Woven_125 Woven_127".split()
+)
+_MPDD_CATEGORIES = ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes")
+
+BENCHMARKS: dict[str, BenchmarkInfo] = {
+    info.name: info
+    for info in (
+        BenchmarkInfo("mvtec", build_mvtec_meta, _MVTEC_CATEGORIES, True, "industrial"),
+        BenchmarkInfo("visa", build_visa_meta, _VISA_CATEGORIES, True, "industrial"),
+        BenchmarkInfo("btad", build_btad_meta, ("01", "02", "03"), True, "industrial"),
+        BenchmarkInfo("mpdd", build_mpdd_meta, _MPDD_CATEGORIES, True, "industrial"),
+        BenchmarkInfo("dtd_synthetic", build_dtd_synthetic_meta, _DTD_CATEGORIES, True, "industrial"),
+        BenchmarkInfo("headct", build_headct_meta, ("brain",), False, "medical"),
+        BenchmarkInfo("brainmri", build_brainmri_meta, ("brain",), False, "medical"),
+        BenchmarkInfo("br35h", build_br35h_meta, ("brain",), False, "medical"),
+        BenchmarkInfo("isic", build_isic_meta, ("skin",), True, "medical"),
+        BenchmarkInfo("cvc_colondb", build_polyp_meta, ("colon",), True, "medical"),
+        BenchmarkInfo("cvc_clinicdb", build_polyp_meta, ("colon",), True, "medical"),
+        BenchmarkInfo("kvasir", build_polyp_meta, ("colon",), True, "medical"),
+        BenchmarkInfo("endo", build_endo_meta, ("colon",), True, "medical"),
+    )
+}
+"""The paper's 13 benchmark datasets by registry name."""
+
+DATASET_BUILDERS: dict[str, Callable[[PathLike], Meta]] = {name: info.builder for name, info in BENCHMARKS.items()}
+"""Registry name -> builder writing ``meta.json`` from the dataset's download layout."""
+
+_ALIASES = {
+    "mvtec_ad": "mvtec",
+    "dtd": "dtd_synthetic",
+    "br35": "br35h",
+    "colondb": "cvc_colondb",
+    "clinicdb": "cvc_clinicdb",
+    "brain_mri": "brainmri",
+    "head_ct": "headct",
+    "isic2016": "isic",
+}
+
+
+def _registry_name(name: str) -> str:
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    key = _ALIASES.get(key, key)
+    if key not in BENCHMARKS:
+        raise ValueError(f"Unknown dataset {name!r}; choose from {sorted(BENCHMARKS)}")
+    return key
+
+
+def prepare_dataset(name: str, root: PathLike) -> Path:
+    """Write ``root/meta.json`` for benchmark ``name`` (e.g. ``"mvtec"``, ``"VisA"``, ``"CVC-ClinicDB"``).
+
+    Logs a warning listing expected categories that are absent (a partial download).
+
+    Returns:
+        The path of the written ``meta.json``.
+
+    Raises:
+        ValueError: unknown name. DataError: the layout does not match (the message names the folder or file).
+    """
+    info = BENCHMARKS[_registry_name(name)]
+    meta = info.builder(root)
+    found = {category for split in meta.values() for category, records in split.items() if records}
+    missing = [category for category in info.categories if category not in found]
+    if missing:
+        logger.warning("%s at %s lacks categories %s (partial download?)", info.name, root, missing)
+    return meta_json_path(root)
