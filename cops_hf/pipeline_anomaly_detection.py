@@ -139,7 +139,9 @@ class _Outputs:
 
 def register_pipeline() -> None:
     """Register the "anomaly-detection" task with transformers' pipeline registry."""
-    PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=AnomalyDetectionPipeline, pt_model=AutoModel, type="image")
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=AnomalyDetectionPipeline, pt_model=AutoModel, type="image"
+    )
 
 
 __all__ = ["AnomalyDetectionPipeline", "register_pipeline"]

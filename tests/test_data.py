@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -454,10 +453,8 @@ def test_synthetic_anomalous_fraction_bounds(tmp_path: Path) -> None:
         make_synthetic_dataset(tmp_path, categories=["ring", "disc"], train_categories=["wood"])
 
 
-def test_synthetic_dataset_is_fast_and_rebuildable_by_the_mvtec_builder(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_synthetic_dataset_is_rebuildable_by_the_mvtec_builder(tmp_path: Path) -> None:
     root = make_synthetic_dataset(tmp_path, train_categories=[], test_categories=["stripes", "disc"])
-    assert time.perf_counter() - start < 1.0
 
     original = read_meta_json(root)["test"]
     rebuilt = build_mvtec_meta(root, write=False)["test"]
