@@ -1,0 +1,106 @@
+"""`cops-hf` command line: each subcommand parses its arguments and calls the Python API, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clip", required=True, help="OpenAI CLIP file (e.g. ViT-L-14-336px.pt) or state dict.")
+    parser.add_argument("--checkpoint", help="Reference CoPS checkpoint (e.g. epoch_10.pth); omit for fresh modules.")
+    parser.add_argument("--output", required=True, help="Directory for save_pretrained (model + processor).")
+    parser.add_argument("--image-size", type=int, default=518, help="Input size in pixels (default 518).")
+    parser.add_argument("--test-preset", help="Test-dataset preset (e.g. visa, mvtec), see TEST_DATASET_PRESETS.")
+    parser.add_argument("--train-preset", help="Training-dataset preset (visa or mvtec).")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .conversion import convert_original_checkpoint
+    from .processing_cops import CoPSImageProcessor, CoPSProcessor
+
+    model = convert_original_checkpoint(args.clip, args.checkpoint, image_size=args.image_size)
+    if args.test_preset or args.train_preset:
+        model.config = model.config.with_preset(args.test_preset, args.train_preset)
+    model.save_pretrained(args.output)
+    CoPSProcessor(CoPSImageProcessor(size=model.config.image_size)).save_pretrained(args.output)
+    print(f"Saved CoPS model and processor to {args.output}")
+    return 0
+
+
+def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Model directory or Hub id.")
+    parser.add_argument("images", nargs="+", help="Image files.")
+    parser.add_argument("--output", required=True, help="Directory for overlays (PNG) and scores.csv.")
+    parser.add_argument("--threshold", type=float, help="Pixel threshold (default: the model's calibrated one).")
+    parser.add_argument("--image-threshold", type=float, help="Score threshold (default: the model's calibrated one).")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--skip-invalid", action="store_true", help="Report unreadable images instead of failing.")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from transformers import pipeline
+
+    from .evaluation.plots import overlay
+    from .processing_cops import load_image
+
+    detector = pipeline("anomaly-detection", model=args.model, device=args.device)
+    results = detector(
+        args.images,
+        batch_size=args.batch_size,
+        skip_invalid=args.skip_invalid,
+        threshold=args.threshold,
+        image_threshold=args.image_threshold,
+    )
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "scores.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "score", "label", "overlay", "error"])
+        for index, (image_path, result) in enumerate(zip(args.images, results, strict=True)):
+            if "error" in result:
+                writer.writerow([image_path, "", "", "", result["error"]])
+                continue
+            overlay_path = output / f"{index:04d}_{Path(image_path).stem}_overlay.png"
+            overlay(load_image(image_path), result["anomaly_map"], value_range=(0.0, 1.0)).save(overlay_path)
+            writer.writerow([image_path, f"{result['score']:.6f}", result.get("label", ""), overlay_path.name, ""])
+            print(f"{image_path}\tscore={result['score']:.4f}\t{result.get('label', '')}")
+    print(f"Wrote {output / 'scores.csv'} and overlays")
+    return 0
+
+
+SUBCOMMANDS: list[Subcommand] = [
+    ("convert", "Convert the official CLIP + CoPS release files.", _add_convert_arguments, _run_convert),
+    ("predict", "Score images; write heatmap overlays and a CSV.", _add_predict_arguments, _run_predict),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `cops-hf` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="cops-hf", description="CoPS zero-shot anomaly detection.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, add_arguments, run in SUBCOMMANDS:
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(subparser)
+        subparser.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `cops-hf` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"cops-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
