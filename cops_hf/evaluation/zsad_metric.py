@@ -89,8 +89,12 @@ class ZSADMetric(evaluate.Metric):
         super().add_batch(predictions=predictions, references=references, **optional_inputs)
 
     def add(self, *, prediction: Any = None, reference: Any = None, **kwargs: Any) -> None:
-        """Adds one image score and label, with optional category, anomaly map and mask."""
-        optional_input = {name: [kwargs[name]] for name in _OPTIONAL_INPUTS if kwargs.get(name) is not None}
+        """Adds one image score and label, with optional ``categories`` (its category), ``anomaly_maps`` (its map)
+        and ``gt_masks`` (its mask), named like the features as ``evaluate`` does."""
+        unknown_inputs = sorted(set(kwargs) - set(_OPTIONAL_INPUTS))
+        if unknown_inputs:
+            raise ValueError(f"Bad inputs for evaluation module: {unknown_inputs}; optional: {_OPTIONAL_INPUTS}")
+        optional_input = {name: [value] for name, value in kwargs.items() if value is not None}
         self.add_batch(predictions=[prediction], references=[reference], **optional_input)
 
     def compute(self, *, predictions: Any = None, references: Any = None, **kwargs: Any) -> dict[str, Any] | None:
