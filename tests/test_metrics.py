@@ -8,6 +8,7 @@ from sklearn.metrics import auc, average_precision_score, f1_score, precision_re
 
 from cops_hf.evaluation import (
     aupro,
+    binary_metrics,
     f1_max,
     f1_max_threshold,
     image_ap,
@@ -107,6 +108,14 @@ def test_pixel_metrics_equal_sklearn_on_pooled_pixels(chunk_size: int) -> None:
     expected_ap = average_precision_score(truth, pixels)
     assert pixel_ap(maps, masks, chunk_size=chunk_size) == pytest.approx(expected_ap, abs=1e-9)
     assert pixel_f1_max(maps, masks, chunk_size=chunk_size) == pytest.approx(sklearn_f1_max(truth, pixels), abs=1e-9)
+
+
+def test_binary_metrics_gives_the_three_metrics_of_one_pass() -> None:
+    maps, masks = random_maps_and_masks(np.random.default_rng(9))
+    combined = binary_metrics(maps, masks, chunk_size=50)
+    assert combined.auroc == pixel_auroc(maps, masks)
+    assert combined.ap == pixel_ap(maps, masks)
+    assert (combined.f1_max, combined.f1_threshold) == f1_max_threshold(maps.ravel(), masks.ravel())
 
 
 def test_pixel_metrics_accept_torch_maps_and_float_masks() -> None:

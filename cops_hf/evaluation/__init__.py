@@ -3,7 +3,9 @@
 
 from cops_hf.evaluation.loading import ZSAD_METRIC_PATH, load_zsad_metric
 from cops_hf.evaluation.metrics import (
+    BinaryMetrics,
     aupro,
+    binary_metrics,
     f1_max,
     f1_max_threshold,
     image_ap,
@@ -29,10 +31,12 @@ __all__ = [
     "METRIC_NAMES",
     "PIXEL_METRICS",
     "ZSAD_METRIC_PATH",
+    "BinaryMetrics",
     "CategoryRecord",
     "UndefinedMetricWarning",
     "ZSADReport",
     "aupro",
+    "binary_metrics",
     "category_metrics",
     "compute_zsad_metrics",
     "f1_max",

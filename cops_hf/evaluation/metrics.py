@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.ndimage
@@ -165,23 +166,26 @@ def _count_around_thresholds(
     num_thresholds = len(ascending_thresholds)
     positive_weight = np.bincount(threshold_index, weights=anomalous_weights, minlength=num_thresholds)
 
-    # negatives_between[j]: normal scores strictly between ascending_thresholds[j - 1] and ascending_thresholds[j].
-    negatives_between = np.zeros(num_thresholds + 1, dtype=np.int64)
-    negatives_tied = np.zeros(num_thresholds, dtype=np.int64)
+    # Normal scores below, and at or below, each ascending threshold, counted on each sorted chunk.
+    normals_below = np.zeros(num_thresholds, dtype=np.int64)
+    normals_at_or_below = np.zeros(num_thresholds, dtype=np.int64)
+    num_normals = 0
     for start in range(0, flat_scores.size, chunk_size):
         normal_scores = flat_scores[start : start + chunk_size][~flat_is_anomalous[start : start + chunk_size]]
         if score_transform is not None:
             normal_scores = score_transform(normal_scores)
-        _check_no_nan(normal_scores)
-        slot = np.searchsorted(ascending_thresholds, normal_scores, side="left")
-        tied = ascending_thresholds[np.minimum(slot, num_thresholds - 1)] == normal_scores
-        negatives_tied += np.bincount(slot[tied], minlength=num_thresholds)
-        negatives_between += np.bincount(slot[~tied], minlength=num_thresholds + 1)
-
+        normal_scores.sort()  # a copy made by the boolean indexing; NaN sorts last
+        _check_no_nan(normal_scores[-1:])
+        normals_below += np.searchsorted(normal_scores, ascending_thresholds, side="left")
+        normals_at_or_below += np.searchsorted(normal_scores, ascending_thresholds, side="right")
+        num_normals += normal_scores.size
+    # negatives_between[j]: normal scores strictly between ascending_thresholds[j - 1] and ascending_thresholds[j].
+    negatives_between = np.diff(normals_below, prepend=0, append=num_normals)
+    negatives_between[1:] -= normals_at_or_below - normals_below
     return _ThresholdCounts(
         thresholds=ascending_thresholds[::-1],
         positive_weight=positive_weight[::-1].astype(np.float64),
-        negatives_tied=negatives_tied[::-1],
+        negatives_tied=(normals_at_or_below - normals_below)[::-1],
         negatives_above=negatives_between[:0:-1],
         negatives_below=int(negatives_between[0]),
     )
@@ -212,6 +216,29 @@ def _image_counts(scores: ArrayLike, labels: ArrayLike) -> _ThresholdCounts:
 
 def _pixel_counts(maps: ArrayLike, masks: ArrayLike, chunk_size: int) -> _ThresholdCounts:
     return _count_around_thresholds(_as_scores(maps), as_binary(masks, "masks"), chunk_size=chunk_size)
+
+
+class BinaryMetrics(NamedTuple):
+    """The threshold-free metrics of one set of scores and binary labels."""
+
+    auroc: float
+    ap: float
+    f1_max: float
+    f1_threshold: float
+    """Scores ``>= f1_threshold`` are predicted anomalous at the maximal F1."""
+
+
+def binary_metrics(
+    scores: ArrayLike, labels: ArrayLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> BinaryMetrics:
+    """AUROC, AP and maximal F1 (with its threshold) in one pass over the data.
+
+    Equal to :func:`image_auroc`, :func:`image_ap` and :func:`f1_max_threshold` on images, and to
+    :func:`pixel_auroc`, :func:`pixel_ap` and :func:`pixel_f1_max` on maps and masks of any equal shape; use it
+    to get all three on a large category at the cost of one.
+    """
+    counts = _count_around_thresholds(_as_scores(scores), as_binary(labels), chunk_size=chunk_size)
+    return BinaryMetrics(_auroc(counts), _average_precision(counts), *_f1_max_threshold(counts))
 
 
 def image_auroc(scores: ArrayLike, labels: ArrayLike) -> float:

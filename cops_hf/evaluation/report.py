@@ -14,12 +14,7 @@ from cops_hf.evaluation.metrics import (
     ArrayLike,
     as_binary,
     aupro,
-    f1_max,
-    image_ap,
-    image_auroc,
-    pixel_ap,
-    pixel_auroc,
-    pixel_f1_max,
+    binary_metrics,
     to_numpy,
 )
 
@@ -161,12 +156,10 @@ def category_metrics(
     and with a warning when the masks contain a single class (e.g. only normal images).
     """
     values: MetricValues = dict.fromkeys(METRIC_NAMES)
-    scores = to_numpy(record.image_scores)
     labels = as_binary(record.image_labels, "image_labels")
     if _has_both_classes(labels):
-        values["image_auroc"] = image_auroc(scores, labels)
-        values["image_ap"] = image_ap(scores, labels)
-        values["image_f1_max"] = f1_max(scores, labels)
+        image_level = binary_metrics(record.image_scores, labels)
+        values.update(image_auroc=image_level.auroc, image_ap=image_level.ap, image_f1_max=image_level.f1_max)
     else:
         _warn_undefined(category, "image labels", IMAGE_METRICS)
     if record.anomaly_maps is None or record.gt_masks is None:
@@ -174,9 +167,8 @@ def category_metrics(
     maps = to_numpy(record.anomaly_maps)
     masks = as_binary(record.gt_masks, "gt_masks")
     if _has_both_classes(masks):
-        values["pixel_auroc"] = pixel_auroc(maps, masks, chunk_size=chunk_size)
-        values["pixel_ap"] = pixel_ap(maps, masks, chunk_size=chunk_size)
-        values["pixel_f1_max"] = pixel_f1_max(maps, masks, chunk_size=chunk_size)
+        pixel_level = binary_metrics(maps, masks, chunk_size=chunk_size)
+        values.update(pixel_auroc=pixel_level.auroc, pixel_ap=pixel_level.ap, pixel_f1_max=pixel_level.f1_max)
         values["pixel_aupro"] = aupro(maps, masks, fpr_limit, aupro_num_thresholds, chunk_size=chunk_size)
     else:
         _warn_undefined(category, "ground-truth masks", PIXEL_METRICS)
