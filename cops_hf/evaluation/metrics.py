@@ -10,8 +10,8 @@ Dataset", IJCV 2021).
 All metrics are exact, ties included: AUROC equals :func:`sklearn.metrics.roc_auc_score` and AP equals
 :func:`sklearn.metrics.average_precision_score`. They are computed without sorting or copying the whole input:
 the distinct scores of the anomalous samples define the thresholds at which the curves change, and the normal
-samples are counted against those thresholds chunk by chunk. A category of VisA at 518x518 (about 1e8 pixels)
-therefore needs little more memory than its maps and masks.
+samples are counted against those thresholds chunk by chunk (each chunk sorted on its own). A category of VisA
+at 518x518 (about 1e8 pixels) therefore needs little more memory than its maps and masks.
 """
 
 from __future__ import annotations
@@ -210,12 +210,10 @@ def _f1_max_threshold(counts: _ThresholdCounts) -> tuple[float, float]:
     return float(f1[best]), float(counts.thresholds[best])
 
 
-def _image_counts(scores: ArrayLike, labels: ArrayLike) -> _ThresholdCounts:
-    return _count_around_thresholds(_as_scores(scores), as_binary(labels))
-
-
-def _pixel_counts(maps: ArrayLike, masks: ArrayLike, chunk_size: int) -> _ThresholdCounts:
-    return _count_around_thresholds(_as_scores(maps), as_binary(masks, "masks"), chunk_size=chunk_size)
+def _binary_counts(
+    scores: ArrayLike, labels: ArrayLike, chunk_size: int = DEFAULT_CHUNK_SIZE, labels_name: str = "labels"
+) -> _ThresholdCounts:
+    return _count_around_thresholds(_as_scores(scores), as_binary(labels, labels_name), chunk_size=chunk_size)
 
 
 class BinaryMetrics(NamedTuple):
@@ -228,16 +226,14 @@ class BinaryMetrics(NamedTuple):
     """Scores ``>= f1_threshold`` are predicted anomalous at the maximal F1."""
 
 
-def binary_metrics(
-    scores: ArrayLike, labels: ArrayLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> BinaryMetrics:
+def binary_metrics(scores: ArrayLike, labels: ArrayLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> BinaryMetrics:
     """AUROC, AP and maximal F1 (with its threshold) in one pass over the data.
 
     Equal to :func:`image_auroc`, :func:`image_ap` and :func:`f1_max_threshold` on images, and to
     :func:`pixel_auroc`, :func:`pixel_ap` and :func:`pixel_f1_max` on maps and masks of any equal shape; use it
     to get all three on a large category at the cost of one.
     """
-    counts = _count_around_thresholds(_as_scores(scores), as_binary(labels), chunk_size=chunk_size)
+    counts = _binary_counts(scores, labels, chunk_size)
     return BinaryMetrics(_auroc(counts), _average_precision(counts), *_f1_max_threshold(counts))
 
 
@@ -247,7 +243,7 @@ def image_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     Raises:
         ValueError: if ``labels`` contain a single class or ``scores`` contain NaN.
     """
-    return _auroc(_image_counts(scores, labels))
+    return _auroc(_binary_counts(scores, labels))
 
 
 def image_ap(scores: ArrayLike, labels: ArrayLike) -> float:
@@ -256,7 +252,7 @@ def image_ap(scores: ArrayLike, labels: ArrayLike) -> float:
     Raises:
         ValueError: if ``labels`` contain a single class or ``scores`` contain NaN.
     """
-    return _average_precision(_image_counts(scores, labels))
+    return _average_precision(_binary_counts(scores, labels))
 
 
 def f1_max_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
@@ -269,7 +265,7 @@ def f1_max_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float
     Raises:
         ValueError: if ``labels`` contain a single class or ``scores`` contain NaN.
     """
-    return _f1_max_threshold(_image_counts(scores, labels))
+    return _f1_max_threshold(_binary_counts(scores, labels))
 
 
 def f1_max(scores: ArrayLike, labels: ArrayLike) -> float:
@@ -285,36 +281,36 @@ def pixel_auroc(maps: ArrayLike, masks: ArrayLike, *, chunk_size: int = DEFAULT_
         masks: binary ground-truth masks (1 = anomalous pixel).
         chunk_size: pixels counted at once; bounds the temporary memory.
     """
-    return _auroc(_pixel_counts(maps, masks, chunk_size))
+    return _auroc(_binary_counts(maps, masks, chunk_size, "masks"))
 
 
 def pixel_ap(maps: ArrayLike, masks: ArrayLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
     """Average precision over all pixels pooled (arguments as :func:`pixel_auroc`)."""
-    return _average_precision(_pixel_counts(maps, masks, chunk_size))
+    return _average_precision(_binary_counts(maps, masks, chunk_size, "masks"))
 
 
 def pixel_f1_max(maps: ArrayLike, masks: ArrayLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
     """Maximal F1 score over all thresholds, all pixels pooled (arguments as :func:`pixel_auroc`)."""
-    return _f1_max_threshold(_pixel_counts(maps, masks, chunk_size))[0]
+    return _f1_max_threshold(_binary_counts(maps, masks, chunk_size, "masks"))[0]
 
 
-def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
-    """Labels the 8-connected anomalous regions of each mask separately.
+def anomalous_pixel_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Numbers the 8-connected anomalous regions of each mask, and gives the region of every anomalous pixel.
 
     Args:
         masks: boolean masks, [N, H, W].
 
     Returns:
-        ``(regions, num_regions)``: int32 array of the masks' shape where 0 is normal and the regions of all
-        images are numbered 1..num_regions, and their total number.
+        ``(regions, num_regions)``: the region (1..num_regions, regions of all images numbered consecutively) of
+        each anomalous pixel in the order of ``masks[masks]``, and the number of regions.
     """
-    regions = np.zeros(masks.shape, dtype=np.int32)
+    regions = [np.zeros(0, dtype=np.int32)]
     num_regions = 0
-    for mask, image_regions in zip(masks, regions, strict=True):
-        num_image_regions = scipy.ndimage.label(mask, structure=EIGHT_CONNECTIVITY, output=image_regions)
-        image_regions[mask] += num_regions
+    for mask in masks:
+        image_regions, num_image_regions = scipy.ndimage.label(mask, structure=EIGHT_CONNECTIVITY)
+        regions.append(image_regions[mask] + num_regions)
         num_regions += num_image_regions
-    return regions, num_regions
+    return np.concatenate(regions), num_regions
 
 
 def _as_image_stack(array: np.ndarray, name: str) -> np.ndarray:
@@ -384,10 +380,9 @@ def aupro(
     masks_array = _as_image_stack(as_binary(masks, "masks"), "masks")
     if maps_array.shape != masks_array.shape:
         raise ValueError(f"maps have shape {maps_array.shape} but masks have shape {masks_array.shape}")
-    regions, num_regions = label_regions(masks_array)
-    region_of_anomalous_pixel = regions[masks_array]
-    region_sizes = np.bincount(region_of_anomalous_pixel, minlength=num_regions + 1)
-    overlap_weights = 1.0 / (num_regions * region_sizes[region_of_anomalous_pixel])
+    regions, num_regions = anomalous_pixel_regions(masks_array)
+    region_sizes = np.bincount(regions, minlength=num_regions + 1)
+    overlap_weights = 1.0 / (num_regions * region_sizes[regions])
     score_transform = None if num_thresholds is None else _binning(maps_array, num_thresholds)
     counts = _count_around_thresholds(maps_array, masks_array, overlap_weights, score_transform, chunk_size)
     false_positive_rate, per_region_overlap = counts.roc_curve()
