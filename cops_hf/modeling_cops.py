@@ -496,6 +496,16 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         text_embeds = text_embeds.view(batch_size, num_states, num_samples, -1).mean(dim=2)
         return text_embeds / text_embeds.norm(dim=-1, keepdim=True)
 
+    def seeded_prior_noise(self, batch_size: int, seed: int, num_samples: int | None = None) -> torch.Tensor:
+        """Prior noise `[B, S, D]` from `seed`, the same S samples for every image (CPU, float32).
+
+        Sharing the samples makes a result independent of the batch or shard an image falls in.
+        """
+        num_samples = num_samples or self.config.vae_samples
+        generator = torch.Generator().manual_seed(seed)
+        samples = torch.randn(1, num_samples, self.config.projection_dim, generator=generator)
+        return samples.expand(batch_size, -1, -1)
+
     # ------------------------------------------------------------------ forward
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:

@@ -97,10 +97,9 @@ class AnomalyDetectionPipeline(Pipeline):
         pixel_values = model_inputs["pixel_values"]
         noise = None
         if seed is not None:
-            config = self.model.config
-            generator = torch.Generator().manual_seed(seed)
-            one_image = torch.randn(1, config.vae_samples, config.projection_dim, generator=generator)
-            noise = one_image.expand(pixel_values.shape[0], -1, -1).to(pixel_values.device, pixel_values.dtype)
+            noise = self.model.seeded_prior_noise(pixel_values.shape[0], seed).to(
+                pixel_values.device, pixel_values.dtype
+            )
         outputs = self.model(pixel_values=pixel_values, vae_noise=noise)
         return {
             "image_scores": outputs.image_scores,

@@ -1,0 +1,112 @@
+"""Decision thresholds for deployment: calibrated on normal images (a quantile) or a labelled set (F1-optimal).
+
+The thresholds are stored in the model config (`image_threshold`, `pixel_threshold`), saved with the model, and
+used by the pipeline and the CLI to emit labels and masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..modeling_cops import CoPSForAnomalyDetection
+from ..processing_cops import CoPSProcessor, ImageLike
+from .metrics import f1_max_threshold
+
+# Pixels drawn per image for pixel quantiles and F1 search, keeping calibration memory bounded.
+PIXELS_PER_IMAGE = 4096
+
+
+@dataclass
+class Thresholds:
+    """Calibrated thresholds and how they were obtained (`method`: "quantile" or "f1")."""
+
+    image_threshold: float
+    pixel_threshold: float | None
+    method: str
+
+
+def _score_images(
+    model: CoPSForAnomalyDetection,
+    processor: CoPSProcessor,
+    images: Sequence[ImageLike],
+    masks: Sequence[ImageLike | None] | None,
+    batch_size: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Scores `[N]`, sampled map pixels `[N, K]` and the matching mask pixels `[N, K]` (or None)."""
+    device = next(model.parameters()).device
+    dtype = model.prompt_synthesizer.normal_context.dtype
+    pixel_sampler = np.random.default_rng(seed)
+    scores, map_pixels, mask_pixels = [], [], []
+    for start in range(0, len(images), batch_size):
+        batch_images = list(images[start : start + batch_size])
+        batch_masks = list(masks[start : start + batch_size]) if masks is not None else None
+        features = processor(images=batch_images, masks=batch_masks)
+        noise = model.seeded_prior_noise(len(batch_images), seed).to(device, dtype)
+        with torch.no_grad():
+            outputs = model(pixel_values=features["pixel_values"].to(device, dtype), vae_noise=noise)
+        maps = outputs.anomaly_maps.float().cpu().flatten(1).numpy()
+        picks = pixel_sampler.choice(maps.shape[1], size=min(PIXELS_PER_IMAGE, maps.shape[1]), replace=False)
+        scores.extend(outputs.image_scores.float().cpu().tolist())
+        map_pixels.append(maps[:, picks])
+        if batch_masks is not None:
+            mask_pixels.append(features["masks"].flatten(1).numpy()[:, picks])
+    return np.asarray(scores), np.concatenate(map_pixels), np.concatenate(mask_pixels) if mask_pixels else None
+
+
+def calibrate_thresholds(
+    model: CoPSForAnomalyDetection,
+    processor: CoPSProcessor,
+    images: Sequence[ImageLike],
+    labels: Sequence[int] | None = None,
+    masks: Sequence[ImageLike | None] | None = None,
+    *,
+    quantile: float = 0.99,
+    batch_size: int = 8,
+    seed: int = 0,
+    update_config: bool = True,
+) -> Thresholds:
+    """Calibrate thresholds and (by default) store them in `model.config`.
+
+    Args:
+        images: calibration images. Without `labels` they must all be normal: the thresholds are the `quantile`
+            of their scores and of their map pixels (a false-positive budget of 1 - quantile).
+        labels: 1 = anomalous. Given (with both classes), the image threshold maximizes F1; the pixel threshold
+            maximizes pixel F1 when `masks` are given, else it is the quantile over the normal images' pixels.
+        masks: ground-truth masks aligned with `images` (None entries: normal).
+        seed: class-token noise seed, the same the pipeline uses by default (0).
+    """
+    if not images:
+        raise ValueError("Calibration needs at least one image.")
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile}.")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"Got {len(labels)} labels for {len(images)} images.")
+    scores, map_pixels, mask_pixels = _score_images(model, processor, images, masks, batch_size, seed)
+    label_array = np.asarray(labels, dtype=int) if labels is not None else np.zeros(len(scores), dtype=int)
+    if label_array.min() == label_array.max():
+        if label_array[0] == 1:
+            raise ValueError("All calibration images are labelled anomalous; add normal images.")
+        thresholds = Thresholds(
+            image_threshold=float(np.quantile(scores, quantile)),
+            pixel_threshold=float(np.quantile(map_pixels, quantile)),
+            method="quantile",
+        )
+    else:
+        _, image_threshold = f1_max_threshold(scores, label_array)
+        if mask_pixels is not None and mask_pixels.any():
+            _, pixel_threshold = f1_max_threshold(map_pixels.ravel(), mask_pixels.ravel().astype(int))
+        else:
+            pixel_threshold = float(np.quantile(map_pixels[label_array == 0], quantile))
+        thresholds = Thresholds(float(image_threshold), float(pixel_threshold), method="f1")
+    if update_config:
+        model.config.image_threshold = thresholds.image_threshold
+        model.config.pixel_threshold = thresholds.pixel_threshold
+    return thresholds
+
+
+__all__ = ["Thresholds", "calibrate_thresholds"]

@@ -1,0 +1,220 @@
+"""Run a CoPS model over a meta.json dataset and report the ZSAD metrics, tables and pictures.
+
+Single process by default; under `accelerate launch` / `torchrun` every process scores its own shard of the
+dataset and the main process gathers the results, so the metrics equal a single-process run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from ..data import has_masks, load_meta_dataset
+from ..modeling_cops import CoPSForAnomalyDetection
+from ..processing_cops import CoPSProcessor, load_image
+from .plots import comparison_panel, plot_curves
+from .report import CategoryRecord, ZSADReport, compute_zsad_metrics
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_FIELDS = ("test_kernel_size", "distance_alpha", "image_score_beta", "gaussian_sigma", "vae_samples")
+
+
+@dataclass
+class EvaluationResult:
+    """What an evaluation produced.
+
+    Attributes:
+        report: per-category metrics and their mean.
+        protocol: the test-time fields used (kernel, alpha, beta, ...), the preset name and the seed.
+        image_paths, categories, image_scores, image_labels: one entry per image, in dataset order.
+        files: paths of the files written (empty when no output directory was given).
+    """
+
+    report: ZSADReport
+    protocol: dict[str, Any]
+    image_paths: list[str]
+    categories: list[str]
+    image_scores: np.ndarray
+    image_labels: np.ndarray
+    files: list[Path] = field(default_factory=list)
+
+
+def _score_shard(
+    model: CoPSForAnomalyDetection,
+    processor: CoPSProcessor,
+    rows: list[dict],
+    batch_size: int,
+    seed: int,
+    pixel_level: bool,
+    show_progress: bool,
+) -> list[dict]:
+    """Score rows (dicts with image_path, mask_path, gt_label, cls_name) in batches."""
+    device = next(model.parameters()).device
+    dtype = model.prompt_synthesizer.normal_context.dtype
+    results = []
+    batches = range(0, len(rows), batch_size)
+    for start in tqdm(batches, desc="evaluating", disable=not show_progress):
+        batch = rows[start : start + batch_size]
+        features = processor(
+            images=[row["image_path"] for row in batch],
+            masks=[row["mask_path"] or None for row in batch] if pixel_level else None,
+        )
+        noise = model.seeded_prior_noise(len(batch), seed).to(device, dtype)
+        with torch.no_grad():
+            outputs = model(pixel_values=features["pixel_values"].to(device, dtype), vae_noise=noise)
+        for index, row in enumerate(batch):
+            result = {"index": row["index"], "score": float(outputs.image_scores[index])}
+            if pixel_level:
+                result["anomaly_map"] = outputs.anomaly_maps[index].float().cpu().numpy()
+                result["gt_mask"] = features["masks"][index].numpy().astype(np.uint8)
+            results.append(result)
+    return results
+
+
+def evaluate_dataset(
+    model: CoPSForAnomalyDetection,
+    processor: CoPSProcessor,
+    data_root: str | Path,
+    *,
+    split: str = "test",
+    categories: list[str] | None = None,
+    test_preset: str | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    output_dir: str | Path | None = None,
+    num_visualizations: int = 8,
+    accelerator: Accelerator | None = None,
+) -> EvaluationResult | None:
+    """Evaluate `model` on `data_root/meta.json` and (on the main process) write the report files.
+
+    Args:
+        test_preset: apply the reference's test-time switches for this dataset name (see
+            `TEST_DATASET_PRESETS`); `None` keeps the model's config as is.
+        seed: seed of the VAE class-token noise (the same samples for every image), so results are reproducible
+            and independent of batching and sharding.
+        output_dir: where to write `metrics.csv`, `metrics.json`, `predictions.csv`, overlay PNGs
+            (`visualizations/<category>/`) and `roc.png` / `pr.png`.
+        num_visualizations: overlays per category (spread over normal and anomalous images).
+        accelerator: shards the dataset over its processes; `None` creates one (single process unless launched
+            with `accelerate launch` / `torchrun`).
+
+    Returns:
+        The result on the main process; `None` on the other processes.
+    """
+    accelerator = accelerator or Accelerator()
+    if test_preset is not None:
+        model.config = model.config.with_preset(test_dataset=test_preset)
+    dataset = load_meta_dataset(data_root, split=split, categories=categories)
+    pixel_level = has_masks(dataset) or any(path for path in dataset["mask_path"])
+    columns = dataset.select_columns(["image_path", "mask_path", "gt_label", "cls_name"]).to_dict()
+    rows = [
+        {"index": index, **{name: values[index] for name, values in columns.items()}} for index in range(len(dataset))
+    ]
+    model = model.to(accelerator.device).eval()
+    with accelerator.split_between_processes(rows) as shard:
+        shard_results = _score_shard(
+            model, processor, shard, batch_size, seed, pixel_level, accelerator.is_local_main_process
+        )
+    gathered = accelerator.gather_for_metrics(shard_results, use_gather_object=True)
+    if not accelerator.is_main_process:
+        return None
+    by_index = {result["index"]: result for result in gathered}
+    ordered = [by_index[row["index"]] for row in rows]
+    protocol = {name: getattr(model.config, name) for name in PROTOCOL_FIELDS}
+    protocol.update({"test_preset": test_preset, "seed": seed, "split": split, "pixel_level": pixel_level})
+
+    grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for row, result in zip(rows, ordered, strict=True):
+        group = grouped[row["cls_name"]]
+        group["scores"].append(result["score"])
+        group["labels"].append(int(row["gt_label"]))
+        if pixel_level:
+            group["maps"].append(result["anomaly_map"])
+            group["masks"].append(result["gt_mask"])
+    records = {
+        name: CategoryRecord(
+            image_scores=np.asarray(group["scores"]),
+            image_labels=np.asarray(group["labels"]),
+            anomaly_maps=np.stack(group["maps"]) if pixel_level else None,
+            gt_masks=np.stack(group["masks"]) if pixel_level else None,
+        )
+        for name, group in grouped.items()
+    }
+    report = compute_zsad_metrics(records)
+    result = EvaluationResult(
+        report=report,
+        protocol=protocol,
+        image_paths=[row["image_path"] for row in rows],
+        categories=[row["cls_name"] for row in rows],
+        image_scores=np.asarray([item["score"] for item in ordered]),
+        image_labels=np.asarray([int(row["gt_label"]) for row in rows]),
+    )
+    if output_dir is not None:
+        result.files = _write_outputs(Path(output_dir), result, records, rows, num_visualizations)
+    return result
+
+
+def _write_outputs(
+    output_dir: Path,
+    result: EvaluationResult,
+    records: dict[str, CategoryRecord],
+    rows: list[dict],
+    num_visualizations: int,
+) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = [output_dir / "metrics.csv", output_dir / "metrics.json", output_dir / "predictions.csv"]
+    table_rows = result.report.to_rows()
+    with open(files[0], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table_rows[0]))
+        writer.writeheader()
+        writer.writerows(table_rows)
+    files[1].write_text(json.dumps({**result.report.to_dict(), "protocol": result.protocol}, indent=2))
+    with open(files[2], "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "category", "label", "score"])
+        for path, category, label, score in zip(
+            result.image_paths, result.categories, result.image_labels, result.image_scores, strict=True
+        ):
+            writer.writerow([path, category, int(label), f"{score:.6f}"])
+    for kind in ("roc", "pr"):
+        curves = [(name, record.image_scores, record.image_labels) for name, record in records.items()]
+        files.append(plot_curves(curves, output_dir / f"{kind}.png", kind=kind, title=f"image-level {kind.upper()}"))
+    if records and next(iter(records.values())).anomaly_maps is not None:
+        files.extend(_write_visualizations(output_dir / "visualizations", records, rows, num_visualizations))
+    return files
+
+
+def _write_visualizations(
+    directory: Path, records: dict[str, CategoryRecord], rows: list[dict], per_category: int
+) -> list[Path]:
+    """image | ground truth | map overlays for a spread of each category's images (anomalous first)."""
+    written = []
+    for name, record in records.items():
+        category_rows = [row for row in rows if row["cls_name"] == name]
+        order = np.argsort(-np.asarray(record.image_labels), kind="stable")
+        chosen = order[np.linspace(0, len(order) - 1, min(per_category, len(order))).astype(int)]
+        value_range = (float(np.min(record.anomaly_maps)), float(np.max(record.anomaly_maps)))
+        (directory / name).mkdir(parents=True, exist_ok=True)
+        for position in sorted(set(chosen.tolist())):
+            row = category_rows[position]
+            panel = comparison_panel(
+                load_image(row["image_path"]), record.anomaly_maps[position], record.gt_masks[position], value_range
+            )
+            path = directory / name / f"{Path(row['image_path']).stem}_{position:04d}.png"
+            panel.save(path)
+            written.append(path)
+    return written
+
+
+__all__ = ["PROTOCOL_FIELDS", "EvaluationResult", "evaluate_dataset"]
