@@ -45,7 +45,7 @@ def tiny_clip_model() -> CLIPModel:
     torch.manual_seed(0)
     layer = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
     config = CLIPConfig(
-        text_config={**layer, "vocab_size": 64, "max_position_embeddings": 16},
+        text_config={**layer, "vocab_size": 64, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1},
         vision_config={**layer, "image_size": 32, "patch_size": 16},
         projection_dim=8,
     )
@@ -143,6 +143,7 @@ def test_snapshot_download_in_a_subprocess_with_an_empty_cache(
     assert hub_server.unhandled_requests == []
 
 
+@pytest.mark.slow
 def test_push_to_hub_then_from_pretrained_in_a_fresh_process(
     hub_env: dict[str, str], hub_server: LocalHub, tmp_path: Path
 ) -> None:
