@@ -6,7 +6,7 @@ use to create model repositories, commit files, resolve revisions and download f
 ==========  ===========================================================  ============================================
 Method      Path                                                         Used by
 ==========  ===========================================================  ============================================
-GET         ``/api/whoami-v2``                                           ``whoami``; ``create_repo`` without namespace
+GET         ``/api/whoami-v2``                                           ``whoami`` (who the token belongs to)
 POST        ``/api/repos/create``                                        ``create_repo``
 POST        ``/api/validate-yaml``                                       ``create_commit`` when it uploads a README.md
 GET         ``/api/models/{repo_id}[/revision/{revision}]``              ``repo_info`` / ``model_info``
@@ -100,7 +100,7 @@ class HubRepository:
         """Return the commit a branch name or a full commit sha points to."""
         sha = self.branches.get(revision, revision)
         if sha not in self.commits:
-            raise HubHTTPError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            raise HubErrorResponse(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         return self.commits[sha]
 
     def commit(self, branch: str, title: str, files: Mapping[str, bytes]) -> HubCommit:
@@ -116,8 +116,8 @@ class HubRepository:
         return new_commit
 
 
-class HubHTTPError(Exception):
-    """An error answer: HTTP status, the ``X-Error-Code`` the client maps to an exception, and a message.
+class HubErrorResponse(Exception):
+    """Raised by a route to answer with an error: status, the ``X-Error-Code`` the client maps to an exception, text.
 
     ``headers`` are added to the answer and ``details`` to its JSON body, next to ``"error": message``.
     """
@@ -142,7 +142,6 @@ class HubHTTPError(Exception):
 class HubRequest:
     """What a route handler needs from an HTTP request."""
 
-    method: str
     token: str | None
     query: dict[str, list[str]]
     body: bytes
@@ -265,7 +264,7 @@ class LocalHub:
     # ------------------------------------------------------------------ dispatch
 
     def handle(self, method: str, raw_path: str, headers: Mapping[str, str], body: bytes) -> HubResponse:
-        """Route one request and turn :class:`HubHTTPError` into an error answer."""
+        """Route one request and turn :class:`HubErrorResponse` into an error answer."""
         split = urlsplit(raw_path)
         self.requests.append(f"{method} {split.path}")
         for route_method, pattern, handler in self._routes:
@@ -274,13 +273,13 @@ class LocalHub:
                 params = {name: unquote(value) for name, value in match.groupdict().items() if value is not None}
                 authorization = headers.get("Authorization", "")
                 token = authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else None
-                request = HubRequest(method, token, parse_qs(split.query), body, params)
+                request = HubRequest(token, parse_qs(split.query), body, params)
                 try:
                     if token is not None and token in self.rejected_tokens:
-                        raise HubHTTPError(401, None, "Invalid credentials in Authorization header")
+                        raise HubErrorResponse(401, None, "Invalid credentials in Authorization header")
                     with self._lock:
                         return handler(request)
-                except HubHTTPError as error:
+                except HubErrorResponse as error:
                     answer = _json_response({"error": error.message, **error.details}, error.status)
                     answer.headers.update(error.headers)
                     answer.headers["X-Error-Message"] = error.message
@@ -295,16 +294,16 @@ class LocalHub:
         repository = self.repositories.get(request.params["repo_id"])
         if repository is None or (repository.private_token is not None and request.token != repository.private_token):
             status = 401 if request.token is None else 404
-            raise HubHTTPError(status, "RepoNotFound", "Repository not found")
+            raise HubErrorResponse(status, "RepoNotFound", "Repository not found")
         return repository
 
     def _writable_repository(self, request: HubRequest) -> HubRepository:
         """The repository named in the path, if the request's token may commit to it."""
         if request.token is None:
-            raise HubHTTPError(401, "RepoNotFound", "Repository not found")
+            raise HubErrorResponse(401, "RepoNotFound", "Repository not found")
         repository = self._readable_repository(request)
         if repository.write_token is not None and request.token != repository.write_token:
-            raise HubHTTPError(403, None, f"You don't have the rights to create a commit in {repository.repo_id}")
+            raise HubErrorResponse(403, None, f"You don't have the rights to create a commit in {repository.repo_id}")
         return repository
 
     def _commit_url(self, repo_id: str, sha: str) -> str:
@@ -314,7 +313,7 @@ class LocalHub:
 
     def _whoami(self, request: HubRequest) -> HubResponse:
         if request.token is None:
-            raise HubHTTPError(401, None, "Invalid username or password.")
+            raise HubErrorResponse(401, None, "Invalid username or password.")
         return _json_response(
             {
                 "type": "user",
@@ -327,15 +326,15 @@ class LocalHub:
 
     def _create_repo(self, request: HubRequest) -> HubResponse:
         if request.token is None:
-            raise HubHTTPError(401, None, "Invalid username or password.")
+            raise HubErrorResponse(401, None, "Invalid username or password.")
         payload = request.json()
         if payload.get("type", "model") != "model":
-            raise HubHTTPError(400, None, "The local hub only hosts model repositories")
+            raise HubErrorResponse(400, None, "The local hub only hosts model repositories")
         repo_id = f"{payload.get('organization') or USER_NAME}/{payload['name']}"
         url = f"{self.url}/{repo_id}"
         if repo_id in self.repositories:
             # The client reads the url of the existing repository from this answer when exist_ok=True.
-            raise HubHTTPError(409, None, "You already created this model repo", details={"url": url})
+            raise HubErrorResponse(409, None, "You already created this model repo", details={"url": url})
         private_token = request.token if payload.get("visibility") == "private" else None
         self._add_repository(HubRepository(repo_id, private_token=private_token))
         return _json_response({"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
@@ -379,7 +378,7 @@ class LocalHub:
         recursive = request.query.get("recursive", ["false"])[0].lower() == "true"
         entries = list(_tree_entries(current, folder, recursive))
         if folder and not entries:
-            raise HubHTTPError(404, "EntryNotFound", f"{folder} does not exist on {request.params['revision']}")
+            raise HubErrorResponse(404, "EntryNotFound", f"{folder} does not exist on {request.params['revision']}")
         return _json_response(entries)
 
     def _preupload(self, request: HubRequest) -> HubResponse:
@@ -401,17 +400,17 @@ class LocalHub:
     def _commit(self, request: HubRequest) -> HubResponse:
         repository = self._writable_repository(request)
         if "create_pr" in request.query:
-            raise HubHTTPError(400, None, "The local hub does not support pull requests")
+            raise HubErrorResponse(400, None, "The local hub does not support pull requests")
         branch = request.params["revision"]
         if branch not in repository.branches:
-            raise HubHTTPError(404, "RevisionNotFound", f"Invalid rev id: {branch} is not a branch")
+            raise HubErrorResponse(404, "RevisionNotFound", f"Invalid rev id: {branch} is not a branch")
         lines = [json.loads(line) for line in request.body.splitlines() if line.strip()]
         if not lines or lines[0]["key"] != "header":
-            raise HubHTTPError(400, None, "The commit payload must start with a header line")
+            raise HubErrorResponse(400, None, "The commit payload must start with a header line")
         header = lines[0]["value"]
         head_sha = repository.branches[branch]
         if header.get("parentCommit") not in (None, head_sha):
-            raise HubHTTPError(412, None, f"The branch {branch} has moved: its head is {head_sha}")
+            raise HubErrorResponse(412, None, f"The branch {branch} has moved: its head is {head_sha}")
         files = dict(repository.commits[head_sha].files)
         for line in lines[1:]:
             _apply_commit_operation(files, line["key"], line["value"])
@@ -430,7 +429,7 @@ class LocalHub:
         repository = self._writable_repository(request)
         branch = request.params["branch"]
         if branch in repository.branches:
-            raise HubHTTPError(409, None, f"Branch {branch} already exists")
+            raise HubErrorResponse(409, None, f"Branch {branch} already exists")
         starting_point = repository.resolve(request.json().get("startingPoint") or DEFAULT_BRANCH)
         repository.branches[branch] = starting_point.sha
         return _json_response({})
@@ -440,11 +439,11 @@ class LocalHub:
         if repository.gated_token is not None and request.token != repository.gated_token:
             status = 401 if request.token is None else 403
             message = f"Access to model {repository.repo_id} is restricted and you are not in the authorized list."
-            raise HubHTTPError(status, "GatedRepo", message)
+            raise HubErrorResponse(status, "GatedRepo", message)
         current = repository.resolve(request.params["revision"])
         path = request.params["path"]
         if path not in current.files:
-            raise HubHTTPError(404, "EntryNotFound", f"{path} does not exist", {"X-Repo-Commit": current.sha})
+            raise HubErrorResponse(404, "EntryNotFound", f"{path} does not exist", {"X-Repo-Commit": current.sha})
         content = current.files[path]
         headers = {"ETag": f'"{git_blob_id(content)}"', "X-Repo-Commit": current.sha, "Accept-Ranges": "none"}
         return HubResponse(content, headers, content_type="application/octet-stream")
@@ -481,17 +480,19 @@ def _apply_commit_operation(files: dict[str, bytes], key: str, value: Mapping[st
     path = value["path"]
     if key == "file":
         if value.get("encoding") != "base64":
-            raise HubHTTPError(400, None, f"Unsupported encoding for {path}: {value.get('encoding')}")
+            raise HubErrorResponse(400, None, f"Unsupported encoding for {path}: {value.get('encoding')}")
         files[path] = base64.b64decode(value["content"])
     elif key == "deletedFile":
         if files.pop(path, None) is None:
-            raise HubHTTPError(404, "EntryNotFound", f"A file with this name doesn't exist: {path}")
+            raise HubErrorResponse(404, "EntryNotFound", f"A file with this name doesn't exist: {path}")
     elif key == "deletedFolder":
         prefix = path.rstrip("/") + "/"
         for existing in [name for name in files if name.startswith(prefix)]:
             del files[existing]
     else:
-        raise HubHTTPError(400, None, f"Unsupported commit operation {key!r}: the local hub only takes regular files")
+        raise HubErrorResponse(
+            400, None, f"Unsupported commit operation {key!r}: the local hub only takes regular files"
+        )
 
 
 def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:

@@ -53,8 +53,8 @@ def tiny_clip_model() -> CLIPModel:
 
 
 @pytest.fixture
-def api(hub_server: LocalHub) -> HfApi:
-    """A client given the local endpoint explicitly."""
+def api(hub_server: LocalHub, hub_env: dict[str, str]) -> HfApi:
+    """A client given the local endpoint explicitly, in an environment where everything else points there too."""
     return HfApi(endpoint=hub_server.url, token=CLIENT_TOKEN)
 
 
@@ -117,6 +117,37 @@ def test_deletions(api: HfApi) -> None:
     assert api.list_repo_files(REPO_ID) == [".gitattributes", "keep.txt"]
     with pytest.raises(EntryNotFoundError):
         api.delete_file("drop.txt", REPO_ID)
+
+
+def test_tree_listing_of_a_folder(api: HfApi) -> None:
+    api.create_repo(REPO_ID)
+    for path in ("folder/a.txt", "folder/deeper/b.txt"):
+        api.upload_file(path_or_fileobj=path.encode(), path_in_repo=path, repo_id=REPO_ID)
+
+    entries = list(api.list_repo_tree(REPO_ID, path_in_repo="folder"))
+
+    assert [(type(entry).__name__, entry.path) for entry in entries] == [
+        ("RepoFile", "folder/a.txt"),
+        ("RepoFolder", "folder/deeper"),
+    ]
+    with pytest.raises(EntryNotFoundError):
+        list(api.list_repo_tree(REPO_ID, path_in_repo="nowhere"))
+
+
+def test_readme_metadata_is_validated_and_shown_in_repo_info(api: HfApi) -> None:
+    api.create_repo(REPO_ID)
+
+    with pytest.raises(ValueError, match="Invalid metadata"):
+        api.upload_file(path_or_fileobj=b"---\ntags: [unclosed\n---\n", path_in_repo="README.md", repo_id=REPO_ID)
+    api.upload_file(
+        path_or_fileobj=b"---\ntags:\n- zero-shot\n---\n# Card\n", path_in_repo="README.md", repo_id=REPO_ID
+    )
+
+    assert api.model_info(REPO_ID).tags == ["zero-shot"]
+
+
+def test_whoami(api: HfApi) -> None:
+    assert api.whoami()["name"] == USER_NAME
 
 
 def test_snapshot_download_in_a_subprocess_with_an_empty_cache(
