@@ -1,0 +1,213 @@
+"""Sharing CoPS checkpoints on the Hugging Face Hub: the model card, and clear messages when the Hub says no."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants, get_token, is_offline_mode
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+MODEL_CARD_TEMPLATE = Path(__file__).parent / "assets" / "MODEL_CARD.md"
+"""Jinja template of the model card, filled by :func:`render_model_card` through ``ModelCard.from_template``."""
+
+PIPELINE_TAG = "image-segmentation"
+"""Hub task of CoPS checkpoints: they output a per-pixel anomaly map (plus an image-level score)."""
+
+CARD_TAGS = ("anomaly-detection", "zero-shot", "cops", "clip")
+"""Tags every CoPS model card carries."""
+
+_ACCESS_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+
+
+class CoPSHubError(RuntimeError):
+    """A Hub operation failed; the message says what to do about it and ``__cause__`` holds the Hub's error."""
+
+
+def render_model_card(
+    config_fields: Mapping[str, Any],
+    *,
+    base_model: str,
+    training_dataset: str | None,
+    evaluation: Mapping[str, Mapping[str, float]] | None,
+    repo_id: str | None,
+    license: str = "mit",
+) -> ModelCard:
+    """Render the model card (README.md) of a CoPS checkpoint.
+
+    Args:
+        config_fields: the CoPS-specific configuration fields to list in the card, e.g. the attributes of the CoPS
+            config that differ from the CLIP backbone's; keys starting with ``_`` (transformers bookkeeping such
+            as ``_name_or_path``, which may hold a local path) are left out.
+        base_model: Hub id of the frozen CLIP backbone, e.g. ``"openai/clip-vit-large-patch14-336"``.
+        training_dataset: name or Hub id of the auxiliary dataset the prompt synthesis was trained on, if known.
+        evaluation: zero-shot test results as ``{dataset: {metric: value}}`` with values in ``[0, 1]``, e.g.
+            ``{"VisA": {"I-AUROC": 0.92, "P-AUROC": 0.95}}``. They become the card's ``model-index`` and a table.
+        repo_id: the repository the card is for; used in the usage snippets and for the model name.
+        license: licence of the published weights (a Hub licence id).
+
+    Returns:
+        The card. Save it with ``card.save(folder / "README.md")`` or upload ``str(card)`` with
+        ``HfApi.upload_file``.
+
+    Raises:
+        ValueError: if an evaluation value is outside ``[0, 1]``, or if the rendered card contains something that
+            looks like a Hugging Face access token (or the token configured on this machine).
+    """
+    model_name = repo_id.split("/")[-1] if repo_id else "CoPS"
+    metric_names = list(dict.fromkeys(metric for metrics in (evaluation or {}).values() for metric in metrics))
+    card_data = ModelCardData(
+        base_model=base_model,
+        base_model_relation="adapter",
+        datasets=[training_dataset] if training_dataset else None,
+        eval_results=_eval_results(evaluation) if evaluation else None,
+        library_name="transformers",
+        license=license,
+        model_name=model_name if evaluation else None,  # only the model-index uses it
+        pipeline_tag=PIPELINE_TAG,
+        tags=list(CARD_TAGS),
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(MODEL_CARD_TEMPLATE),
+        model_name=model_name,
+        repo_id=repo_id or "your-username/your-cops-model",
+        training_dataset=training_dataset,
+        config_rows=[(name, _table_cell(value)) for name, value in config_fields.items() if not name.startswith("_")],
+        metric_names=metric_names,
+        evaluation_rows=[
+            (dataset, [f"{100 * metrics[name]:.1f}" if name in metrics else "–" for name in metric_names])
+            for dataset, metrics in (evaluation or {}).items()
+        ],
+    )
+    _refuse_access_tokens(str(card))
+    return card
+
+
+def _eval_results(evaluation: Mapping[str, Mapping[str, float]]) -> list[EvalResult]:
+    """One ``EvalResult`` per (test dataset, metric), as the Hub's ``model-index`` expects them."""
+    results = []
+    for dataset, metrics in evaluation.items():
+        for metric, value in metrics.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"Evaluation values must be fractions in [0, 1]; got {metric}={value} on {dataset}.")
+            results.append(
+                EvalResult(
+                    task_type=PIPELINE_TAG,
+                    task_name="Zero-shot anomaly detection",
+                    dataset_type=_slug(dataset),
+                    dataset_name=dataset,
+                    dataset_split="test",
+                    metric_type=_slug(metric),
+                    metric_name=metric,
+                    metric_value=float(value),
+                )
+            )
+    return results
+
+
+def _slug(name: str) -> str:
+    """A lower-case identifier for a display name, e.g. ``"MVTec AD"`` -> ``"mvtec-ad"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _table_cell(value: Any) -> str:
+    """A configuration value as the text of a markdown table cell."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return f"`{text}`".replace("|", "\\|")
+
+
+def _refuse_access_tokens(text: str) -> None:
+    """Raise if ``text`` contains a Hugging Face access token, so that a card can never publish one."""
+    configured_token = get_token()
+    if _ACCESS_TOKEN.search(text) or (configured_token and configured_token in text):
+        raise ValueError("The model card would contain an access token; remove it from the configuration fields.")
+
+
+def hub_error_message(error: BaseException, repo_id: str) -> str | None:
+    """Explain a Hub failure about ``repo_id`` and what to do, or return ``None`` if it is not one.
+
+    The Hub error may be ``error`` itself or any exception in its ``__cause__``/``__context__`` chain, since
+    transformers re-raises Hub errors as ``OSError``.
+    """
+    for cause in _exception_chain(error):
+        if isinstance(cause, GatedRepoError):
+            return (
+                f"{repo_id} is a gated repository: request access on {constants.ENDPOINT}/{repo_id}, then log in "
+                "with `hf auth login` (or set HF_TOKEN) as the account that was granted access."
+            )
+        if isinstance(cause, RepositoryNotFoundError):
+            return (
+                f"The Hub has no model repository {repo_id!r} that you can see. Check the id (namespace/name). "
+                "If the repository is private, log in with `hf auth login` (or set HF_TOKEN) as an account that "
+                "can read it."
+            )
+        if isinstance(cause, RevisionNotFoundError):
+            return (
+                f"{repo_id} has no such revision: check `revision=` (a branch, a tag or a full commit sha) "
+                f"against the repository's history on {constants.ENDPOINT}/{repo_id}."
+            )
+        if isinstance(cause, RemoteEntryNotFoundError):
+            return (
+                f"A file is missing from {repo_id}: check that the repository holds a CoPS checkpoint saved with "
+                "`save_pretrained` or `push_to_hub`, at the revision you asked for."
+            )
+        if isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            if is_offline_mode():
+                return (
+                    f"{repo_id} is not in the local cache and Hub downloads are disabled (HF_HUB_OFFLINE=1). "
+                    "Set HF_HUB_OFFLINE=0 and connect once to download it, or load from a local folder."
+                )
+            return (
+                f"{repo_id} is not in the local cache and the Hub at {constants.ENDPOINT} could not be reached. "
+                "Check your connection (and HF_ENDPOINT or proxy settings), or load from a local folder."
+            )
+        if isinstance(cause, HfHubHTTPError) and cause.response is not None:
+            if cause.response.status_code == 401:
+                return (
+                    f"The Hub rejected your access token while accessing {repo_id}: log in again with "
+                    "`hf auth login` or set HF_TOKEN to a valid token."
+                )
+            if cause.response.status_code == 403:
+                return (
+                    f"Your access token is not allowed to do this on {repo_id}: use a token with write access "
+                    "(`hf auth login`) and a namespace you own or may write to."
+                )
+    return None
+
+
+@contextmanager
+def friendly_hub_errors(repo_id: str) -> Iterator[None]:
+    """Turn Hub failures about ``repo_id`` inside the block into :class:`CoPSHubError` with a clear message.
+
+    Other exceptions pass through unchanged.
+    """
+    try:
+        yield
+    except Exception as error:
+        message = hub_error_message(error, repo_id)
+        if message is None:
+            raise
+        raise CoPSHubError(message) from error
+
+
+def _exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then the exceptions it was raised from or while handling, outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
