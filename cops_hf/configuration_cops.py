@@ -9,10 +9,12 @@ named presets (`TEST_DATASET_PRESETS`, `TRAIN_DATASET_PRESETS`) applied with `Co
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, ClassVar
 
 from transformers import CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.pipelines import PIPELINE_REGISTRY
 
 # CLIP ViT-L/14@336px, the tower CoPS is published with ("openai/clip-vit-large-patch14-336").
 VIT_L14_336_TEXT = {
@@ -121,7 +123,38 @@ class CoPSConfig(PretrainedConfig):
         if self.prompt_suffix_token_ids is None:
             self.prompt_suffix_token_ids = [269]
         super().__post_init__(**kwargs)
+        self._forget_pipelines_served_here()
         self.validate()
+
+    @classmethod
+    def get_config_dict(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`PretrainedConfig.get_config_dict`, refusing the configuration of another kind of model with a clear error.
+
+        `CoPSConfig.from_pretrained` and `CoPSForAnomalyDetection.from_pretrained` read the configuration here.
+        """
+        config_dict, unused_kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        check_model_type(config_dict.get("model_type"), str(pretrained_model_name_or_path))
+        return config_dict, unused_kwargs
+
+    def _forget_pipelines_served_here(self) -> None:
+        """Drop the `custom_pipelines` entries of tasks this process already serves with a registered pipeline.
+
+        A repository pushed with remote code names its "anomaly-detection" pipeline file in `custom_pipelines`, for
+        users without cops_hf. Where cops_hf is imported, the task is registered, and transformers would otherwise
+        refuse `pipeline("anomaly-detection", model=repo_id)` without `trust_remote_code=True`.
+        """
+        custom_pipelines = getattr(self, "custom_pipelines", None)
+        if not custom_pipelines:
+            return
+        remaining = {
+            task: info for task, info in custom_pipelines.items() if task not in PIPELINE_REGISTRY.supported_tasks
+        }
+        if remaining:
+            self.custom_pipelines = remaining
+        else:
+            del self.custom_pipelines
 
     @property
     def patch_grid_size(self) -> int:
@@ -217,4 +250,19 @@ class CoPSConfig(PretrainedConfig):
         return updated
 
 
-__all__ = ["CoPSConfig", "TEST_DATASET_PRESETS", "TRAIN_DATASET_PRESETS"]
+def check_model_type(model_type: str | None, source: str) -> None:
+    """Raise `ValueError` if a checkpoint's `model_type` shows it is not a CoPS model.
+
+    Args:
+        model_type: the `model_type` of the checkpoint's configuration (`None` when it records none).
+        source: the folder or Hub repository it came from, for the message.
+    """
+    if model_type is not None and model_type != CoPSConfig.model_type:
+        raise ValueError(
+            f"{source} holds a {model_type!r} model, not a CoPS anomaly detector (model_type "
+            f"{CoPSConfig.model_type!r}). Load a CoPS checkpoint: one written by CoPSForAnomalyDetection."
+            "save_pretrained, `cops-hf convert` or `cops-hf push`."
+        )
+
+
+__all__ = ["CoPSConfig", "TEST_DATASET_PRESETS", "TRAIN_DATASET_PRESETS", "check_model_type"]

@@ -1,15 +1,38 @@
-"""Sharing CoPS checkpoints on the Hugging Face Hub: the model card, and clear messages when the Hub says no."""
+"""Sharing CoPS checkpoints on the Hugging Face Hub: pushing, the model card, and clear messages when the Hub says no.
+
+A repository written by :func:`push_cops_to_hub` loads in two ways:
+
+* with cops_hf installed: ``CoPSForAnomalyDetection.from_pretrained(repo_id)`` or
+  ``pipeline("anomaly-detection", model=repo_id)`` after ``import cops_hf``;
+* without it, from the code files stored in the repository: ``AutoModel.from_pretrained(repo_id,
+  trust_remote_code=True)`` or ``pipeline("anomaly-detection", model=repo_id, trust_remote_code=True)``.
+
+The classes are registered for transformers' Auto classes only while the repository is written
+(:func:`save_for_hub`), so that ordinary ``save_pretrained`` folders hold weights and configuration only.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import re
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants, get_token, is_offline_mode
+from huggingface_hub import (
+    CommitInfo,
+    EvalResult,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    constants,
+    get_token,
+    is_offline_mode,
+)
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -19,6 +42,12 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from transformers import PretrainedConfig
+
+from .configuration_cops import CoPSConfig
+from .modeling_cops import CoPSForAnomalyDetection
+from .pipeline_anomaly_detection import TASK, AnomalyDetectionPipeline
+from .processing_cops import CoPSImageProcessor, CoPSProcessor
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "assets" / "MODEL_CARD.md"
 """Jinja template of the model card, filled by :func:`render_model_card` through ``ModelCard.from_template``."""
@@ -28,6 +57,17 @@ PIPELINE_TAG = "image-segmentation"
 
 CARD_TAGS = ("anomaly-detection", "zero-shot", "cops", "clip")
 """Tags every CoPS model card carries."""
+
+DEFAULT_BASE_MODEL = "openai/clip-vit-large-patch14-336"
+"""The CLIP backbone the official CoPS checkpoints are built on; the card's ``base_model`` unless told otherwise."""
+
+REMOTE_CODE_AUTO_CLASSES = (
+    (CoPSConfig, "AutoConfig"),
+    (CoPSForAnomalyDetection, "AutoModel"),
+    (CoPSImageProcessor, "AutoImageProcessor"),
+    (CoPSProcessor, "AutoProcessor"),
+)
+"""The classes a pushed repository maps to transformers' Auto classes (``auto_map``), loaded from its code files."""
 
 _ACCESS_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
@@ -83,6 +123,7 @@ def render_model_card(
         card_data,
         template_path=str(MODEL_CARD_TEMPLATE),
         model_name=model_name,
+        pipeline_task=TASK,
         repo_id=repo_id or "your-username/your-cops-model",
         training_dataset=training_dataset,
         config_rows=[(name, _table_cell(value)) for name, value in config_fields.items() if not name.startswith("_")],
@@ -211,3 +252,123 @@ def _exception_chain(error: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
+
+
+@contextmanager
+def _registered_for_remote_code() -> Iterator[None]:
+    """Register the CoPS classes for transformers' Auto classes inside the block, and forget them afterwards.
+
+    While registered, ``save_pretrained`` writes an ``auto_map`` into the saved configuration files and copies the
+    module files of the classes (and those they import relatively) next to them.
+    """
+    previous = {cls: cls.__dict__.get("_auto_class") for cls, _ in REMOTE_CODE_AUTO_CLASSES}
+    try:
+        for cls, auto_class in REMOTE_CODE_AUTO_CLASSES:
+            cls.register_for_auto_class(auto_class)
+        yield
+    finally:
+        for cls, auto_class in previous.items():
+            cls._auto_class = auto_class
+
+
+def save_for_hub(
+    model: CoPSForAnomalyDetection, save_directory: str | os.PathLike, *, processor: CoPSProcessor | None = None
+) -> list[Path]:
+    """Write the files of a CoPS Hub repository, except its card, to ``save_directory``.
+
+    They are the weights (``model.safetensors``), the configuration with an ``auto_map`` and the
+    ``custom_pipelines`` entry of the "anomaly-detection" task, the processor files, and the code files that let
+    transformers load all of them with ``trust_remote_code=True`` where cops_hf is not installed. ``model`` is left
+    unchanged: the configuration is written from a copy.
+
+    Args:
+        model: the CoPS model to save.
+        save_directory: the folder to write; created if needed.
+        processor: the processor to save; by default a ``CoPSProcessor`` at ``model.config.image_size``.
+
+    Returns:
+        The paths of the files written, sorted.
+    """
+    processor = processor or CoPSProcessor(CoPSImageProcessor(size=model.config.image_size))
+    original_config = model.config
+    model.config = copy.deepcopy(original_config)
+    try:
+        with _registered_for_remote_code():
+            # The pipeline's save_pretrained records it in config.custom_pipelines and copies its module, then
+            # saves the model (weights, config, modelling code) and the image processor.
+            AnomalyDetectionPipeline(model=model, processor=processor).save_pretrained(save_directory)
+            processor.save_pretrained(save_directory)
+    finally:
+        model.config = original_config
+    return sorted(Path(save_directory).iterdir())
+
+
+def push_cops_to_hub(
+    model_or_dir: CoPSForAnomalyDetection | str | os.PathLike,
+    repo_id: str,
+    *,
+    processor: CoPSProcessor | None = None,
+    evaluation: Mapping[str, Mapping[str, float]] | None = None,
+    training_dataset: str | None = None,
+    base_model: str = DEFAULT_BASE_MODEL,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str = "Upload CoPS anomaly detector",
+    token: str | None = None,
+) -> CommitInfo:
+    """Upload a CoPS model, its processor, its remote code and its model card to the Hub in one commit.
+
+    Args:
+        model_or_dir: a model, or a folder written by ``save_pretrained`` (the processor is read from it too
+            when it holds one).
+        repo_id: the repository, ``"namespace/name"`` or ``"name"`` in your own namespace; created if needed.
+        processor: the processor to upload; by default the folder's, or a ``CoPSProcessor`` at the model's
+            ``image_size``.
+        evaluation: zero-shot results ``{dataset: {metric: value in [0, 1]}}`` for the card's ``model-index``.
+        training_dataset: name or Hub id of the auxiliary training dataset, for the card.
+        base_model: Hub id of the CLIP backbone, for the card.
+        private: create the repository private (an existing repository keeps its visibility).
+        revision: the branch to commit to, created from ``main`` if needed; ``None`` commits to ``main``.
+        commit_message: the commit's title.
+        token: the access token; by default the one configured on this machine (``HF_TOKEN``, ``hf auth login``).
+
+    Returns:
+        The commit: ``commit_url``, and the commit sha as ``oid`` (pin it with ``from_pretrained(revision=...)``).
+
+    Raises:
+        CoPSHubError: the Hub refused the upload (no token, no write access, ...); the message says what to do.
+        ValueError: ``evaluation`` holds values outside ``[0, 1]``, or the card would contain an access token.
+    """
+    if isinstance(model_or_dir, CoPSForAnomalyDetection):
+        model = model_or_dir
+    else:
+        model = CoPSForAnomalyDetection.from_pretrained(model_or_dir)
+        if processor is None and (Path(model_or_dir) / "processor_config.json").is_file():
+            processor = CoPSProcessor.from_pretrained(model_or_dir)
+    card = render_model_card(
+        _card_config_fields(model.config),
+        base_model=base_model,
+        training_dataset=training_dataset,
+        evaluation=evaluation,
+        repo_id=repo_id,
+    )
+    with tempfile.TemporaryDirectory(prefix="cops-push-") as staging, friendly_hub_errors(repo_id):
+        save_for_hub(model, staging, processor=processor)
+        card.save(Path(staging) / "README.md")
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=staging, revision=revision, commit_message=commit_message
+        )
+
+
+def _card_config_fields(config: PretrainedConfig) -> dict[str, Any]:
+    """The CoPS fields of ``config`` that have a value (not the CLIP towers' configurations), for the card."""
+    values = config.to_dict()
+    return {
+        name: values[name]
+        for name in CoPSConfig.__annotations__
+        if name not in CoPSConfig.sub_configs_defaults and values.get(name) is not None
+    }

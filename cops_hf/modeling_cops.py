@@ -26,8 +26,15 @@ from transformers import initialization as init
 from transformers.activations import QuickGELUActivation
 from transformers.utils import ModelOutput
 
-from . import losses
 from .configuration_cops import CoPSConfig
+from .losses import (
+    SEGMENTATION_LOSS_WEIGHT,
+    image_classification_loss,
+    kl_divergence,
+    prototype_gather_scatter,
+    reconstruction_loss,
+    segmentation_loss,
+)
 
 NORMAL, ANOMALOUS = 0, 1
 
@@ -677,9 +684,9 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         state_maps = state_maps.view(batch_size, num_layers, 2, *output_size)
         zero = image_logits.new_zeros(())
         terms = {
-            "cls": losses.image_classification_loss(image_logits, labels.to(image_logits.device)),
-            "kl": losses.kl_divergence(mean.float(), log_var.float()),
-            "recon": losses.reconstruction_loss(image_embeds.float(), class_tokens.float())
+            "cls": image_classification_loss(image_logits, labels.to(image_logits.device)),
+            "kl": kl_divergence(mean.float(), log_var.float()),
+            "recon": reconstruction_loss(image_embeds.float(), class_tokens.float())
             if self.config.use_recon_loss
             else zero,
             "seg": zero,
@@ -688,15 +695,15 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         }
         if masks is not None:
             masks = self._binary_masks(masks, batch_size, output_size).to(state_maps.dtype)
-            terms["seg"] = losses.segmentation_loss(list(state_maps.unbind(dim=1)), masks)
+            terms["seg"] = segmentation_loss(list(state_maps.unbind(dim=1)), masks)
             patch = self.config.vision_config.patch_size
             patch_labels = F.max_pool2d(masks.unsqueeze(1), patch).flatten(1)  # [B, N]
-            terms["gather"], terms["scatter"] = losses.prototype_gather_scatter(
+            terms["gather"], terms["scatter"] = prototype_gather_scatter(
                 normal_distances.float(), anomalous_distances.float(), patch_labels
             )
         loss = (
             terms["cls"]
-            + losses.SEGMENTATION_LOSS_WEIGHT * terms["seg"]
+            + SEGMENTATION_LOSS_WEIGHT * terms["seg"]
             + terms["gather"]
             + terms["scatter"]
             + terms["kl"]

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .configuration_cops import check_model_type
 from .processing_cops import CoPSImageProcessor, CoPSProcessor, ImageLike, ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
@@ -39,9 +40,11 @@ class AnomalyDetectionPipeline(Pipeline):
     _load_image_processor = False
     _load_feature_extractor = False
     _load_tokenizer = False
+    _load_video_processor = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        check_model_type(self.model.config.model_type, self.model.name_or_path or type(self.model).__name__)
         if self.processor is None:
             self.processor = CoPSProcessor(CoPSImageProcessor(size=self.model.config.image_size))
         self.image_processor = self.processor.image_processor  # lets the base class batch pixel_values

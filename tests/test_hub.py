@@ -67,7 +67,7 @@ def test_card_sections() -> None:
     assert "## Intended uses & limitations" in text and "not a medical device" in text
     assert "calibrated" in text
     assert "import cops_hf" in text
-    assert f'pipeline("image-segmentation", model="{REPO_ID}", trust_remote_code=True)' in text
+    assert f'pipeline("anomaly-detection", model="{REPO_ID}", trust_remote_code=True)' in text
     assert "| `feature_layers` | `[6, 12, 18, 24]` |" in text
     assert "_name_or_path" not in text and "/home/me" not in text
     assert "eprint        = {2508.03447}" in text
