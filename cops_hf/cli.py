@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from .hub import DEFAULT_BASE_MODEL, CoPSHubError, friendly_hub_errors
 
 Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -50,7 +53,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from .evaluation.plots import overlay
     from .processing_cops import load_image
 
-    detector = pipeline("anomaly-detection", model=args.model, device=args.device)
+    with friendly_hub_errors(args.model):
+        detector = pipeline("anomaly-detection", model=args.model, device=args.device)
     results = detector(
         args.images,
         batch_size=args.batch_size,
@@ -75,9 +79,39 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="Folder from save_pretrained or `cops-hf convert` (model + processor).")
+    parser.add_argument("repo_id", help="Hub repository, namespace/name or name; created if needed.")
+    parser.add_argument("--private", action="store_true", help="Create the repository private.")
+    parser.add_argument("--revision", help="Branch to commit to, created from main if needed (default: main).")
+    parser.add_argument(
+        "--eval-json", help='Zero-shot results for the model card: {"dataset": {"metric": value in [0, 1]}}.'
+    )
+    parser.add_argument("--training-dataset", help="Auxiliary training dataset, for the model card.")
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="CLIP backbone, for the model card.")
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from .hub import push_cops_to_hub
+
+    evaluation = json.loads(Path(args.eval_json).read_text()) if args.eval_json else None
+    commit = push_cops_to_hub(
+        args.directory,
+        args.repo_id,
+        evaluation=evaluation,
+        training_dataset=args.training_dataset,
+        base_model=args.base_model,
+        private=args.private,
+        revision=args.revision,
+    )
+    print(f"Pushed {args.directory} to {commit.commit_url} (revision {commit.oid})")
+    return 0
+
+
 SUBCOMMANDS: list[Subcommand] = [
     ("convert", "Convert the official CLIP + CoPS release files.", _add_convert_arguments, _run_convert),
     ("predict", "Score images; write heatmap overlays and a CSV.", _add_predict_arguments, _run_predict),
+    ("push", "Upload a model, its processor, code and card to the Hub.", _add_push_arguments, _run_push),
 ]
 
 
@@ -97,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, OSError) as error:
+    except (ValueError, OSError, CoPSHubError) as error:
         print(f"cops-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
 
