@@ -149,6 +149,57 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", choices=["prepare", "validate"], help="prepare: write meta.json; validate: check it."
+    )
+    parser.add_argument("name_or_root", help="prepare: dataset name (mvtec, visa, ...); validate: dataset root.")
+    parser.add_argument("root", nargs="?", help="prepare: the dataset's download folder.")
+    parser.add_argument("--split", default="test", help="validate: split to check.")
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from .data import prepare_dataset, validate_meta_dataset
+
+    if args.action == "prepare":
+        if args.root is None:
+            raise ValueError("usage: cops-hf data prepare NAME ROOT")
+        print(f"Wrote {prepare_dataset(args.name_or_root, args.root)}")
+        return 0
+    report = validate_meta_dataset(args.name_or_root, split=args.split)
+    print(report.describe())
+    return 0 if report.ok else 1
+
+
+def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Model directory or Hub id.")
+    parser.add_argument("--suite", choices=["industrial", "medical", "all"], default="all")
+    parser.add_argument(
+        "--data-root", required=True, help="Folder with one sub-folder per dataset (mvtec/, visa/...)."
+    )
+    parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu", action="store_true", help="Run on CPU even when a GPU is available.")
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from .evaluation.benchmark import run_benchmark
+    from .modeling_cops import CoPSForAnomalyDetection
+
+    model = CoPSForAnomalyDetection.from_pretrained(args.model)
+    processor = _load_processor(args.model, model.config.image_size)
+    result = run_benchmark(
+        model, processor, args.data_root, suite=args.suite, output_dir=args.output, batch_size=args.batch_size,
+        seed=args.seed, accelerator=Accelerator(cpu=args.cpu),
+    )  # fmt: skip
+    if result is not None:
+        print(result.format_table())
+    return 0
+
+
 def _load_processor(model_name: str, image_size: int):
     """The processor saved with the model, or the default one at the model's input size."""
     from .processing_cops import CoPSImageProcessor, CoPSProcessor
@@ -164,6 +215,8 @@ SUBCOMMANDS: list[Subcommand] = [
     ("predict", "Score images; write heatmap overlays and a CSV.", _add_predict_arguments, _run_predict),
     ("evaluate", "Evaluate on a meta.json dataset: metrics, plots.", _add_evaluate_arguments, _run_evaluate),
     ("calibrate", "Calibrate and store decision thresholds.", _add_calibrate_arguments, _run_calibrate),
+    ("data", "Prepare (meta.json) or validate a dataset.", _add_data_arguments, _run_data),
+    ("benchmark", "Run the paper's protocol on prepared datasets.", _add_benchmark_arguments, _run_benchmark),
 ]
 
 
