@@ -79,6 +79,141 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Model directory or Hub id.")
+    parser.add_argument("--data", required=True, help="Dataset root holding meta.json.")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--categories", nargs="+", help="Only these categories (default: all).")
+    parser.add_argument(
+        "--preset", help="Test-time preset of the reference for this dataset (e.g. visa, mvtec); default: keep config."
+    )
+    parser.add_argument("--output", required=True, help="Directory for metrics.csv/json, plots and overlays.")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
+    parser.add_argument("--num-visualizations", type=int, default=8, help="Overlays per category.")
+    parser.add_argument("--cpu", action="store_true", help="Run on CPU even when a GPU is available.")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from .evaluation.evaluator import evaluate_dataset
+    from .modeling_cops import CoPSForAnomalyDetection
+
+    accelerator = Accelerator(cpu=args.cpu)
+    model = CoPSForAnomalyDetection.from_pretrained(args.model)
+    processor = _load_processor(args.model, model.config.image_size)
+    result = evaluate_dataset(
+        model, processor, args.data, split=args.split, categories=args.categories, test_preset=args.preset,
+        batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
+        num_visualizations=args.num_visualizations, accelerator=accelerator,
+    )  # fmt: skip
+    if result is not None:
+        print(result.report.format_table())
+        print(f"Protocol: {result.protocol}")
+        print(f"Wrote {len(result.files)} files to {args.output}")
+    return 0
+
+
+def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Model directory or Hub id.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--normal", nargs="+", help="Normal images (files or folders): quantile thresholds.")
+    source.add_argument("--data", help="Labelled dataset root (meta.json): F1-optimal thresholds.")
+    parser.add_argument("--split", default="test", help="Split of --data to calibrate on.")
+    parser.add_argument("--quantile", type=float, default=0.99)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--output", required=True, help="Directory to save the model (thresholds in its config).")
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from .data import load_meta_dataset
+    from .data.builders import list_image_files
+    from .evaluation.calibration import calibrate_thresholds
+    from .modeling_cops import CoPSForAnomalyDetection
+
+    model = CoPSForAnomalyDetection.from_pretrained(args.model)
+    processor = _load_processor(args.model, model.config.image_size)
+    labels = masks = None
+    if args.data:
+        dataset = load_meta_dataset(args.data, split=args.split)
+        images, labels = dataset["image_path"], dataset["gt_label"]
+        masks = [path or None for path in dataset["mask_path"]]
+    else:
+        images = [str(f) for item in args.normal for f in (list_image_files(item) if Path(item).is_dir() else [item])]
+    thresholds = calibrate_thresholds(
+        model, processor, images, labels, masks, quantile=args.quantile, batch_size=args.batch_size
+    )
+    model.save_pretrained(args.output)
+    processor.save_pretrained(args.output)
+    print(
+        f"image_threshold={thresholds.image_threshold:.6f} pixel_threshold={thresholds.pixel_threshold:.6f} "
+        f"({thresholds.method}, {len(images)} images); saved to {args.output}"
+    )
+    return 0
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", choices=["prepare", "validate"], help="prepare: write meta.json; validate: check it."
+    )
+    parser.add_argument("name_or_root", help="prepare: dataset name (mvtec, visa, ...); validate: dataset root.")
+    parser.add_argument("root", nargs="?", help="prepare: the dataset's download folder.")
+    parser.add_argument("--split", default="test", help="validate: split to check.")
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from .data import prepare_dataset, validate_meta_dataset
+
+    if args.action == "prepare":
+        if args.root is None:
+            raise ValueError("usage: cops-hf data prepare NAME ROOT")
+        print(f"Wrote {prepare_dataset(args.name_or_root, args.root)}")
+        return 0
+    report = validate_meta_dataset(args.name_or_root, split=args.split)
+    print(report.describe())
+    return 0 if report.ok else 1
+
+
+def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Model directory or Hub id.")
+    parser.add_argument("--suite", choices=["industrial", "medical", "all"], default="all")
+    parser.add_argument(
+        "--data-root", required=True, help="Folder with one sub-folder per dataset (mvtec/, visa/...)."
+    )
+    parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu", action="store_true", help="Run on CPU even when a GPU is available.")
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from .evaluation.benchmark import run_benchmark
+    from .modeling_cops import CoPSForAnomalyDetection
+
+    model = CoPSForAnomalyDetection.from_pretrained(args.model)
+    processor = _load_processor(args.model, model.config.image_size)
+    result = run_benchmark(
+        model, processor, args.data_root, suite=args.suite, output_dir=args.output, batch_size=args.batch_size,
+        seed=args.seed, accelerator=Accelerator(cpu=args.cpu),
+    )  # fmt: skip
+    if result is not None:
+        print(result.format_table())
+    return 0
+
+
+def _load_processor(model_name: str, image_size: int):
+    """The processor saved with the model, or the default one at the model's input size."""
+    from .processing_cops import CoPSImageProcessor, CoPSProcessor
+
+    try:
+        return CoPSProcessor.from_pretrained(model_name)
+    except (OSError, ValueError):
+        return CoPSProcessor(CoPSImageProcessor(size=image_size))
+
+
 def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="Folder from save_pretrained or `cops-hf convert` (model + processor).")
     parser.add_argument("repo_id", help="Hub repository, namespace/name or name; created if needed.")
@@ -111,6 +246,10 @@ def _run_push(args: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Subcommand] = [
     ("convert", "Convert the official CLIP + CoPS release files.", _add_convert_arguments, _run_convert),
     ("predict", "Score images; write heatmap overlays and a CSV.", _add_predict_arguments, _run_predict),
+    ("evaluate", "Evaluate on a meta.json dataset: metrics, plots.", _add_evaluate_arguments, _run_evaluate),
+    ("calibrate", "Calibrate and store decision thresholds.", _add_calibrate_arguments, _run_calibrate),
+    ("data", "Prepare (meta.json) or validate a dataset.", _add_data_arguments, _run_data),
+    ("benchmark", "Run the paper's protocol on prepared datasets.", _add_benchmark_arguments, _run_benchmark),
     ("push", "Upload a model, its processor, code and card to the Hub.", _add_push_arguments, _run_push),
 ]
 

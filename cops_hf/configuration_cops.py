@@ -40,8 +40,8 @@ _VISA_TEST = {"test_kernel_size": 3, "distance_alpha": 0.35, "image_score_beta":
 TEST_DATASET_PRESETS: dict[str, dict[str, Any]] = {
     name: dict(_VISA_TEST if name == "visa" else _GENERAL_TEST)
     for name in (
-        "mvtec", "visa", "btad", "mpdd", "dtd", "headct", "brainmri", "br35h",
-        "isic", "colondb", "clinicdb", "kvasir", "endo", "general",
+        "mvtec", "visa", "btad", "mpdd", "dtd_synthetic", "headct", "brainmri", "br35h",
+        "isic", "cvc_colondb", "cvc_clinicdb", "kvasir", "endo", "general",
     )
 }  # fmt: skip
 
@@ -241,7 +241,7 @@ class CoPSConfig(PretrainedConfig):
             if presets is None:
                 continue
             table = TEST_DATASET_PRESETS if name == "test" else TRAIN_DATASET_PRESETS
-            key = presets.lower()
+            key = presets.strip().lower().replace("-", "_")
             if key not in table:
                 raise ValueError(f"Unknown {name} dataset preset {presets!r}; choose one of {sorted(table)}.")
             for field, value in table[key].items():

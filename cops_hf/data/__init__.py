@@ -9,7 +9,7 @@ Typical use::
     test_set[0]["image"], test_set[0]["mask"], test_set[0]["gt_label"]
 """
 
-from .benchmarks import BENCHMARKS, DATASET_BUILDERS, BenchmarkInfo, prepare_dataset
+from .benchmarks import BENCHMARKS, DATASET_BUILDERS, BenchmarkInfo, benchmark_name, prepare_dataset
 from .builders import (
     IMAGE_SUFFIXES,
     build_folder_meta,
@@ -57,6 +57,7 @@ __all__ = [
     "BENCHMARKS",
     "DATASET_BUILDERS",
     "BenchmarkInfo",
+    "benchmark_name",
     "prepare_dataset",
     "DEFAULT_TEST_CATEGORIES",
     "DEFAULT_TRAIN_CATEGORIES",

@@ -174,7 +174,8 @@ _ALIASES = {
 }
 
 
-def _registry_name(name: str) -> str:
+def benchmark_name(name: str) -> str:
+    """The registry key of a benchmark name or alias (``"MVTec-AD"`` -> ``"mvtec"``); ValueError if unknown."""
     key = name.strip().lower().replace("-", "_").replace(" ", "_")
     key = _ALIASES.get(key, key)
     if key not in BENCHMARKS:
@@ -193,7 +194,7 @@ def prepare_dataset(name: str, root: PathLike) -> Path:
     Raises:
         ValueError: unknown name. DataError: the layout does not match (the message names the folder or file).
     """
-    info = BENCHMARKS[_registry_name(name)]
+    info = BENCHMARKS[benchmark_name(name)]
     meta = info.builder(root)
     found = {category for split in meta.values() for category, records in split.items() if records}
     missing = [category for category in info.categories if category not in found]

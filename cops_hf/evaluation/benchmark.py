@@ -1,0 +1,152 @@
+"""The paper's protocol in one call: evaluate every prepared benchmark dataset under a root, with its preset.
+
+Each dataset is evaluated with the reference's test-time switches for its name (`TEST_DATASET_PRESETS`), and the
+protocol is recorded per dataset. The table has one row per dataset (means over categories) and "-" where a
+metric does not exist for that dataset (image-level-only sets have no pixel metrics; sets whose test images are
+all anomalous have no image metrics), as in the paper.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from ..data import BENCHMARKS, DataError, benchmark_name, meta_json_path, prepare_dataset
+from ..modeling_cops import CoPSForAnomalyDetection
+from ..processing_cops import CoPSProcessor
+from .evaluator import evaluate_dataset
+from .report import METRIC_NAMES
+
+logger = logging.getLogger(__name__)
+
+SUITES = {
+    "industrial": [name for name, info in BENCHMARKS.items() if info.domain == "industrial"],
+    "medical": [name for name, info in BENCHMARKS.items() if info.domain == "medical"],
+    "all": list(BENCHMARKS),
+}
+TABLE_COLUMNS = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1_max": "I-F1max",
+    "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP",
+    "pixel_f1_max": "P-F1max",
+    "pixel_aupro": "AUPRO",
+}
+
+
+@dataclass
+class BenchmarkResult:
+    """Per dataset: mean metrics (None = not available), the protocol used, and the datasets not found."""
+
+    metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    protocols: dict[str, dict[str, Any]] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "protocols": self.protocols, "missing": self.missing}
+
+    def format_table(self) -> str:
+        """Paper-style table in percent with one decimal, "-" where a metric does not exist."""
+        header = ["dataset", *TABLE_COLUMNS.values()]
+        rows = [
+            [name, *("-" if values[key] is None else f"{100 * values[key]:.1f}" for key in TABLE_COLUMNS)]
+            for name, values in self.metrics.items()
+        ]
+        widths = [max(len(str(line[column])) for line in [header, *rows]) for column in range(len(header))]
+        lines = ["  ".join(str(cell).rjust(width) for cell, width in zip(line, widths, strict=True))
+                 for line in [header, *rows]]  # fmt: skip
+        if self.missing:
+            lines.append("not found: " + ", ".join(f"{name} ({why})" for name, why in self.missing.items()))
+        return "\n".join(lines)
+
+
+def find_dataset_roots(data_root: str | Path) -> dict[str, Path]:
+    """Map benchmark names to the folders under `data_root` named after them (any alias, any case)."""
+    found: dict[str, Path] = {}
+    for folder in sorted(Path(data_root).iterdir()) if Path(data_root).is_dir() else []:
+        try:
+            name = benchmark_name(folder.name)
+        except ValueError:
+            continue
+        if folder.is_dir():
+            found.setdefault(name, folder)
+    return found
+
+
+def run_benchmark(
+    model: CoPSForAnomalyDetection,
+    processor: CoPSProcessor,
+    data_root: str | Path,
+    *,
+    suite: str = "all",
+    output_dir: str | Path | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    num_visualizations: int = 4,
+    accelerator: Accelerator | None = None,
+) -> BenchmarkResult | None:
+    """Evaluate `model` on each dataset of `suite` found under `data_root` (one folder per dataset).
+
+    A folder without meta.json is prepared from its download layout first; datasets absent or not preparable are
+    listed in `missing` and skipped. With `output_dir`, each dataset's files go to `output_dir/<name>/` and the
+    table to `benchmark.csv`, `benchmark.md` and `benchmark.json` (the JSON the model card embeds).
+
+    Returns:
+        The result on the main process, `None` on the others.
+    """
+    if suite not in SUITES:
+        raise ValueError(f"Unknown suite {suite!r}; choose one of {sorted(SUITES)}.")
+    accelerator = accelerator or Accelerator()
+    roots = find_dataset_roots(data_root)
+    base_config = model.config
+    result = BenchmarkResult()
+    for name in SUITES[suite]:
+        if name not in roots:
+            result.missing[name] = "no folder"
+            continue
+        if not meta_json_path(roots[name]).is_file():
+            try:
+                if accelerator.is_main_process:
+                    prepare_dataset(name, roots[name])
+            except DataError as error:
+                result.missing[name] = f"cannot prepare: {error}"
+                continue
+            accelerator.wait_for_everyone()
+        model.config = base_config
+        evaluation = evaluate_dataset(
+            model, processor, roots[name], test_preset=name, batch_size=batch_size, seed=seed,
+            output_dir=Path(output_dir) / name if output_dir is not None else None,
+            num_visualizations=num_visualizations, accelerator=accelerator,
+        )  # fmt: skip
+        if evaluation is not None:
+            result.metrics[name] = {key: evaluation.report.mean.get(key) for key in METRIC_NAMES}
+            result.protocols[name] = evaluation.protocol
+    model.config = base_config
+    if not accelerator.is_main_process:
+        return None
+    for name, why in result.missing.items():
+        logger.warning("Skipped %s: %s", name, why)
+    if output_dir is not None:
+        _write_tables(Path(output_dir), result)
+    return result
+
+
+def _write_tables(output_dir: Path, result: BenchmarkResult) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "benchmark.json").write_text(json.dumps(result.to_dict(), indent=2))
+    (output_dir / "benchmark.md").write_text(result.format_table() + "\n")
+    with open(output_dir / "benchmark.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["dataset", *TABLE_COLUMNS.values()])
+        for name, values in result.metrics.items():
+            writer.writerow([name, *("-" if values[key] is None else f"{values[key]:.6f}" for key in TABLE_COLUMNS)])
+
+
+__all__ = ["SUITES", "TABLE_COLUMNS", "BenchmarkResult", "find_dataset_roots", "run_benchmark"]

@@ -1,0 +1,147 @@
+"""Evaluator, `cops-hf evaluate` (single and two processes) and threshold calibration on synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from cops_hf import CoPSImageProcessor, CoPSProcessor
+from cops_hf.cli import main
+from cops_hf.data import load_meta_dataset, make_synthetic_dataset
+from cops_hf.evaluation.calibration import calibrate_thresholds
+from cops_hf.evaluation.evaluator import evaluate_dataset
+
+from .tiny_models import tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return make_synthetic_dataset(root, train_categories=["stripes"], test_categories=["checker", "ring"],
+                                  images_per_category=5, image_size=64)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("model")
+    tiny_model().save_pretrained(directory)
+    CoPSProcessor(CoPSImageProcessor(size=98)).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def evaluated(dataset_root, tmp_path_factory):
+    output = tmp_path_factory.mktemp("evaluation")
+    processor = CoPSProcessor(CoPSImageProcessor(size=98))
+    result = evaluate_dataset(
+        tiny_model(), processor, dataset_root, batch_size=3, output_dir=output, test_preset="visa"
+    )
+    return result, output
+
+
+def test_report_matches_an_independent_computation(evaluated):
+    result, _ = evaluated
+    assert set(result.report.per_category) == {"checker", "ring"}
+    for category in ("checker", "ring"):
+        chosen = [index for index, name in enumerate(result.categories) if name == category]
+        expected = roc_auc_score(result.image_labels[chosen], result.image_scores[chosen])
+        assert result.report.per_category[category]["image_auroc"] == pytest.approx(expected)
+    pixel_values = [result.report.per_category[c]["pixel_auroc"] for c in ("checker", "ring")]
+    assert all(value is not None and 0 <= value <= 1 for value in pixel_values)
+    assert result.report.mean["pixel_auroc"] == pytest.approx(np.mean(pixel_values))
+
+
+def test_protocol_is_recorded_and_preset_applied(evaluated):
+    result, output = evaluated
+    assert result.protocol["test_preset"] == "visa"
+    assert (result.protocol["test_kernel_size"], result.protocol["distance_alpha"]) == (3, 0.35)
+    saved = json.loads((output / "metrics.json").read_text())
+    assert saved["protocol"] == result.protocol
+    assert saved["mean"]["image_auroc"] == pytest.approx(result.report.mean["image_auroc"])
+
+
+def test_files_are_written_and_pictures_are_real(evaluated):
+    result, output = evaluated
+    rows = list(csv.DictReader(open(output / "metrics.csv")))
+    assert [row["category"] for row in rows] == ["checker", "ring", "mean"]
+    predictions = list(csv.DictReader(open(output / "predictions.csv")))
+    assert len(predictions) == len(result.image_paths) == 10
+    for name in ("roc.png", "pr.png"):
+        picture = np.asarray(Image.open(output / name).convert("L"))
+        assert picture.shape[0] > 200 and picture.std() > 10
+    overlays = sorted((output / "visualizations").glob("*/*.png"))
+    assert len(overlays) == 10
+    panel = np.asarray(Image.open(overlays[-1]).convert("RGB"))
+    assert panel.shape == (256, 768, 3) and panel[:, 512:].std() > 5
+
+
+def test_evaluate_cli_single_and_two_processes_agree(model_dir, dataset_root, tmp_path):
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(dataset_root), "--output",
+                 str(tmp_path / "one"), "--batch-size", "2", "--cpu"]) == 0  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cops_hf.cli",
+               "evaluate", "--model", str(model_dir), "--data", str(dataset_root), "--output", str(tmp_path / "two"),
+               "--batch-size", "2", "--cpu"]  # fmt: skip
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    single = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    double = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    # Same images and noise; only float round-off of batched/threaded kernels may differ.
+    for category, metrics in single["per_category"].items():
+        assert double["per_category"][category] == pytest.approx(metrics, abs=1e-5)
+    assert (tmp_path / "two" / "predictions.csv").read_text() == (tmp_path / "one" / "predictions.csv").read_text()
+
+
+def test_calibration_from_normal_images_is_a_quantile():
+    model, processor = tiny_model(), CoPSProcessor(CoPSImageProcessor(size=98))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    thresholds = calibrate_thresholds(model, processor, images, quantile=0.5)
+    assert thresholds.method == "quantile"
+    scores = [model(processor(images=image)["pixel_values"], vae_noise=model.seeded_prior_noise(1, 0)).image_scores
+              for image in images]  # fmt: skip
+    assert thresholds.image_threshold == pytest.approx(float(np.median([float(s) for s in scores])), abs=1e-6)
+    assert model.config.image_threshold == thresholds.image_threshold
+    assert model.config.pixel_threshold == thresholds.pixel_threshold
+
+
+def test_calibration_from_labels_is_f1_optimal(dataset_root):
+    model, processor = tiny_model(), CoPSProcessor(CoPSImageProcessor(size=98))
+    dataset = load_meta_dataset(dataset_root, split="test")
+    masks = [path or None for path in dataset["mask_path"]]
+    thresholds = calibrate_thresholds(model, processor, dataset["image_path"], dataset["gt_label"], masks)
+    assert thresholds.method == "f1"
+    scores = np.asarray([float(model(processor(images=path)["pixel_values"],
+                                     vae_noise=model.seeded_prior_noise(1, 0)).image_scores)
+                         for path in dataset["image_path"]])  # fmt: skip
+    labels = np.asarray(dataset["gt_label"])
+    predicted = scores >= thresholds.image_threshold
+    true_positives = (predicted & (labels == 1)).sum()
+    f1 = 2 * true_positives / (predicted.sum() + labels.sum())
+    best = max(2 * ((scores >= t) & (labels == 1)).sum() / ((scores >= t).sum() + labels.sum()) for t in scores)
+    assert f1 == pytest.approx(best)
+    with pytest.raises(ValueError, match="labelled anomalous"):
+        calibrate_thresholds(model, processor, dataset["image_path"][:2], [1, 1])
+
+
+def test_calibrate_cli_stores_thresholds_used_by_predict(model_dir, dataset_root, tmp_path):
+    normal_dir = Path(dataset_root) / "checker" / "test" / "good"
+    assert main(["calibrate", "--model", str(model_dir), "--normal", str(normal_dir), "--output",
+                 str(tmp_path / "calibrated")]) == 0  # fmt: skip
+    config = json.loads((tmp_path / "calibrated" / "config.json").read_text())
+    assert config["image_threshold"] is not None and config["pixel_threshold"] is not None
+    image = sorted(normal_dir.iterdir())[0]
+    assert main(["predict", "--model", str(tmp_path / "calibrated"), str(image), "--output", str(tmp_path / "p")]) == 0
+    row = next(csv.DictReader(open(tmp_path / "p" / "scores.csv")))
+    assert row["label"] in {"normal", "anomalous"}
