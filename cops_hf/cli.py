@@ -220,16 +220,17 @@ def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--private", action="store_true", help="Create the repository private.")
     parser.add_argument("--revision", help="Branch to commit to, created from main if needed (default: main).")
     parser.add_argument(
-        "--eval-json", help='Zero-shot results for the model card: {"dataset": {"metric": value in [0, 1]}}.'
+        "--eval-json",
+        help='Results for the card: benchmark.json, metrics.json, or {"dataset": {"metric": value in [0, 1]}}.',
     )
     parser.add_argument("--training-dataset", help="Auxiliary training dataset, for the model card.")
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="CLIP backbone, for the model card.")
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from .hub import push_cops_to_hub
+    from .hub import evaluation_for_card, push_cops_to_hub
 
-    evaluation = json.loads(Path(args.eval_json).read_text()) if args.eval_json else None
+    evaluation = evaluation_for_card(json.loads(Path(args.eval_json).read_text())) if args.eval_json else None
     commit = push_cops_to_hub(
         args.directory,
         args.repo_id,

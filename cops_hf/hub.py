@@ -137,6 +137,27 @@ def render_model_card(
     return card
 
 
+def evaluation_for_card(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Turn saved results into the card's ``{dataset: {metric: value}}``.
+
+    Accepts that form itself, a ``benchmark.json`` written by `cops-hf benchmark` (``{"metrics": ...}``) or a
+    ``metrics.json`` written by `cops-hf evaluate` (``{"mean": ..., "protocol": ...}``). Metric keys of ours
+    become the paper's names (I-AUROC, P-AP, ...); unavailable (None) metrics are dropped.
+    """
+    from .evaluation.benchmark import TABLE_COLUMNS
+
+    if "metrics" in results:
+        per_dataset = results["metrics"]
+    elif "mean" in results:
+        per_dataset = {results.get("protocol", {}).get("test_preset") or "evaluation": results["mean"]}
+    else:
+        per_dataset = results
+    return {
+        dataset: {TABLE_COLUMNS.get(name, name): float(value) for name, value in metrics.items() if value is not None}
+        for dataset, metrics in per_dataset.items()
+    }
+
+
 def _eval_results(evaluation: Mapping[str, Mapping[str, float]]) -> list[EvalResult]:
     """One ``EvalResult`` per (test dataset, metric), as the Hub's ``model-index`` expects them."""
     results = []

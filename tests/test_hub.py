@@ -193,3 +193,13 @@ def test_other_errors_pass_through() -> None:
     with pytest.raises(KeyError):
         with friendly_hub_errors(REPO_ID):
             raise KeyError("not a Hub error")
+
+
+def test_saved_results_become_card_evaluation():
+    from cops_hf.hub import evaluation_for_card
+
+    benchmark = {"metrics": {"headct": {"image_auroc": 0.9, "pixel_auroc": None}}, "protocols": {}, "missing": {}}
+    assert evaluation_for_card(benchmark) == {"headct": {"I-AUROC": 0.9}}
+    evaluated = {"mean": {"image_ap": 0.5, "pixel_aupro": 0.25}, "protocol": {"test_preset": "visa"}}
+    assert evaluation_for_card(evaluated) == {"visa": {"I-AP": 0.5, "AUPRO": 0.25}}
+    assert evaluation_for_card({"MVTec": {"I-AUROC": 0.95}}) == {"MVTec": {"I-AUROC": 0.95}}
