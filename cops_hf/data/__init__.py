@@ -1,0 +1,86 @@
+"""Data layer of cops-hf: the ``meta.json`` dataset format, builders for original layouts, synthetic data.
+
+Typical use::
+
+    from cops_hf.data import build_mvtec_meta, load_meta_dataset
+
+    build_mvtec_meta("/data/mvtec")                    # writes /data/mvtec/meta.json once
+    test_set = load_meta_dataset("/data/mvtec", split="test")
+    test_set[0]["image"], test_set[0]["mask"], test_set[0]["gt_label"]
+"""
+
+from .builders import (
+    IMAGE_SUFFIXES,
+    build_folder_meta,
+    build_mvtec_meta,
+    build_visa_meta,
+    folder_records,
+    list_image_files,
+    mvtec_layout_meta,
+    species_records,
+)
+from .loading import (
+    META_FEATURES,
+    ValidationReport,
+    has_masks,
+    load_meta_dataset,
+    load_meta_dataset_with_report,
+    validate_meta_dataset,
+)
+from .meta import (
+    META_FILENAME,
+    NORMAL_SPECIE,
+    SPLITS,
+    DataError,
+    DataProblem,
+    make_record,
+    meta_json_path,
+    read_meta_json,
+    write_meta_json,
+)
+from .synthetic import (
+    DEFAULT_TEST_CATEGORIES,
+    DEFAULT_TRAIN_CATEGORIES,
+    DEFECT_TYPES,
+    OBJECT_CATEGORIES,
+    SYNTHETIC_CATEGORIES,
+    TEXTURE_CATEGORIES,
+    SyntheticSample,
+    make_synthetic_dataset,
+    render_synthetic_sample,
+)
+
+__all__ = [
+    "DEFAULT_TEST_CATEGORIES",
+    "DEFAULT_TRAIN_CATEGORIES",
+    "DEFECT_TYPES",
+    "IMAGE_SUFFIXES",
+    "META_FEATURES",
+    "META_FILENAME",
+    "NORMAL_SPECIE",
+    "OBJECT_CATEGORIES",
+    "SPLITS",
+    "SYNTHETIC_CATEGORIES",
+    "TEXTURE_CATEGORIES",
+    "DataError",
+    "DataProblem",
+    "SyntheticSample",
+    "ValidationReport",
+    "build_folder_meta",
+    "build_mvtec_meta",
+    "build_visa_meta",
+    "folder_records",
+    "has_masks",
+    "list_image_files",
+    "load_meta_dataset",
+    "load_meta_dataset_with_report",
+    "make_record",
+    "make_synthetic_dataset",
+    "meta_json_path",
+    "mvtec_layout_meta",
+    "read_meta_json",
+    "render_synthetic_sample",
+    "species_records",
+    "validate_meta_dataset",
+    "write_meta_json",
+]

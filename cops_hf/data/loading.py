@@ -1,0 +1,344 @@
+"""Validate a ``meta.json`` dataset and load it as a lazily decoded :class:`datasets.Dataset`.
+
+Design of invalid-data handling:
+
+* :func:`validate_meta_dataset` never stops at the first problem: it returns a :class:`ValidationReport` listing every
+  problem (missing, unreadable or truncated files, mask/image size mismatches, malformed records, ...).
+* :func:`load_meta_dataset` raises :class:`~cops_hf.data.meta.DataError` listing every problem unless
+  ``skip_invalid=True``; then invalid records are dropped, a warning with the count is logged, the one-line summary
+  is stored in ``dataset.info.description``, and :func:`load_meta_dataset_with_report` returns the full report
+  (``report.skipped`` lists each dropped file and why).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import datasets
+from PIL import Image
+
+from .meta import DataError, DataProblem, meta_json_path, read_meta_json, record_problems
+
+__all__ = [
+    "META_FEATURES",
+    "ValidationReport",
+    "has_masks",
+    "load_meta_dataset",
+    "load_meta_dataset_with_report",
+    "validate_meta_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+META_FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(mode="RGB"),
+        "mask": datasets.Image(mode="L"),
+        "gt_label": datasets.ClassLabel(names=["normal", "anomalous"]),
+        "cls_name": datasets.Value("string"),
+        "specie_name": datasets.Value("string"),
+        "image_path": datasets.Value("string"),
+        "mask_path": datasets.Value("string"),
+    }
+)
+"""Columns of a loaded dataset. ``image`` decodes to RGB and ``mask`` to single-channel ``L`` (nonzero = anomalous
+pixel); ``mask`` is ``None`` when the record has no mask (normal samples, image-level datasets)."""
+
+_MAX_PROBLEMS_IN_MESSAGE = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationReport:
+    """What checking one split of a meta.json dataset found.
+
+    Attributes:
+        meta_path: The ``meta.json`` that was checked.
+        split: The split that was checked.
+        categories: The categories that were checked, in row order.
+        num_records: Records listed for those categories.
+        num_valid: Records without any problem.
+        num_anomalous: Valid records with ``anomaly == 1``.
+        num_anomalous_with_mask: Valid anomalous records that have a mask.
+        problems: Every problem found, in record order (a record can have several).
+        dropped_invalid: True when the invalid records were dropped (``skip_invalid=True``).
+    """
+
+    meta_path: Path
+    split: str
+    categories: tuple[str, ...]
+    num_records: int
+    num_valid: int
+    num_anomalous: int
+    num_anomalous_with_mask: int
+    problems: tuple[DataProblem, ...]
+    dropped_invalid: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+    @property
+    def num_invalid(self) -> int:
+        """Number of records with at least one problem."""
+        return self.num_records - self.num_valid
+
+    @property
+    def skipped(self) -> tuple[DataProblem, ...]:
+        """The problems of the records that were dropped (empty unless ``dropped_invalid``)."""
+        return self.problems if self.dropped_invalid else ()
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of records dropped."""
+        return self.num_invalid if self.dropped_invalid else 0
+
+    @property
+    def pixel_level(self) -> bool:
+        """True when there are anomalous samples and every one has a mask, so pixel-level metrics are defined."""
+        return self.num_anomalous > 0 and self.num_anomalous_with_mask == self.num_anomalous
+
+    def summary(self) -> str:
+        """One line: counts of records, anomalies, masks and problems."""
+        level = "pixel-level" if self.pixel_level else "image-level"
+        dropped = f", {self.num_skipped} invalid skipped" if self.dropped_invalid else ""
+        return (
+            f"{self.meta_path} [{self.split}]: {self.num_records} records in {len(self.categories)} categories, "
+            f"{self.num_valid} valid ({self.num_anomalous} anomalous, {level}), "
+            f"{len(self.problems)} problems{dropped}"
+        )
+
+    def describe(self, max_problems: int = _MAX_PROBLEMS_IN_MESSAGE) -> str:
+        """The summary followed by one line per problem (at most ``max_problems``)."""
+        lines = [self.summary()] + [f"  - {problem}" for problem in self.problems[:max_problems]]
+        if len(self.problems) > max_problems:
+            lines.append(f"  ... and {len(self.problems) - max_problems} more")
+        return "\n".join(lines)
+
+    def raise_for_problems(self) -> None:
+        """Raise :class:`DataError` listing the problems, if there are any."""
+        if self.problems:
+            raise DataError(self.describe())
+
+
+def _absolute(root: Path, relative_or_absolute: str) -> Path:
+    return Path(os.path.abspath(root / relative_or_absolute))
+
+
+def _image_size(path: Path, decode: bool) -> tuple[int, int]:
+    """(width, height) of an image, reading only its header unless ``decode`` (which catches truncation)."""
+    with Image.open(path) as image:
+        if decode:
+            image.load()
+        return image.size
+
+
+def _select_categories(
+    meta: Mapping[str, Mapping[str, list[Any]]], split: str, categories: str | Iterable[str] | None, meta_path: Path
+) -> list[str]:
+    split_records = meta.get(split) or {}
+    if not any(split_records.values()):
+        with_records = [name for name, cats in meta.items() if any(cats.values())]
+        raise DataError(f"{meta_path} has no records in split {split!r}; splits with records: {with_records}")
+    if categories is None:
+        return list(split_records)
+    selected = [categories] if isinstance(categories, str) else list(categories)
+    unknown = [name for name in selected if name not in split_records]
+    if unknown:
+        raise DataError(f"{meta_path} split {split!r} has no categories {unknown}; available: {list(split_records)}")
+    if not any(split_records[name] for name in selected):
+        raise DataError(f"{meta_path} split {split!r} has no records for categories {selected}")
+    return selected
+
+
+def _check_record(
+    root: Path, record: Any, category: str, location: str, meta_path: Path, check_images: bool, require_masks: bool
+) -> tuple[dict[str, Any] | None, list[DataProblem]]:
+    """Return the dataset row of a record (None if invalid) and its problems."""
+    structural = record_problems(record, category)
+    if structural:
+        return None, [DataProblem(str(meta_path), reason, location) for reason in structural]
+    image_path = _absolute(root, record["img_path"])
+    mask_path = _absolute(root, record["mask_path"]) if record["mask_path"] else None
+    problems = []
+    if not image_path.is_file():
+        problems.append(DataProblem(str(image_path), "image file not found", location))
+    if mask_path is not None and not mask_path.is_file():
+        problems.append(DataProblem(str(mask_path), "mask file not found", location))
+    if require_masks and record["anomaly"] == 1 and mask_path is None:
+        problems.append(DataProblem(str(image_path), "anomalous sample has no mask but masks are required", location))
+    if problems:
+        return None, problems
+    files_to_read = {"image": image_path} if mask_path is None else {"image": image_path, "mask": mask_path}
+    sizes = {}
+    if check_images or mask_path is not None:
+        for kind, path in files_to_read.items():
+            try:
+                sizes[kind] = _image_size(path, decode=check_images)
+            except Exception as error:  # any decoder failure means the file is unusable
+                problems.append(DataProblem(str(path), f"unreadable or truncated {kind}: {error}", location))
+    if len(sizes) == 2 and sizes["image"] != sizes["mask"]:
+        (mask_w, mask_h), (image_w, image_h) = sizes["mask"], sizes["image"]
+        problems.append(
+            DataProblem(
+                str(mask_path),
+                f"mask size {mask_w}x{mask_h} differs from image size {image_w}x{image_h} of {image_path}",
+                location,
+            )
+        )
+    if problems:
+        return None, problems
+    row = {
+        "image": str(image_path),
+        "mask": str(mask_path) if mask_path is not None else None,
+        "gt_label": int(record["anomaly"]),
+        "cls_name": category,
+        "specie_name": record["specie_name"],
+        "image_path": str(image_path),
+        "mask_path": str(mask_path) if mask_path is not None else "",
+    }
+    return row, []
+
+
+def _inspect(
+    root: str | os.PathLike[str],
+    split: str,
+    categories: str | Iterable[str] | None,
+    check_images: bool,
+    require_masks: bool,
+    dropped_invalid: bool,
+) -> tuple[list[dict[str, Any]], ValidationReport]:
+    root_path = Path(os.path.abspath(root))
+    meta_path = meta_json_path(root_path)
+    meta = read_meta_json(root_path)
+    selected = _select_categories(meta, split, categories, meta_path)
+    rows, problems, num_records = [], [], 0
+    for category in selected:
+        for index, record in enumerate(meta[split][category]):
+            num_records += 1
+            row, record_problems_found = _check_record(
+                root_path, record, category, f"{split}/{category}[{index}]", meta_path, check_images, require_masks
+            )
+            problems.extend(record_problems_found)
+            if row is not None:
+                rows.append(row)
+    anomalous = [row for row in rows if row["gt_label"] == 1]
+    report = ValidationReport(
+        meta_path=meta_path,
+        split=split,
+        categories=tuple(selected),
+        num_records=num_records,
+        num_valid=len(rows),
+        num_anomalous=len(anomalous),
+        num_anomalous_with_mask=sum(row["mask"] is not None for row in anomalous),
+        problems=tuple(problems),
+        dropped_invalid=dropped_invalid and bool(problems),
+    )
+    return rows, report
+
+
+def _no_anomaly_problem(report: ValidationReport) -> DataProblem:
+    return DataProblem(
+        str(report.meta_path), "no valid anomalous sample, but masks are required (e.g. for training)", report.split
+    )
+
+
+def validate_meta_dataset(
+    root: str | os.PathLike[str],
+    split: str = "test",
+    check_images: bool = True,
+    require_masks: bool = False,
+    categories: str | Iterable[str] | None = None,
+) -> ValidationReport:
+    """Check every record of one split of ``ROOT/meta.json`` and report all problems found.
+
+    Args:
+        root: Dataset root holding ``meta.json``.
+        split: ``"train"`` or ``"test"``.
+        check_images: Fully decode every image and mask with PIL (``.load()``), catching unreadable and truncated
+            files; otherwise only existence and mask/image size agreement (from the file headers) are checked.
+        require_masks: Every anomalous sample must have a mask, and there must be at least one anomalous sample.
+        categories: Restrict the check to these categories (default: all of the split).
+
+    Returns:
+        The report; ``report.ok`` is True when nothing is wrong, ``report.raise_for_problems()`` raises.
+
+    Raises:
+        DataError: meta.json is missing or malformed at the top level, or the split/categories have no records.
+    """
+    _, report = _inspect(root, split, categories, check_images, require_masks, dropped_invalid=False)
+    if require_masks and report.num_anomalous == 0:
+        return dataclasses.replace(report, problems=report.problems + (_no_anomaly_problem(report),))
+    return report
+
+
+def load_meta_dataset_with_report(
+    root: str | os.PathLike[str],
+    split: str = "test",
+    categories: str | Iterable[str] | None = None,
+    skip_invalid: bool = False,
+    check_images: bool = False,
+    require_masks: bool = False,
+) -> tuple[datasets.Dataset, ValidationReport]:
+    """Like :func:`load_meta_dataset`, and also return the :class:`ValidationReport` (e.g. ``report.skipped``)."""
+    rows, report = _inspect(root, split, categories, check_images, require_masks, dropped_invalid=skip_invalid)
+    if report.problems and not skip_invalid:
+        raise DataError(f"{report.describe()}\nFix these files or pass skip_invalid=True to drop invalid records.")
+    if not rows:
+        raise DataError(f"No valid records left.\n{report.describe()}")
+    if require_masks and report.num_anomalous == 0:
+        raise DataError(str(_no_anomaly_problem(report)))
+    if report.dropped_invalid:
+        logger.warning("Skipped %d invalid records: %s", report.num_skipped, report.summary())
+    columns = {name: [row[name] for row in rows] for name in META_FEATURES}
+    info = datasets.DatasetInfo(description=report.summary(), features=META_FEATURES)
+    return datasets.Dataset.from_dict(columns, features=META_FEATURES, info=info), report
+
+
+def load_meta_dataset(
+    root: str | os.PathLike[str],
+    split: str = "test",
+    categories: str | Iterable[str] | None = None,
+    skip_invalid: bool = False,
+    check_images: bool = False,
+    require_masks: bool = False,
+) -> datasets.Dataset:
+    """Load one split of ``ROOT/meta.json`` as a :class:`datasets.Dataset` with lazily decoded images.
+
+    Columns are :data:`META_FEATURES`: ``image`` (RGB), ``mask`` (``L`` or None), ``gt_label`` (0/1),
+    ``cls_name``, ``specie_name``, ``image_path`` (absolute) and ``mask_path`` (absolute or ""). Rows are grouped
+    by category, in meta.json order (or in the order of ``categories``), then in file order.
+
+    Every record is checked first: structure, image and mask files exist, mask size equals image size (from headers).
+
+    Args:
+        root: Dataset root holding ``meta.json``; relative record paths are resolved against it.
+        split: ``"train"`` or ``"test"``.
+        categories: A category name or names to keep (default: all of the split).
+        skip_invalid: Drop invalid records instead of raising; a warning gives the count and the summary is stored
+            in ``dataset.info.description`` (use :func:`load_meta_dataset_with_report` for the list).
+        check_images: Also fully decode every image and mask to catch unreadable or truncated files (slower).
+        require_masks: Every anomalous sample must have a mask and at least one must exist (training data).
+
+    Raises:
+        DataError: meta.json missing or malformed, unknown split/categories, any invalid record (unless
+            ``skip_invalid``), no valid record left, or no anomalous sample when ``require_masks``.
+    """
+    dataset, _ = load_meta_dataset_with_report(root, split, categories, skip_invalid, check_images, require_masks)
+    return dataset
+
+
+def has_masks(dataset: datasets.Dataset) -> bool:
+    """True when the dataset has anomalous samples and every one has a mask (pixel-level metrics are defined).
+
+    False for image-level datasets (no masks) and for datasets without anomalous samples. Reads only the
+    ``gt_label`` and ``mask_path`` columns, no image is decoded.
+    """
+    labels_and_masks = zip(dataset["gt_label"], dataset["mask_path"], strict=True)
+    anomalous_masks = [mask for label, mask in labels_and_masks if label == 1]
+    return bool(anomalous_masks) and all(anomalous_masks)
