@@ -45,6 +45,7 @@ def _train(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         resume=args.resume,
         dataloader_num_workers=args.num_workers,
+        use_cpu=args.cpu,
     )
     result = train_cops(model, processor_for(model), load_training_dataset(args.data), config)
     if result.history:
@@ -83,6 +84,7 @@ def add_train_command(subcommands: Subcommands) -> None:
     parser.add_argument("--cache-dir", help="keep the feature cache on disk here instead of in memory")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.set_defaults(handler=_train)
 
 

@@ -121,6 +121,8 @@ class TrainingConfig:
         keep_checkpoints: number of most recent epoch checkpoints kept.
         dataloader_num_workers: worker processes decoding images (uncached epochs).
         progress_bar: show a tqdm bar with the running loss terms (main process only).
+        use_cpu: train on the CPU even when an accelerator (GPU) is present. Without one, the CPU is used anyway,
+            and several processes (`torchrun --nproc_per_node N`) train together over gloo.
     """
 
     output_dir: str | os.PathLike[str]
@@ -137,6 +139,7 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     dataloader_num_workers: int = 0
     progress_bar: bool = True
+    use_cpu: bool = False
 
     def __post_init__(self) -> None:
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
@@ -529,9 +532,11 @@ class CoPSTrainer:
         self.samples = TrainingSamples(train_dataset, processor.image_processor)
         self.output_dir = Path(config.output_dir)
         self.accelerator = Accelerator(
+            # Accelerate forms a multi-process CPU group (gloo) only when told to use the CPU.
+            cpu=config.use_cpu or not torch.accelerator.is_available(),
             mixed_precision=config.mixed_precision,
-            # Image-level data leaves the prototype extractor without gradients.
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            # Image-level data (no masks) leaves the prototype extractor without gradients.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not self.samples.uses_masks)],
         )
         self.global_step = 0
 
