@@ -90,7 +90,7 @@ RANDOM_CLIP_CONFIGS: dict[str, dict[str, Any]] = {
             "projection_dim": 48,
         },
         "vision_config": {
-            "hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 6,
+            "hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 6,
             "image_size": 224, "patch_size": 14, "projection_dim": 48,
         },
         "projection_dim": 48,
