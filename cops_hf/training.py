@@ -545,6 +545,11 @@ class CoPSTrainer:
     def train(self) -> TrainingResult:
         """Run (or resume) the training, save the final model and processor, and return the result."""
         config, accelerator = self.config, self.accelerator
+        if list_checkpoints(self.output_dir) and not config.resume:
+            raise ValueError(
+                f"{self.output_dir} holds checkpoints of an earlier run: pass resume=True (--resume) to continue it, "
+                "or choose another output_dir."
+            )
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
@@ -557,6 +562,8 @@ class CoPSTrainer:
         optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, betas=config.adam_betas)
         self.wrapped_model, self.optimizer = accelerator.prepare(self.model, optimizer)
         start_epoch = self._resume() if config.resume else 0
+        if start_epoch == 0 and accelerator.is_main_process:
+            self._truncate_log(0)  # lines of an earlier attempt that died before its first checkpoint
         cache = None
         if config.cache_vision_features:
             fingerprint = _vision_fingerprint(
@@ -590,21 +597,22 @@ class CoPSTrainer:
             accelerator.num_processes,
         )
 
-    def _batches(self, batches: list[list[int]], cache: VisionFeatureCache | None, epoch: int) -> Iterator[dict]:
-        """Batches from the cache when it holds the whole epoch, otherwise decoded and preprocessed images."""
-        if cache is not None and all(cache.has_all(indices) for indices in batches):
-            for indices in batches:
-                vision_outputs, masks = cache.load(indices)
-                batch = {
-                    "indices": torch.tensor(indices),
-                    "vision_outputs": vision_outputs,
-                    "labels": torch.tensor([self.samples.labels[index] for index in indices]),
-                }
-                if masks is not None:
-                    batch["masks"] = masks
-                yield batch
-            return
-        loader = DataLoader(
+    def _cached_batches(self, batches: list[list[int]], cache: VisionFeatureCache) -> Iterator[dict]:
+        """Batches of cached vision outputs and masks; no image is decoded."""
+        for indices in batches:
+            vision_outputs, masks = cache.load(indices)
+            batch = {
+                "indices": torch.tensor(indices),
+                "vision_outputs": vision_outputs,
+                "labels": torch.tensor([self.samples.labels[index] for index in indices]),
+            }
+            if masks is not None:
+                batch["masks"] = masks
+            yield batch
+
+    def _decoded_batches(self, batches: list[list[int]], epoch: int) -> DataLoader:
+        """Batches of preprocessed images (and masks), decoded by the DataLoader's workers."""
+        return DataLoader(
             self.samples,
             batch_sampler=batches,
             collate_fn=collate_samples,
@@ -612,7 +620,6 @@ class CoPSTrainer:
             # Its own generator, so that loading draws nothing from the global RNG (which the VAE noise uses).
             generator=torch.Generator().manual_seed(self.config.seed + epoch),
         )
-        yield from loader
 
     def _train_epoch(self, epoch: int, cache: VisionFeatureCache | None) -> dict[str, Any]:
         config, accelerator = self.config, self.accelerator
@@ -629,7 +636,8 @@ class CoPSTrainer:
             disable=not (config.progress_bar and accelerator.is_local_main_process),
         )
         started = time.perf_counter()
-        for position, batch in enumerate(self._batches(batches, cache, epoch)):
+        source = self._cached_batches(batches, cache) if cached_epoch else self._decoded_batches(batches, epoch)
+        for position, batch in enumerate(source):
             group_start = position - position % accumulation
             group_size = min(accumulation, len(batches) - group_start)
             sync_now = position == group_start + group_size - 1

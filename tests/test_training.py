@@ -120,6 +120,8 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(train_set: dataset
 
     with pytest.raises(ValueError, match="batch_size: checkpoint 4, now 8"):
         train(train_set, interrupted, resume=True, num_epochs=3, batch_size=8)
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        train(train_set, interrupted)
 
 
 def test_resume_without_a_checkpoint_starts_fresh(
@@ -284,7 +286,7 @@ def test_cli_subcommands_are_registered_one_function_each() -> None:
 
 
 def test_demo_trains_and_scores_unseen_images(tmp_path: Path) -> None:
-    result = run_demo(tmp_path, num_epochs=3, images_per_category=6, image_size=IMAGE_SIZE, progress_bar=False)
+    result = run_demo(tmp_path, num_epochs=2, images_per_category=6, image_size=IMAGE_SIZE, progress_bar=False)
     losses = [record["loss"] for record in result.training.history]
     assert losses[-1] < losses[0]
     assert [row["gt_label"] for row in result.test_scores] == [0, 1, 0, 1, 0, 1]
