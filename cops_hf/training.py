@@ -666,7 +666,11 @@ class CoPSTrainer:
             totals[:-1] += torch.stack([value.double() for value in values]) * batch_size
             totals[-1] += batch_size
             progress.update(1)
-            progress.set_postfix(loss=f"{(totals[0] / totals[-1]).item():.4f}", refresh=False)
+            running_means = (totals[:-1] / totals[-1]).tolist()
+            progress.set_postfix(
+                {name: f"{value:.3f}" for name, value in zip(("loss", *LOSS_TERMS), running_means, strict=True)},
+                refresh=False,
+            )
         progress.close()
         if cache is not None and not cached_epoch:
             cache.finalize()
