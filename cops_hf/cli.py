@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -244,7 +245,101 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .configuration_cops import TRAIN_DATASET_PRESETS
+    from .training import MIXED_PRECISION_MODES, RANDOM_CLIP_CONFIGS
+
+    clip = parser.add_mutually_exclusive_group(required=True)
+    clip.add_argument("--clip", help="CLIP name or path, e.g. openai/clip-vit-large-patch14-336")
+    clip.add_argument(
+        "--random-clip",
+        "--clip-config",
+        metavar="CONFIG",
+        help=f"offline random CLIP: a preset ({', '.join(RANDOM_CLIP_CONFIGS)}) or a CLIPConfig JSON file",
+    )
+    parser.add_argument("--data", required=True, help="dataset root holding meta.json")
+    parser.add_argument("--output", required=True, help="output folder (checkpoints, log, final model)")
+    parser.add_argument("--preset", choices=sorted(TRAIN_DATASET_PRESETS), help="training dataset preset")
+    parser.add_argument("--image-size", type=int, help="input size in pixels (default 518)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per process and step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION_MODES, default="no")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="recompute the frozen vision features every epoch")
+    parser.add_argument("--cache-dir", help="keep the feature cache on disk here instead of in memory")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .training import (
+        TrainingConfig,
+        cops_model_for_training,
+        load_training_dataset,
+        processor_for,
+        random_clip_model,
+        train_cops,
+    )
+
+    clip = random_clip_model(args.random_clip, seed=args.seed) if args.random_clip else args.clip
+    model = cops_model_for_training(clip, preset=args.preset, image_size=args.image_size)
+    config = TrainingConfig(
+        output_dir=args.output,
+        num_epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        gradient_accumulation_steps=args.grad_accum,
+        mixed_precision=args.mixed_precision,
+        seed=args.seed,
+        cache_vision_features=not args.no_cache,
+        cache_dir=args.cache_dir,
+        resume=args.resume,
+        dataloader_num_workers=args.num_workers,
+        use_cpu=args.cpu,
+    )
+    result = train_cops(model, processor_for(model), load_training_dataset(args.data), config)
+    if result.history:
+        first, last = result.history[0], result.history[-1]
+        print(f"loss {first['loss']:.4f} (epoch {first['epoch']}) -> {last['loss']:.4f} (epoch {last['epoch']})")
+    print(f"Saved the trained model and processor to {result.output_dir}")
+    return 0
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="cops-demo", help="folder for the data and the run")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.output, num_epochs=args.epochs, seed=args.seed)
+    print("epoch  loss      cls     seg     gather  scatter")
+    for record in result.training.history:
+        print(
+            f"{record['epoch']:>5}  {record['loss']:<8.4f}  {record['cls']:.4f}  {record['seg']:.4f}  "
+            f"{record['gather']:.4f}  {record['scatter']:.4f}"
+        )
+    print("\nScores of unseen test images (random CLIP: mechanics, not accuracy):")
+    for row in result.test_scores:
+        label = "anomalous" if row["gt_label"] else "normal"
+        print(f"  {row['score']:.4f}  {label:<9}  {row['cls_name']:<8}  {row['image_path']}")
+    print(f"\nModel, processor and train_log.jsonl in {result.training.output_dir}")
+    return 0
+
+
 SUBCOMMANDS: list[Subcommand] = [
+    (
+        "demo",
+        "Offline demo: synthetic data, random tiny CLIP, about a minute on a CPU.",
+        _add_demo_arguments,
+        _run_demo,
+    ),
+    ("train", "Train CoPS on an auxiliary dataset (meta.json train split).", _add_train_arguments, _run_train),
     ("convert", "Convert the official CLIP + CoPS release files.", _add_convert_arguments, _run_convert),
     ("predict", "Score images; write heatmap overlays and a CSV.", _add_predict_arguments, _run_predict),
     ("evaluate", "Evaluate on a meta.json dataset: metrics, plots.", _add_evaluate_arguments, _run_evaluate),
@@ -269,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cops-hf` console script."""
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
     except (ValueError, OSError, CoPSHubError) as error:
