@@ -328,7 +328,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     for row in result.test_scores:
         label = "anomalous" if row["gt_label"] else "normal"
         print(f"  {row['score']:.4f}  {label:<9}  {row['cls_name']:<8}  {row['image_path']}")
+    print("\nZero-shot metrics on the unseen test categories (%):")
+    print(result.evaluation.report.format_table())
     print(f"\nModel, processor and train_log.jsonl in {result.training.output_dir}")
+    print(f"Tables, ROC/PR plots and heatmap overlays in {Path(result.training.output_dir) / 'evaluation'}")
     return 0
 
 
@@ -364,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cops-hf` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
     except (ValueError, OSError, CoPSHubError) as error:

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .data import load_meta_dataset, make_synthetic_dataset
+from .evaluation.evaluator import EvaluationResult, evaluate_dataset
 from .training import (
     TrainingConfig,
     TrainingResult,
@@ -33,11 +32,14 @@ class DemoResult:
         training: the training run (its `history` holds the per-epoch loss terms).
         data_dir: the generated synthetic dataset.
         test_scores: per scored test image: `image_path`, `cls_name`, `gt_label` and `score`.
+        evaluation: metrics on the unseen test categories; its files (table, plots, overlays) are in
+            `output_dir/evaluation`.
     """
 
     training: TrainingResult
     data_dir: Path
     test_scores: list[dict[str, Any]]
+    evaluation: EvaluationResult
 
 
 def run_demo(
@@ -49,15 +51,15 @@ def run_demo(
     seed: int = 0,
     progress_bar: bool = True,
 ) -> DemoResult:
-    """Generate synthetic data, train a CoPS on a random tiny CLIP, and score a few unseen test images.
+    """Generate synthetic data, train a CoPS on a random tiny CLIP, and evaluate it on the unseen categories.
 
     Args:
         output_dir: receives `data/` (the synthetic dataset) and the run (checkpoints, log, final model).
         num_epochs: training epochs (the first computes the vision features, later ones reuse them).
         images_per_category: synthetic images per category (half of them anomalous).
         image_size: model input size in pixels (a multiple of 14).
-        num_test_images: test images scored, alternating normal and anomalous ones.
-        seed: seed of the data, the CLIP initialization, the training run and the scoring noise.
+        num_test_images: test images listed in `test_scores`, alternating normal and anomalous ones.
+        seed: seed of the data, the CLIP initialization, the training run and the class-token noise.
         progress_bar: show the training progress bar.
     """
     output_dir = Path(output_dir)
@@ -67,24 +69,23 @@ def run_demo(
     config = TrainingConfig(output_dir=output_dir, num_epochs=num_epochs, seed=seed, progress_bar=progress_bar)
     training = train_cops(model, processor, load_meta_dataset(data_dir, split="train"), config)
 
-    test_set = load_meta_dataset(data_dir, split="test")
-    normal = [index for index, label in enumerate(test_set["gt_label"]) if label == 0]
-    anomalous = [index for index, label in enumerate(test_set["gt_label"]) if label == 1]
+    evaluation = evaluate_dataset(
+        training.model, processor, data_dir, seed=seed, output_dir=output_dir / "evaluation", num_visualizations=4
+    )
+    labels = evaluation.image_labels.tolist()
+    normal = [index for index, label in enumerate(labels) if label == 0]
+    anomalous = [index for index, label in enumerate(labels) if label == 1]
     chosen = [index for pair in zip(normal, anomalous, strict=False) for index in pair][:num_test_images]
-    rows = test_set.select(chosen)
-    inputs = processor(images=list(rows["image"]))
-    noise_shape = (len(chosen), model.config.vae_samples, model.config.projection_dim)
-    noise = torch.randn(noise_shape, generator=torch.Generator().manual_seed(seed))
-    device = model.device
-    with torch.no_grad():
-        scores = model(pixel_values=inputs["pixel_values"].to(device), vae_noise=noise.to(device)).image_scores
     test_scores = [
-        {"image_path": path, "cls_name": name, "gt_label": int(label), "score": float(score)}
-        for path, name, label, score in zip(
-            rows["image_path"], rows["cls_name"], rows["gt_label"], scores, strict=True
-        )
+        {
+            "image_path": evaluation.image_paths[index],
+            "cls_name": evaluation.categories[index],
+            "gt_label": labels[index],
+            "score": float(evaluation.image_scores[index]),
+        }
+        for index in chosen
     ]
-    return DemoResult(training=training, data_dir=data_dir, test_scores=test_scores)
+    return DemoResult(training=training, data_dir=data_dir, test_scores=test_scores, evaluation=evaluation)
 
 
 __all__ = ["DemoResult", "run_demo"]
