@@ -335,6 +335,30 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
+    parser.add_argument("--model", required=True, help="directory (or hub id) of a saved CoPS model")
+    parser.add_argument("--output", required=True, help="path of the .onnx file to write")
+    parser.add_argument("--vae-samples", type=int, default=None, help="VAE samples in the graph (default: config)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fixed VAE noise (default: 0)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: 17)")
+    parser.add_argument(
+        "--int8", action="store_true", help="also write <output>.int8.onnx with int8 dynamically quantized weights"
+    )
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx, quantize_onnx_int8
+    from .modeling_cops import CoPSForAnomalyDetection
+
+    model = CoPSForAnomalyDetection.from_pretrained(args.model)
+    path = export_onnx(model, args.output, vae_samples=args.vae_samples, seed=args.seed, opset=args.opset)
+    print(f"Wrote {path}")
+    if args.int8:
+        print(f"Wrote {quantize_onnx_int8(path, path.with_suffix('.int8.onnx'))}")
+    return 0
+
+
 SUBCOMMANDS: list[Subcommand] = [
     (
         "demo",
@@ -350,6 +374,7 @@ SUBCOMMANDS: list[Subcommand] = [
     ("data", "Prepare (meta.json) or validate a dataset.", _add_data_arguments, _run_data),
     ("benchmark", "Run the paper's protocol on prepared datasets.", _add_benchmark_arguments, _run_benchmark),
     ("push", "Upload a model, its processor, code and card to the Hub.", _add_push_arguments, _run_push),
+    ("export", "Export the whole inference to one ONNX graph.", _add_export_arguments, _run_export),
 ]
 
 

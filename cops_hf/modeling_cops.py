@@ -194,8 +194,14 @@ class CoPSStatePrototypes(nn.Module):
         )
 
     def forward(self, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return `(normal_prototypes, anomalous_prototypes)`, each `[B, P, D]`, for `[B, N, D]` tokens."""
-        return self.extractor(self.normal_queries, patch_tokens), self.extractor(self.anomalous_queries, patch_tokens)
+        """Return `(normal_prototypes, anomalous_prototypes)`, each `[B, P, D]`, for `[B, N, D]` tokens.
+
+        Both query sets go through the extractor in one call: every query row is independent, so this equals two
+        calls while normalizing and projecting the patch tokens (keys and values) once instead of twice.
+        """
+        queries = torch.cat([self.normal_queries, self.anomalous_queries])  # [2P, D]
+        normal_prototypes, anomalous_prototypes = self.extractor(queries, patch_tokens).chunk(2, dim=1)
+        return normal_prototypes, anomalous_prototypes
 
 
 class CoPSClassTokenVAE(nn.Module):

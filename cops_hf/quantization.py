@@ -1,0 +1,45 @@
+"""Int8 CPU inference: dynamic quantization of the frozen CLIP towers' linear layers.
+
+Dynamic quantization stores the weights of `nn.Linear` layers as int8 (one scale per output channel) and
+quantizes the activations on the fly, per call. It uses `torch.ao.quantization`, which torch marks as deprecated
+in favour of the separate `torchao` package; it still ships (and is fast on x86 with VNNI) in the torch versions
+cops-hf supports. Only the transformer layers of both CLIP towers are quantized: they hold
+almost all of the model's arithmetic, while the small CoPS modules (prototypes, VAE, projections) stay in float32
+where their rounding would cost accuracy for no speed. Attention products (softmax(q k^T) v) stay in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from .modeling_cops import CoPSForAnomalyDetection
+
+
+def quantize_int8(model: CoPSForAnomalyDetection, inplace: bool = False) -> CoPSForAnomalyDetection:
+    """Quantize CLIP's encoder linear layers to int8 (dynamic quantization) for faster CPU inference.
+
+    Args:
+        model: a float32 model on CPU.
+        inplace: quantize `model` itself instead of a copy (saves the copy's memory; the float weights of the
+            quantized layers are released).
+
+    Returns:
+        The quantized model in eval mode. It runs on CPU only and is meant for inference (no training).
+    """
+    if next(model.parameters()).device.type != "cpu" or model.dtype != torch.float32:
+        raise ValueError("quantize_int8 needs a float32 model on CPU; call model.float().cpu() first.")
+    quantized = model if inplace else copy.deepcopy(model)
+    qconfig = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_")
+        for encoder in (quantized.clip.vision_model.encoder, quantized.clip.text_model.encoder):
+            torch.ao.quantization.quantize_dynamic(encoder, qconfig, dtype=torch.qint8, inplace=True)
+    return quantized.eval()
+
+
+__all__ = ["quantize_int8"]
