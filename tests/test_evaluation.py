@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -109,8 +110,9 @@ def test_calibration_from_normal_images_is_a_quantile():
     images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
     thresholds = calibrate_thresholds(model, processor, images, quantile=0.5)
     assert thresholds.method == "quantile"
-    scores = [model(processor(images=image)["pixel_values"], vae_noise=model.seeded_prior_noise(1, 0)).image_scores
-              for image in images]  # fmt: skip
+    with torch.no_grad():
+        scores = [model(processor(images=image)["pixel_values"], vae_noise=model.seeded_prior_noise(1, 0)).image_scores
+                  for image in images]  # fmt: skip
     assert thresholds.image_threshold == pytest.approx(float(np.median([float(s) for s in scores])), abs=1e-6)
     assert model.config.image_threshold == thresholds.image_threshold
     assert model.config.pixel_threshold == thresholds.pixel_threshold
@@ -122,9 +124,10 @@ def test_calibration_from_labels_is_f1_optimal(dataset_root):
     masks = [path or None for path in dataset["mask_path"]]
     thresholds = calibrate_thresholds(model, processor, dataset["image_path"], dataset["gt_label"], masks)
     assert thresholds.method == "f1"
-    scores = np.asarray([float(model(processor(images=path)["pixel_values"],
-                                     vae_noise=model.seeded_prior_noise(1, 0)).image_scores)
-                         for path in dataset["image_path"]])  # fmt: skip
+    with torch.no_grad():
+        scores = np.asarray([float(model(processor(images=path)["pixel_values"],
+                                         vae_noise=model.seeded_prior_noise(1, 0)).image_scores)
+                             for path in dataset["image_path"]])  # fmt: skip
     labels = np.asarray(dataset["gt_label"])
     predicted = scores >= thresholds.image_threshold
     true_positives = (predicted & (labels == 1)).sum()

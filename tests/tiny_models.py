@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
 from cops_hf import CoPSConfig, CoPSForAnomalyDetection
+from cops_hf.training import RANDOM_CLIP_CONFIGS
 
-TEXT_WIDTH = 48
+TEXT_WIDTH = RANDOM_CLIP_CONFIGS["tiny"]["projection_dim"]
 
 
 def tiny_config(**fields: Any) -> CoPSConfig:
-    """A 3-layer ViT (patch 14, 4x4 positional grid) and a 4-layer text tower; 98 px input (7x7 patches)."""
+    """The packaged "tiny" random CLIP (3-layer ViT, patch 14, 4x4 positional grid; 4-layer text tower) with a
+    98 px input (7x7 patches) and all vision layers dual-path."""
     defaults: dict[str, Any] = {
-        "text_config": {
-            "hidden_size": TEXT_WIDTH,
-            "intermediate_size": 96,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "projection_dim": TEXT_WIDTH,
-        },
-        "vision_config": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 2,
-            "image_size": 56,
-            "patch_size": 14,
-            "projection_dim": TEXT_WIDTH,
-        },
-        "projection_dim": TEXT_WIDTH,
+        **copy.deepcopy(RANDOM_CLIP_CONFIGS["tiny"]),
         "dpam_layers": 3,
         "feature_layers": [3],
         "image_size": 98,
