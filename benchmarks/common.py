@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cops_hf import CoPSConfig, CoPSForAnomalyDetection
+from cops_hf.data import DEFAULT_TEST_CATEGORIES, DEFECT_TYPES, render_synthetic_sample
 
 GEOMETRIES = ("official", "small")
 
@@ -73,28 +74,24 @@ def reset_peak_rss() -> None:
 def make_synthetic_images(
     num_images: int, size: int, seed: int = 0, anomalous_fraction: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Smooth random textures; a share of them get pasted defects (bright/dark elliptic blobs).
+    """Images of the package's synthetic anomaly source (test categories), a share of them with defects.
 
     Returns:
         `(images, masks, labels)`: uint8 `[B, size, size, 3]`, bool `[B, size, size]`, int `[B]`.
     """
     rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[0:size, 0:size] / size
-    images = np.empty((num_images, size, size, 3), dtype=np.uint8)
-    masks = np.zeros((num_images, size, size), dtype=bool)
     labels = (np.arange(num_images) < round(num_images * anomalous_fraction)).astype(int)
     rng.shuffle(labels)
-    for index in range(num_images):
-        frequency = rng.uniform(2, 8, size=2)
-        phase = rng.uniform(0, 2 * np.pi, size=3)
-        base = 0.5 + 0.2 * np.sin(2 * np.pi * (frequency[0] * rows + frequency[1] * cols)[..., None] + phase)
-        texture = base + rng.normal(0, 0.03, size=(size, size, 3))
-        if labels[index]:
-            for _ in range(rng.integers(1, 4)):
-                center = rng.uniform(0.15, 0.85, size=2)
-                radii = rng.uniform(0.04, 0.12, size=2)
-                blob = ((rows - center[0]) / radii[0]) ** 2 + ((cols - center[1]) / radii[1]) ** 2 <= 1.0
-                texture[blob] = rng.uniform(0, 1, size=3)
-                masks[index] |= blob
-        images[index] = np.clip(texture * 255, 0, 255).astype(np.uint8)
+    samples = [
+        render_synthetic_sample(
+            DEFAULT_TEST_CATEGORIES[index % len(DEFAULT_TEST_CATEGORIES)],
+            index,
+            image_size=size,
+            seed=seed,
+            defect_type=DEFECT_TYPES[index % len(DEFECT_TYPES)] if label else None,
+        )
+        for index, label in enumerate(labels)
+    ]
+    images = np.stack([sample.image for sample in samples])
+    masks = np.stack([sample.mask for sample in samples])
     return images, masks, labels
