@@ -33,10 +33,12 @@ DEFAULT_OPSET = 17
 
 
 def fixed_vae_noise(model: CoPSForAnomalyDetection, num_samples: int | None = None, seed: int = 0) -> torch.Tensor:
-    """The seeded VAE prior samples `[S, D]` that an exported graph holds (S defaults to `config.vae_samples`)."""
-    num_samples = num_samples or model.config.vae_samples
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(num_samples, model.config.projection_dim, generator=generator)
+    """The seeded VAE prior samples `[S, D]` that an exported graph holds (S defaults to `config.vae_samples`).
+
+    The same samples as `model.seeded_prior_noise`, so with the same seed the graph, the pipeline and the
+    evaluator agree.
+    """
+    return model.seeded_prior_noise(1, seed, num_samples)[0]
 
 
 class CoPSInferenceGraph(nn.Module):
