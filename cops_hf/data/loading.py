@@ -35,9 +35,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Images keep their file's mode: CoPSImageProcessor resizes first and converts to RGB after, as the reference does.
 META_FEATURES = datasets.Features(
     {
-        "image": datasets.Image(mode="RGB"),
+        "image": datasets.Image(),
         "mask": datasets.Image(mode="L"),
         "gt_label": datasets.ClassLabel(names=["normal", "anomalous"]),
         "cls_name": datasets.Value("string"),
@@ -46,9 +47,10 @@ META_FEATURES = datasets.Features(
         "mask_path": datasets.Value("string"),
     }
 )
-"""Columns of a loaded dataset. ``image`` decodes to RGB and ``mask`` to single-channel ``L``: threshold it at 127,
-since some datasets ship JPEG masks (Kvasir) that are not exactly 0/255. ``mask`` is ``None`` when the record has no
-mask: normal samples (all-normal pixels) and image-level datasets."""
+"""Columns of a loaded dataset. ``image`` decodes in its file's mode and ``mask`` to single-channel ``L``. Masks are
+binarized by CoPSImageProcessor as the reference does (any non-zero pixel is anomalous), which also counts the
+compression noise of JPEG masks (Kvasir) as anomalous: that is what the paper's numbers were computed with.
+``mask`` is ``None`` when the record has no mask: normal samples (all-normal pixels) and image-level datasets."""
 
 _MAX_PROBLEMS_IN_MESSAGE = 20
 
@@ -312,7 +314,7 @@ def load_meta_dataset(
 ) -> datasets.Dataset:
     """Load one split of ``ROOT/meta.json`` as a :class:`datasets.Dataset` with lazily decoded images.
 
-    Columns are :data:`META_FEATURES`: ``image`` (RGB), ``mask`` (``L`` or None), ``gt_label`` (0/1),
+    Columns are :data:`META_FEATURES`: ``image`` (the file's mode), ``mask`` (``L`` or None), ``gt_label`` (0/1),
     ``cls_name``, ``specie_name``, ``image_path`` (absolute) and ``mask_path`` (absolute or ""). Rows are grouped
     by category, in meta.json order (or in the order of ``categories``), then in file order.
 
