@@ -13,6 +13,7 @@ from PIL import Image
 from cops_hf.data import (
     DEFECT_TYPES,
     META_FEATURES,
+    SYNTHETIC_CATEGORIES,
     DataError,
     build_folder_meta,
     build_mvtec_meta,
@@ -471,3 +472,13 @@ def test_synthetic_image_size_and_argument_checks() -> None:
         render_synthetic_sample("bolt", 0, image_size=8)
     with pytest.raises(ValueError, match="Unknown defect type"):
         render_synthetic_sample("bolt", 0, defect_type="dent")
+
+
+@pytest.mark.parametrize("image_size", [518, (200, 520)])
+def test_every_defect_renders_at_large_sizes(image_size) -> None:
+    for category in SYNTHETIC_CATEGORIES:
+        for defect_type in DEFECT_TYPES:
+            sample = render_synthetic_sample(category, 1, image_size=image_size, defect_type=defect_type)
+            assert (
+                sample.mask.any() and (sample.image[sample.mask] != sample.clean_image[sample.mask]).any(axis=-1).all()
+            )

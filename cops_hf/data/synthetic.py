@@ -246,13 +246,15 @@ def _scratch(rng: np.random.Generator, clean: np.ndarray, foreground: np.ndarray
     start = _defect_center(rng, (height, width), foreground)
     path_rows = start[0] + np.cumsum(np.sin(heading)) * length / steps
     path_cols = start[1] + np.cumsum(np.cos(heading)) * length / steps
-    thickness = 1 if min(height, width) < 128 else 2
+    # Thickness grows with the image so a scratch stays visible (and above the minimum area) at any size.
+    thickness = max(1, round(min(height, width) / 64))
     shape = np.zeros((height, width), bool)
-    for offset in range(thickness):
-        shape[
-            np.clip(np.rint(path_rows).astype(int) + offset, 0, height - 1),
-            np.clip(np.rint(path_cols).astype(int), 0, width - 1),
-        ] = True
+    for row_offset in range(thickness):
+        for col_offset in range(thickness):
+            shape[
+                np.clip(np.rint(path_rows).astype(int) + row_offset, 0, height - 1),
+                np.clip(np.rint(path_cols).astype(int) + col_offset, 0, width - 1),
+            ] = True
     defective = clean.copy()
     defective[shape] = _to_uint8(_contrasting(clean[shape].astype(np.float32)))
     return defective
