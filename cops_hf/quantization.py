@@ -3,9 +3,11 @@
 Dynamic quantization stores the weights of `nn.Linear` layers as int8 (one scale per output channel) and
 quantizes the activations on the fly, per call. It uses `torch.ao.quantization`, which torch marks as deprecated
 in favour of the separate `torchao` package; it still ships (and is fast on x86 with VNNI) in the torch versions
-cops-hf supports. Only the transformer layers of both CLIP towers are quantized: they hold
-almost all of the model's arithmetic, while the small CoPS modules (prototypes, VAE, projections) stay in float32
-where their rounding would cost accuracy for no speed. Attention products (softmax(q k^T) v) stay in float32.
+cops-hf supports. Only the vision tower's transformer layers are quantized: they hold 95% of the arithmetic at
+ViT-L/14 and 518 px. The text tower (4.5% of the work) stays in float32: its errors reach every score through a
+softmax at temperature 0.07, and quantizing it as well tripled the largest score change (1.0e-2 against 3.2e-3 on
+16 synthetic images at the official geometry) for no measurable speed. The CoPS modules, the projections and the
+attention products (softmax(q k^T) v) stay in float32 too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .modeling_cops import CoPSForAnomalyDetection
 
 
 def quantize_int8(model: CoPSForAnomalyDetection, inplace: bool = False) -> CoPSForAnomalyDetection:
-    """Quantize CLIP's encoder linear layers to int8 (dynamic quantization) for faster CPU inference.
+    """Quantize the CLIP vision encoder's linear layers to int8 (dynamic quantization) for faster CPU inference.
 
     Args:
         model: a float32 model on CPU.
@@ -37,8 +39,9 @@ def quantize_int8(model: CoPSForAnomalyDetection, inplace: bool = False) -> CoPS
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_")
-        for encoder in (quantized.clip.vision_model.encoder, quantized.clip.text_model.encoder):
-            torch.ao.quantization.quantize_dynamic(encoder, qconfig, dtype=torch.qint8, inplace=True)
+        torch.ao.quantization.quantize_dynamic(
+            quantized.clip.vision_model.encoder, qconfig, dtype=torch.qint8, inplace=True
+        )
     return quantized.eval()
 
 

@@ -16,14 +16,14 @@ def _outputs(model, pixel_values, noise):
         return model(pixel_values, vae_noise=noise)
 
 
-def test_quantizes_only_the_clip_encoder_linears_of_a_copy():
+def test_quantizes_only_the_vision_encoder_linears_of_a_copy():
     model = tiny_model(seed=1)
     quantized = quantize_int8(model)
     dynamic = torch.ao.nn.quantized.dynamic.Linear
-    encoders = (quantized.clip.vision_model.encoder, quantized.clip.text_model.encoder)
-    quantized_layers = [module for encoder in encoders for module in encoder.modules() if isinstance(module, dynamic)]
-    # 6 linears (q, k, v, out, fc1, fc2) per layer: 3 vision + 4 text layers.
-    assert len(quantized_layers) == 6 * (3 + 4)
+    quantized_layers = [module for module in quantized.modules() if isinstance(module, dynamic)]
+    vision_layers = [m for m in quantized.clip.vision_model.encoder.modules() if isinstance(m, dynamic)]
+    # 6 linears (q, k, v, out, fc1, fc2) per layer of the 3 vision layers, nothing else.
+    assert len(quantized_layers) == len(vision_layers) == 6 * 3
     assert not any(isinstance(module, dynamic) for module in model.modules())
     assert type(quantized.clip.visual_projection) is nn.Linear
     assert type(quantized.state_prototypes.extractor.fc1) is nn.Linear
