@@ -24,6 +24,9 @@ def test_quantizes_only_the_vision_encoder_linears_of_a_copy():
     vision_layers = [m for m in quantized.clip.vision_model.encoder.modules() if isinstance(m, dynamic)]
     # 6 linears (q, k, v, out, fc1, fc2) per layer of the 3 vision layers, nothing else.
     assert len(quantized_layers) == len(vision_layers) == 6 * 3
+    mlp_only = quantize_int8(model, include_attention=False)
+    assert sum(isinstance(module, dynamic) for module in mlp_only.modules()) == 2 * 3
+    assert type(mlp_only.clip.vision_model.encoder.layers[0].self_attn.q_proj) is nn.Linear
     assert not any(isinstance(module, dynamic) for module in model.modules())
     assert type(quantized.clip.visual_projection) is nn.Linear
     assert type(quantized.state_prototypes.extractor.fc1) is nn.Linear
