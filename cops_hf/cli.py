@@ -26,13 +26,13 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .conversion import convert_original_checkpoint
-    from .processing_cops import CoPSImageProcessor, CoPSProcessor
+    from .processing_cops import CoPSProcessor
 
     model = convert_original_checkpoint(args.clip, args.checkpoint, image_size=args.image_size)
     if args.test_preset or args.train_preset:
         model.config = model.config.with_preset(args.test_preset, args.train_preset)
     model.save_pretrained(args.output)
-    CoPSProcessor(CoPSImageProcessor(size=model.config.image_size)).save_pretrained(args.output)
+    CoPSProcessor.for_image_size(model.config.image_size).save_pretrained(args.output)
     print(f"Saved CoPS model and processor to {args.output}")
     return 0
 
@@ -207,12 +207,12 @@ def _run_benchmark(args: argparse.Namespace) -> int:
 
 def _load_processor(model_name: str, image_size: int):
     """The processor saved with the model, or the default one at the model's input size."""
-    from .processing_cops import CoPSImageProcessor, CoPSProcessor
+    from .processing_cops import CoPSProcessor
 
     try:
         return CoPSProcessor.from_pretrained(model_name)
     except (OSError, ValueError):
-        return CoPSProcessor(CoPSImageProcessor(size=image_size))
+        return CoPSProcessor.for_image_size(image_size)
 
 
 def _add_push_arguments(parser: argparse.ArgumentParser) -> None:

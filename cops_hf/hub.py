@@ -310,7 +310,7 @@ def save_for_hub(
     Returns:
         The paths of the files written, sorted.
     """
-    processor = processor or CoPSProcessor(CoPSImageProcessor(size=model.config.image_size))
+    processor = processor or CoPSProcessor.for_image_size(model.config.image_size)
     original_config = model.config
     model.config = copy.deepcopy(original_config)
     try:

@@ -12,7 +12,7 @@ from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_cops import check_model_type
-from .processing_cops import CoPSImageProcessor, CoPSProcessor, ImageLike, ImageLoadError, load_image
+from .processing_cops import CoPSProcessor, ImageLike, ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class AnomalyDetectionPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         check_model_type(self.model.config.model_type, self.model.name_or_path or type(self.model).__name__)
         if self.processor is None:
-            self.processor = CoPSProcessor(CoPSImageProcessor(size=self.model.config.image_size))
+            self.processor = CoPSProcessor.for_image_size(self.model.config.image_size)
         self.image_processor = self.processor.image_processor  # lets the base class batch pixel_values
 
     def _sanitize_parameters(

@@ -194,6 +194,11 @@ class CoPSProcessor(ProcessorMixin):
     def __init__(self, image_processor: CoPSImageProcessor | None = None, tokenizer: CLIPTokenizer | None = None):
         super().__init__(image_processor or CoPSImageProcessor(), tokenizer or packaged_tokenizer())
 
+    @classmethod
+    def for_image_size(cls, image_size: int) -> CoPSProcessor:
+        """The default processor for a model whose input is `image_size` pixels (`config.image_size`)."""
+        return cls(CoPSImageProcessor(size=image_size))
+
     def __call__(
         self,
         images: ImageLike | Sequence[ImageLike] | None = None,

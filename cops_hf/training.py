@@ -232,7 +232,7 @@ def cops_model_for_training(
 
 def processor_for(model: CoPSForAnomalyDetection) -> CoPSProcessor:
     """A `CoPSProcessor` whose image size is the model's input size."""
-    return CoPSProcessor(CoPSImageProcessor(size=model.config.image_size))
+    return CoPSProcessor.for_image_size(model.config.image_size)
 
 
 def load_training_dataset(root: str | os.PathLike[str], categories: Sequence[str] | None = None) -> datasets.Dataset:
