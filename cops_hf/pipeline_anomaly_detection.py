@@ -12,6 +12,7 @@ from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_cops import check_model_type
+from .modeling_cops import CoPSAnomalyDetectionOutput
 from .processing_cops import CoPSProcessor, ImageLike, ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,10 @@ class AnomalyDetectionPipeline(Pipeline):
         threshold = threshold if threshold is not None else config.pixel_threshold
         image_threshold = image_threshold if image_threshold is not None else config.image_threshold
         (result,) = self.processor.post_process_anomaly_detection(
-            _Outputs(model_outputs["image_scores"], model_outputs["anomaly_maps"]),
+            CoPSAnomalyDetectionOutput(
+                image_scores=model_outputs["image_scores"].reshape(-1),
+                anomaly_maps=model_outputs["anomaly_maps"].reshape(-1, *model_outputs["anomaly_maps"].shape[-2:]),
+            ),
             target_sizes=[tuple(model_outputs["original_size"].reshape(-1).tolist())],
             threshold=threshold,
             image_threshold=image_threshold,
@@ -129,14 +133,6 @@ class AnomalyDetectionPipeline(Pipeline):
         if "mask" in result:
             result["mask"] = result["mask"].numpy()
         return result
-
-
-class _Outputs:
-    """The two fields of a model output that post-processing reads."""
-
-    def __init__(self, image_scores: torch.Tensor, anomaly_maps: torch.Tensor) -> None:
-        self.image_scores = image_scores.reshape(-1)
-        self.anomaly_maps = anomaly_maps.reshape(-1, *anomaly_maps.shape[-2:])
 
 
 def register_pipeline() -> None:
