@@ -71,12 +71,12 @@ _STATE_FILENAME = "trainer_state.json"
 _RESUME_INVARIANTS = ("batch_size", "learning_rate", "adam_betas", "gradient_accumulation_steps", "seed")
 
 # Random CLIP towers for offline runs, tests and benchmarks (CLIPConfig keyword arguments).
+_TINY_TEXT_TOWER = {
+    "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4, "projection_dim": 48,
+}
 RANDOM_CLIP_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": {
-        "text_config": {
-            "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
-            "projection_dim": 48,
-        },
+        "text_config": _TINY_TEXT_TOWER,
         "vision_config": {
             "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
             "image_size": 56, "patch_size": 14, "projection_dim": 48,
@@ -85,10 +85,7 @@ RANDOM_CLIP_CONFIGS: dict[str, dict[str, Any]] = {
     },
     # The vision tower dominates the step time, as with ViT-L/14 at 518 px.
     "small": {
-        "text_config": {
-            "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
-            "projection_dim": 48,
-        },
+        "text_config": _TINY_TEXT_TOWER,
         "vision_config": {
             "hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 6,
             "image_size": 224, "patch_size": 14, "projection_dim": 48,
