@@ -301,16 +301,7 @@ def convert_original_checkpoint(
                 )
             cops_fields[name] = value
 
-    num_vision_layers = clip_config.vision_config.num_hidden_layers
-    cops_fields.setdefault("dpam_layers", num_vision_layers)
-    cops_fields.setdefault("feature_layers", [num_vision_layers])
-    config = CoPSConfig(
-        text_config=clip_config.text_config.to_dict(),
-        vision_config=clip_config.vision_config.to_dict(),
-        projection_dim=clip_config.projection_dim,
-        **cops_fields,
-    )
-    model = CoPSForAnomalyDetection(config)
+    model = CoPSForAnomalyDetection(CoPSConfig.from_clip_config(clip_config, **cops_fields))
     _load_exact(model.clip, clip_weights, "OpenAI CLIP")
     if cops_weights:
         expected = {name for name in model.state_dict() if not name.startswith("clip.")}
