@@ -22,13 +22,20 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=518, help="Input size in pixels (default 518).")
     parser.add_argument("--test-preset", help="Test-dataset preset (e.g. visa, mvtec), see TEST_DATASET_PRESETS.")
     parser.add_argument("--train-preset", help="Training-dataset preset (visa or mvtec).")
+    parser.add_argument(
+        "--no-round-deep-prompts",
+        action="store_true",
+        help="Keep the checkpoint's fp32 deep prompts (default: fp16-rounded, as the reference computes with them).",
+    )
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .conversion import convert_original_checkpoint
     from .processing_cops import CoPSProcessor
 
-    model = convert_original_checkpoint(args.clip, args.checkpoint, image_size=args.image_size)
+    model = convert_original_checkpoint(
+        args.clip, args.checkpoint, image_size=args.image_size, round_deep_prompts=not args.no_round_deep_prompts
+    )
     if args.test_preset or args.train_preset:
         model.config = model.config.with_preset(args.test_preset, args.train_preset)
     model.save_pretrained(args.output)
@@ -93,6 +100,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=int, default=8, help="Overlays per category.")
     parser.add_argument("--cpu", action="store_true", help="Run on CPU even when a GPU is available.")
+    parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -107,7 +115,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_dataset(
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=args.preset,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
-        num_visualizations=args.num_visualizations, accelerator=accelerator,
+        num_visualizations=args.num_visualizations, accelerator=accelerator, skip_invalid=args.skip_invalid,
     )  # fmt: skip
     if result is not None:
         print(result.report.format_table())
