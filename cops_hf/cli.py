@@ -282,7 +282,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from .training import MIXED_PRECISION_MODES, RANDOM_CLIP_CONFIGS
 
     clip = parser.add_mutually_exclusive_group(required=True)
-    clip.add_argument("--clip", help="CLIP name or path, e.g. openai/clip-vit-large-patch14-336")
+    clip.add_argument(
+        "--clip", help="CLIP: a Hub id (openai/clip-vit-large-patch14-336), a transformers folder or an OpenAI file"
+    )
     clip.add_argument(
         "--random-clip",
         "--clip-config",
