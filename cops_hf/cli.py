@@ -39,6 +39,11 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-sha1", help="With --official: the git blob SHA-1 the checkpoint must have (default: the "
         "published file's)."
     )  # fmt: skip
+    parser.add_argument(
+        "--no-round-deep-prompts",
+        action="store_true",
+        help="Keep the checkpoint's fp32 deep prompts (default: fp16-rounded, as the reference computes with them).",
+    )
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -47,16 +52,17 @@ def _run_convert(args: argparse.Namespace) -> int:
     from .processing_cops import CoPSProcessor
 
     clip_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    rounding = {"round_deep_prompts": not args.no_round_deep_prompts}
     if args.official:
         if args.checkpoint:
             raise ValueError("--official downloads its own checkpoint: leave out --checkpoint")
         model, processor = load_official(
             args.official, clip=args.clip, base_url=args.base_url, blob_sha1=args.checkpoint_sha1,
-            image_size=args.image_size, **clip_kwargs,
+            image_size=args.image_size, **clip_kwargs, **rounding,
         )  # fmt: skip
     elif args.clip:
         model = convert_original_checkpoint(
-            args.clip, args.checkpoint, clip_kwargs=clip_kwargs, image_size=args.image_size
+            args.clip, args.checkpoint, clip_kwargs=clip_kwargs, image_size=args.image_size, **rounding
         )
         processor = CoPSProcessor.for_image_size(model.config.image_size)
     else:
