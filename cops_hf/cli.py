@@ -131,6 +131,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=int, default=8, help="Overlays per category.")
     parser.add_argument("--cpu", action="store_true", help="Run on CPU even when a GPU is available.")
+    parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -145,7 +146,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_dataset(
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=args.preset,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
-        num_visualizations=args.num_visualizations, accelerator=accelerator,
+        num_visualizations=args.num_visualizations, accelerator=accelerator, skip_invalid=args.skip_invalid,
     )  # fmt: skip
     if result is not None:
         print(result.report.format_table())
