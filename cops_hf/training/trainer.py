@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPModel
 
+from ..conversion import load_clip_model
 from ..file_utils import atomic_write
 from ..modeling_cops import CoPSForAnomalyDetection, CoPSVisionOutput
 from ..processing_cops import CoPSProcessor
@@ -70,17 +71,19 @@ def cops_model_for_training(
     """A fresh CoPS around a (pretrained or random) CLIP, ready to train.
 
     Args:
-        clip: a `CLIPModel` or a name/path for `CLIPModel.from_pretrained`.
+        clip: a `CLIPModel`, a Hub id, a transformers CLIP folder or an OpenAI CLIP file (see
+            `cops_hf.conversion.load_clip_model`).
         preset: training dataset preset from `TRAIN_DATASET_PRESETS` ("visa", "mvtec", "general"): the training
             neighbour kernel and whether the reconstruction loss is on.
         image_size: input size (518 by default, the reference's); a multiple of the patch size.
-        clip_kwargs: extra arguments of `CLIPModel.from_pretrained`.
+        clip_kwargs: extra arguments of `CLIPModel.from_pretrained` for a Hub id or folder (`revision`, ...).
         **cops_fields: other `CoPSConfig` fields; the ones derived from the CLIP's depth are described in
             `CoPSConfig.from_clip_config`.
     """
     if image_size is not None:
         cops_fields["image_size"] = image_size
-    return CoPSForAnomalyDetection.from_clip(clip, clip_kwargs=clip_kwargs, train_preset=preset, **cops_fields)
+    clip = load_clip_model(clip, **(clip_kwargs or {}))
+    return CoPSForAnomalyDetection.from_clip(clip, train_preset=preset, **cops_fields)
 
 
 def processor_for(model: CoPSForAnomalyDetection) -> CoPSProcessor:
