@@ -1,7 +1,8 @@
-"""Conversion of the official release: OpenAI CLIP archives and reference CoPS checkpoints -> our model.
+"""Conversion of the official release: CLIP in any published form and reference CoPS checkpoints -> our model.
 
-* OpenAI CLIP (`ViT-L-14-336px.pt`, a TorchScript archive, or any OpenAI-layout state dict) is mapped onto
-  transformers' `CLIPModel` names; its configuration is read off the tensor shapes.
+* CLIP comes as OpenAI ships it (`ViT-L-14-336px.pt`, a TorchScript archive, or any OpenAI-layout state dict:
+  mapped onto transformers' `CLIPModel` names, its configuration read off the tensor shapes), as a transformers
+  CLIP folder, or as a Hub id such as `openai/clip-vit-large-patch14-336` (`CLIPModel.from_pretrained`).
 * A reference CoPS checkpoint (`{"prompt_learner": state_dict}`, as saved by the reference's train.py) is
   mapped onto our CoPS modules. Keys the reference saves but the method never reads (`projector*`,
   `extractor_*`, `token_*`, `tokenized_prompts_*`) are dropped; `vae_encoder*` may be absent (only training
@@ -26,9 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from transformers import CLIPConfig
+from transformers import CLIPConfig, CLIPModel
 
-from .configuration_cops import CoPSConfig
 from .modeling_cops import CoPSForAnomalyDetection
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ _COPS_ENCODER_RENAMES = {
     "vae_encoder.log_var.bias": "class_token_vae.log_var_head.bias",
 }
 _VAE_ENCODER_PREFIXES = ("class_token_vae.encoder.", "class_token_vae.mean_head.", "class_token_vae.log_var_head.")
+# A Hub model id ("name" or "namespace/name"); a string naming a file that does not exist is not one.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _COPS_UNUSED = re.compile(r"^(projector|extractor_\.|token_|tokenized_prompts_)")
 _DEEP_PROMPT = re.compile(r"^compound_prompts_text\.(\d+)$")
 
@@ -377,21 +380,56 @@ def convert_reference_cops_state_dict(state: StateDict) -> tuple[dict[str, torch
     return converted, has_encoder
 
 
+def load_clip_model(
+    clip: str | os.PathLike | StateDict | CLIPModel,
+    *,
+    clip_config: CLIPConfig | None = None,
+    **from_pretrained_kwargs,
+) -> CLIPModel:
+    """A transformers `CLIPModel` from any form CLIP is published in, in float32 unless told otherwise.
+
+    Args:
+        clip: an OpenAI CLIP file (TorchScript archive as OpenAI ships it, or a state-dict checkpoint), an
+            OpenAI-layout state dict, a transformers CLIP folder, a Hub id (`"openai/clip-vit-large-patch14-336"`),
+            or a `CLIPModel` (returned as is).
+        clip_config: for OpenAI weights, overrides the configuration read off the shapes (e.g. head counts that are
+            not width // 64).
+        **from_pretrained_kwargs: for folders and Hub ids, arguments of `CLIPModel.from_pretrained` (`revision`,
+            `cache_dir`, `dtype`, ...).
+    """
+    if isinstance(clip, CLIPModel):
+        return clip
+    if isinstance(clip, Mapping):
+        state = dict(clip)
+    else:
+        path = Path(clip)
+        is_hub_id = not path.exists() and _HUB_ID.fullmatch(str(clip)) and not str(clip).endswith(_FILE_SUFFIXES)
+        if path.is_dir() or is_hub_id:
+            return CLIPModel.from_pretrained(str(clip), **{"dtype": torch.float32, **from_pretrained_kwargs}).eval()
+        state = load_openai_clip_state_dict(path)
+    model = CLIPModel(clip_config or clip_config_from_openai(state))
+    _load_exact(model, convert_openai_clip_state_dict(state), "OpenAI CLIP")
+    return model.eval()
+
+
 def convert_original_checkpoint(
-    clip: str | os.PathLike | StateDict,
+    clip: str | os.PathLike | StateDict | CLIPModel,
     cops: str | os.PathLike | StateDict | None = None,
     *,
     clip_config: CLIPConfig | None = None,
+    clip_kwargs: dict | None = None,
     round_deep_prompts: bool = True,
     **cops_fields,
 ) -> CoPSForAnomalyDetection:
     """Build a [`CoPSForAnomalyDetection`] from the official release files.
 
     Args:
-        clip: OpenAI CLIP state dict, or the path of an OpenAI `.pt` file (TorchScript archive or checkpoint).
+        clip: the CLIP, in any form [`load_clip_model`] takes: an OpenAI `.pt` file (TorchScript archive or
+            checkpoint) or state dict, a transformers CLIP folder, a Hub id or a `CLIPModel`.
         cops: reference CoPS checkpoint path or its `prompt_learner` state dict; `None` gives fresh CoPS modules.
-        clip_config: overrides the CLIP configuration read off the shapes (e.g. head counts that are not
-            width // 64).
+        clip_config: overrides the CLIP configuration read off OpenAI weights' shapes (e.g. head counts that are
+            not width // 64).
+        clip_kwargs: arguments of `CLIPModel.from_pretrained` for a folder or Hub id (`revision`, `cache_dir`).
         round_deep_prompts: store the deep prompts rounded to fp16 values, as the reference computes with them
             (it casts them with `.half()` in every forward). False keeps the checkpoint's float32 values, which
             moves scores by up to ~4e-5 from the reference's.
@@ -401,9 +439,7 @@ def convert_original_checkpoint(
     Returns:
         The model in eval mode.
     """
-    clip_state = load_openai_clip_state_dict(clip) if isinstance(clip, (str, os.PathLike)) else dict(clip)
-    clip_config = clip_config or clip_config_from_openai(clip_state)
-    clip_weights = convert_openai_clip_state_dict(clip_state)
+    clip_model = load_clip_model(clip, clip_config=clip_config, **(clip_kwargs or {}))
 
     cops_weights: dict[str, torch.Tensor] = {}
     has_encoder = False
@@ -421,8 +457,7 @@ def convert_original_checkpoint(
                 )
             cops_fields[name] = value
 
-    model = CoPSForAnomalyDetection(CoPSConfig.from_clip_config(clip_config, **cops_fields))
-    _load_exact(model.clip, clip_weights, "OpenAI CLIP")
+    model = CoPSForAnomalyDetection.from_clip(clip_model, **cops_fields)
     if cops_weights:
         expected = {name for name in model.state_dict() if not name.startswith("clip.")}
         if not has_encoder:
@@ -456,6 +491,7 @@ __all__ = [
     "convert_openai_clip_state_dict",
     "convert_original_checkpoint",
     "convert_reference_cops_state_dict",
+    "load_clip_model",
     "load_openai_clip_state_dict",
     "load_reference_cops_state_dict",
     "load_weights_file",
