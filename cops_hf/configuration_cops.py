@@ -83,6 +83,9 @@ class CoPSConfig(PretrainedConfig):
             "X ... X." (the "." of CLIP's BPE vocabulary); start/end ids come from `text_config`.
         image_threshold, pixel_threshold (`float`, *optional*): calibrated decision thresholds on image scores and
             anomaly maps, used by the pipeline to emit labels and masks.
+        train_preset (`str`, *optional*): the training preset applied (`TRAIN_DATASET_PRESETS` key), recorded.
+        train_dataset, train_split (`str`, *optional*): what the model was trained on, recorded by the trainer: the
+            benchmark name meta.json records (else the dataset folder) and the meta.json split.
     """
 
     model_type = "cops"
@@ -116,6 +119,9 @@ class CoPSConfig(PretrainedConfig):
     image_threshold: float | None = None
     pixel_threshold: float | None = None
     initializer_range: float = 0.02
+    train_preset: str | None = None
+    train_dataset: str | None = None
+    train_split: str | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.feature_layers is None:
@@ -264,6 +270,8 @@ class CoPSConfig(PretrainedConfig):
             "logit_scale_init_value": clip_config.logit_scale_init_value,
         }
         presets = {**preset_fields("test", test_preset), **preset_fields("train", train_preset)}
+        if train_preset is not None:
+            presets["train_preset"] = preset_key(train_preset)
         return cls(**{**clip_fields, **presets, **fields})
 
     def with_preset(self, test_dataset: str | None = None, train_dataset: str | None = None) -> CoPSConfig:
@@ -278,8 +286,15 @@ class CoPSConfig(PretrainedConfig):
         updated = copy.deepcopy(self)
         for field, value in {**preset_fields("test", test_dataset), **preset_fields("train", train_dataset)}.items():
             setattr(updated, field, value)
+        if train_dataset is not None:
+            updated.train_preset = preset_key(train_dataset)
         updated.validate()
         return updated
+
+
+def preset_key(name: str) -> str:
+    """The preset table key of a dataset name: case, surrounding spaces and "-" versus "_" do not matter."""
+    return name.strip().lower().replace("-", "_")
 
 
 def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
@@ -292,7 +307,7 @@ def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
     if name is None:
         return {}
     table = TEST_DATASET_PRESETS if kind == "test" else TRAIN_DATASET_PRESETS
-    key = name.strip().lower().replace("-", "_")
+    key = preset_key(name)
     if key not in table:
         label = "test" if kind == "test" else "training"
         raise ValueError(f"Unknown {label} dataset preset {name!r}; choose one of {sorted(table)}.")
@@ -314,4 +329,11 @@ def check_model_type(model_type: str | None, source: str) -> None:
         )
 
 
-__all__ = ["CoPSConfig", "TEST_DATASET_PRESETS", "TRAIN_DATASET_PRESETS", "check_model_type", "preset_fields"]
+__all__ = [
+    "CoPSConfig",
+    "TEST_DATASET_PRESETS",
+    "TRAIN_DATASET_PRESETS",
+    "check_model_type",
+    "preset_fields",
+    "preset_key",
+]
