@@ -83,9 +83,14 @@ class CoPSConfig(PretrainedConfig):
             "X ... X." (the "." of CLIP's BPE vocabulary); start/end ids come from `text_config`.
         image_threshold, pixel_threshold (`float`, *optional*): calibrated decision thresholds on image scores and
             anomaly maps, used by the pipeline to emit labels and masks.
-        train_preset (`str`, *optional*): the training preset applied (`TRAIN_DATASET_PRESETS` key), recorded.
+        test_preset (`str`, *optional*): the `TEST_DATASET_PRESETS` entry the test-time fields were last set from
+            (recorded by `with_preset`); the official VisA-trained model is meant for "general", the MVTec-trained
+            one for "visa".
+        train_preset (`str`, *optional*): the `TRAIN_DATASET_PRESETS` entry the training fields were set from.
         train_dataset, train_split (`str`, *optional*): what the model was trained on, recorded by the trainer: the
             benchmark name meta.json records (else the dataset folder) and the meta.json split.
+        source_checkpoint (`str`, *optional*): the published checkpoint the CoPS weights were converted from, as
+            "repository/path@git blob sha1".
     """
 
     model_type = "cops"
@@ -118,6 +123,8 @@ class CoPSConfig(PretrainedConfig):
     prompt_suffix_token_ids: list[int] | None = None
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    test_preset: str | None = None
+    source_checkpoint: str | None = None
     initializer_range: float = 0.02
     train_preset: str | None = None
     train_dataset: str | None = None
@@ -270,8 +277,6 @@ class CoPSConfig(PretrainedConfig):
             "logit_scale_init_value": clip_config.logit_scale_init_value,
         }
         presets = {**preset_fields("test", test_preset), **preset_fields("train", train_preset)}
-        if train_preset is not None:
-            presets["train_preset"] = preset_key(train_preset)
         return cls(**{**clip_fields, **presets, **fields})
 
     def with_preset(self, test_dataset: str | None = None, train_dataset: str | None = None) -> CoPSConfig:
@@ -286,19 +291,12 @@ class CoPSConfig(PretrainedConfig):
         updated = copy.deepcopy(self)
         for field, value in {**preset_fields("test", test_dataset), **preset_fields("train", train_dataset)}.items():
             setattr(updated, field, value)
-        if train_dataset is not None:
-            updated.train_preset = preset_key(train_dataset)
         updated.validate()
         return updated
 
 
-def preset_key(name: str) -> str:
-    """The preset table key of a dataset name: case, surrounding spaces and "-" versus "_" do not matter."""
-    return name.strip().lower().replace("-", "_")
-
-
 def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
-    """The `CoPSConfig` fields of a dataset preset (empty for `None`).
+    """The `CoPSConfig` fields of a dataset preset (empty for `None`), with its name in `test_preset`/`train_preset`.
 
     Args:
         kind: "test" (`TEST_DATASET_PRESETS`) or "train" (`TRAIN_DATASET_PRESETS`).
@@ -307,11 +305,11 @@ def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
     if name is None:
         return {}
     table = TEST_DATASET_PRESETS if kind == "test" else TRAIN_DATASET_PRESETS
-    key = preset_key(name)
+    key = name.strip().lower().replace("-", "_")
     if key not in table:
         label = "test" if kind == "test" else "training"
         raise ValueError(f"Unknown {label} dataset preset {name!r}; choose one of {sorted(table)}.")
-    return dict(table[key])
+    return {**table[key], f"{kind}_preset": key}
 
 
 def check_model_type(model_type: str | None, source: str) -> None:
@@ -329,11 +327,4 @@ def check_model_type(model_type: str | None, source: str) -> None:
         )
 
 
-__all__ = [
-    "CoPSConfig",
-    "TEST_DATASET_PRESETS",
-    "TRAIN_DATASET_PRESETS",
-    "check_model_type",
-    "preset_fields",
-    "preset_key",
-]
+__all__ = ["CoPSConfig", "TEST_DATASET_PRESETS", "TRAIN_DATASET_PRESETS", "check_model_type", "preset_fields"]

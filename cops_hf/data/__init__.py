@@ -29,6 +29,7 @@ from .builders import (
     species_records,
 )
 from .loading import (
+    ALLOW_OUTSIDE_ROOT_ENV,
     META_FEATURES,
     ValidationReport,
     has_masks,
@@ -65,6 +66,7 @@ from .synthetic import (
 )
 
 __all__ = [
+    "ALLOW_OUTSIDE_ROOT_ENV",
     "BENCHMARKS",
     "DATASET_BUILDERS",
     "BenchmarkInfo",

@@ -97,6 +97,7 @@ def evaluate_dataset(
     output_dir: str | Path | None = None,
     num_visualizations: int = 8,
     accelerator: Accelerator | None = None,
+    skip_invalid: bool = False,
 ) -> EvaluationResult | None:
     """Evaluate `model` on `data_root/meta.json` and (on the main process) write the report files.
 
@@ -110,6 +111,8 @@ def evaluate_dataset(
         num_visualizations: overlays per category (spread over normal and anomalous images).
         accelerator: shards the dataset over its processes; `None` creates one (single process unless launched
             with `accelerate launch` / `torchrun`).
+        skip_invalid: drop invalid meta.json records (missing or unreadable files, duplicates, ...) with a
+            warning instead of refusing the dataset.
 
     Returns:
         The result on the main process; `None` on the other processes.
@@ -119,7 +122,7 @@ def evaluate_dataset(
         # A shallow copy shares the weights but not the config: the caller's model.config stays as it is.
         model, config = copy.copy(model), model.config.with_preset(test_dataset=test_preset)
         model.config = config
-    dataset = load_meta_dataset(data_root, split=split, categories=categories)
+    dataset = load_meta_dataset(data_root, split=split, categories=categories, skip_invalid=skip_invalid)
     pixel_level = has_masks(dataset) or any(path for path in dataset["mask_path"])
     columns = dataset.select_columns(["image_path", "mask_path", "gt_label", "cls_name"]).to_dict()
     rows = [
