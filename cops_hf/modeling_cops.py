@@ -15,7 +15,9 @@ S class-token samples, T context tokens per prompt, L layers, H x W pixels.
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -373,6 +375,25 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
         model.clip.requires_grad_(False)
         return loaded
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, with the "anomaly-detection" pipeline in the saved configuration.
+
+        Importing cops_hf registers the CoPS classes for the Auto classes, so transformers writes an `auto_map` and
+        copies this file and the modules it imports relatively (the pipeline's among them) next to the weights:
+        with `config.custom_pipelines` the folder, or the repository `push_to_hub` makes of it, loads with
+        `AutoModel` and `pipeline` and `trust_remote_code=True` where cops_hf is not installed. The model's own
+        `config` is left unchanged.
+        """
+        from .pipeline_anomaly_detection import remote_code_pipelines
+
+        original_config = self.config
+        self.config = copy.deepcopy(original_config)
+        self.config.custom_pipelines = remote_code_pipelines()
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config = original_config
 
     def train(self, mode: bool = True) -> CoPSForAnomalyDetection:
         """Set the CoPS modules' training mode; CLIP always stays in eval mode."""
