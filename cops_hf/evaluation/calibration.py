@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..modeling_cops import CoPSForAnomalyDetection
-from ..processing_cops import CoPSProcessor, ImageLike
+from ..processing_cops import CoPSProcessor, ImageLike, check_finite_scores
 from .metrics import f1_max_threshold
 
 # Pixels drawn per image for pixel quantiles and F1 search, keeping calibration memory bounded.
@@ -49,6 +49,7 @@ def _score_images(
         noise = model.seeded_prior_noise(len(batch_images), seed).to(device, dtype)
         with torch.no_grad():
             outputs = model(pixel_values=features["pixel_values"].to(device, dtype), vae_noise=noise)
+        check_finite_scores(outputs.image_scores, batch_images)
         maps = outputs.anomaly_maps.float().cpu().flatten(1).numpy()
         picks = pixel_sampler.choice(maps.shape[1], size=min(PIXELS_PER_IMAGE, maps.shape[1]), replace=False)
         scores.extend(outputs.image_scores.float().cpu().tolist())

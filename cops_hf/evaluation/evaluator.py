@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..data import has_masks, load_meta_dataset
 from ..modeling_cops import CoPSForAnomalyDetection
-from ..processing_cops import CoPSProcessor, load_image
+from ..processing_cops import CoPSProcessor, check_finite_scores, load_image
 from .plots import comparison_panel, plot_curves
 from .report import CategoryRecord, ZSADReport, compute_zsad_metrics
 
@@ -74,6 +74,7 @@ def _score_shard(
         noise = model.seeded_prior_noise(len(batch), seed).to(device, dtype)
         with torch.no_grad():
             outputs = model(pixel_values=features["pixel_values"].to(device, dtype), vae_noise=noise)
+        check_finite_scores(outputs.image_scores, [row["image_path"] for row in batch])
         for index, row in enumerate(batch):
             result = {"index": row["index"], "score": float(outputs.image_scores[index])}
             if pixel_level:

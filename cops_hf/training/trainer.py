@@ -30,6 +30,7 @@ from .checkpointing import (
     checkpoints_folder,
     list_checkpoints,
     load_checkpoint,
+    register_cops_weights_hooks,
     save_checkpoint,
     trainer_state,
 )
@@ -125,6 +126,7 @@ class CoPSTrainer:
             # Image-level data (no masks) leaves the prototype extractor without gradients.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not self.samples.uses_masks)],
         )
+        register_cops_weights_hooks(self.accelerator)
         self.global_step = 0
 
     # -- public ---------------------------------------------------------------------------------------------
@@ -283,14 +285,7 @@ class CoPSTrainer:
         return trainer_state(self.config, epoch, self.global_step, self.accelerator.num_processes, len(self.samples))
 
     def _save_checkpoint(self, epoch: int) -> None:
-        save_checkpoint(
-            self.accelerator,
-            self.model,
-            self.optimizer,
-            self.output_dir,
-            self._trainer_state(epoch),
-            self.config.keep_checkpoints,
-        )
+        save_checkpoint(self.accelerator, self.output_dir, self._trainer_state(epoch), self.config.keep_checkpoints)
 
     def _resume(self) -> int:
         """Load the last complete checkpoint; return its epoch (0 when there is none)."""
@@ -299,7 +294,7 @@ class CoPSTrainer:
             logger.warning("No checkpoint in %s: starting a fresh run.", checkpoints_folder(self.output_dir))
             return 0
         checkpoint = checkpoints[-1]
-        state = load_checkpoint(self.accelerator, self.model, self.optimizer, checkpoint, self._trainer_state(0))
+        state = load_checkpoint(self.accelerator, checkpoint, self._trainer_state(0))
         self.global_step = state["global_step"]
         if self.accelerator.is_main_process:
             self._truncate_log(state["epoch"])
