@@ -36,6 +36,7 @@ from huggingface_hub import (
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
@@ -45,7 +46,7 @@ from huggingface_hub.errors import (
 from transformers import PretrainedConfig
 
 from .configuration_cops import CoPSConfig
-from .modeling_cops import CoPSForAnomalyDetection
+from .modeling_cops import CoPSForAnomalyDetection, missing_model_source_message
 from .pipeline_anomaly_detection import TASK, AnomalyDetectionPipeline
 from .processing_cops import CoPSImageProcessor, CoPSProcessor
 
@@ -205,6 +206,8 @@ def hub_error_message(error: BaseException, repo_id: str) -> str | None:
     transformers re-raises Hub errors as ``OSError``.
     """
     for cause in _exception_chain(error):
+        if isinstance(cause, HFValidationError) and (message := missing_model_source_message(repo_id)):
+            return message
         if isinstance(cause, GatedRepoError):
             return (
                 f"{repo_id} is a gated repository: request access on {constants.ENDPOINT}/{repo_id}, then log in "

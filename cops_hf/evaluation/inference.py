@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..modeling_cops import CoPSForAnomalyDetection
-from ..processing_cops import CoPSProcessor, ImageLike
+from ..processing_cops import CoPSProcessor, ImageLike, check_finite_scores
 
 
 @dataclass
@@ -48,6 +48,9 @@ def predict_images(
         seed: seed of the class-token noise; every image gets the same samples (`seeded_prior_noise`), so an
             image's outputs do not depend on the batch it is in (up to float rounding).
         show_progress: show a tqdm bar over the batches.
+
+    Raises:
+        NonFiniteScoreError: the model gave a NaN or infinite score (naming the image when it is a path).
     """
     device = next(model.parameters()).device
     dtype = model.prompt_synthesizer.normal_context.dtype
@@ -59,6 +62,7 @@ def predict_images(
         noise = model.seeded_prior_noise(len(batch_images), seed).to(device, dtype)
         with torch.no_grad():
             outputs = model(pixel_values=features["pixel_values"].to(device, dtype), vae_noise=noise)
+        check_finite_scores(outputs.image_scores, batch_images)
         scores = outputs.image_scores.float().cpu().tolist()
         maps = outputs.anomaly_maps.float().cpu().numpy()
         for offset, (score, anomaly_map) in enumerate(zip(scores, maps, strict=True)):
