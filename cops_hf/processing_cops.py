@@ -379,6 +379,9 @@ class CoPSProcessor(ProcessorMixin):
                 bilinearly. `None` keeps the model resolution.
             threshold: pixel threshold on the map: adds a boolean `mask`.
             image_threshold: threshold on the score: adds `label` ("anomalous" / "normal").
+
+        The decision rule, here and in calibration: a value `>=` its threshold is anomalous (calibrated thresholds
+        are attained values, e.g. the lowest anomalous score kept by the F1-optimal choice).
         """
         scores = outputs.image_scores.detach().float().cpu()
         check_finite_scores(scores)
@@ -395,9 +398,9 @@ class CoPSProcessor(ProcessorMixin):
                 )[0, 0]
             result: dict[str, Any] = {"score": float(score), "anomaly_map": anomaly_map}
             if threshold is not None:
-                result["mask"] = anomaly_map > threshold
+                result["mask"] = anomaly_map >= threshold
             if image_threshold is not None:
-                result["label"] = "anomalous" if float(score) > image_threshold else "normal"
+                result["label"] = "anomalous" if float(score) >= image_threshold else "normal"
             results.append(result)
         return results
 
