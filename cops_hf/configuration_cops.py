@@ -86,6 +86,8 @@ class CoPSConfig(PretrainedConfig):
         test_preset (`str`, *optional*): the `TEST_DATASET_PRESETS` entry the test-time fields were last set from
             (recorded by `with_preset`); the official VisA-trained model is meant for "general", the MVTec-trained
             one for "visa".
+        clip_model_id (`str`, *optional*): Hub id of the CLIP weights the model is built on (set by `from_clip`);
+            `None` for random or unpublished CLIPs. It is the model card's `base_model`.
         source_checkpoint (`str`, *optional*): the published checkpoint the CoPS weights were converted from, as
             "repository/path@git blob sha1".
     """
@@ -122,6 +124,7 @@ class CoPSConfig(PretrainedConfig):
     pixel_threshold: float | None = None
     test_preset: str | None = None
     source_checkpoint: str | None = None
+    clip_model_id: str | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
