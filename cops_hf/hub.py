@@ -314,7 +314,8 @@ def push_cops_to_hub(
         processor: the processor to upload; by default the folder's, or a ``CoPSProcessor`` at the model's
             ``image_size``.
         evaluation: zero-shot results ``{dataset: {metric: value in [0, 1]}}`` for the card's ``model-index``.
-        training_dataset: name or Hub id of the auxiliary training dataset, for the card.
+        training_dataset: name or Hub id of the auxiliary training dataset, for the card; by default the one the
+            model records (`config.train_dataset`).
         base_model: Hub id of the CLIP backbone, for the card; by default the model's own (`config.clip_model_id`,
             none for a random or unpublished CLIP).
         private: create the repository private (an existing repository keeps its visibility).
@@ -338,7 +339,7 @@ def push_cops_to_hub(
     card = render_model_card(
         _card_config_fields(model.config),
         base_model=base_model or model.config.clip_model_id,
-        training_dataset=training_dataset,
+        training_dataset=training_dataset or model.config.train_dataset,
         evaluation=evaluation,
         repo_id=repo_id,
     )
