@@ -17,6 +17,7 @@ per prompt, M prompts, L tokens in a sequence (1 + N in the vision tower).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import pickle
@@ -421,12 +422,27 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         return (model, loading_info) if wants_loading_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`; the weight files get the permissions of the config written beside them.
+        """`PreTrainedModel.save_pretrained`, with the "anomaly-detection" pipeline in the saved configuration.
 
-        safetensors writes through a private temporary file (mode 0600) that it renames into place, so without this
-        `model.safetensors` would be the one file of the folder that other users cannot read.
+        Importing cops_hf registers the CoPS classes for the Auto classes, so transformers writes an `auto_map` and
+        copies this file and the modules it imports relatively (the pipeline's among them) next to the weights:
+        with `config.custom_pipelines` the folder, or the repository `push_to_hub` makes of it, loads with
+        `AutoModel` and `pipeline` and `trust_remote_code=True` where cops_hf is not installed. The model's own
+        `config` is left unchanged.
+
+        The weight files get the permissions of the config written beside them: safetensors writes through a
+        private temporary file (mode 0600) that it renames into place, so without this `model.safetensors` would be
+        the one file of the folder that other users cannot read.
         """
-        super().save_pretrained(save_directory, *args, **kwargs)
+        from .pipeline_anomaly_detection import remote_code_pipelines
+
+        original_config = self.config
+        self.config = copy.deepcopy(original_config)
+        self.config.custom_pipelines = remote_code_pipelines()
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config = original_config
         directory = Path(save_directory)
         mode = (directory / "config.json").stat().st_mode & 0o777
         for weights in directory.glob("*.safetensors"):
