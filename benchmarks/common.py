@@ -33,14 +33,16 @@ def benchmark_config(geometry: str) -> CoPSConfig:
     raise ValueError(f"Unknown geometry {geometry!r}; choose one of {GEOMETRIES}.")
 
 
-def random_model(geometry: str, seed: int = 0) -> CoPSForAnomalyDetection:
+def random_model(geometry: str, seed: int = 0, device: str | torch.device = "cpu") -> CoPSForAnomalyDetection:
     """A model with random (transformers-initialized) weights at a geometry, float32, eval mode.
 
     The CoPS modules' weights are scaled up (x10, as the test models are) so that prototypes, class tokens and
     deep prompts move the outputs as trained weights would, instead of vanishing at the 0.02 init scale.
+    `device`: where the weights are created and initialized (a GPU initializes ViT-L in a fraction of a second).
     """
     torch.manual_seed(seed)
-    model = CoPSForAnomalyDetection(benchmark_config(geometry))
+    with torch.device(device):
+        model = CoPSForAnomalyDetection(benchmark_config(geometry))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if not name.startswith("clip.") and parameter.ndim >= 2:
