@@ -15,11 +15,18 @@ S class-token samples, T context tokens per prompt, L layers, H x W pixels.
 
 from __future__ import annotations
 
+import copy
 import math
+import os
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedModel
 from transformers import initialization as init
@@ -54,6 +61,27 @@ class CoPSVisionOutput(ModelOutput):
 
     image_embeds: torch.FloatTensor | None = None
     patch_embeds: torch.FloatTensor | None = None
+
+
+class IncompleteCheckpointError(OSError):
+    """A saved model lacks weights or its weight file cannot be read; loading it would give random weights."""
+
+
+def missing_model_source_message(name_or_path: str | os.PathLike) -> str | None:
+    """What is wrong when `name_or_path` is neither an existing path nor a Hub id (None when it is one of them)."""
+    if os.path.exists(name_or_path):
+        return None
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:
+        return f"Model folder '{name_or_path}' does not exist (nor is it a Hub id, namespace/name): check the path."
+    return None
+
+
+def check_model_source(name_or_path: str | os.PathLike) -> None:
+    """Raise `OSError` saying the folder does not exist when `name_or_path` is neither a local path nor a Hub id."""
+    if message := missing_model_source_message(name_or_path):
+        raise OSError(message)
 
 
 @dataclass
@@ -322,7 +350,13 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
 
     @classmethod
     def from_clip(
-        cls, clip: str | CLIPModel, *, clip_kwargs: dict | None = None, **cops_fields
+        cls,
+        clip: str | CLIPModel,
+        *,
+        clip_kwargs: dict | None = None,
+        train_preset: str | None = None,
+        test_preset: str | None = None,
+        **cops_fields,
     ) -> CoPSForAnomalyDetection:
         """Build a fresh (untrained) CoPS around pretrained CLIP weights; what training starts from.
 
@@ -330,31 +364,99 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
             clip: a `CLIPModel` or a name/path for `CLIPModel.from_pretrained`, e.g.
                 `"openai/clip-vit-large-patch14-336"`.
             clip_kwargs: extra arguments for `CLIPModel.from_pretrained` (revision, cache_dir, ...).
-            **cops_fields: `CoPSConfig` fields (e.g. `image_size=518`, `dpam_layers=24`).
+            train_preset, test_preset: dataset presets, as in `CoPSConfig.from_clip_config`.
+            **cops_fields: `CoPSConfig` fields (e.g. `image_size=518`); see `CoPSConfig.from_clip_config` for the
+                ones derived from the CLIP's depth.
         """
         if isinstance(clip, str):
             clip = CLIPModel.from_pretrained(clip, **(clip_kwargs or {}))
-        clip_config = clip.config
-        cops_fields.setdefault("dpam_layers", clip_config.vision_config.num_hidden_layers)
-        cops_fields.setdefault("feature_layers", [clip_config.vision_config.num_hidden_layers])
-        config = CoPSConfig(
-            text_config=clip_config.text_config.to_dict(),
-            vision_config=clip_config.vision_config.to_dict(),
-            projection_dim=clip_config.projection_dim,
-            logit_scale_init_value=float(clip.logit_scale.detach()),
-            **cops_fields,
+        cops_fields.setdefault("logit_scale_init_value", float(clip.logit_scale.detach()))
+        config = CoPSConfig.from_clip_config(
+            clip.config, train_preset=train_preset, test_preset=test_preset, **cops_fields
         )
         model = cls(config)
         model.clip.load_state_dict(clip.state_dict())
         return model.to(clip.dtype)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> CoPSForAnomalyDetection:
-        """`PreTrainedModel.from_pretrained`, with CLIP frozen again (loading replaces its parameters)."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+    def from_official(cls, release: str = "visa", **kwargs) -> CoPSForAnomalyDetection:
+        """The official CoPS detector of the reference release (github cqylunlun/CoPS), ready for inference.
+
+        CLIP ViT-L/14@336px comes from the Hub (`openai/clip-vit-large-patch14-336`: `HF_ENDPOINT`,
+        `HF_HUB_OFFLINE` and the cache apply), the CoPS checkpoint from the reference repository, verified by its
+        git blob SHA-1 and cached. The config records the checkpoint and the test preset it is meant for. The
+        processor to use with it: `CoPSProcessor.from_official(release)`.
+
+        Args:
+            release: `"visa"` (trained on VisA, for testing on other datasets) or `"mvtec"` (trained on MVTec AD,
+                for testing on VisA).
+            **kwargs: see `cops_hf.official.load_official` (`revision`, `cache_dir`, `base_url`, `blob_sha1`,
+                `clip`, `image_size`, ...).
+        """
+        try:  # absolute and guarded: the code files saved next to a model for trust_remote_code stay self-contained
+            from cops_hf.official import load_official
+        except ImportError as error:
+            raise ImportError("from_official needs the cops-hf package: pip install cops-hf") from error
+        return load_official(release, **kwargs)[0]
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs
+    ) -> CoPSForAnomalyDetection:
+        """`PreTrainedModel.from_pretrained`, refusing incomplete or unreadable checkpoints; CLIP frozen again.
+
+        Raises:
+            IncompleteCheckpointError: the checkpoint lacks weights (they would be random) or cannot be read.
+            OSError: `pretrained_model_name_or_path` is neither an existing folder nor a Hub id.
+        """
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            check_model_source(pretrained_model_name_or_path)
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except (SafetensorError, pickle.UnpicklingError, EOFError) as error:
+            raise IncompleteCheckpointError(
+                f"The weights of '{pretrained_model_name_or_path}' cannot be read ({error}): the file is truncated "
+                "or not a checkpoint. Save or download the model again."
+            ) from error
+        missing = sorted(loading_info["missing_keys"])
+        if missing:
+            raise IncompleteCheckpointError(
+                f"'{pretrained_model_name_or_path}' lacks {len(missing)} weights (e.g. '{missing[0]}'), which would "
+                "be random: it is not a complete CoPS checkpoint. Save it again with save_pretrained, or convert "
+                "the original release with `cops-hf convert`."
+            )
         model.clip.requires_grad_(False)
-        return loaded
+        return (model, loading_info) if wants_loading_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, with the "anomaly-detection" pipeline in the saved configuration.
+
+        Importing cops_hf registers the CoPS classes for the Auto classes, so transformers writes an `auto_map` and
+        copies this file and the modules it imports relatively (the pipeline's among them) next to the weights:
+        with `config.custom_pipelines` the folder, or the repository `push_to_hub` makes of it, loads with
+        `AutoModel` and `pipeline` and `trust_remote_code=True` where cops_hf is not installed. The model's own
+        `config` is left unchanged.
+
+        The weight files get the permissions of the config written beside them: safetensors writes through a
+        private temporary file (mode 0600) that it renames into place, so without this `model.safetensors` would be
+        the one file of the folder that other users cannot read.
+        """
+        from .pipeline_anomaly_detection import remote_code_pipelines
+
+        original_config = self.config
+        self.config = copy.deepcopy(original_config)
+        self.config.custom_pipelines = remote_code_pipelines()
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config = original_config
+        directory = Path(save_directory)
+        mode = (directory / "config.json").stat().st_mode & 0o777
+        for weights in directory.glob("*.safetensors"):
+            weights.chmod(mode)
 
     def train(self, mode: bool = True) -> CoPSForAnomalyDetection:
         """Set the CoPS modules' training mode; CLIP always stays in eval mode."""
@@ -745,4 +847,7 @@ __all__ = [
     "CoPSForAnomalyDetection",
     "CoPSPreTrainedModel",
     "CoPSVisionOutput",
+    "IncompleteCheckpointError",
+    "check_model_source",
+    "missing_model_source_message",
 ]

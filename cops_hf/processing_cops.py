@@ -1,12 +1,14 @@
 """Image/mask preprocessing, tokenizer and post-processing for CoPS.
 
 Images follow the reference exactly (method spec, section 1): PIL bicubic resize to a square (aspect not kept)
-in the image's own mode, conversion to RGB, scaling to [0, 1] and CLIP normalization. Masks: binarized (> 0),
-PIL bilinear resize, scaled to [0, 1], thresholded at 0.5.
+in the image's own mode, conversion to RGB, scaling to [0, 1] and CLIP normalization. Masks: read by `load_mask`
+(every non-zero pixel is a defect, at any bit depth), PIL bilinear resize of the 0/255 mask to the input size,
+scaled to [0, 1], thresholded at 0.5. The mask rules are listed in docs/protocol.md.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from importlib import resources
@@ -22,6 +24,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ProcessorMixin
 
+logger = logging.getLogger(__name__)
+
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 # Modes PIL cannot resample with bicubic or convert to RGB faithfully: rescaled to 8-bit first.
@@ -30,6 +34,24 @@ _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 class ImageLoadError(ValueError):
     """An input image or mask cannot be read or has the wrong layout."""
+
+
+class NonFiniteScoreError(ValueError):
+    """The model produced a NaN or infinite score: its weights are broken, and no decision can be made."""
+
+
+def check_finite_scores(image_scores: torch.Tensor, images: list | None = None) -> None:
+    """Raise [`NonFiniteScoreError`] naming the first image whose score is NaN or infinite (`images` names them)."""
+    finite = torch.isfinite(image_scores.detach())
+    if bool(finite.all()):
+        return
+    index = int((~finite).nonzero()[0])
+    named = images is not None and isinstance(images[index], (str, os.PathLike))
+    what = f"'{images[index]}'" if named else f"image #{index} of the batch"
+    raise NonFiniteScoreError(
+        f"The model gave a non-finite anomaly score ({float(image_scores[index])}) for {what}: its weights hold "
+        "NaN or infinite values. Reload, reconvert or retrain the model; no label is given for such a score."
+    )
 
 
 def _describe(item: Any, index: int) -> str:
@@ -64,8 +86,8 @@ def _rescale_to_8bit(values: np.ndarray) -> Image.Image:
     return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
 
 
-def load_image(item: ImageLike, index: int = 0) -> Image.Image:
-    """Open a path, PIL image, numpy array or tensor as a PIL image (mode kept), with clear errors."""
+def _open_image(item: ImageLike, index: int) -> Image.Image:
+    """Open a path, PIL image, numpy array or tensor as a PIL image in its own mode, with clear errors."""
     what = _describe(item, index)
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
@@ -74,22 +96,57 @@ def load_image(item: ImageLike, index: int = 0) -> Image.Image:
         try:
             with Image.open(path) as opened:
                 opened.load()
-                image = opened.copy()
+                return opened.copy()
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise ImageLoadError(
                 f"Image file {what} cannot be read ({error}); it is not an image or is truncated."
             ) from error
-    elif isinstance(item, Image.Image):
-        image = item
-    elif isinstance(item, torch.Tensor):
-        image = _array_to_pil(item.detach().cpu().numpy(), what)
-    elif isinstance(item, np.ndarray):
-        image = _array_to_pil(item, what)
-    else:
-        raise ImageLoadError(f"{what}: expected a path, PIL image, numpy array or tensor.")
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, torch.Tensor):
+        return _array_to_pil(item.detach().cpu().numpy(), what)
+    if isinstance(item, np.ndarray):
+        return _array_to_pil(item, what)
+    raise ImageLoadError(f"{what}: expected a path, PIL image, numpy array or tensor.")
+
+
+def load_image(item: ImageLike, index: int = 0) -> Image.Image:
+    """Open a path, PIL image, numpy array or tensor as a PIL image (mode kept), with clear errors.
+
+    High-bit-depth single-channel images (16-bit, 32-bit, float) are min-max scaled to 8 bits.
+    """
+    image = _open_image(item, index)
     if image.mode in _HIGH_BIT_DEPTH_MODES:
         image = _rescale_to_8bit(np.asarray(image, dtype=np.float64))
     return image
+
+
+def load_mask(item: ImageLike, index: int = 0) -> np.ndarray:
+    """A ground-truth mask as a boolean `[H, W]` array: True where the mask marks a defect.
+
+    Every non-zero pixel is a defect, whatever the bit depth: a 16-bit mask of 0/1/1000 keeps its 1s (no
+    scaling to 8 bits first). Colour and palette masks are read as the reference reads them (PIL's conversion to
+    `L`, then non-zero). A mask with an alpha channel whose colour is black everywhere but whose alpha varies marks
+    its defect in the alpha channel alone: then non-zero alpha is the defect, with a warning naming the file.
+    Boolean, integer and float arrays: non-zero is a defect.
+    """
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        array = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else item
+        if array.ndim == 2:
+            return array != 0
+    mask = _open_image(item, index)
+    if mask.mode in _HIGH_BIT_DEPTH_MODES:
+        return np.asarray(mask) != 0
+    colour = np.asarray(mask.convert("L")) > 0
+    if "A" in mask.getbands() and not colour.any():
+        alpha = np.asarray(mask.getchannel("A"))
+        if alpha.min() != alpha.max():
+            logger.warning(
+                "Mask %s is black with a varying alpha channel: reading the alpha channel as the defect.",
+                _describe(item, index),
+            )
+            return alpha > 0
+    return colour
 
 
 class CoPSImageProcessor(BaseImageProcessor):
@@ -125,9 +182,9 @@ class CoPSImageProcessor(BaseImageProcessor):
         std = torch.tensor(self.image_std).view(3, 1, 1)
         return (pixels - mean) / std
 
-    def preprocess_mask(self, mask: Image.Image) -> torch.Tensor:
-        """One PIL mask (any non-zero pixel is anomalous) -> binary `[size, size]` float tensor."""
-        binary = Image.fromarray((np.asarray(mask.convert("L")) > 0).astype(np.uint8) * 255, mode="L")
+    def preprocess_mask(self, mask: ImageLike) -> torch.Tensor:
+        """One mask (read by `load_mask`: any non-zero pixel is anomalous) -> binary `[size, size]` float tensor."""
+        binary = Image.fromarray(load_mask(mask).astype(np.uint8) * 255, mode="L")
         resized = binary.resize((self.size, self.size), Image.Resampling.BILINEAR)
         return torch.from_numpy((np.asarray(resized, dtype=np.float32) / 255.0 > 0.5).astype(np.float32))
 
@@ -142,8 +199,9 @@ class CoPSImageProcessor(BaseImageProcessor):
 
         Args:
             images: one image or a list (paths, PIL images of any mode, numpy arrays, tensors).
-            masks: optional masks, one per image (`None` entries mean "normal": an all-zero mask). Each mask must
-                have its image's size.
+            masks: optional masks, one per image (`None` entries mean "normal": an all-zero mask), read by
+                `load_mask`. A mask whose size differs from its image's is resized on its own to the input size,
+                with a warning that names it.
 
         Returns:
             `BatchFeature` with `pixel_values` `[B, 3, size, size]`, `original_sizes` (list of `(height, width)`)
@@ -166,13 +224,13 @@ class CoPSImageProcessor(BaseImageProcessor):
                 if mask_item is None:
                     processed.append(torch.zeros(self.size, self.size))
                     continue
-                mask = load_image(mask_item, index)
-                if mask.size != image.size:
-                    raise ImageLoadError(
-                        f"Mask {_describe(mask_item, index)} is {mask.width}x{mask.height} but its image "
-                        f"{_describe(image_list[index], index)} is {image.width}x{image.height}; masks must "
-                        "have their image's size."
-                    )
+                mask = load_mask(mask_item, index)
+                if mask.shape != (image.height, image.width):
+                    logger.warning(
+                        "Mask %s is %dx%d but its image %s is %dx%d; resizing the mask on its own to %d px.",
+                        _describe(mask_item, index), mask.shape[1], mask.shape[0],
+                        _describe(image_list[index], index), image.width, image.height, self.size,
+                    )  # fmt: skip
                 processed.append(self.preprocess_mask(mask))
             data["masks"] = torch.stack(processed)
         return BatchFeature(data=data, tensor_type=None)
@@ -198,6 +256,16 @@ class CoPSProcessor(ProcessorMixin):
     def for_image_size(cls, image_size: int) -> CoPSProcessor:
         """The default processor for a model whose input is `image_size` pixels (`config.image_size`)."""
         return cls(CoPSImageProcessor(size=image_size))
+
+    @classmethod
+    def from_official(cls, release: str = "visa") -> CoPSProcessor:
+        """The processor of the official detector `release` (see `CoPSForAnomalyDetection.from_official`)."""
+        try:  # absolute and guarded: the code files saved next to a model for trust_remote_code stay self-contained
+            from cops_hf.official import OFFICIAL_IMAGE_SIZE, official_release
+        except ImportError as error:
+            raise ImportError("from_official needs the cops-hf package: pip install cops-hf") from error
+        official_release(release)
+        return cls.for_image_size(OFFICIAL_IMAGE_SIZE)
 
     def __call__(
         self,
@@ -241,8 +309,12 @@ class CoPSProcessor(ProcessorMixin):
                 bilinearly. `None` keeps the model resolution.
             threshold: pixel threshold on the map: adds a boolean `mask`.
             image_threshold: threshold on the score: adds `label` ("anomalous" / "normal").
+
+        The decision rule, here and in calibration: a value `>=` its threshold is anomalous (calibrated thresholds
+        are attained values, e.g. the lowest anomalous score kept by the F1-optimal choice).
         """
         scores = outputs.image_scores.detach().float().cpu()
+        check_finite_scores(scores)
         maps = outputs.anomaly_maps.detach().float().cpu()
         if target_sizes is not None and len(target_sizes) != len(scores):
             raise ValueError(f"Got {len(target_sizes)} target sizes for {len(scores)} images.")
@@ -254,11 +326,20 @@ class CoPSProcessor(ProcessorMixin):
                 )[0, 0]
             result: dict[str, Any] = {"score": float(score), "anomaly_map": anomaly_map}
             if threshold is not None:
-                result["mask"] = anomaly_map > threshold
+                result["mask"] = anomaly_map >= threshold
             if image_threshold is not None:
-                result["label"] = "anomalous" if float(score) > image_threshold else "normal"
+                result["label"] = "anomalous" if float(score) >= image_threshold else "normal"
             results.append(result)
         return results
 
 
-__all__ = ["CoPSImageProcessor", "CoPSProcessor", "ImageLoadError", "load_image", "packaged_tokenizer"]
+__all__ = [
+    "CoPSImageProcessor",
+    "CoPSProcessor",
+    "ImageLoadError",
+    "NonFiniteScoreError",
+    "check_finite_scores",
+    "load_image",
+    "load_mask",
+    "packaged_tokenizer",
+]

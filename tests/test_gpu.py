@@ -19,9 +19,9 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.common import random_model
 from cops_hf import CoPSForAnomalyDetection
 from cops_hf.modeling_cops import nearest_prototype_distance
+from cops_hf.testing_utils import random_cops_config, random_cops_model
 
 from .conftest import CUDA_SKIP_REASON
 from .tiny_models import tiny_model
@@ -37,6 +37,19 @@ NUMBER_OF_GPU_TESTS = 8
 def without_cuda() -> dict[str, str]:
     """The environment of a subprocess that sees no GPU, importing this checkout."""
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPOSITORY), "PYTHON": sys.executable}
+
+
+def model_with_64_wide_heads(device: str = "cpu") -> CoPSForAnomalyDetection:
+    """Two-layer random towers whose attention heads are all 64 wide, as in ViT-L/14 (the fused kernels' case)."""
+    tower = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2}
+    clip = {
+        "text_config": tower,
+        "vision_config": {**tower, "image_size": 112, "patch_size": 14},
+        "projection_dim": 128,
+    }
+    config = random_cops_config(clip, image_size=112, prototype_attention_heads=2)
+    with torch.device(device):
+        return random_cops_model(config)
 
 
 def random_inputs(model: CoPSForAnomalyDetection, batch_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,21 +82,25 @@ def test_gpu_check_without_cuda_says_so_in_one_line_and_does_nothing(tmp_path: P
     assert not out.exists()
 
 
-def test_gpu_tests_are_collected_and_skipped_with_the_reason_without_cuda() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider", __file__],
-        cwd=REPOSITORY,
-        env=without_cuda(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    # -rs lines: "SKIPPED [count] location: reason"
-    skipped = [line for line in completed.stdout.splitlines() if line.startswith("SKIPPED")]
-    assert sum(int(line.split("[")[1].split("]")[0]) for line in skipped) == NUMBER_OF_GPU_TESTS, completed.stdout
-    assert all(line.endswith(CUDA_SKIP_REASON) for line in skipped), completed.stdout
-    assert f"{NUMBER_OF_GPU_TESTS} skipped" in completed.stdout
+class SetupReports:
+    """A pytest plugin that keeps the setup reports of a nested run (where a skip shows)."""
+
+    def __init__(self) -> None:
+        self.reports: list[pytest.TestReport] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "setup":
+            self.reports.append(report)
+
+
+def test_gpu_tests_are_collected_and_skipped_with_the_reason_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU machine runs this test too
+    recorder = SetupReports()
+    exit_code = pytest.main(["-q", "-m", "gpu", "-p", "no:cacheprovider", __file__], plugins=[recorder])
+    assert exit_code == pytest.ExitCode.OK
+    assert len(recorder.reports) == NUMBER_OF_GPU_TESTS
+    assert all(report.skipped for report in recorder.reports)
+    assert {report.longrepr[2] for report in recorder.reports} == {f"Skipped: {CUDA_SKIP_REASON}"}
 
 
 def test_clip_attention_is_sdpa_when_built_and_when_loaded(tmp_path: Path) -> None:
@@ -96,7 +113,7 @@ def test_clip_attention_is_sdpa_when_built_and_when_loaded(tmp_path: Path) -> No
 
 def test_every_attention_call_runs_on_a_fused_kernel_on_the_cpu() -> None:
     """On the CPU the flash backend takes masks too: restricted to it, SDPA raises rather than fall back."""
-    model = random_model("small")
+    model = model_with_64_wide_heads()
     pixel_values, noise = random_inputs(model, 1)
     with torch.no_grad():
         expected = model(pixel_values, vae_noise=noise)
@@ -153,11 +170,11 @@ def test_half_precision_on_cuda_stays_close_to_float32(dtype: torch.dtype) -> No
 def test_attention_runs_on_fused_kernels_on_cuda(dtype: torch.dtype) -> None:
     """Restricted to the fused SDPA backends, SDPA raises instead of falling back to the unfused math path.
 
-    The small geometry has 64-wide heads everywhere, as ViT-L/14 does. In half precision the whole vision tower
-    (ordinary and value-value attention) runs on flash attention alone; the text tower's causal mask and the
-    prototype cross-attention may take the memory-efficient or cuDNN kernels.
+    The heads are 64 wide everywhere, as in ViT-L/14. In half precision the whole vision tower (ordinary and
+    value-value attention) runs on flash attention alone; the text tower's causal mask and the prototype
+    cross-attention may take the memory-efficient or cuDNN kernels.
     """
-    model = random_model("small", device="cuda").to(dtype)
+    model = model_with_64_wide_heads("cuda").to(dtype)
     pixel_values, noise = (tensor.to("cuda", dtype) for tensor in random_inputs(model, 2))
     with torch.no_grad():
         expected = model(pixel_values, vae_noise=noise)

@@ -7,6 +7,7 @@ dataset and the main process gathers the results, so the metrics equal a single-
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 from collections import defaultdict
@@ -15,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from ..data import has_masks, load_meta_dataset
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor, load_image
+from .inference import predict_images
 from .plots import comparison_panel, plot_curves
 from .report import CategoryRecord, ZSADReport, compute_zsad_metrics
 
@@ -50,38 +50,6 @@ class EvaluationResult:
     files: list[Path] = field(default_factory=list)
 
 
-def _score_shard(
-    model: CoPSForAnomalyDetection,
-    processor: CoPSProcessor,
-    rows: list[dict],
-    batch_size: int,
-    seed: int,
-    pixel_level: bool,
-    show_progress: bool,
-) -> list[dict]:
-    """Score rows (dicts with image_path, mask_path, gt_label, cls_name) in batches."""
-    device = next(model.parameters()).device
-    dtype = model.prompt_synthesizer.normal_context.dtype
-    results = []
-    batches = range(0, len(rows), batch_size)
-    for start in tqdm(batches, desc="evaluating", disable=not show_progress):
-        batch = rows[start : start + batch_size]
-        features = processor(
-            images=[row["image_path"] for row in batch],
-            masks=[row["mask_path"] or None for row in batch] if pixel_level else None,
-        )
-        noise = model.seeded_prior_noise(len(batch), seed).to(device, dtype)
-        with torch.no_grad():
-            outputs = model(pixel_values=features["pixel_values"].to(device, dtype), vae_noise=noise)
-        for index, row in enumerate(batch):
-            result = {"index": row["index"], "score": float(outputs.image_scores[index])}
-            if pixel_level:
-                result["anomaly_map"] = outputs.anomaly_maps[index].float().cpu().numpy()
-                result["gt_mask"] = features["masks"][index].numpy().astype(np.uint8)
-            results.append(result)
-    return results
-
-
 def evaluate_dataset(
     model: CoPSForAnomalyDetection,
     processor: CoPSProcessor,
@@ -95,6 +63,7 @@ def evaluate_dataset(
     output_dir: str | Path | None = None,
     num_visualizations: int = 8,
     accelerator: Accelerator | None = None,
+    skip_invalid: bool = False,
 ) -> EvaluationResult | None:
     """Evaluate `model` on `data_root/meta.json` and (on the main process) write the report files.
 
@@ -108,6 +77,8 @@ def evaluate_dataset(
         num_visualizations: overlays per category (spread over normal and anomalous images).
         accelerator: shards the dataset over its processes; `None` creates one (single process unless launched
             with `accelerate launch` / `torchrun`).
+        skip_invalid: drop invalid meta.json records (missing or unreadable files, duplicates, ...) with a
+            warning instead of refusing the dataset.
 
     Returns:
         The result on the main process; `None` on the other processes.
@@ -115,7 +86,7 @@ def evaluate_dataset(
     accelerator = accelerator or Accelerator()
     if test_preset is not None:
         model.config = model.config.with_preset(test_dataset=test_preset)
-    dataset = load_meta_dataset(data_root, split=split, categories=categories)
+    dataset = load_meta_dataset(data_root, split=split, categories=categories, skip_invalid=skip_invalid)
     pixel_level = has_masks(dataset) or any(path for path in dataset["mask_path"])
     columns = dataset.select_columns(["image_path", "mask_path", "gt_label", "cls_name"]).to_dict()
     rows = [
@@ -123,9 +94,20 @@ def evaluate_dataset(
     ]
     model = model.to(accelerator.device).eval()
     with accelerator.split_between_processes(rows) as shard:
-        shard_results = _score_shard(
-            model, processor, shard, batch_size, seed, pixel_level, accelerator.is_local_main_process
+        predictions = predict_images(
+            model,
+            processor,
+            [row["image_path"] for row in shard],
+            [row["mask_path"] or None for row in shard] if pixel_level else None,
+            batch_size=batch_size,
+            seed=seed,
+            show_progress=accelerator.is_local_main_process,
         )
+        shard_results = [
+            {"index": shard[prediction.index]["index"], "score": prediction.pred_score}
+            | ({"anomaly_map": prediction.anomaly_map, "gt_mask": prediction.gt_mask} if pixel_level else {})
+            for prediction in predictions
+        ]
     gathered = accelerator.gather_for_metrics(shard_results, use_gather_object=True)
     if not accelerator.is_main_process:
         return None
@@ -142,6 +124,8 @@ def evaluate_dataset(
         if pixel_level:
             group["maps"].append(result["anomaly_map"])
             group["masks"].append(result["gt_mask"])
+            # An anomalous image without a mask counts at image level only (docs/protocol.md, mask rules).
+            group["pixel_level"].append(bool(row["mask_path"]) or not row["gt_label"])
     records = {
         name: CategoryRecord(
             image_scores=np.asarray(group["scores"]),
@@ -151,7 +135,17 @@ def evaluate_dataset(
         )
         for name, group in grouped.items()
     }
-    report = compute_zsad_metrics(records)
+    pixel_records = {
+        name: dataclasses.replace(
+            record,
+            anomaly_maps=record.anomaly_maps[grouped[name]["pixel_level"]],
+            gt_masks=record.gt_masks[grouped[name]["pixel_level"]],
+        )
+        if pixel_level
+        else record
+        for name, record in records.items()
+    }
+    report = compute_zsad_metrics(pixel_records)
     result = EvaluationResult(
         report=report,
         protocol=protocol,
