@@ -6,6 +6,7 @@ dataset and the main process gathers the results, so the metrics equal a single-
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -68,8 +69,8 @@ def evaluate_dataset(
     """Evaluate `model` on `data_root/meta.json` and (on the main process) write the report files.
 
     Args:
-        test_preset: apply the reference's test-time switches for this dataset name (see
-            `TEST_DATASET_PRESETS`); `None` keeps the model's config as is.
+        test_preset: score with the reference's test-time switches for this dataset name (see
+            `TEST_DATASET_PRESETS`); the caller's `model.config` is not changed. `None` keeps the model's config.
         seed: seed of the VAE class-token noise (the same samples for every image), so results are reproducible
             and independent of batching and sharding.
         output_dir: where to write `metrics.csv`, `metrics.json`, `predictions.csv`, overlay PNGs
@@ -85,7 +86,9 @@ def evaluate_dataset(
     """
     accelerator = accelerator or Accelerator()
     if test_preset is not None:
-        model.config = model.config.with_preset(test_dataset=test_preset)
+        # A shallow copy shares the weights but not the config: the caller's model.config stays as it is.
+        model, config = copy.copy(model), model.config.with_preset(test_dataset=test_preset)
+        model.config = config
     dataset = load_meta_dataset(data_root, split=split, categories=categories, skip_invalid=skip_invalid)
     pixel_level = has_masks(dataset) or any(path for path in dataset["mask_path"])
     columns = dataset.select_columns(["image_path", "mask_path", "gt_label", "cls_name"]).to_dict()
