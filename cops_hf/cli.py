@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .hub import DEFAULT_BASE_MODEL, CoPSHubError, friendly_hub_errors
+from .hub import CoPSHubError, friendly_hub_errors
 
 Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -320,8 +320,10 @@ def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-json",
         help='Results for the card: benchmark.json, metrics.json, or {"dataset": {"metric": value in [0, 1]}}.',
     )
-    parser.add_argument("--training-dataset", help="Auxiliary training dataset, for the model card.")
-    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="CLIP backbone, for the model card.")
+    parser.add_argument(
+        "--training-dataset", help="Auxiliary training dataset, for the model card (default: the model's own record)."
+    )
+    parser.add_argument("--base-model", help="Hub id of the CLIP backbone, for the card (default: the model's own).")
 
 
 def _run_push(args: argparse.Namespace) -> int:

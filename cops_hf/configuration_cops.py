@@ -119,6 +119,8 @@ class CoPSConfig(PretrainedConfig):
         test_preset (`str`, *optional*): the `TEST_DATASET_PRESETS` entry the test-time fields were last set from
             (recorded by `with_preset`); the official VisA-trained model is meant for "general", the MVTec-trained
             one for "visa".
+        clip_model_id (`str`, *optional*): Hub id of the CLIP weights the model is built on (set by `from_clip`);
+            `None` for random or unpublished CLIPs. It is the model card's `base_model`.
         train_preset (`str`, *optional*): the `TRAIN_DATASET_PRESETS` entry the training fields were set from.
         train_dataset, train_split (`str`, *optional*): what the model was trained on, recorded by the trainer: the
             benchmark name meta.json records (else the dataset folder) and the meta.json split.
@@ -158,6 +160,7 @@ class CoPSConfig(PretrainedConfig):
     pixel_threshold: float | None = None
     test_preset: str | None = None
     source_checkpoint: str | None = None
+    clip_model_id: str | None = None
     initializer_range: float = 0.02
     train_preset: str | None = None
     train_dataset: str | None = None
