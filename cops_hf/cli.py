@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -17,18 +16,16 @@ Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable
 
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
 
 
 def _threshold(text: str) -> float:
@@ -38,7 +35,7 @@ def _threshold(text: str) -> float:
     try:
         return check_threshold(float(text), "the threshold")
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"must be a finite number in [0, 1], got {text}") from error
+        raise argparse.ArgumentTypeError(f"must be a finite number in [0, 1], got {text!r}") from error
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,9 +324,10 @@ def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
+    from .file_utils import read_json_file
     from .hub import evaluation_for_card, push_cops_to_hub
 
-    evaluation = evaluation_for_card(json.loads(Path(args.eval_json).read_text())) if args.eval_json else None
+    evaluation = evaluation_for_card(read_json_file(args.eval_json, "--eval-json")) if args.eval_json else None
     commit = push_cops_to_hub(
         args.directory,
         args.repo_id,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -36,4 +38,14 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-__all__ = ["atomic_write"]
+def read_json_file(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
+    """The parsed content of a JSON file; a missing, unreadable or malformed file is one `ValueError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ValueError(f"{what} '{path}' cannot be read as JSON: {reason}.") from error
+
+
+__all__ = ["atomic_write", "read_json_file"]
