@@ -113,10 +113,13 @@ def _run_predict(args: argparse.Namespace) -> int:
     from transformers import pipeline
 
     from .evaluation.plots import overlay
+    from .modeling_cops import CoPSForAnomalyDetection
     from .processing_cops import load_image
 
-    with friendly_hub_errors(args.model):
-        detector = pipeline("anomaly-detection", model=args.model, device=args.device)
+    with friendly_hub_errors(args.model):  # loaded here: the pipeline factory would hide why loading failed
+        model = CoPSForAnomalyDetection.from_pretrained(args.model)
+        processor = _load_processor(args.model, model.config.image_size)
+    detector = pipeline("anomaly-detection", model=model, processor=processor, device=args.device)
     results = detector(
         args.images,
         batch_size=args.batch_size,

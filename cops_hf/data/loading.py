@@ -259,8 +259,7 @@ def _check_record(
         problems.append(DataProblem(str(image_path), "anomalous sample has no mask but masks are required", location))
     if problems:
         return None, problems, []
-    if check_images or mask_path is not None:
-        problems += _decoding_problems(image_path, mask_path, location, decode=check_images)
+    problems += _decoding_problems(image_path, mask_path, location, decode=check_images)
     if problems:
         return None, problems, []
     if record["anomaly"] == 1 and mask_path is None and not record["mask_path"]:

@@ -1,0 +1,491 @@
+"""The bad-input matrix: every hostile or broken input gives one clear line and the right exit code, never a trace.
+
+Each CLI case runs `cops-hf` in this process and checks the exit code and the first line of the message
+(``cops-hf CMD: error: ...``); Python API cases check the exception and its message. Everything is tiny: one model
+folder per module, 16 px images, and most cases stop before any scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from cops_hf.cli import main
+from cops_hf.data import make_record, write_meta_json
+from cops_hf.processing_cops import CoPSProcessor, ImageLoadError, load_image
+from tests.data_fakes import write_image, write_mask
+from tests.tiny_models import tiny_model
+
+PIL_LIMIT = Image.MAX_IMAGE_PIXELS
+
+
+def write_png_header(path: Path, width: int, height: int) -> Path:
+    """A small PNG file declaring `width` x `height` grey pixels (a decompression bomb when large)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    content = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content + chunk(b"IEND", b""))
+    return path
+
+
+def _save_model(directory: Path, model: torch.nn.Module) -> Path:
+    model.save_pretrained(directory)
+    CoPSProcessor.for_image_size(model.config.image_size).save_pretrained(directory)
+    return directory
+
+
+def _edit_config(source: Path, target: Path, **fields) -> Path:
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **fields}))
+    return target
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Every input the matrix needs, built once: model folders (good and broken), images, weights files."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    model = _save_model(root / "model", tiny_model())
+    paths = {"root": root, "model": model}
+    broken = tiny_model()
+    with torch.no_grad():
+        for parameter in broken.parameters():
+            parameter.fill_(float("nan"))
+    paths["nan_model"] = _save_model(root / "nan_model", broken)
+    weights = model / "model.safetensors"
+    for name, content in {
+        "truncated_model": weights.read_bytes()[:1000],
+        "empty_model": b"",
+        "garbage_model": b"garbage " * 64,
+    }.items():
+        shutil.copytree(model, root / name)
+        (root / name / "model.safetensors").write_bytes(content)
+        paths[name] = root / name
+    shutil.copytree(model, root / "incomplete_model")
+    tensors = load_file(str(weights))
+    clip_only = {key: value for key, value in tensors.items() if key.startswith("clip.")}
+    save_file(clip_only, str(root / "incomplete_model" / "model.safetensors"), metadata={"format": "pt"})
+    paths["incomplete_model"] = root / "incomplete_model"
+    paths["num_cops_weights"] = len(tensors) - len(clip_only)
+    paths["string_size_model"] = _edit_config(model, root / "string_size_model", image_size="abc")
+    paths["nan_threshold_model"] = _edit_config(model, root / "nan_threshold_model", image_threshold=float("nan"))
+    paths["big_threshold_model"] = _edit_config(model, root / "big_threshold_model", pixel_threshold=2.0)
+    shutil.copytree(model, root / "json_garbage_model")
+    (root / "json_garbage_model" / "config.json").write_text("{not json")
+    paths["json_garbage_model"] = root / "json_garbage_model"
+
+    paths["image"] = write_image(root / "images" / "good.png", size=(16, 16))
+    paths["text"] = root / "images" / "notes.txt"
+    paths["text"].write_text("not an image")
+    truncated = write_image(root / "images" / "truncated.png", size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    paths["truncated"] = truncated
+    paths["bomb"] = write_png_header(root / "images" / "bomb.png", 30000, 30000)  # over twice PIL's limit
+    paths["big"] = write_png_header(root / "images" / "big.png", 10000, 10000)  # over the limit, under twice it
+    paths["text_pt"] = root / "weights" / "text.pt"
+    paths["text_pt"].parent.mkdir()
+    paths["text_pt"].write_text("hello")
+    paths["empty_pt"] = root / "weights" / "empty.pt"
+    paths["empty_pt"].write_bytes(b"")
+    paths["list_pt"] = root / "weights" / "list.pt"
+    torch.save([1, 2, 3], paths["list_pt"])
+    paths["not_clip_pt"] = root / "weights" / "not_clip.pt"
+    torch.save({"weight": torch.ones(2)}, paths["not_clip_pt"])
+    paths["truncated_pt"] = root / "weights" / "truncated.pt"
+    torch.save({"weight": torch.ones(1000)}, paths["truncated_pt"])
+    paths["truncated_pt"].write_bytes(paths["truncated_pt"].read_bytes()[:500])
+    for name, content in {
+        "list_json": [1, 2],
+        "string_metric_json": {"visa": {"I-AUROC": "high"}},
+        "percent_json": {"visa": {"I-AUROC": 95.0}},
+    }.items():
+        paths[name] = root / f"{name}.json"
+        paths[name].write_text(json.dumps(content))
+    paths["broken_json"] = root / "broken.json"
+    paths["broken_json"].write_text("{")
+    return paths
+
+
+def _dataset(root: Path, extra: list[dict] | None = None, category: str = "bottle") -> Path:
+    """A valid dataset (2 normal, 2 anomalous with masks, in both splits) plus `extra` records."""
+    records = []
+    for index in range(4):
+        image = f"{category}/{index}.png"
+        write_image(root / image, size=(16, 16), value=60 + 40 * index)
+        mask = f"{category}/{index}_mask.png" if index % 2 else ""
+        if mask:
+            write_mask(root / mask, size=(16, 16))
+        specie = "crack" if index % 2 else "good"
+        records.append(make_record(image, cls_name=category, anomaly=index % 2, specie_name=specie, mask_path=mask))
+    records += extra or []
+    write_meta_json(root, {"train": {category: records}, "test": {category: records}})
+    return root
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The first line of the CLI's error message (progress bars on stderr are not part of it)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cops-hf ")]
+    return lines[0] if lines else ""
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit_:  # argparse refusals
+        return int(exit_.code)
+
+
+# ---------------------------------------------------------------- the CLI matrix
+
+OUT = ["--output", "{tmp}/out"]
+
+
+def _predict(model: str, *images: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["predict", "--model", model, *images, *OUT, *extra]
+
+
+CLI_CASES: list[tuple[str, list[str], int, str]] = [
+    # convert: weights files
+    ("convert-missing-clip", ["convert", "--clip", "{tmp}/missing.pt", *OUT], 2,
+     "cops-hf convert: error: CLIP file '{tmp}/missing.pt' does not exist."),
+    ("convert-directory-clip", ["convert", "--clip", "{tmp}", *OUT], 2,
+     "cops-hf convert: error: Error no file named model.safetensors, or pytorch_model.bin, found in directory {tmp}."),
+    ("convert-text-clip", ["convert", "--clip", "{text_pt}", *OUT], 2,
+     "cops-hf convert: error: CLIP file '{text_pt}' cannot be read as a PyTorch checkpoint ("),
+    ("convert-empty-clip", ["convert", "--clip", "{empty_pt}", *OUT], 2,
+     "cops-hf convert: error: CLIP file '{empty_pt}' cannot be read as a PyTorch checkpoint (EOFError)."),
+    ("convert-truncated-clip", ["convert", "--clip", "{truncated_pt}", *OUT], 2,
+     "cops-hf convert: error: CLIP file '{truncated_pt}' cannot be read as a PyTorch checkpoint ("),
+    ("convert-list-clip", ["convert", "--clip", "{list_pt}", *OUT], 2,
+     "cops-hf convert: error: '{list_pt}' holds no state dict of tensors (found list)."),
+    ("convert-not-clip", ["convert", "--clip", "{not_clip_pt}", *OUT], 2,
+     "cops-hf convert: error: Not an OpenAI ViT CLIP state dict: key 'visual.conv1.weight' is missing."),
+    ("convert-image-size-zero", ["convert", "--clip", "{text_pt}", *OUT, "--image-size", "0"], 2,
+     "cops-hf convert: error: argument --image-size: must be an integer >= 1, got '0'"),
+    ("convert-image-size-text", ["convert", "--clip", "{text_pt}", *OUT, "--image-size", "abc"], 2,
+     "cops-hf convert: error: argument --image-size: must be an integer >= 1, got 'abc'"),
+    # predict: images
+    ("predict-directory", _predict("{model}", "{root}/images"), 2,
+     "cops-hf predict: error: Image file '{root}/images' is a directory; give the image files in it."),
+    ("predict-missing-image", _predict("{model}", "{tmp}/gone.png"), 2,
+     "cops-hf predict: error: Image file '{tmp}/gone.png' does not exist; check the path."),
+    ("predict-text-image", _predict("{model}", "{text}"), 2,
+     "cops-hf predict: error: Image file '{text}' cannot be read (cannot identify image file"),
+    ("predict-truncated-image", _predict("{model}", "{truncated}"), 2,
+     "cops-hf predict: error: Image file '{truncated}' cannot be read ("),
+    ("predict-bomb", _predict("{model}", "{bomb}"), 2,
+     f"cops-hf predict: error: Image file '{{bomb}}' declares more than {2 * PIL_LIMIT} pixels, over the limit of "
+     f"{PIL_LIMIT} pixels that guards against decompression bombs; if the image is genuine, raise "
+     "PIL.Image.MAX_IMAGE_PIXELS (COPS_HF_MAX_IMAGE_PIXELS for the CLI)."),
+    ("predict-big-image", _predict("{model}", "{big}"), 2,
+     f"cops-hf predict: error: Image file '{{big}}' is 10000x10000 pixels, over the limit of {PIL_LIMIT} pixels"),
+    ("predict-skip-invalid-all-failed", _predict("{model}", "{text}", "{bomb}", extra=("--skip-invalid",)), 2,
+     "cops-hf predict: error: none of the 2 images could be read (see {tmp}/out/scores.csv); first: Image file "
+     "'{text}' cannot be read"),
+    # predict: flags, refused before any work
+    *[(f"predict-{flag[2:]}-{value}", _predict("{model}", "{image}", extra=(flag, value)), 2,
+       f"cops-hf predict: error: argument {flag}: must be a finite number in [0, 1], got '{value}'")
+      for flag in ("--threshold", "--image-threshold") for value in ("2", "-0.1", "nan", "inf", "abc")],
+    *[(f"predict-batch-size-{value}", _predict("{model}", "{image}", extra=("--batch-size", value)), 2,
+       f"cops-hf predict: error: argument --batch-size: must be an integer >= 1, got '{value}'")
+      for value in ("0", "-1", "1.5")],
+    # predict: model folders
+    ("predict-missing-model", _predict("{tmp}/no/such/model", "{image}"), 2,
+     "cops-hf predict: error: Model folder '{tmp}/no/such/model' does not exist (nor is it a Hub id, "
+     "namespace/name): check the path."),
+    ("predict-nan-model", _predict("{nan_model}", "{image}"), 2,
+     "cops-hf predict: error: The model gave a non-finite anomaly score (nan) for image #0 of the batch: its "
+     "weights hold NaN or infinite values."),
+    *[(f"predict-{name}", _predict(f"{{{name}}}", "{image}"), 2,
+       f"cops-hf predict: error: The weights of '{{{name}}}' cannot be read (")
+      for name in ("truncated_model", "empty_model", "garbage_model")],
+    ("predict-incomplete-model", _predict("{incomplete_model}", "{image}"), 2,
+     "cops-hf predict: error: '{incomplete_model}' lacks {num_cops_weights} weights (e.g. "
+     "'class_token_vae.decoder.0.bias'), which would be random: it is not a complete CoPS checkpoint."),
+    *[(f"predict-{name}", _predict(f"{{{name}}}", "{image}"), 2,
+       f"cops-hf predict: error: The config.json of '{{{name}}}' is invalid: {problem}. Fix the file or save the "
+       "model again.")
+      for name, problem in (("string_size_model", "image_size must be an integer, got 'abc'"),
+                            ("nan_threshold_model", "image_threshold must be a finite number or null, got nan"),
+                            ("big_threshold_model", "pixel_threshold must lie in [0, 1], got 2.0"))],
+    ("predict-garbage-config", _predict("{json_garbage_model}", "{image}"), 2,
+     "cops-hf predict: error: It looks like the config file at '{json_garbage_model}/config.json' is not a valid "
+     "JSON file."),
+    # evaluate: flags and models
+    *[(f"evaluate-{flag[2:]}-{value}", ["evaluate", "--model", "{model}", "--data", "{data}", *OUT, flag, value], 2,
+       f"cops-hf evaluate: error: argument {flag}: must be an integer >= {minimum}, got '{value}'")
+      for flag, minimum, values in (("--batch-size", 1, ("0", "-1")), ("--num-visualizations", 0, ("-1",)))
+      for value in values],
+    ("evaluate-string-size-config", ["evaluate", "--model", "{string_size_model}", "--data", "{data}", *OUT], 2,
+     "cops-hf evaluate: error: The config.json of '{string_size_model}' is invalid: image_size must be an integer, "
+     "got 'abc'. Fix the file or save the model again."),
+    ("evaluate-incomplete-model", ["evaluate", "--model", "{incomplete_model}", "--data", "{data}", *OUT], 2,
+     "cops-hf evaluate: error: '{incomplete_model}' lacks {num_cops_weights} weights"),
+    ("evaluate-missing-model", ["evaluate", "--model", "./no/such/model", "--data", "{data}", *OUT], 2,
+     "cops-hf evaluate: error: Model folder './no/such/model' does not exist"),
+    ("evaluate-nan-model", ["evaluate", "--model", "{nan_model}", "--data", "{data}", *OUT], 2,
+     "cops-hf evaluate: error: The model gave a non-finite anomaly score (nan) for '{data}/bottle/0.png'"),
+    ("evaluate-missing-data", ["evaluate", "--model", "{model}", "--data", "{tmp}/nowhere", *OUT], 2,
+     "cops-hf evaluate: error: No meta.json at {tmp}/nowhere/meta.json."),
+    ("evaluate-unknown-category", ["evaluate", "--model", "{model}", "--data", "{data}", *OUT, "--categories", "x"],
+     2, "cops-hf evaluate: error: {data}/meta.json split 'test' has no categories ['x']; available: ['bottle']"),
+    # calibrate
+    *[(f"calibrate-batch-size-{value}", ["calibrate", "--model", "{model}", "--normal", "{image}", *OUT,
+                                          "--batch-size", value], 2,
+       f"cops-hf calibrate: error: argument --batch-size: must be an integer >= 1, got '{value}'")
+      for value in ("0", "-1")],
+    ("calibrate-quantile", ["calibrate", "--model", "{model}", "--normal", "{image}", *OUT, "--quantile", "1.5"], 2,
+     "cops-hf calibrate: error: quantile must lie in (0, 1), got 1.5."),
+    ("calibrate-no-images", ["calibrate", "--model", "{model}", "--normal", "{root}/weights", *OUT], 2,
+     "cops-hf calibrate: error: Calibration needs at least one image."),
+    ("calibrate-bomb", ["calibrate", "--model", "{model}", "--normal", "{image}", "{bomb}", *OUT], 2,
+     f"cops-hf calibrate: error: Image file '{{bomb}}' declares more than {2 * PIL_LIMIT} pixels"),
+    ("calibrate-missing-image", ["calibrate", "--model", "{model}", "--normal", "{tmp}/gone.png", *OUT], 2,
+     "cops-hf calibrate: error: Image file '{tmp}/gone.png' does not exist; check the path."),
+    # train: flags and the training configuration, before any file is written
+    *[(f"train-{flag[2:]}-{value}", ["train", "--random-clip", "tiny", "--data", "{data}", *OUT, flag, value], 2,
+       f"cops-hf train: error: argument {flag}: must be an integer >= {minimum}, got '{value}'")
+      for flag, minimum, value in (("--epochs", 1, "0"), ("--epochs", 1, "-2"), ("--batch-size", 1, "0"),
+                                   ("--grad-accum", 1, "0"), ("--num-workers", 0, "-1"), ("--image-size", 1, "0"))],
+    *[(f"train-lr-{value}", ["train", "--random-clip", "tiny", "--data", "{data}", *OUT, "--lr", value], 2,
+       "cops-hf train: error: Invalid TrainingConfig: learning_rate must be finite and > 0, and adam_betas in [0, 1).")
+      for value in ("nan", "inf", "0", "-1")],
+    ("train-missing-data", ["train", "--random-clip", "tiny", "--data", "{tmp}/nowhere", *OUT], 2,
+     "cops-hf train: error: No meta.json at {tmp}/nowhere/meta.json."),
+    # export
+    *[(f"export-opset-{value}", ["export", "--model", "{model}", "--output", "{tmp}/m.onnx", "--opset", value], 2,
+       f"cops-hf export: error: ONNX opset {value} is not supported: use 14..20 (default 17).")
+      for value in ("1", "13", "99")],
+    *[(f"export-vae-samples-{value}", ["export", "--model", "{model}", "--output", "{tmp}/m.onnx",
+                                       "--vae-samples", value], 2,
+       f"cops-hf export: error: argument --vae-samples: must be an integer >= 1, got '{value}'")
+      for value in ("0", "-1")],
+    ("export-incomplete-model", ["export", "--model", "{incomplete_model}", "--output", "{tmp}/m.onnx"], 2,
+     "cops-hf export: error: '{incomplete_model}' lacks {num_cops_weights} weights"),
+    # push: the card's evaluation file is checked before anything is uploaded
+    ("push-eval-json-list", ["push", "{model}", "me/x", "--eval-json", "{list_json}"], 2,
+     'cops-hf push: error: Evaluation results must be a JSON object (benchmark.json, metrics.json or {{"dataset": '
+     '{{"metric": value}}}}), got a list.'),
+    ("push-eval-json-string-metric", ["push", "{model}", "me/x", "--eval-json", "{string_metric_json}"], 2,
+     'cops-hf push: error: Evaluation results must be benchmark.json, metrics.json or {{"dataset": {{"metric": '
+     "value}}}}; 'visa' holds {{'I-AUROC': 'high'}}."),
+    ("push-eval-json-percent", ["push", "{model}", "me/x", "--eval-json", "{percent_json}"], 2,
+     "cops-hf push: error: Evaluation values must be fractions in [0, 1]; got I-AUROC=95.0 on visa."),
+    ("push-eval-json-broken", ["push", "{model}", "me/x", "--eval-json", "{broken_json}"], 2,
+     "cops-hf push: error: --eval-json '{broken_json}' cannot be read as JSON: Expecting property name enclosed in "
+     "double quotes: line 1 column 2 (char 1)."),
+    ("push-eval-json-missing", ["push", "{model}", "me/x", "--eval-json", "{tmp}/none.json"], 2,
+     "cops-hf push: error: --eval-json '{tmp}/none.json' cannot be read as JSON: No such file or directory."),
+    # demo and data
+    *[(f"demo-epochs-{value}", ["demo", *OUT, "--epochs", value], 2,
+       f"cops-hf demo: error: argument --epochs: must be an integer >= 1, got '{value}'") for value in ("0", "-3")],
+    ("data-prepare-without-root", ["data", "prepare", "mvtec"], 2,
+     "cops-hf data: error: usage: cops-hf data prepare NAME ROOT"),
+    ("data-validate-missing", ["data", "validate", "{tmp}/nowhere"], 2,
+     "cops-hf data: error: No meta.json at {tmp}/nowhere/meta.json."),
+    ("benchmark-batch-size-0", ["benchmark", "--model", "{model}", "--data-root", "{tmp}", *OUT, "--batch-size", "0"],
+     2, "cops-hf benchmark: error: argument --batch-size: must be an integer >= 1, got '0'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "first_line"), [case[1:] for case in CLI_CASES], ids=[c[0] for c in CLI_CASES]
+)
+def test_cli_matrix(files, tmp_path, capsys, argv, code, first_line):
+    values = {**{name: str(value) for name, value in files.items()}, "tmp": str(tmp_path)}
+    values["data"] = str(_dataset(tmp_path / "data"))
+
+    assert _run([part.format(**values) for part in argv]) == code
+
+    line = _error_line(capsys)
+    assert line.startswith(first_line.format(**values)), line
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_matrix_size():
+    assert len(CLI_CASES) + len(DATA_CASES) + len(API_CASES) >= 80
+
+
+# ---------------------------------------------------------------- meta.json datasets gone wrong
+
+
+def _record(path: str, **fields) -> dict:
+    return {**make_record(path, cls_name="bottle", anomaly=0), **fields}
+
+
+def _raw_dataset(root: Path, record: dict) -> None:
+    """The valid dataset plus a record that write_meta_json would refuse, written as a hand-edited file would be."""
+    _dataset(root)
+    meta = json.loads((root / "meta.json").read_text())
+    meta["test"]["bottle"].append(record)
+    (root / "meta.json").write_text(json.dumps(meta))
+
+
+DATA_CASES: list[tuple[str, Callable[[Path], None], str]] = [
+    ("missing-image", lambda root: _dataset(root, [_record("bottle/gone.png")]),
+     "{root}/bottle/gone.png: image file not found [test/bottle[4]]"),
+    ("missing-mask", lambda root: _dataset(root, [_record("bottle/0.png", anomaly=1, mask_path="bottle/gone.png")]),
+     "{root}/bottle/gone.png: mask file not found [test/bottle[4]]"),
+    ("duplicate", lambda root: _dataset(root, [_record("bottle/0.png")]),
+     "{root}/bottle/0.png: duplicate record: the same image is listed at test/bottle[0] [test/bottle[4]]"),
+    ("duplicate-spelled-differently", lambda root: _dataset(root, [_record("bottle/../bottle/2.png")]),
+     "{root}/bottle/2.png: duplicate record: the same image is listed at test/bottle[2] [test/bottle[4]]"),
+    ("bomb", lambda root: (_dataset(root, [_record("bottle/bomb.png")]),
+                           write_png_header(root / "bottle" / "bomb.png", 30000, 30000)),
+     f"{{root}}/bottle/bomb.png: image declares more than {2 * PIL_LIMIT} pixels, over the limit of {PIL_LIMIT}"),
+    ("big", lambda root: (_dataset(root, [_record("bottle/big.png")]),
+                          write_png_header(root / "bottle" / "big.png", 10000, 10000)),
+     f"{{root}}/bottle/big.png: image is 10000x10000 pixels, over the limit of {PIL_LIMIT} pixels"),
+    ("escaping-image", lambda root: _dataset(root, [_record("../outside.png")]),
+     "../outside.png: image path leads outside the dataset root {root}; meta.json paths must stay inside it"),
+    ("bad-specie", lambda root: _raw_dataset(root, _record("bottle/0.png", specie_name="../x")),
+     "{root}/meta.json: field 'specie_name' '../x' is not a plain folder name"),
+    ("bad-anomaly", lambda root: _raw_dataset(root, _record("bottle/0.png", anomaly=2)),
+     "{root}/meta.json: field 'anomaly' must be 0 or 1, got 2 [test/bottle[4]]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("make", "problem"), [case[1:] for case in DATA_CASES], ids=[case[0] for case in DATA_CASES])
+def test_invalid_records_are_listed_refused_and_skippable(files, tmp_path, capsys, make, problem):
+    """validate lists the problem (exit 1), evaluate refuses it (exit 2) and evaluates the rest with --skip-invalid."""
+    root = tmp_path / "data"
+    make(root)
+    problem = problem.format(root=root)
+
+    assert _run(["data", "validate", str(root)]) == 1
+    report = capsys.readouterr().out.splitlines()
+    assert report[0].endswith("5 records in 1 categories, 4 valid (2 anomalous, pixel-level), 1 problems")
+    assert report[1].startswith(f"  - {problem}")
+
+    evaluate = ["evaluate", "--model", str(files["model"]), "--data", str(root), "--output", str(tmp_path / "out")]
+    assert _run(evaluate) == 2
+    assert _error_line(capsys).startswith(
+        f"cops-hf evaluate: error: {root / 'meta.json'} [test]: 1 invalid of 5 records, first {problem}"
+    )
+    assert _run([*evaluate, "--skip-invalid"]) == 0
+    predictions = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert len(predictions) == 1 + 4  # header + the four valid records, each once
+
+
+def test_category_names_are_refused_by_every_reader(files, tmp_path, capsys):
+    root = tmp_path / "data"
+    write_image(root / "x.png", size=(16, 16))
+    (root / "meta.json").write_text(json.dumps({"test": {"a/b": [make_record("x.png", cls_name="a/b", anomaly=0)]}}))
+    expected = f"{root / 'meta.json'}: split 'test': category 'a/b' is not a plain folder name"
+    for argv in (
+        ["data", "validate", str(root)],
+        ["evaluate", "--model", str(files["model"]), "--data", str(root), "--output", str(tmp_path / "o")],
+        ["calibrate", "--model", str(files["model"]), "--data", str(root), "--output", str(tmp_path / "o")],
+    ):
+        assert _run(argv) == 2
+        assert _error_line(capsys) == f"cops-hf {argv[0]}: error: {expected} (no '/', '\\', '.', '..' or empty names)"
+    assert not (tmp_path / "o").exists()  # fmt: skip
+
+
+# ---------------------------------------------------------------- the pipeline and the processor
+
+
+@pytest.fixture(scope="module")
+def detector(files):
+    from transformers import pipeline
+
+    return pipeline("anomaly-detection", model=str(files["model"]))
+
+
+API_CASES: list[tuple[str, Callable[[dict], object], type[Exception], str]] = [
+    ("empty-list", lambda f: f["detector"]([]), ValueError,
+     "No images were given: pass a path, a PIL image, an array, or a non-empty list of them."),
+    ("zero-by-zero", lambda f: f["detector"](np.zeros((0, 0, 3), np.uint8)), ImageLoadError,
+     "input #0 (ndarray): the array has no pixels (shape [0, 0, 3])."),
+    ("uint16-hwc", lambda f: f["detector"](np.zeros((8, 8, 3), np.uint16)), ImageLoadError,
+     "input #0 (ndarray): uint16 arrays must be single-channel (HxW); give colour images as uint8, or as float in "
+     "[0, 1]."),
+    ("float-out-of-range", lambda f: f["detector"](np.full((8, 8, 3), 2.0)), ImageLoadError,
+     "input #0 (ndarray): float arrays must hold finite values in [0, 1]."),
+    ("threshold-text", lambda f: f["detector"](str(f["image"]), threshold="abc"), ValueError,
+     "threshold must be a finite number in [0, 1], got 'abc'."),
+    ("threshold-above-one", lambda f: f["detector"](str(f["image"]), threshold=2.0), ValueError,
+     "threshold must be a finite number in [0, 1], got 2.0."),
+    ("image-threshold-nan", lambda f: f["detector"](str(f["image"]), image_threshold=float("nan")), ValueError,
+     "image_threshold must be a finite number in [0, 1], got nan."),
+    ("threshold-bool", lambda f: f["detector"](str(f["image"]), threshold=True), ValueError,
+     "threshold must be a finite number in [0, 1], got True."),
+    ("directory", lambda f: f["detector"](str(f["root"])), ImageLoadError,
+     "Image file '{root}' is a directory; give the image files in it."),
+    ("bomb", lambda f: load_image(f["bomb"]), ImageLoadError,
+     f"Image file '{{bomb}}' declares more than {2 * PIL_LIMIT} pixels"),
+    ("wrong-shape", lambda f: load_image(np.zeros((2, 3, 5, 7))), ImageLoadError,
+     "input #0 (ndarray): expected an HxW, HxWx3 or HxWx4 array, got shape [2, 3, 5, 7]."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("call", "error", "message"), [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_api_matrix(files, detector, call, error, message):
+    with pytest.raises(error) as raised:
+        call({**files, "detector": detector})
+    assert str(raised.value).splitlines()[0].startswith(message.format(**{name: str(v) for name, v in files.items()}))
+
+
+def test_skip_invalid_keeps_the_rest_of_the_batch(files, detector):
+    images = [str(files["image"]), str(files["bomb"]), str(files["text"]), str(files["big"]), str(files["image"])]
+
+    results = detector(images, skip_invalid=True, batch_size=4)
+
+    assert [("error" in result) for result in results] == [False, True, True, True, False]
+    assert results[1]["error"].startswith(f"Image file '{files['bomb']}' declares more than")
+    assert results[3]["error"].startswith(f"Image file '{files['big']}' is 10000x10000 pixels")
+    assert results[0]["score"] == pytest.approx(results[4]["score"], abs=1e-6)
+
+
+def test_predict_skip_invalid_writes_every_row(files, tmp_path, capsys):
+    argv = _predict(str(files["model"]), str(files["image"]), str(files["bomb"]), extra=("--skip-invalid",))
+    assert _run([part.format(tmp=tmp_path) for part in argv]) == 0
+    rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()
+    assert rows[1].startswith(f"{files['image']},0.")
+    assert rows[2].startswith(f"{files['bomb']},,,,") and "declares more than" in rows[2]
+
+
+def test_pixel_limit_can_be_raised(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    argv = _predict(str(files["model"]), str(files["image"]))
+    argv = [part.format(tmp=tmp_path) for part in argv]
+    monkeypatch.setenv("COPS_HF_MAX_IMAGE_PIXELS", "200")  # the 16x16 image is 256 pixels
+    assert _run(argv) == 2
+    assert _error_line(capsys) == (
+        f"cops-hf predict: error: Image file '{files['image']}' is 16x16 pixels, over the limit of 200 pixels that "
+        "guards against decompression bombs; if the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
+        "(COPS_HF_MAX_IMAGE_PIXELS for the CLI)."
+    )
+    monkeypatch.setenv("COPS_HF_MAX_IMAGE_PIXELS", "256")
+    assert _run(argv) == 0
+    monkeypatch.setenv("COPS_HF_MAX_IMAGE_PIXELS", "lots")
+    assert _run(argv) == 2
+    assert _error_line(capsys) == (
+        "cops-hf predict: error: COPS_HF_MAX_IMAGE_PIXELS must be a positive number of pixels, got 'lots'."
+    )
+
+
+def test_refused_flags_write_nothing(tmp_path):
+    assert _run(["demo", "--output", str(tmp_path / "demo"), "--epochs", "0"]) == 2
+    assert _run(["train", "--random-clip", "tiny", "--data", str(_dataset(tmp_path / "data")), "--output",
+                 str(tmp_path / "run"), "--lr", "nan"]) == 2  # fmt: skip
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "run").exists()
+
+
+def test_saved_weights_are_as_readable_as_the_config(files):
+    modes = {name: (files["model"] / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes["model.safetensors"] == modes["config.json"]
