@@ -23,6 +23,7 @@ from transformers import CLIPModel
 
 from ..conversion import load_clip_model
 from ..file_utils import atomic_write
+from ..losses import LOSS_TERMS
 from ..modeling_cops import CoPSForAnomalyDetection, CoPSVisionOutput
 from ..processing_cops import CoPSProcessor
 from .checkpointing import (
@@ -40,7 +41,6 @@ from .feature_cache import VisionFeatureCache, vision_fingerprint
 
 logger = logging.getLogger(__name__)
 
-LOSS_TERMS = ("cls", "seg", "gather", "scatter", "kl", "recon")
 TRAIN_LOG_FILENAME = "train_log.jsonl"
 
 
