@@ -366,6 +366,8 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         if isinstance(clip, str):
             clip = CLIPModel.from_pretrained(clip, **(clip_kwargs or {}))
         cops_fields.setdefault("logit_scale_init_value", float(clip.logit_scale.detach()))
+        published = clip.name_or_path and not os.path.exists(clip.name_or_path)  # a Hub id, not a local folder
+        cops_fields.setdefault("clip_model_id", clip.name_or_path if published else None)
         config = CoPSConfig.from_clip_config(
             clip.config, train_preset=train_preset, test_preset=test_preset, **cops_fields
         )
