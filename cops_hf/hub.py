@@ -137,7 +137,7 @@ def evaluation_for_card(results: Mapping[str, Any]) -> dict[str, dict[str, float
     ``metrics.json`` written by `cops-hf evaluate` (``{"mean": ..., "protocol": ...}``). Metric keys of ours
     become the paper's names (I-AUROC, P-AP, ...); unavailable (None) metrics are dropped.
     """
-    from .evaluation.benchmark import TABLE_COLUMNS
+    from .evaluation.report import METRIC_DISPLAY_NAMES
 
     if "metrics" in results:
         per_dataset = results["metrics"]
@@ -146,7 +146,9 @@ def evaluation_for_card(results: Mapping[str, Any]) -> dict[str, dict[str, float
     else:
         per_dataset = results
     return {
-        dataset: {TABLE_COLUMNS.get(name, name): float(value) for name, value in metrics.items() if value is not None}
+        dataset: {
+            METRIC_DISPLAY_NAMES.get(name, name): float(value) for name, value in metrics.items() if value is not None
+        }
         for dataset, metrics in per_dataset.items()
     }
 
