@@ -9,8 +9,11 @@ scaled to [0, 1], thresholded at 0.5. The mask rules are listed in docs/protocol
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,69 @@ def check_finite_scores(image_scores: torch.Tensor, images: list | None = None) 
     )
 
 
+def check_threshold(value: Any, name: str = "threshold") -> float:
+    """`value` as a float when it is a finite number in [0, 1] (scores and maps are probabilities); else ValueError."""
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a finite number in [0, 1], got {value!r}.")
+    return float(value)
+
+
+def image_size_problem(width: int, height: int) -> str | None:
+    """Why an image of `width` x `height` pixels is refused (None when it is not): over `PIL.Image.MAX_IMAGE_PIXELS`.
+
+    The limit guards against decompression bombs (a small file declaring a huge image); raise it, as PIL documents,
+    for genuine large images.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or width * height <= limit:
+        return None
+    return f"is {width}x{height} pixels, {_over_pixel_limit()}"
+
+
+MAX_IMAGE_PIXELS_ENV = "COPS_HF_MAX_IMAGE_PIXELS"
+"""Environment variable the CLI reads to set `PIL.Image.MAX_IMAGE_PIXELS` (the decompression-bomb limit)."""
+
+
+def apply_pixel_limit_from_environment() -> None:
+    """Set `PIL.Image.MAX_IMAGE_PIXELS` from `COPS_HF_MAX_IMAGE_PIXELS` when it is set (the CLI does this)."""
+    value = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{MAX_IMAGE_PIXELS_ENV} must be a positive number of pixels, got {value!r}.")
+        Image.MAX_IMAGE_PIXELS = int(value)
+
+
+def _over_pixel_limit() -> str:
+    return (
+        f"over the limit of {Image.MAX_IMAGE_PIXELS} pixels that guards against decompression bombs; if the image is "
+        f"genuine, raise PIL.Image.MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS_ENV} for the CLI)"
+    )
+
+
+@contextmanager
+def open_image_file(path: str | os.PathLike, what: str) -> Iterator[Image.Image]:
+    """`PIL.Image.open(path)` (header read, pixels not yet decoded) refusing images over the pixel limit.
+
+    Errors while opening, and while decoding inside the block, become one-line `ImageLoadError`s starting with
+    `what` (e.g. "Image file 'a.png'").
+    """
+    try:
+        with warnings.catch_warnings():  # a size over the limit is refused here, with what to do about it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                if problem := image_size_problem(*opened.size):
+                    raise ImageLoadError(f"{what} {problem}.")
+                yield opened
+    except Image.DecompressionBombError as error:
+        pixels = 2 * Image.MAX_IMAGE_PIXELS  # PIL refuses to open images over twice its limit
+        raise ImageLoadError(f"{what} declares more than {pixels} pixels, {_over_pixel_limit()}.") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, ImageLoadError):
+            raise
+        raise ImageLoadError(f"{what} cannot be read ({error}); it is not an image or is truncated.") from error
+
+
 def _describe(item: Any, index: int) -> str:
     return f"'{item}'" if isinstance(item, (str, os.PathLike)) else f"input #{index} ({type(item).__name__})"
 
@@ -66,6 +132,8 @@ def _array_to_pil(array: np.ndarray, what: str) -> Image.Image:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ImageLoadError(f"{what}: expected an HxW, HxWx3 or HxWx4 array, got shape {list(array.shape)}.")
+    if array.size == 0:
+        raise ImageLoadError(f"{what}: the array has no pixels (shape {list(array.shape)}).")
     if array.dtype == bool:
         return Image.fromarray(array.astype(np.uint8) * 255)
     if np.issubdtype(array.dtype, np.floating):
@@ -76,6 +144,11 @@ def _array_to_pil(array: np.ndarray, what: str) -> Image.Image:
         return Image.fromarray(array)
     if np.issubdtype(array.dtype, np.integer) and array.ndim == 2:
         return _rescale_to_8bit(array.astype(np.float64))
+    if np.issubdtype(array.dtype, np.integer):
+        raise ImageLoadError(
+            f"{what}: {array.dtype} arrays must be single-channel (HxW); give colour images as uint8, or as float in "
+            "[0, 1]."
+        )
     raise ImageLoadError(f"{what}: unsupported array dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1].")
 
 
@@ -91,16 +164,13 @@ def _open_image(item: ImageLike, index: int) -> Image.Image:
     what = _describe(item, index)
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
+        if path.is_dir():
+            raise ImageLoadError(f"Image file {what} is a directory; give the image files in it.")
         if not path.is_file():
             raise ImageLoadError(f"Image file {what} does not exist; check the path.")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                return opened.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ImageLoadError(
-                f"Image file {what} cannot be read ({error}); it is not an image or is truncated."
-            ) from error
+        with open_image_file(path, f"Image file {what}") as opened:
+            opened.load()
+            return opened.copy()
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, torch.Tensor):
@@ -315,6 +385,8 @@ class CoPSProcessor(ProcessorMixin):
         """
         scores = outputs.image_scores.detach().float().cpu()
         check_finite_scores(scores)
+        threshold = None if threshold is None else check_threshold(threshold, "threshold")
+        image_threshold = None if image_threshold is None else check_threshold(image_threshold, "image_threshold")
         maps = outputs.anomaly_maps.detach().float().cpu()
         if target_sizes is not None and len(target_sizes) != len(scores):
             raise ValueError(f"Got {len(target_sizes)} target sizes for {len(scores)} images.")
@@ -338,7 +410,12 @@ __all__ = [
     "CoPSProcessor",
     "ImageLoadError",
     "NonFiniteScoreError",
+    "MAX_IMAGE_PIXELS_ENV",
+    "apply_pixel_limit_from_environment",
     "check_finite_scores",
+    "check_threshold",
+    "image_size_problem",
+    "open_image_file",
     "load_image",
     "load_mask",
     "packaged_tokenizer",

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from PIL import Image
 
+from ..processing_cops import ImageLoadError, open_image_file
 from .meta import SPLITS, DataError, DataProblem, meta_dataset_name, meta_json_path, read_meta_json, record_problems
 
 __all__ = [
@@ -186,14 +186,6 @@ def _outside_root_problem(root: Path, kind: str, value: str, location: str) -> D
     return DataProblem(value, reason, location)
 
 
-def _image_size(path: Path, decode: bool) -> tuple[int, int]:
-    """(width, height) of an image, reading only its header unless ``decode`` (which catches truncation)."""
-    with Image.open(path) as image:
-        if decode:
-            image.load()
-        return image.size
-
-
 def _select_categories(
     meta: Mapping[str, Mapping[str, list[Any]]], split: str, categories: str | Iterable[str] | None, meta_path: Path
 ) -> list[str]:
@@ -218,9 +210,11 @@ def _decoding_problems(image_path: Path, mask_path: Path | None, location: str, 
     problems = []
     for kind, path in files.items():
         try:
-            _image_size(path, decode)
-        except Exception as error:  # any decoder failure means the file is unusable
-            problems.append(DataProblem(str(path), f"unreadable or truncated {kind}: {error}", location))
+            with open_image_file(path, kind) as image:
+                if decode:
+                    image.load()
+        except ImageLoadError as error:
+            problems.append(DataProblem(str(path), str(error).removesuffix("."), location))
     return problems
 
 

@@ -84,6 +84,8 @@ def evaluate_dataset(
     Returns:
         The result on the main process; `None` on the other processes.
     """
+    if batch_size < 1 or num_visualizations < 0:
+        raise ValueError(f"Need batch_size >= 1 and num_visualizations >= 0; got {batch_size}, {num_visualizations}.")
     accelerator = accelerator or Accelerator()
     if test_preset is not None:
         # A shallow copy shares the weights but not the config: the caller's model.config stays as it is.
