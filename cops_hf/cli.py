@@ -175,14 +175,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     accelerator = Accelerator(cpu=args.cpu)
     model = CoPSForAnomalyDetection.from_pretrained(args.model)
     processor = _load_processor(args.model, model.config.image_size)
-    preset = args.preset or meta_dataset_name(args.data)
     if args.preset:
-        print(f"Test preset: {preset} (--preset)")
-    elif preset:
-        print(f"Test preset: {preset} (the dataset {args.data}/meta.json records)")
+        preset, source = args.preset, "--preset"
+    elif model.config.test_preset:  # e.g. an official detector: the preset it is meant for
+        preset, source = model.config.test_preset, "the preset the model's config records"
     else:
-        saved = model.config.test_preset or "none recorded"
-        print(f"Test preset: the model's config ({saved}); {args.data}/meta.json records no dataset")
+        preset, source = meta_dataset_name(args.data), f"the dataset {args.data}/meta.json records"
+    print(f"Test preset: {preset} ({source})" if preset else "Test preset: none recorded, the model's config as is")
     result = evaluate_dataset(
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,

@@ -135,7 +135,7 @@ def evaluation_for_card(results: Mapping[str, Any]) -> dict[str, dict[str, float
     ``metrics.json`` written by `cops-hf evaluate` (``{"mean": ..., "protocol": ...}``). Metric keys of ours
     become the paper's names (I-AUROC, P-AP, ...); unavailable (None) metrics are dropped.
     """
-    from .evaluation.benchmark import TABLE_COLUMNS
+    from .evaluation.report import METRIC_DISPLAY_NAMES
 
     expected = 'benchmark.json, metrics.json or {"dataset": {"metric": value}}'
     if not isinstance(results, Mapping):
@@ -154,7 +154,9 @@ def evaluation_for_card(results: Mapping[str, Any]) -> dict[str, dict[str, float
         if not numbers:
             raise ValueError(f"Evaluation results must be {expected}; {dataset!r} holds {metrics!r}.")
     return {
-        dataset: {TABLE_COLUMNS.get(name, name): float(value) for name, value in metrics.items() if value is not None}
+        dataset: {
+            METRIC_DISPLAY_NAMES.get(name, name): float(value) for name, value in metrics.items() if value is not None
+        }
         for dataset, metrics in per_dataset.items()
     }
 
