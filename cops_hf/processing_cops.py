@@ -354,7 +354,7 @@ class CoPSProcessor(ProcessorMixin):
         try:  # absolute and guarded: the code files saved next to a model for trust_remote_code stay self-contained
             from cops_hf.official import OFFICIAL_IMAGE_SIZE, official_release
         except ImportError as error:
-            raise ImportError("from_official needs the cops-hf package: pip install cops-hf") from error
+            raise ImportError("from_official needs the cops-hf package installed") from error
         official_release(release)
         return cls.for_image_size(OFFICIAL_IMAGE_SIZE)
 
