@@ -272,11 +272,15 @@ class CoPSImageProcessor(BaseImageProcessor):
             masks: optional masks, one per image (`None` entries mean "normal": an all-zero mask), read by
                 `load_mask`. A mask whose size differs from its image's is resized on its own to the input size,
                 with a warning that names it.
+            return_tensors: "pt" (torch tensors, the default) or "np" (numpy arrays) for `pixel_values` and
+                `masks`.
 
         Returns:
             `BatchFeature` with `pixel_values` `[B, 3, size, size]`, `original_sizes` (list of `(height, width)`)
             and, when masks are given, `masks` `[B, size, size]`.
         """
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or 'np'.")
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
         if not image_list:
             raise ImageLoadError("No images were given.")
@@ -303,6 +307,8 @@ class CoPSImageProcessor(BaseImageProcessor):
                     )  # fmt: skip
                 processed.append(self.preprocess_mask(mask))
             data["masks"] = torch.stack(processed)
+        if return_tensors == "np":
+            data = {name: value.numpy() if isinstance(value, torch.Tensor) else value for name, value in data.items()}
         return BatchFeature(data=data, tensor_type=None)
 
 
@@ -312,11 +318,26 @@ def packaged_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(str(directory))
 
 
+def prompt_template(num_context_tokens: int) -> str:
+    """The text of the CoPS prompt template: `num_context_tokens` placeholders "X" and a full stop."""
+    return " ".join(["X"] * num_context_tokens) + "."
+
+
+def prompt_suffix_token_ids(tokenizer: CLIPTokenizer | None = None) -> list[int]:
+    """The ids the tokenizer gives to the template's text after its placeholders ("."), without start and end
+    tokens; the packaged CLIP tokenizer when `tokenizer` is None."""
+    tokenizer = tokenizer or packaged_tokenizer()
+    with_suffix = tokenizer(prompt_template(1))["input_ids"]
+    placeholder_only = tokenizer(prompt_template(1)[:-1])["input_ids"]
+    return with_suffix[len(placeholder_only) - 1 : -1]
+
+
 class CoPSProcessor(ProcessorMixin):
     r"""CoPS processor: [`CoPSImageProcessor`] for images and masks plus a CLIP tokenizer.
 
     Class names are carried through untouched (for per-category metrics). The tokenizer gives the prompt
-    template's token ids (`"X X ... X."`); CoPS itself needs no text input.
+    template's token ids (`"X X ... X."`): `CoPSConfig.from_clip_config` takes the suffix ids from it. CoPS itself
+    needs no text input.
     """
 
     def __init__(self, image_processor: CoPSImageProcessor | None = None, tokenizer: CLIPTokenizer | None = None):
@@ -343,26 +364,35 @@ class CoPSProcessor(ProcessorMixin):
         masks: ImageLike | Sequence[ImageLike | None] | None = None,
         class_names: str | Sequence[str] | None = None,
         text: str | list[str] | None = None,
+        return_tensors: str = "pt",
         **kwargs: Any,
     ) -> BatchFeature:
-        """Preprocess images (and masks); tokenize `text` if given; pass `class_names` through."""
+        """Preprocess images (and masks); tokenize `text` if given; pass `class_names` through.
+
+        `return_tensors` ("pt" or "np") applies to the image and mask arrays and to the token ids.
+        """
         if images is None and text is None:
             raise ValueError("Pass images (and optionally masks / class_names) or text.")
         features = BatchFeature()
         if images is not None:
-            features = self.image_processor(images, masks=masks)
+            features = self.image_processor(images, masks=masks, return_tensors=return_tensors)
             if class_names is not None:
                 names = [class_names] if isinstance(class_names, str) else list(class_names)
                 if len(names) != len(features["pixel_values"]):
                     raise ValueError(f"Got {len(names)} class names for {len(features['pixel_values'])} images.")
                 features["class_names"] = names
         if text is not None:
-            features.update(self.tokenizer(text, return_tensors="pt", padding=True))
+            features.update(self.tokenizer(text, return_tensors=return_tensors, padding=True))
         return features
 
     def prompt_template_ids(self, num_context_tokens: int) -> list[int]:
         """Token ids of the CoPS prompt template with `num_context_tokens` placeholders ("X ... X.")."""
-        return self.tokenizer(" ".join(["X"] * num_context_tokens) + ".")["input_ids"]
+        return self.tokenizer(prompt_template(num_context_tokens))["input_ids"]
+
+    def prompt_suffix_token_ids(self) -> list[int]:
+        """Token ids between the template's placeholders and its end token (those of "."): what
+        `CoPSConfig.prompt_suffix_token_ids` holds."""
+        return prompt_suffix_token_ids(self.tokenizer)
 
     def post_process_anomaly_detection(
         self,
@@ -419,4 +449,6 @@ __all__ = [
     "load_image",
     "load_mask",
     "packaged_tokenizer",
+    "prompt_suffix_token_ids",
+    "prompt_template",
 ]

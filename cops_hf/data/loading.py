@@ -65,6 +65,7 @@ compression noise of JPEG masks (Kvasir) as anomalous: that is what the paper's 
 image-level datasets and anomalous records whose mask path is empty or a folder."""
 
 _MAX_PROBLEMS_IN_MESSAGE = 20
+_UNMASKED_ANOMALY = "anomalous record without a mask: image-level only"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +265,7 @@ def _check_record(
     if problems:
         return None, problems, []
     if record["anomaly"] == 1 and mask_path is None and not record["mask_path"]:
-        notes.append(DataProblem(str(image_path), "anomalous record without a mask: image-level only", location))
+        notes.append(DataProblem(str(image_path), _UNMASKED_ANOMALY, location))
     row = {
         "image": str(image_path),
         "mask": str(mask_path) if mask_path is not None else None,
@@ -312,6 +313,8 @@ def _inspect(
             if row is not None:
                 rows.append(row)
     anomalous = [row for row in rows if row["gt_label"] == 1]
+    if not any(row["mask"] for row in anomalous):  # an image-level split: no mask is missing
+        notes = [note for note in notes if note.reason != _UNMASKED_ANOMALY]
     report = ValidationReport(
         meta_path=meta_path,
         split=split,
