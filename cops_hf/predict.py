@@ -1,0 +1,233 @@
+"""Scoring many image files: folder and glob expansion, and a writer that streams rows as images are scored.
+
+Used by `cops-hf predict` and `examples/infer.py`. Results are written (and flushed) in chunks as they come, so
+memory stays flat however many images there are: nothing keeps an anomaly map after its files are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .data.builders import IMAGE_SUFFIXES
+
+OUTPUT_FORMATS = ("csv", "json")
+"""The formats `write_predictions` writes the table of scores in."""
+
+RESULT_COLUMNS = ("image", "score", "label", "overlay", "mask", "error")
+"""One row per image: its path, score, label (when an image threshold is known), the overlay and binary-mask PNG
+file names (relative to the output folder; the mask only when a pixel threshold is known), and the error of an
+unreadable image (other fields empty)."""
+
+
+def load_model_and_processor(
+    model_name: str | os.PathLike[str], *, device: str | None = None, dtype: str | None = None
+) -> tuple[Any, Any]:
+    """A CoPS model (eval mode, on `device` in `dtype`) and its processor, from a folder or Hub id.
+
+    Args:
+        device: "cpu", "cuda", "cuda:1", ... checked by `resolve_device` (default: a GPU when there is one).
+        dtype: one of `DTYPE_NAMES` (default fp32).
+
+    Returns:
+        `(CoPSForAnomalyDetection, CoPSProcessor)`; the processor saved with the model, else the default one at
+        the model's input size.
+    """
+    from .devices import resolve_device, resolve_dtype
+    from .hub import friendly_hub_errors
+    from .modeling_cops import CoPSForAnomalyDetection
+    from .processing_cops import CoPSProcessor
+
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    with friendly_hub_errors(os.fspath(model_name)):
+        model = CoPSForAnomalyDetection.from_pretrained(model_name, dtype=torch_dtype)
+    try:
+        processor = CoPSProcessor.from_pretrained(model_name)
+    except (OSError, ValueError):
+        processor = CoPSProcessor.for_image_size(model.config.image_size)
+    return model.to(torch_device).eval(), processor
+
+
+def load_detector(model_name: str | os.PathLike[str], *, device: str | None = None, dtype: str | None = None) -> Any:
+    """The "anomaly-detection" pipeline of `model_name` on `device` in `dtype` (see `load_model_and_processor`)."""
+    from transformers import pipeline
+
+    model, processor = load_model_and_processor(model_name, device=device, dtype=dtype)
+    return pipeline("anomaly-detection", model=model, processor=processor, device=model.device)
+
+
+def expand_image_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Image paths from files, folders (searched recursively, sorted, hidden entries skipped) and glob patterns.
+
+    Raises:
+        ValueError: a source that is neither an existing file, nor a folder, nor a pattern matching files; or a
+            folder or pattern without any image file (by suffix).
+    """
+    paths: list[str] = []
+    for source in sources:
+        text = os.fspath(source)
+        if Path(text).is_file():
+            paths.append(text)
+        elif Path(text).is_dir():
+            found = _images_under(Path(text))
+            if not found:
+                raise ValueError(f"{text}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths.extend(found)
+        elif glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            found = [match for match in matches if Path(match).is_file() and _is_image(Path(match))]
+            found += [image for match in matches if Path(match).is_dir() for image in _images_under(Path(match))]
+            if not found:
+                raise ValueError(f"{text}: the pattern matches no image files")
+            paths.extend(found)
+        else:
+            raise ValueError(f"{text}: no such file or folder; pass image files, folders or glob patterns")
+    return paths
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _images_under(folder: Path) -> list[str]:
+    return [
+        str(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+        and _is_image(path)
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    ]
+
+
+@dataclass
+class PredictionSummary:
+    """What `write_predictions` did: images scored and failed, and the table it wrote."""
+
+    table_path: Path
+    num_scored: int = 0
+    num_failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def write_predictions(
+    detector: Callable[..., list[dict[str, Any]]],
+    images: Sequence[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    output_format: str = "csv",
+    batch_size: int = 1,
+    skip_invalid: bool = False,
+    threshold: float | None = None,
+    image_threshold: float | None = None,
+    overlays: bool = True,
+    chunk_size: int = 64,
+    on_row: Callable[[dict[str, str]], None] | None = None,
+    progress: bool = True,
+) -> PredictionSummary:
+    """Score `images` with `detector` (an "anomaly-detection" pipeline) and write one row per image as it is scored.
+
+    Args:
+        output_dir: created if needed; receives `scores.csv` or `scores.json` (columns `RESULT_COLUMNS`) and, with
+            `overlays`, `NNNNN_<stem>_overlay.png` for every image and `NNNNN_<stem>_mask.png` when a pixel
+            threshold is known.
+        chunk_size: images handed to the pipeline at a time; only one chunk's maps are alive at once.
+        on_row: called with each row once it is written (the CLI prints it).
+        progress: show a tqdm bar.
+    """
+    from tqdm.auto import tqdm
+
+    from .evaluation.plots import overlay
+    from .processing_cops import load_image
+
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    summary = PredictionSummary(table_path=output / f"scores.{output_format}")
+    options = {"batch_size": batch_size, "skip_invalid": skip_invalid}
+    options.update({"threshold": threshold} if threshold is not None else {})
+    options.update({"image_threshold": image_threshold} if image_threshold is not None else {})
+    with (
+        open(summary.table_path, "w", newline="") as handle,
+        tqdm(total=len(images), unit="image", disable=not progress) as bar,
+    ):
+        table = _TableWriter(handle, output_format)
+        for start, chunk in _chunks(images, chunk_size):
+            results = detector(list(chunk), **options)
+            for offset, (path, result) in enumerate(zip(chunk, results, strict=True)):
+                row = dict.fromkeys(RESULT_COLUMNS, "") | {"image": path}
+                if "error" in result:
+                    row["error"] = result["error"]
+                    summary.num_failed += 1
+                    summary.errors.append(result["error"])
+                else:
+                    row["score"] = f"{result['score']:.6f}"
+                    row["label"] = result.get("label", "")
+                    if overlays:
+                        stem = f"{start + offset:05d}_{Path(path).stem}"
+                        row["overlay"] = f"{stem}_overlay.png"
+                        overlay(load_image(path), result["anomaly_map"]).save(output / row["overlay"])
+                        if "mask" in result:
+                            row["mask"] = f"{stem}_mask.png"
+                            _save_mask(result["mask"], output / row["mask"])
+                    summary.num_scored += 1
+                table.write(row)
+                bar.update(1)
+                if on_row is not None:
+                    on_row(row)
+        table.close()
+    return summary
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[tuple[int, Sequence[str]]]:
+    for start in range(0, len(items), max(1, size)):
+        yield start, items[start : start + size]
+
+
+def _save_mask(mask: Any, path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255).save(path)
+
+
+class _TableWriter:
+    """Rows to CSV (header first) or to a JSON list, flushed after each row."""
+
+    def __init__(self, handle: IO[str], output_format: str) -> None:
+        self.handle, self.format, self.rows = handle, output_format, 0
+        if output_format == "csv":
+            self.csv = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+            self.csv.writeheader()
+        else:
+            handle.write("[")
+
+    def write(self, row: dict[str, str]) -> None:
+        if self.format == "csv":
+            self.csv.writerow(row)
+        else:
+            values = {key: (float(value) if key == "score" and value else value) for key, value in row.items()}
+            self.handle.write(("," if self.rows else "") + "\n  " + json.dumps(values))
+        self.rows += 1
+        self.handle.flush()
+
+    def close(self) -> None:
+        if self.format == "json":
+            self.handle.write("\n]\n")
+
+
+__all__ = [
+    "OUTPUT_FORMATS",
+    "RESULT_COLUMNS",
+    "PredictionSummary",
+    "expand_image_sources",
+    "load_detector",
+    "load_model_and_processor",
+    "write_predictions",
+]
