@@ -27,6 +27,17 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="precision of the model (default fp32)")
 
 
+def _add_style_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--colormap", help="matplotlib colormap of the heatmaps (default jet; e.g. turbo, inferno)")
+    parser.add_argument("--alpha", type=float, help="opacity of the heatmap over the image, 0..1 (default 0.5)")
+
+
+def _style(args: argparse.Namespace) -> dict[str, object]:
+    """The overlay options given on the command line (the API's defaults otherwise)."""
+    given = {"colormap_name": args.colormap, "alpha": args.alpha}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", required=True, help="OpenAI CLIP file (e.g. ViT-L-14-336px.pt) or state dict.")
     parser.add_argument("--checkpoint", help="Reference CoPS checkpoint (e.g. epoch_10.pth); omit for fresh modules.")
@@ -59,6 +70,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--no-overlays", action="store_true", help="write the table only")
     parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
+    _add_style_arguments(parser)
     _add_device_arguments(parser)
 
 
@@ -71,7 +83,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         detector, images, args.output, output_format=args.format, batch_size=args.batch_size,
         skip_invalid=args.skip_invalid, threshold=args.threshold, image_threshold=args.image_threshold,
         overlays=not args.no_overlays, progress=args.verbosity >= 0,
-        on_row=_print_row if args.verbosity > 0 else None,
+        on_row=_print_row if args.verbosity > 0 else None, **_style(args),
     )  # fmt: skip
     if args.verbosity >= 0:
         print(f"Scored {summary.num_scored} image(s), {summary.num_failed} unreadable; wrote {summary.table_path}")
@@ -99,6 +111,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=int, default=8, help="Overlays per category.")
+    _add_style_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
 
@@ -122,7 +135,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_dataset(
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=args.preset,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
-        num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device),
+        num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device), **_style(args),
     )  # fmt: skip
     if result is not None:
         print(result.report.format_table())

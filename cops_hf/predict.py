@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .data.builders import IMAGE_SUFFIXES
+from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP
 
 OUTPUT_FORMATS = ("csv", "json")
 """The formats `write_predictions` writes the table of scores in."""
@@ -116,7 +117,7 @@ class PredictionSummary:
 
 
 def write_predictions(
-    detector: Callable[..., list[dict[str, Any]]],
+    detector: Any,
     images: Sequence[str],
     output_dir: str | os.PathLike[str],
     *,
@@ -126,6 +127,8 @@ def write_predictions(
     threshold: float | None = None,
     image_threshold: float | None = None,
     overlays: bool = True,
+    colormap_name: str = DEFAULT_COLORMAP,
+    alpha: float = DEFAULT_ALPHA,
     chunk_size: int = 64,
     on_row: Callable[[dict[str, str]], None] | None = None,
     progress: bool = True,
@@ -134,19 +137,25 @@ def write_predictions(
 
     Args:
         output_dir: created if needed; receives `scores.csv` or `scores.json` (columns `RESULT_COLUMNS`) and, with
-            `overlays`, `NNNNN_<stem>_overlay.png` for every image and `NNNNN_<stem>_mask.png` when a pixel
-            threshold is known.
+            `overlays`, `NNNNN_<stem>_overlay.png` for every image (see `cops_hf.visualization.render_prediction`)
+            and `NNNNN_<stem>_mask.png` (the binary predicted mask) when a pixel threshold is known.
+        threshold, image_threshold: pixel and score thresholds (default: the ones calibrated into the model).
+        colormap_name, alpha: colormap and opacity of the overlays.
         chunk_size: images handed to the pipeline at a time; only one chunk's maps are alive at once.
         on_row: called with each row once it is written (the CLI prints it).
         progress: show a tqdm bar.
     """
     from tqdm.auto import tqdm
 
-    from .evaluation.plots import overlay
     from .processing_cops import load_image
+    from .visualization import check_style, render_prediction
 
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"unknown output format {output_format!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+    check_style(colormap_name, alpha)
+    config = detector.model.config
+    image_threshold_used = image_threshold if image_threshold is not None else config.image_threshold
+    pixel_threshold_used = threshold if threshold is not None else config.pixel_threshold
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     summary = PredictionSummary(table_path=output / f"scores.{output_format}")
@@ -172,7 +181,11 @@ def write_predictions(
                     if overlays:
                         stem = f"{start + offset:05d}_{Path(path).stem}"
                         row["overlay"] = f"{stem}_overlay.png"
-                        overlay(load_image(path), result["anomaly_map"]).save(output / row["overlay"])
+                        render_prediction(
+                            load_image(path), result, image_threshold=image_threshold_used,
+                            pixel_threshold=pixel_threshold_used, title=Path(path).name,
+                            colormap_name=colormap_name, alpha=alpha,
+                        ).save(output / row["overlay"])  # fmt: skip
                         if "mask" in result:
                             row["mask"] = f"{stem}_mask.png"
                             _save_mask(result["mask"], output / row["mask"])
