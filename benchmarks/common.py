@@ -6,46 +6,27 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cops_hf import CoPSConfig, CoPSForAnomalyDetection
 from cops_hf.data import DEFAULT_TEST_CATEGORIES, DEFECT_TYPES, render_synthetic_sample
+from cops_hf.testing_utils import random_cops_config, random_cops_model
 
 GEOMETRIES = ("official", "small")
 
 
 def benchmark_config(geometry: str) -> CoPSConfig:
     """`official`: CoPSConfig() defaults (ViT-L/14@336 towers, 518 px input, 37x37 patches, dual path in all 24
-    layers). `small`: a 6-layer, 384-wide ViT and text tower at 224 px for quick checks."""
+    layers). `small`: the "small" random CLIP of `cops_hf.testing_utils` (12-layer, 384-wide ViT) at 224 px."""
     if geometry == "official":
         return CoPSConfig()
     if geometry == "small":
-        width = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 6}
-        return CoPSConfig(
-            text_config={**width, "projection_dim": 384},
-            vision_config={**width, "image_size": 224, "patch_size": 14, "projection_dim": 384},
-            projection_dim=384,
-            dpam_layers=6,
-            feature_layers=[6],
-            image_size=224,
-            deep_prompt_depth=4,
-        )
+        return random_cops_config("small", image_size=224)
     raise ValueError(f"Unknown geometry {geometry!r}; choose one of {GEOMETRIES}.")
 
 
 def random_model(geometry: str, seed: int = 0) -> CoPSForAnomalyDetection:
-    """A model with random (transformers-initialized) weights at a geometry, float32, eval mode.
-
-    The CoPS modules' weights are scaled up (x10, as the test models are) so that prototypes, class tokens and
-    deep prompts move the outputs as trained weights would, instead of vanishing at the 0.02 init scale.
-    """
-    torch.manual_seed(seed)
-    model = CoPSForAnomalyDetection(benchmark_config(geometry))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if not name.startswith("clip.") and parameter.ndim >= 2:
-                parameter.mul_(10.0)
-    return model.eval()
+    """A model with random weights at a geometry, float32, eval mode (`cops_hf.testing_utils.random_cops_model`)."""
+    return random_cops_model(benchmark_config(geometry), seed=seed)
 
 
 def _status_kib(field: str) -> int:

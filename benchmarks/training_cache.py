@@ -19,14 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from cops_hf.data import load_meta_dataset, make_synthetic_dataset
-from cops_hf.training import (
-    RANDOM_CLIP_CONFIGS,
-    TrainingConfig,
-    cops_model_for_training,
-    processor_for,
-    random_clip_model,
-    train_cops,
-)
+from cops_hf.testing_utils import RANDOM_CLIP_CONFIGS, random_clip_model
+from cops_hf.training import TrainingConfig, cops_model_for_training, processor_for, train_cops
 
 
 def timed_run(dataset: Any, args: argparse.Namespace, output_dir: Path, **settings: Any) -> list[dict[str, Any]]:

@@ -45,13 +45,20 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=518, help="Input size in pixels (default 518).")
     parser.add_argument("--test-preset", help="Test-dataset preset (e.g. visa, mvtec), see TEST_DATASET_PRESETS.")
     parser.add_argument("--train-preset", help="Training-dataset preset (visa or mvtec).")
+    parser.add_argument(
+        "--no-round-deep-prompts",
+        action="store_true",
+        help="Keep the checkpoint's fp32 deep prompts (default: fp16-rounded, as the reference computes with them).",
+    )
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .conversion import convert_original_checkpoint
     from .processing_cops import CoPSProcessor
 
-    model = convert_original_checkpoint(args.clip, args.checkpoint, image_size=args.image_size)
+    model = convert_original_checkpoint(
+        args.clip, args.checkpoint, image_size=args.image_size, round_deep_prompts=not args.no_round_deep_prompts
+    )
     if args.test_preset or args.train_preset:
         model.config = model.config.with_preset(args.test_preset, args.train_preset)
     model.save_pretrained(args.output)

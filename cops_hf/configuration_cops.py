@@ -12,7 +12,7 @@ import copy
 import os
 from typing import Any, ClassVar
 
-from transformers import CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -227,6 +227,45 @@ class CoPSConfig(PretrainedConfig):
         if problems:
             raise ValueError("Invalid CoPSConfig: " + "; ".join(problems) + ".")
 
+    @classmethod
+    def from_clip_config(
+        cls,
+        clip_config: CLIPConfig,
+        *,
+        train_preset: str | None = None,
+        test_preset: str | None = None,
+        **fields: Any,
+    ) -> CoPSConfig:
+        """The configuration of a CoPS around a CLIP: its towers, joint width and logit scale, plus CoPS fields.
+
+        Fields left out (or `None`) that depend on the CLIP's depth are derived from it: `dpam_layers` (every
+        vision layer), `feature_layers` (the last vision layer) and `deep_prompt_depth` (8, the reference's, capped
+        below the text tower's depth). Explicit `fields` win over the presets' values.
+
+        Args:
+            clip_config: the `CLIPConfig` of the frozen CLIP.
+            train_preset: auxiliary training dataset name (see `TRAIN_DATASET_PRESETS`).
+            test_preset: test dataset name (see `TEST_DATASET_PRESETS`).
+            **fields: other `CoPSConfig` fields (e.g. `image_size=518`).
+        """
+        num_vision_layers = clip_config.vision_config.num_hidden_layers
+        derived = {
+            "dpam_layers": num_vision_layers,
+            "feature_layers": [num_vision_layers],
+            "deep_prompt_depth": min(8, clip_config.text_config.num_hidden_layers - 1),
+        }
+        for name, value in derived.items():
+            if fields.get(name) is None:
+                fields[name] = value
+        clip_fields = {
+            "text_config": clip_config.text_config.to_dict(),
+            "vision_config": clip_config.vision_config.to_dict(),
+            "projection_dim": clip_config.projection_dim,
+            "logit_scale_init_value": clip_config.logit_scale_init_value,
+        }
+        presets = {**preset_fields("test", test_preset), **preset_fields("train", train_preset)}
+        return cls(**{**clip_fields, **presets, **fields})
+
     def with_preset(self, test_dataset: str | None = None, train_dataset: str | None = None) -> CoPSConfig:
         """Return a copy with the reference's dataset switches applied.
 
@@ -237,17 +276,27 @@ class CoPSConfig(PretrainedConfig):
                 training kernel and `use_recon_loss`.
         """
         updated = copy.deepcopy(self)
-        for name, presets in (("test", test_dataset), ("train", train_dataset)):
-            if presets is None:
-                continue
-            table = TEST_DATASET_PRESETS if name == "test" else TRAIN_DATASET_PRESETS
-            key = presets.strip().lower().replace("-", "_")
-            if key not in table:
-                raise ValueError(f"Unknown {name} dataset preset {presets!r}; choose one of {sorted(table)}.")
-            for field, value in table[key].items():
-                setattr(updated, field, value)
+        for field, value in {**preset_fields("test", test_dataset), **preset_fields("train", train_dataset)}.items():
+            setattr(updated, field, value)
         updated.validate()
         return updated
+
+
+def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
+    """The `CoPSConfig` fields of a dataset preset (empty for `None`).
+
+    Args:
+        kind: "test" (`TEST_DATASET_PRESETS`) or "train" (`TRAIN_DATASET_PRESETS`).
+        name: the dataset name; case, surrounding spaces and "-" versus "_" do not matter ("VisA", "dtd-synthetic").
+    """
+    if name is None:
+        return {}
+    table = TEST_DATASET_PRESETS if kind == "test" else TRAIN_DATASET_PRESETS
+    key = name.strip().lower().replace("-", "_")
+    if key not in table:
+        label = "test" if kind == "test" else "training"
+        raise ValueError(f"Unknown {label} dataset preset {name!r}; choose one of {sorted(table)}.")
+    return dict(table[key])
 
 
 def check_model_type(model_type: str | None, source: str) -> None:
@@ -265,4 +314,4 @@ def check_model_type(model_type: str | None, source: str) -> None:
         )
 
 
-__all__ = ["CoPSConfig", "TEST_DATASET_PRESETS", "TRAIN_DATASET_PRESETS", "check_model_type"]
+__all__ = ["CoPSConfig", "TEST_DATASET_PRESETS", "TRAIN_DATASET_PRESETS", "check_model_type", "preset_fields"]

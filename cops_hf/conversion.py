@@ -6,6 +6,11 @@
   mapped onto our CoPS modules. Keys the reference saves but the method never reads (`projector*`,
   `extractor_*`, `token_*`, `tokenized_prompts_*`) are dropped; `vae_encoder*` may be absent (only training
   needs it). Any other unknown key, and any missing required key, is an error that names the key.
+* The reference casts its deep text prompts to fp16 in every forward (`.half()` before inserting them), so its
+  released models compute with fp16-rounded deep prompts. Conversion stores them rounded the same way (still as
+  float32 tensors), so a converted release reproduces the reference's scores and maps to float32 round-off;
+  `round_deep_prompts=False` (`cops-hf convert --no-round-deep-prompts`) keeps the checkpoint's exact values.
+  Training never rounds.
 """
 
 from __future__ import annotations
@@ -257,6 +262,7 @@ def convert_original_checkpoint(
     cops: str | os.PathLike | StateDict | None = None,
     *,
     clip_config: CLIPConfig | None = None,
+    round_deep_prompts: bool = True,
     **cops_fields,
 ) -> CoPSForAnomalyDetection:
     """Build a [`CoPSForAnomalyDetection`] from the official release files.
@@ -266,6 +272,9 @@ def convert_original_checkpoint(
         cops: reference CoPS checkpoint path or its `prompt_learner` state dict; `None` gives fresh CoPS modules.
         clip_config: overrides the CLIP configuration read off the shapes (e.g. head counts that are not
             width // 64).
+        round_deep_prompts: store the deep prompts rounded to fp16 values, as the reference computes with them
+            (it casts them with `.half()` in every forward). False keeps the checkpoint's float32 values, which
+            moves scores by up to ~4e-5 from the reference's.
         **cops_fields: `CoPSConfig` fields (image_size, presets' fields, ...). Fields implied by the checkpoint
             (prompt_length, prototype_length, deep prompt sizes) are read from it; a conflicting value is an error.
 
@@ -281,6 +290,9 @@ def convert_original_checkpoint(
     if cops is not None:
         cops_state = load_reference_cops_state_dict(cops) if isinstance(cops, (str, os.PathLike)) else dict(cops)
         cops_weights, has_encoder = convert_reference_cops_state_dict(cops_state)
+        deep_prompts = cops_weights.get("prompt_synthesizer.deep_prompts")
+        if round_deep_prompts and deep_prompts is not None:
+            cops_weights["prompt_synthesizer.deep_prompts"] = deep_prompts.half().to(deep_prompts.dtype)
         implied = _cops_fields_from_reference(cops_state, cops_fields.get("class_token_length", 2))
         for name, value in implied.items():
             if name in cops_fields and cops_fields[name] != value:
@@ -289,16 +301,7 @@ def convert_original_checkpoint(
                 )
             cops_fields[name] = value
 
-    num_vision_layers = clip_config.vision_config.num_hidden_layers
-    cops_fields.setdefault("dpam_layers", num_vision_layers)
-    cops_fields.setdefault("feature_layers", [num_vision_layers])
-    config = CoPSConfig(
-        text_config=clip_config.text_config.to_dict(),
-        vision_config=clip_config.vision_config.to_dict(),
-        projection_dim=clip_config.projection_dim,
-        **cops_fields,
-    )
-    model = CoPSForAnomalyDetection(config)
+    model = CoPSForAnomalyDetection(CoPSConfig.from_clip_config(clip_config, **cops_fields))
     _load_exact(model.clip, clip_weights, "OpenAI CLIP")
     if cops_weights:
         expected = {name for name in model.state_dict() if not name.startswith("clip.")}

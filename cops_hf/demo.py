@@ -14,14 +14,8 @@ from typing import Any
 
 from .data import load_meta_dataset, make_synthetic_dataset
 from .evaluation.evaluator import EvaluationResult, evaluate_dataset
-from .training import (
-    TrainingConfig,
-    TrainingResult,
-    cops_model_for_training,
-    processor_for,
-    random_clip_model,
-    train_cops,
-)
+from .testing_utils import random_clip_model
+from .training import TrainingConfig, TrainingResult, cops_model_for_training, processor_for, train_cops
 
 
 @dataclass

@@ -317,7 +317,13 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
 
     @classmethod
     def from_clip(
-        cls, clip: str | CLIPModel, *, clip_kwargs: dict | None = None, **cops_fields
+        cls,
+        clip: str | CLIPModel,
+        *,
+        clip_kwargs: dict | None = None,
+        train_preset: str | None = None,
+        test_preset: str | None = None,
+        **cops_fields,
     ) -> CoPSForAnomalyDetection:
         """Build a fresh (untrained) CoPS around pretrained CLIP weights; what training starts from.
 
@@ -325,19 +331,15 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
             clip: a `CLIPModel` or a name/path for `CLIPModel.from_pretrained`, e.g.
                 `"openai/clip-vit-large-patch14-336"`.
             clip_kwargs: extra arguments for `CLIPModel.from_pretrained` (revision, cache_dir, ...).
-            **cops_fields: `CoPSConfig` fields (e.g. `image_size=518`, `dpam_layers=24`).
+            train_preset, test_preset: dataset presets, as in `CoPSConfig.from_clip_config`.
+            **cops_fields: `CoPSConfig` fields (e.g. `image_size=518`); see `CoPSConfig.from_clip_config` for the
+                ones derived from the CLIP's depth.
         """
         if isinstance(clip, str):
             clip = CLIPModel.from_pretrained(clip, **(clip_kwargs or {}))
-        clip_config = clip.config
-        cops_fields.setdefault("dpam_layers", clip_config.vision_config.num_hidden_layers)
-        cops_fields.setdefault("feature_layers", [clip_config.vision_config.num_hidden_layers])
-        config = CoPSConfig(
-            text_config=clip_config.text_config.to_dict(),
-            vision_config=clip_config.vision_config.to_dict(),
-            projection_dim=clip_config.projection_dim,
-            logit_scale_init_value=float(clip.logit_scale.detach()),
-            **cops_fields,
+        cops_fields.setdefault("logit_scale_init_value", float(clip.logit_scale.detach()))
+        config = CoPSConfig.from_clip_config(
+            clip.config, train_preset=train_preset, test_preset=test_preset, **cops_fields
         )
         model = cls(config)
         model.clip.load_state_dict(clip.state_dict())

@@ -1,12 +1,14 @@
 """Image/mask preprocessing, tokenizer and post-processing for CoPS.
 
 Images follow the reference exactly (method spec, section 1): PIL bicubic resize to a square (aspect not kept)
-in the image's own mode, conversion to RGB, scaling to [0, 1] and CLIP normalization. Masks: binarized (> 0),
-PIL bilinear resize, scaled to [0, 1], thresholded at 0.5.
+in the image's own mode, conversion to RGB, scaling to [0, 1] and CLIP normalization. Masks: read by `load_mask`
+(every non-zero pixel is a defect, at any bit depth), PIL bilinear resize of the 0/255 mask to the input size,
+scaled to [0, 1], thresholded at 0.5. The mask rules are listed in docs/protocol.md.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from importlib import resources
@@ -21,6 +23,8 @@ from transformers import BatchFeature, CLIPTokenizer
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ProcessorMixin
+
+logger = logging.getLogger(__name__)
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
@@ -64,8 +68,8 @@ def _rescale_to_8bit(values: np.ndarray) -> Image.Image:
     return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
 
 
-def load_image(item: ImageLike, index: int = 0) -> Image.Image:
-    """Open a path, PIL image, numpy array or tensor as a PIL image (mode kept), with clear errors."""
+def _open_image(item: ImageLike, index: int) -> Image.Image:
+    """Open a path, PIL image, numpy array or tensor as a PIL image in its own mode, with clear errors."""
     what = _describe(item, index)
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
@@ -74,22 +78,57 @@ def load_image(item: ImageLike, index: int = 0) -> Image.Image:
         try:
             with Image.open(path) as opened:
                 opened.load()
-                image = opened.copy()
+                return opened.copy()
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise ImageLoadError(
                 f"Image file {what} cannot be read ({error}); it is not an image or is truncated."
             ) from error
-    elif isinstance(item, Image.Image):
-        image = item
-    elif isinstance(item, torch.Tensor):
-        image = _array_to_pil(item.detach().cpu().numpy(), what)
-    elif isinstance(item, np.ndarray):
-        image = _array_to_pil(item, what)
-    else:
-        raise ImageLoadError(f"{what}: expected a path, PIL image, numpy array or tensor.")
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, torch.Tensor):
+        return _array_to_pil(item.detach().cpu().numpy(), what)
+    if isinstance(item, np.ndarray):
+        return _array_to_pil(item, what)
+    raise ImageLoadError(f"{what}: expected a path, PIL image, numpy array or tensor.")
+
+
+def load_image(item: ImageLike, index: int = 0) -> Image.Image:
+    """Open a path, PIL image, numpy array or tensor as a PIL image (mode kept), with clear errors.
+
+    High-bit-depth single-channel images (16-bit, 32-bit, float) are min-max scaled to 8 bits.
+    """
+    image = _open_image(item, index)
     if image.mode in _HIGH_BIT_DEPTH_MODES:
         image = _rescale_to_8bit(np.asarray(image, dtype=np.float64))
     return image
+
+
+def load_mask(item: ImageLike, index: int = 0) -> np.ndarray:
+    """A ground-truth mask as a boolean `[H, W]` array: True where the mask marks a defect.
+
+    Every non-zero pixel is a defect, whatever the bit depth: a 16-bit mask of 0/1/1000 keeps its 1s (no
+    scaling to 8 bits first). Colour and palette masks are read as the reference reads them (PIL's conversion to
+    `L`, then non-zero). A mask with an alpha channel whose colour is black everywhere but whose alpha varies marks
+    its defect in the alpha channel alone: then non-zero alpha is the defect, with a warning naming the file.
+    Boolean, integer and float arrays: non-zero is a defect.
+    """
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        array = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else item
+        if array.ndim == 2:
+            return array != 0
+    mask = _open_image(item, index)
+    if mask.mode in _HIGH_BIT_DEPTH_MODES:
+        return np.asarray(mask) != 0
+    colour = np.asarray(mask.convert("L")) > 0
+    if "A" in mask.getbands() and not colour.any():
+        alpha = np.asarray(mask.getchannel("A"))
+        if alpha.min() != alpha.max():
+            logger.warning(
+                "Mask %s is black with a varying alpha channel: reading the alpha channel as the defect.",
+                _describe(item, index),
+            )
+            return alpha > 0
+    return colour
 
 
 class CoPSImageProcessor(BaseImageProcessor):
@@ -125,9 +164,9 @@ class CoPSImageProcessor(BaseImageProcessor):
         std = torch.tensor(self.image_std).view(3, 1, 1)
         return (pixels - mean) / std
 
-    def preprocess_mask(self, mask: Image.Image) -> torch.Tensor:
-        """One PIL mask (any non-zero pixel is anomalous) -> binary `[size, size]` float tensor."""
-        binary = Image.fromarray((np.asarray(mask.convert("L")) > 0).astype(np.uint8) * 255, mode="L")
+    def preprocess_mask(self, mask: ImageLike) -> torch.Tensor:
+        """One mask (read by `load_mask`: any non-zero pixel is anomalous) -> binary `[size, size]` float tensor."""
+        binary = Image.fromarray(load_mask(mask).astype(np.uint8) * 255, mode="L")
         resized = binary.resize((self.size, self.size), Image.Resampling.BILINEAR)
         return torch.from_numpy((np.asarray(resized, dtype=np.float32) / 255.0 > 0.5).astype(np.float32))
 
@@ -142,8 +181,9 @@ class CoPSImageProcessor(BaseImageProcessor):
 
         Args:
             images: one image or a list (paths, PIL images of any mode, numpy arrays, tensors).
-            masks: optional masks, one per image (`None` entries mean "normal": an all-zero mask). Each mask must
-                have its image's size.
+            masks: optional masks, one per image (`None` entries mean "normal": an all-zero mask), read by
+                `load_mask`. A mask whose size differs from its image's is resized on its own to the input size,
+                with a warning that names it.
 
         Returns:
             `BatchFeature` with `pixel_values` `[B, 3, size, size]`, `original_sizes` (list of `(height, width)`)
@@ -166,13 +206,13 @@ class CoPSImageProcessor(BaseImageProcessor):
                 if mask_item is None:
                     processed.append(torch.zeros(self.size, self.size))
                     continue
-                mask = load_image(mask_item, index)
-                if mask.size != image.size:
-                    raise ImageLoadError(
-                        f"Mask {_describe(mask_item, index)} is {mask.width}x{mask.height} but its image "
-                        f"{_describe(image_list[index], index)} is {image.width}x{image.height}; masks must "
-                        "have their image's size."
-                    )
+                mask = load_mask(mask_item, index)
+                if mask.shape != (image.height, image.width):
+                    logger.warning(
+                        "Mask %s is %dx%d but its image %s is %dx%d; resizing the mask on its own to %d px.",
+                        _describe(mask_item, index), mask.shape[1], mask.shape[0],
+                        _describe(image_list[index], index), image.width, image.height, self.size,
+                    )  # fmt: skip
                 processed.append(self.preprocess_mask(mask))
             data["masks"] = torch.stack(processed)
         return BatchFeature(data=data, tensor_type=None)
@@ -261,4 +301,4 @@ class CoPSProcessor(ProcessorMixin):
         return results
 
 
-__all__ = ["CoPSImageProcessor", "CoPSProcessor", "ImageLoadError", "load_image", "packaged_tokenizer"]
+__all__ = ["CoPSImageProcessor", "CoPSProcessor", "ImageLoadError", "load_image", "load_mask", "packaged_tokenizer"]

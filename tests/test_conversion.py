@@ -80,10 +80,13 @@ def fixture_fields(meta: dict) -> dict:
     }
 
 
-def converted_model(name: str):
+def converted_model(name: str, round_deep_prompts: bool = False):
     meta, tensors = load_fixture(name)
     clip, cops = reference_weights(meta, tensors)
-    model = convert_original_checkpoint(clip, cops, clip_config=fixture_clip_config(meta), **fixture_fields(meta))
+    model = convert_original_checkpoint(
+        clip, cops, clip_config=fixture_clip_config(meta), round_deep_prompts=round_deep_prompts,
+        **fixture_fields(meta),
+    )  # fmt: skip
     return model, tensors
 
 
@@ -105,6 +108,30 @@ def test_inference_matches_reference(name):
     torch.testing.assert_close(outputs.normal_distances, tensors[exact + "distance_n"], atol=2e-6, rtol=0)
     torch.testing.assert_close(outputs.anomalous_distances, tensors[exact + "distance_a"], atol=2e-6, rtol=0)
     torch.testing.assert_close(outputs.patch_scores, tensors[exact + "patch_probs"][..., 1], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_fp16_rounded_deep_prompts_match_the_reference_to_round_off(name):
+    """Converted as by default (deep prompts rounded like the reference's `.half()`), the match is to 1e-6."""
+    model, tensors = converted_model(name, round_deep_prompts=True)
+    unrounded = tensors["cops.compound_prompts_text.0"]
+    assert torch.equal(model.prompt_synthesizer.deep_prompts[0], unrounded.half().float())
+    assert not torch.equal(model.prompt_synthesizer.deep_prompts[0], unrounded)
+    with torch.no_grad():
+        outputs = model(tensors["input.pixel_values"].float(), vae_noise=tensors["input.test_noise"])
+    torch.testing.assert_close(outputs.image_scores, tensors["output.image_scores"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(outputs.anomaly_maps, tensors["output.anomaly_maps"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(outputs.text_embeds, tensors["output.text_features"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(outputs.patch_scores, tensors["output.patch_probs"][..., 1], atol=1e-6, rtol=0)
+    model.train()
+    loss = model(
+        tensors["input.pixel_values"].float(),
+        labels=tensors["input.labels"],
+        masks=tensors["input.masks"].float(),
+        vae_noise=tensors["input.train_noise"],
+    ).loss
+    torch.testing.assert_close(loss.detach(), tensors["output.loss"], rtol=1e-6, atol=0)
+    assert model.prompt_synthesizer.deep_prompts.dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -175,7 +202,8 @@ def test_reference_checkpoint_without_training_only_keys():
     model = convert_original_checkpoint(clip, cops, clip_config=fixture_clip_config(meta), **fixture_fields(meta))
     with torch.no_grad():
         outputs = model(tensors["input.pixel_values"].float(), vae_noise=tensors["input.test_noise"])
-    torch.testing.assert_close(outputs.anomaly_maps, tensors["output_fp32prompts.anomaly_maps"], atol=2e-6, rtol=0)
+    # Converted with the default fp16 rounding of the deep prompts: the reference as it computes.
+    torch.testing.assert_close(outputs.anomaly_maps, tensors["output.anomaly_maps"], atol=2e-6, rtol=0)
 
 
 def test_conversion_errors_name_the_key(tmp_path):

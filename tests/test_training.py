@@ -224,7 +224,7 @@ def test_configuration_errors_are_clear(train_set: datasets.Dataset, tmp_path: P
         CoPSTrainer(model, CoPSProcessor(), train_set, TrainingConfig(output_dir=tmp_path))
     with pytest.raises(DataError, match="build_"):
         load_training_dataset(tmp_path)
-    with pytest.raises(ValueError, match="Unknown training preset"):
+    with pytest.raises(ValueError, match="Unknown training dataset preset 'imagenet'"):
         cops_model_for_training(random_clip_model("tiny"), preset="imagenet")
 
 

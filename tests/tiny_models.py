@@ -2,37 +2,21 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-import torch
-
 from cops_hf import CoPSConfig, CoPSForAnomalyDetection
-from cops_hf.training import RANDOM_CLIP_CONFIGS
+from cops_hf.testing_utils import RANDOM_CLIP_CONFIGS, random_cops_config, random_cops_model
 
 TEXT_WIDTH = RANDOM_CLIP_CONFIGS["tiny"]["projection_dim"]
 
 
 def tiny_config(**fields: Any) -> CoPSConfig:
     """The packaged "tiny" random CLIP (3-layer ViT, patch 14, 4x4 positional grid; 4-layer text tower) with a
-    98 px input (7x7 patches) and all vision layers dual-path."""
-    defaults: dict[str, Any] = {
-        **copy.deepcopy(RANDOM_CLIP_CONFIGS["tiny"]),
-        "dpam_layers": 3,
-        "feature_layers": [3],
-        "image_size": 98,
-        "deep_prompt_depth": 3,
-    }
-    defaults.update(fields)
-    return CoPSConfig(**defaults)
+    98 px input (7x7 patches) and the depth-derived defaults: all vision layers dual-path, deep prompts in 3 text
+    layers."""
+    return random_cops_config("tiny", **{"image_size": 98, **fields})
 
 
 def tiny_model(seed: int = 0, **fields: Any) -> CoPSForAnomalyDetection:
     """A tiny CoPS with random weights, in eval mode; the CoPS parameters are scaled up so each term matters."""
-    torch.manual_seed(seed)
-    model = CoPSForAnomalyDetection(tiny_config(**fields))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if not name.startswith("clip.") and parameter.ndim >= 2:
-                parameter.mul_(10.0)
-    return model.eval()
+    return random_cops_model(tiny_config(**fields), seed=seed)

@@ -3,11 +3,19 @@
 Design of invalid-data handling:
 
 * :func:`validate_meta_dataset` never stops at the first problem: it returns a :class:`ValidationReport` listing every
-  problem (missing, unreadable or truncated files, mask/image size mismatches, malformed records, ...).
+  problem (missing, unreadable or truncated files, malformed records, ...) and every note (records used otherwise
+  than they are written, see below).
 * :func:`load_meta_dataset` raises :class:`~cops_hf.data.meta.DataError` listing every problem unless
   ``skip_invalid=True``; then invalid records are dropped, a warning with the count is logged, the one-line summary
   is stored in ``dataset.info.description``, and :func:`load_meta_dataset_with_report` returns the full report
   (``report.skipped`` lists each dropped file and why).
+
+Mask rules of the records (the reference's, see docs/protocol.md), applied here for training, evaluation and
+calibration alike; each case is a note of the report and a warning that names the file:
+
+* a record labelled normal gets no mask (all-zero) even if it lists a mask file;
+* an anomalous record whose ``mask_path`` is empty or a folder has no mask: it counts at image level only;
+* a mask whose size differs from its image is not a problem: the processor resizes it on its own to the input size.
 """
 
 from __future__ import annotations
@@ -50,7 +58,8 @@ META_FEATURES = datasets.Features(
 """Columns of a loaded dataset. ``image`` decodes in its file's mode and ``mask`` to single-channel ``L``. Masks are
 binarized by CoPSImageProcessor as the reference does (any non-zero pixel is anomalous), which also counts the
 compression noise of JPEG masks (Kvasir) as anomalous: that is what the paper's numbers were computed with.
-``mask`` is ``None`` when the record has no mask: normal samples (all-normal pixels) and image-level datasets."""
+``mask`` is ``None`` when the record has no mask: normal samples (all-normal pixels, whatever they list),
+image-level datasets and anomalous records whose mask path is empty or a folder."""
 
 _MAX_PROBLEMS_IN_MESSAGE = 20
 
@@ -69,6 +78,8 @@ class ValidationReport:
         num_anomalous_with_mask: Valid anomalous records that have a mask.
         problems: Every problem found, in record order (a record can have several).
         dropped_invalid: True when the invalid records were dropped (``skip_invalid=True``).
+        notes: Valid records used otherwise than written: a normal record's mask ignored, an anomalous record
+            without a mask file counted at image level only.
     """
 
     meta_path: Path
@@ -80,6 +91,7 @@ class ValidationReport:
     num_anomalous_with_mask: int
     problems: tuple[DataProblem, ...]
     dropped_invalid: bool = False
+    notes: tuple[DataProblem, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -117,11 +129,20 @@ class ValidationReport:
         )
 
     def describe(self, max_problems: int = _MAX_PROBLEMS_IN_MESSAGE) -> str:
-        """The summary followed by one line per problem (at most ``max_problems``)."""
-        lines = [self.summary()] + [f"  - {problem}" for problem in self.problems[:max_problems]]
-        if len(self.problems) > max_problems:
-            lines.append(f"  ... and {len(self.problems) - max_problems} more")
+        """The summary followed by one line per problem, then per note (at most ``max_problems`` of each)."""
+        lines = [self.summary()]
+        for prefix, entries in (("  - ", self.problems), ("  note: ", self.notes)):
+            lines += [f"{prefix}{entry}" for entry in entries[:max_problems]]
+            if len(entries) > max_problems:
+                lines.append(f"  ... and {len(entries) - max_problems} more")
         return "\n".join(lines)
+
+    def log_notes(self, max_notes: int = _MAX_PROBLEMS_IN_MESSAGE) -> None:
+        """Log one warning per note (at most ``max_notes``, then a count of the rest)."""
+        for note in self.notes[:max_notes]:
+            logger.warning("%s", note)
+        if len(self.notes) > max_notes:
+            logger.warning("... and %d more such records in %s", len(self.notes) - max_notes, self.meta_path)
 
     def raise_for_problems(self) -> None:
         """Raise :class:`DataError` listing the problems, if there are any."""
@@ -160,30 +181,38 @@ def _select_categories(
 
 
 def _decoding_problems(image_path: Path, mask_path: Path | None, location: str, decode: bool) -> list[DataProblem]:
-    """Open the image and mask (fully when ``decode``, else headers only) and compare their sizes."""
+    """Open the image and mask (fully when ``decode``, else headers only); a size mismatch is not a problem."""
     files = {"image": image_path} if mask_path is None else {"image": image_path, "mask": mask_path}
-    sizes, problems = {}, []
+    problems = []
     for kind, path in files.items():
         try:
-            sizes[kind] = _image_size(path, decode)
+            _image_size(path, decode)
         except Exception as error:  # any decoder failure means the file is unusable
             problems.append(DataProblem(str(path), f"unreadable or truncated {kind}: {error}", location))
-    if len(sizes) == 2 and sizes["image"] != sizes["mask"]:
-        (mask_w, mask_h), (image_w, image_h) = sizes["mask"], sizes["image"]
-        reason = f"mask size {mask_w}x{mask_h} differs from image size {image_w}x{image_h} of {image_path}"
-        problems.append(DataProblem(str(mask_path), reason, location))
     return problems
+
+
+def _usable_mask(root: Path, record: Mapping[str, Any], location: str) -> tuple[Path | None, list[DataProblem]]:
+    """The mask file a record is scored with (None: all-zero or image level) and the notes on that choice."""
+    if not record["mask_path"]:
+        return None, []
+    mask_path = _absolute(root, record["mask_path"])
+    if record["anomaly"] == 0:
+        return None, [DataProblem(str(mask_path), "normal record lists a mask: ignored (all-zero mask)", location)]
+    if mask_path.is_dir():
+        return None, [DataProblem(str(mask_path), "mask path is a folder: image-level only", location)]
+    return mask_path, []
 
 
 def _check_record(
     root: Path, record: Any, category: str, location: str, meta_path: Path, check_images: bool, require_masks: bool
-) -> tuple[dict[str, Any] | None, list[DataProblem]]:
-    """Return the dataset row of a record (None if invalid) and its problems."""
+) -> tuple[dict[str, Any] | None, list[DataProblem], list[DataProblem]]:
+    """Return the dataset row of a record (None if invalid), its problems and its notes."""
     structural = record_problems(record, category)
     if structural:
-        return None, [DataProblem(str(meta_path), reason, location) for reason in structural]
+        return None, [DataProblem(str(meta_path), reason, location) for reason in structural], []
     image_path = _absolute(root, record["img_path"])
-    mask_path = _absolute(root, record["mask_path"]) if record["mask_path"] else None
+    mask_path, notes = _usable_mask(root, record, location)
     problems = []
     if not image_path.is_file():
         problems.append(DataProblem(str(image_path), "image file not found", location))
@@ -192,11 +221,13 @@ def _check_record(
     if require_masks and record["anomaly"] == 1 and mask_path is None:
         problems.append(DataProblem(str(image_path), "anomalous sample has no mask but masks are required", location))
     if problems:
-        return None, problems
+        return None, problems, []
     if check_images or mask_path is not None:
         problems += _decoding_problems(image_path, mask_path, location, decode=check_images)
     if problems:
-        return None, problems
+        return None, problems, []
+    if record["anomaly"] == 1 and mask_path is None and not record["mask_path"]:
+        notes.append(DataProblem(str(image_path), "anomalous record without a mask: image-level only", location))
     row = {
         "image": str(image_path),
         "mask": str(mask_path) if mask_path is not None else None,
@@ -206,7 +237,7 @@ def _check_record(
         "image_path": str(image_path),
         "mask_path": str(mask_path) if mask_path is not None else "",
     }
-    return row, []
+    return row, [], notes
 
 
 def _inspect(
@@ -221,14 +252,15 @@ def _inspect(
     meta_path = meta_json_path(root_path)
     meta = read_meta_json(root_path)
     selected = _select_categories(meta, split, categories, meta_path)
-    rows, problems, num_records = [], [], 0
+    rows, problems, notes, num_records = [], [], [], 0
     for category in selected:
         for index, record in enumerate(meta[split][category]):
             num_records += 1
-            row, record_problems_found = _check_record(
+            row, record_problems_found, record_notes = _check_record(
                 root_path, record, category, f"{split}/{category}[{index}]", meta_path, check_images, require_masks
             )
             problems.extend(record_problems_found)
+            notes.extend(record_notes)
             if row is not None:
                 rows.append(row)
     anomalous = [row for row in rows if row["gt_label"] == 1]
@@ -242,6 +274,7 @@ def _inspect(
         num_anomalous_with_mask=sum(row["mask"] is not None for row in anomalous),
         problems=tuple(problems),
         dropped_invalid=dropped_invalid and bool(problems),
+        notes=tuple(notes),
     )
     return rows, report
 
@@ -299,6 +332,7 @@ def load_meta_dataset_with_report(
         raise DataError(str(_no_anomaly_problem(report)))
     if report.dropped_invalid:
         logger.warning("Skipped %d invalid records: %s", report.num_skipped, report.summary())
+    report.log_notes()
     columns = {name: [row[name] for row in rows] for name in META_FEATURES}
     info = datasets.DatasetInfo(description=report.summary(), features=META_FEATURES)
     return datasets.Dataset.from_dict(columns, features=META_FEATURES, info=info), report
@@ -318,7 +352,8 @@ def load_meta_dataset(
     ``cls_name``, ``specie_name``, ``image_path`` (absolute) and ``mask_path`` (absolute or ""). Rows are grouped
     by category, in meta.json order (or in the order of ``categories``), then in file order.
 
-    Every record is checked first: structure, image and mask files exist, mask size equals image size (from headers).
+    Every record is checked first: structure, image and mask files exist and their headers read. The mask rules of
+    the module docstring apply; each record they change is logged as a warning naming the file.
 
     Args:
         root: Dataset root holding ``meta.json``; relative record paths are resolved against it.

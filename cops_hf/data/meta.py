@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from ..file_utils import atomic_write
 
 __all__ = [
     "DataError",
@@ -138,7 +139,7 @@ def read_meta_json(root: str | os.PathLike[str]) -> Meta:
 
 
 def write_meta_json(root: str | os.PathLike[str], meta: Mapping[str, Mapping[str, list[Any]]]) -> Path:
-    """Validate ``meta`` and write it to ``ROOT/meta.json`` atomically (temporary file, then ``os.replace``).
+    """Validate ``meta`` and write it to ``ROOT/meta.json`` atomically (``cops_hf.file_utils.atomic_write``).
 
     Both ``"train"`` and ``"test"`` keys are always written (empty when absent) for compatibility with loaders that
     expect them. Only the structure is validated here; :func:`cops_hf.data.validate_meta_dataset` checks the files.
@@ -163,16 +164,6 @@ def write_meta_json(root: str | os.PathLike[str], meta: Mapping[str, Mapping[str
     document = {split: {} for split in SPLITS}
     document.update({split: {cat: list(recs) for cat, recs in cats.items()} for split, cats in meta.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{META_FILENAME}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as temporary:
+        temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return path

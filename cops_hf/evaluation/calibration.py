@@ -77,7 +77,8 @@ def calibrate_thresholds(
             of their scores and of their map pixels (a false-positive budget of 1 - quantile).
         labels: 1 = anomalous. Given (with both classes), the image threshold maximizes F1; the pixel threshold
             maximizes pixel F1 when `masks` are given, else it is the quantile over the normal images' pixels.
-        masks: ground-truth masks aligned with `images` (None entries: normal).
+        masks: ground-truth masks aligned with `images`, read by `load_mask`. A None entry is an all-zero mask
+            for a normal image; an anomalous image with None counts at image level only.
         seed: class-token noise seed, the same the pipeline uses by default (0).
     """
     if not images:
@@ -98,8 +99,12 @@ def calibrate_thresholds(
         )
     else:
         _, image_threshold = f1_max_threshold(scores, label_array)
-        if mask_pixels is not None and mask_pixels.any():
-            _, pixel_threshold = f1_max_threshold(map_pixels.ravel(), mask_pixels.ravel().astype(int))
+        # An anomalous image without a mask counts at image level only (docs/protocol.md, mask rules).
+        with_mask = (label_array == 0) | np.asarray([mask is not None for mask in masks]) if masks else None
+        if mask_pixels is not None and mask_pixels[with_mask].any():
+            _, pixel_threshold = f1_max_threshold(
+                map_pixels[with_mask].ravel(), mask_pixels[with_mask].ravel().astype(int)
+            )
         else:
             pixel_threshold = float(np.quantile(map_pixels[label_array == 0], quantile))
         thresholds = Thresholds(float(image_threshold), float(pixel_threshold), method="f1")

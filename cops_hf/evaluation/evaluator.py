@@ -7,6 +7,7 @@ dataset and the main process gathers the results, so the metrics equal a single-
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 from collections import defaultdict
@@ -154,6 +155,8 @@ def evaluate_dataset(
         if pixel_level:
             group["maps"].append(result["anomaly_map"])
             group["masks"].append(result["gt_mask"])
+            # An anomalous image without a mask counts at image level only (docs/protocol.md, mask rules).
+            group["pixel_level"].append(bool(row["mask_path"]) or not row["gt_label"])
     records = {
         name: CategoryRecord(
             image_scores=np.asarray(group["scores"]),
@@ -163,7 +166,17 @@ def evaluate_dataset(
         )
         for name, group in grouped.items()
     }
-    report = compute_zsad_metrics(records)
+    pixel_records = {
+        name: dataclasses.replace(
+            record,
+            anomaly_maps=record.anomaly_maps[grouped[name]["pixel_level"]],
+            gt_masks=record.gt_masks[grouped[name]["pixel_level"]],
+        )
+        if pixel_level
+        else record
+        for name, record in records.items()
+    }
+    report = compute_zsad_metrics(pixel_records)
     result = EvaluationResult(
         report=report,
         protocol=protocol,

@@ -1,0 +1,105 @@
+"""Random CLIP towers and CoPS models for offline runs, tests, benchmarks and the demo (no download).
+
+Two geometries, both with the same small text tower (4 layers of width 48):
+
+* ``"tiny"``: a 3-layer ViT of width 64 (patch 14, 56 px, a 4x4 positional grid); a training step takes
+  milliseconds, which is what the tests need.
+* ``"small"``: a 12-layer ViT of width 384 at 224 px. As with ViT-L/14 at 518 px, the vision tower dominates the
+  cost of a step; used by the benchmarks' quick checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from .configuration_cops import CoPSConfig
+from .modeling_cops import CoPSForAnomalyDetection
+
+_TEXT_TOWER = {
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "projection_dim": 48,
+}
+# CLIPConfig keyword arguments of the random towers.
+RANDOM_CLIP_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "text_config": _TEXT_TOWER,
+        "vision_config": {
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
+            "image_size": 56, "patch_size": 14, "projection_dim": 48,
+        },
+        "projection_dim": 48,
+    },
+    "small": {
+        "text_config": _TEXT_TOWER,
+        "vision_config": {
+            "hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 6,
+            "image_size": 224, "patch_size": 14, "projection_dim": 48,
+        },
+        "projection_dim": 48,
+    },
+}  # fmt: skip
+
+
+def random_clip_config(spec: str | os.PathLike[str] | dict[str, Any]) -> CLIPConfig:
+    """The `CLIPConfig` of a random tower.
+
+    Args:
+        spec: a name from `RANDOM_CLIP_CONFIGS` ("tiny", "small"), a JSON file or a dict of `CLIPConfig` keyword
+            arguments (`text_config`, `vision_config`, `projection_dim`; a CLIP `config.json` works too).
+    """
+    if isinstance(spec, dict):
+        fields = spec
+    elif str(spec) in RANDOM_CLIP_CONFIGS:
+        fields = RANDOM_CLIP_CONFIGS[str(spec)]
+    elif Path(spec).is_file():
+        fields = json.loads(Path(spec).read_text())
+    else:
+        raise ValueError(
+            f"Random CLIP {str(spec)!r} is neither a preset ({sorted(RANDOM_CLIP_CONFIGS)}) nor a JSON file."
+        )
+    return CLIPConfig(**fields)
+
+
+def random_clip_model(spec: str | os.PathLike[str] | dict[str, Any], seed: int = 0) -> CLIPModel:
+    """A randomly initialized `CLIPModel` in eval mode; `spec` as in `random_clip_config`, `seed` seeds torch."""
+    config = random_clip_config(spec)
+    torch.manual_seed(seed)
+    return CLIPModel(config).eval()
+
+
+def random_cops_config(spec: str | os.PathLike[str] | dict[str, Any], **fields: Any) -> CoPSConfig:
+    """`CoPSConfig.from_clip_config` around a random tower (`spec` as in `random_clip_config`)."""
+    return CoPSConfig.from_clip_config(random_clip_config(spec), **fields)
+
+
+def random_cops_model(config: CoPSConfig, seed: int = 0) -> CoPSForAnomalyDetection:
+    """A CoPS model with random weights, float32, in eval mode.
+
+    The CoPS modules' weights (matrices) are scaled up x10 so that prototypes, class tokens and deep prompts move
+    the outputs as trained weights would, instead of vanishing at the 0.02 initialization scale.
+    """
+    torch.manual_seed(seed)
+    model = CoPSForAnomalyDetection(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not name.startswith("clip.") and parameter.ndim >= 2:
+                parameter.mul_(10.0)
+    return model.eval()
+
+
+__all__ = [
+    "RANDOM_CLIP_CONFIGS",
+    "random_clip_config",
+    "random_clip_model",
+    "random_cops_config",
+    "random_cops_model",
+]

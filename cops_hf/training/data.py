@@ -1,0 +1,121 @@
+"""Training samples: the meta.json training split as preprocessed tensors, and each epoch's index batches."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..data import load_meta_dataset
+from ..processing_cops import CoPSImageProcessor
+
+logger = logging.getLogger(__name__)
+
+
+def load_training_dataset(root: str | os.PathLike[str], categories: Sequence[str] | None = None) -> datasets.Dataset:
+    """The `train` split of `ROOT/meta.json` (see `cops_hf.data`); the error names the builders when it is missing."""
+    return load_meta_dataset(root, split="train", categories=categories)
+
+
+class TrainingSamples(Dataset):
+    """Torch view of a meta.json `datasets.Dataset`: preprocessed images, binary masks and labels.
+
+    Supervision follows the data. With masks (the usual auxiliary sets) every sample gets a mask: all-zero for
+    normal images and, as in the reference, for anomalous images without one (a warning counts them). A dataset
+    with no mask at all is image-level: the model is trained with `masks=None` (cls + kl (+ recon) only).
+
+    Raises:
+        ValueError: missing columns, labels other than 0/1, or a split without normal or without anomalous samples.
+    """
+
+    REQUIRED_COLUMNS = ("image", "mask", "gt_label")
+
+    def __init__(self, dataset: datasets.Dataset, image_processor: CoPSImageProcessor) -> None:
+        missing = [name for name in self.REQUIRED_COLUMNS if name not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"The training dataset lacks the columns {missing}; load it with cops_hf.data.load_meta_dataset."
+            )
+        if len(dataset) == 0:
+            raise ValueError("The training dataset is empty.")
+        self.dataset = dataset
+        self.image_processor = image_processor
+        self.labels = [int(label) for label in dataset["gt_label"]]
+        unknown = sorted(set(self.labels) - {0, 1})
+        if unknown:
+            raise ValueError(f"gt_label must be 0 (normal) or 1 (anomalous); found {unknown}.")
+        num_anomalous = sum(self.labels)
+        if num_anomalous == 0 or num_anomalous == len(self.labels):
+            missing_kind = "anomalous" if num_anomalous == 0 else "normal"
+            raise ValueError(
+                f"The training split has no {missing_kind} sample ({len(self.labels)} images, {num_anomalous} "
+                "anomalous). CoPS learns to tell normal from anomalous: train on an auxiliary set with both, "
+                "e.g. VisA or MVTec AD with their test images and masks as the reference does."
+            )
+        mask_paths = dataset["mask_path"] if "mask_path" in dataset.column_names else None
+        has_mask = (
+            [bool(path) for path in mask_paths]
+            if mask_paths is not None
+            else [mask is not None for mask in dataset["mask"]]
+        )
+        self.uses_masks = any(has_mask)
+        unmasked = sum(1 for label, masked in zip(self.labels, has_mask, strict=True) if label == 1 and not masked)
+        if self.uses_masks and unmasked:
+            logger.warning(
+                "%d of %d anomalous training images have no mask: they get an all-zero mask (as in the reference), "
+                "so their anomalous pixels count as normal in the segmentation terms.",
+                unmasked,
+                num_anomalous,
+            )
+        elif not self.uses_masks:
+            logger.warning("The training data has no masks: training the image-level loss only (cls, kl, recon).")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.dataset[int(index)]
+        masks = [row["mask"]] if self.uses_masks else None
+        processed = self.image_processor.preprocess([row["image"]], masks=masks)
+        item = {"index": int(index), "pixel_values": processed["pixel_values"][0], "label": self.labels[index]}
+        if self.uses_masks:
+            item["mask"] = processed["masks"][0]
+        return item
+
+
+def collate_samples(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack `TrainingSamples` items into `indices`, `pixel_values`, `labels` and (when present) `masks`."""
+    batch = {
+        "indices": torch.tensor([item["index"] for item in items]),
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "labels": torch.tensor([item["label"] for item in items]),
+    }
+    if "mask" in items[0]:
+        batch["masks"] = torch.stack([item["mask"] for item in items])
+    return batch
+
+
+def epoch_batches(
+    num_samples: int, batch_size: int, seed: int, epoch: int, process_index: int = 0, num_processes: int = 1
+) -> list[list[int]]:
+    """The index batches one process trains on in one epoch; deterministic in (seed, epoch, process).
+
+    The samples are dealt once into `num_processes` fixed shards (padded by wrapping around so that every process
+    takes the same number of steps); each process shuffles its own shard every epoch with a generator seeded by
+    `(seed, epoch, process_index)`. Fixed shards let each process cache the features of its own images. The last
+    batch may be smaller.
+    """
+    padded_size = math.ceil(num_samples / num_processes) * num_processes
+    shard = np.arange(padded_size)[process_index::num_processes] % num_samples
+    order = shard[np.random.default_rng([seed, epoch, process_index]).permutation(len(shard))]
+    return [order[start : start + batch_size].tolist() for start in range(0, len(order), batch_size)]
+
+
+__all__ = ["TrainingSamples", "collate_samples", "epoch_batches", "load_training_dataset"]

@@ -1,0 +1,346 @@
+"""The training loop: `CoPSTrainer` and `train_cops`, and the model and processor a run starts from."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import CLIPModel
+
+from ..file_utils import atomic_write
+from ..modeling_cops import CoPSForAnomalyDetection, CoPSVisionOutput
+from ..processing_cops import CoPSProcessor
+from .checkpointing import (
+    CLIP_PREFIX,
+    checkpoints_folder,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    trainer_state,
+)
+from .config import TrainingConfig
+from .data import TrainingSamples, collate_samples, epoch_batches
+from .feature_cache import VisionFeatureCache, vision_fingerprint
+
+logger = logging.getLogger(__name__)
+
+LOSS_TERMS = ("cls", "seg", "gather", "scatter", "kl", "recon")
+TRAIN_LOG_FILENAME = "train_log.jsonl"
+
+
+@dataclass
+class TrainingResult:
+    """What a training run produced.
+
+    Args:
+        model: the trained model (the object passed in, unwrapped), in eval mode.
+        output_dir: folder holding the final model, processor, checkpoints and `train_log.jsonl`.
+        history: one record per epoch run in this call (the lines appended to `train_log.jsonl`).
+        resumed_from_epoch: the checkpoint epoch this run continued from (0 for a fresh run).
+    """
+
+    model: CoPSForAnomalyDetection
+    output_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+
+
+def cops_model_for_training(
+    clip: str | CLIPModel,
+    preset: str | None = None,
+    image_size: int | None = None,
+    clip_kwargs: dict[str, Any] | None = None,
+    **cops_fields: Any,
+) -> CoPSForAnomalyDetection:
+    """A fresh CoPS around a (pretrained or random) CLIP, ready to train.
+
+    Args:
+        clip: a `CLIPModel` or a name/path for `CLIPModel.from_pretrained`.
+        preset: training dataset preset from `TRAIN_DATASET_PRESETS` ("visa", "mvtec", "general"): the training
+            neighbour kernel and whether the reconstruction loss is on.
+        image_size: input size (518 by default, the reference's); a multiple of the patch size.
+        clip_kwargs: extra arguments of `CLIPModel.from_pretrained`.
+        **cops_fields: other `CoPSConfig` fields; the ones derived from the CLIP's depth are described in
+            `CoPSConfig.from_clip_config`.
+    """
+    if image_size is not None:
+        cops_fields["image_size"] = image_size
+    return CoPSForAnomalyDetection.from_clip(clip, clip_kwargs=clip_kwargs, train_preset=preset, **cops_fields)
+
+
+def processor_for(model: CoPSForAnomalyDetection) -> CoPSProcessor:
+    """A `CoPSProcessor` whose image size is the model's input size."""
+    return CoPSProcessor.for_image_size(model.config.image_size)
+
+
+class CoPSTrainer:
+    """Accelerate-driven training of the CoPS modules on a meta.json training split.
+
+    Args:
+        model: a `CoPSForAnomalyDetection` (e.g. from `cops_model_for_training`); trained in place.
+        processor: its `CoPSProcessor`; the image size must equal `model.config.image_size`.
+        train_dataset: rows as `cops_hf.data.load_meta_dataset` gives them (`image`, `mask`, `gt_label`, ...).
+        config: the run's `TrainingConfig`.
+    """
+
+    def __init__(
+        self,
+        model: CoPSForAnomalyDetection,
+        processor: CoPSProcessor,
+        train_dataset: datasets.Dataset,
+        config: TrainingConfig,
+    ) -> None:
+        if processor.image_processor.size != model.config.image_size:
+            raise ValueError(
+                f"The processor resizes to {processor.image_processor.size} px but the model expects "
+                f"{model.config.image_size} px; use cops_hf.training.processor_for(model)."
+            )
+        self.model = model
+        self.processor = processor
+        self.train_dataset = train_dataset
+        self.config = config
+        self.samples = TrainingSamples(train_dataset, processor.image_processor)
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            # Accelerate forms a multi-process CPU group (gloo) only when told to use the CPU.
+            cpu=config.use_cpu or not torch.accelerator.is_available(),
+            mixed_precision=config.mixed_precision,
+            # Image-level data (no masks) leaves the prototype extractor without gradients.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not self.samples.uses_masks)],
+        )
+        self.global_step = 0
+
+    # -- public ---------------------------------------------------------------------------------------------
+
+    def train(self) -> TrainingResult:
+        """Run (or resume) the training, save the final model and processor, and return the result."""
+        config, accelerator = self.config, self.accelerator
+        if list_checkpoints(self.output_dir) and not config.resume:
+            raise ValueError(
+                f"{self.output_dir} holds checkpoints of an earlier run: pass resume=True (--resume) to continue it, "
+                "or choose another output_dir."
+            )
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        set_seed(config.seed, device_specific=True)
+        self.model.clip.requires_grad_(False)
+        self.model.train()
+        trainable = [
+            parameter for name, parameter in self.model.named_parameters() if not name.startswith(CLIP_PREFIX)
+        ]
+        optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, betas=config.adam_betas)
+        self.wrapped_model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        start_epoch = self._resume() if config.resume else 0
+        if start_epoch == 0 and accelerator.is_main_process:
+            self._truncate_log(0)  # lines of an earlier attempt that died before its first checkpoint
+        cache = None
+        if config.cache_vision_features:
+            fingerprint = vision_fingerprint(
+                self.model, self.train_dataset, config.mixed_precision, accelerator.num_processes
+            )
+            cache = VisionFeatureCache(config.cache_dir, fingerprint, accelerator.process_index)
+
+        history = []
+        for epoch in range(start_epoch + 1, config.num_epochs + 1):
+            record = self._train_epoch(epoch, cache)
+            history.append(record)
+            if accelerator.is_main_process:
+                with open(self.output_dir / TRAIN_LOG_FILENAME, "a") as log:
+                    log.write(json.dumps(record) + "\n")
+            self._save_checkpoint(epoch)
+
+        self.model.eval()
+        self._save_final()
+        return TrainingResult(self.model, self.output_dir, history, start_epoch)
+
+    # -- epochs ---------------------------------------------------------------------------------------------
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        accelerator = self.accelerator
+        return epoch_batches(
+            len(self.samples),
+            self.config.batch_size,
+            self.config.seed,
+            epoch,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+
+    def _cached_batches(self, batches: list[list[int]], cache: VisionFeatureCache) -> Iterator[dict]:
+        """Batches of cached vision outputs and masks; no image is decoded."""
+        for indices in batches:
+            vision_outputs, masks = cache.load(indices)
+            batch = {
+                "indices": torch.tensor(indices),
+                "vision_outputs": vision_outputs,
+                "labels": torch.tensor([self.samples.labels[index] for index in indices]),
+            }
+            if masks is not None:
+                batch["masks"] = masks
+            yield batch
+
+    def _decoded_batches(self, batches: list[list[int]], epoch: int) -> DataLoader:
+        """Batches of preprocessed images (and masks), decoded by the DataLoader's workers."""
+        return DataLoader(
+            self.samples,
+            batch_sampler=batches,
+            collate_fn=collate_samples,
+            num_workers=self.config.dataloader_num_workers,
+            # Its own generator, so that loading draws nothing from the global RNG (which the VAE noise uses).
+            generator=torch.Generator().manual_seed(self.config.seed + epoch),
+        )
+
+    def _train_epoch(self, epoch: int, cache: VisionFeatureCache | None) -> dict[str, Any]:
+        config, accelerator = self.config, self.accelerator
+        device = accelerator.device
+        batches = self._epoch_batches(epoch)
+        accumulation = config.gradient_accumulation_steps
+        vision_model = accelerator.unwrap_model(self.wrapped_model)
+        # Per-process sums of (loss, terms...) weighted by batch size, and the image count.
+        totals = torch.zeros(len(LOSS_TERMS) + 2, dtype=torch.float64, device=device)
+        cached_epoch = cache is not None and all(cache.has_all(indices) for indices in batches)
+        progress = tqdm(
+            total=len(batches),
+            desc=f"epoch {epoch}/{config.num_epochs}",
+            disable=not (config.progress_bar and accelerator.is_local_main_process),
+        )
+        started = time.perf_counter()
+        source = self._cached_batches(batches, cache) if cached_epoch else self._decoded_batches(batches, epoch)
+        for position, batch in enumerate(source):
+            group_start = position - position % accumulation
+            group_size = min(accumulation, len(batches) - group_start)
+            sync_now = position == group_start + group_size - 1
+            labels = batch["labels"].to(device)
+            masks = batch["masks"].to(device) if "masks" in batch else None
+            if "vision_outputs" in batch:
+                vision_outputs = CoPSVisionOutput(
+                    image_embeds=batch["vision_outputs"].image_embeds.to(device),
+                    patch_embeds=batch["vision_outputs"].patch_embeds.to(device),
+                )
+            else:
+                with accelerator.autocast():
+                    vision_outputs = vision_model.dual_path_vision_forward(batch["pixel_values"].to(device))
+                if cache is not None:
+                    cache.store(batch["indices"].tolist(), vision_outputs, masks)
+            with accelerator.no_sync(self.wrapped_model) if not sync_now else nullcontext():
+                with accelerator.autocast():
+                    outputs = self.wrapped_model(vision_outputs=vision_outputs, labels=labels, masks=masks)
+                accelerator.backward(outputs.loss / group_size)
+            if sync_now:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+            batch_size = len(labels)
+            values = [outputs.loss.detach()] + [outputs.loss_terms[name] for name in LOSS_TERMS]
+            totals[:-1] += torch.stack([value.double() for value in values]) * batch_size
+            totals[-1] += batch_size
+            progress.update(1)
+            running_means = (totals[:-1] / totals[-1]).tolist()
+            progress.set_postfix(
+                {name: f"{value:.3f}" for name, value in zip(("loss", *LOSS_TERMS), running_means, strict=True)},
+                refresh=False,
+            )
+        progress.close()
+        if cache is not None and not cached_epoch:
+            cache.finalize()
+        seconds = time.perf_counter() - started
+        totals = accelerator.reduce(totals, reduction="sum")
+        means = (totals[:-1] / totals[-1]).tolist()
+        num_images = int(totals[-1].item())
+        record = {"epoch": epoch, "step": self.global_step, "loss": means[0]}
+        record.update(dict(zip(LOSS_TERMS, means[1:], strict=True)))
+        record.update(
+            seconds=seconds,
+            images_per_second=num_images / seconds,
+            images=num_images,
+            cached_features=cached_epoch,
+        )
+        if accelerator.is_main_process:
+            logger.info("epoch %d: %s", epoch, json.dumps(record))
+        return record
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def _trainer_state(self, epoch: int) -> dict[str, Any]:
+        return trainer_state(self.config, epoch, self.global_step, self.accelerator.num_processes, len(self.samples))
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        save_checkpoint(
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            self.output_dir,
+            self._trainer_state(epoch),
+            self.config.keep_checkpoints,
+        )
+
+    def _resume(self) -> int:
+        """Load the last complete checkpoint; return its epoch (0 when there is none)."""
+        checkpoints = list_checkpoints(self.output_dir)
+        if not checkpoints:
+            logger.warning("No checkpoint in %s: starting a fresh run.", checkpoints_folder(self.output_dir))
+            return 0
+        checkpoint = checkpoints[-1]
+        state = load_checkpoint(self.accelerator, self.model, self.optimizer, checkpoint, self._trainer_state(0))
+        self.global_step = state["global_step"]
+        if self.accelerator.is_main_process:
+            self._truncate_log(state["epoch"])
+            logger.info("Resumed from %s (epoch %d, step %d).", checkpoint, state["epoch"], self.global_step)
+        self.accelerator.wait_for_everyone()
+        return state["epoch"]
+
+    def _truncate_log(self, last_epoch: int) -> None:
+        """Drop log lines of epochs after the checkpoint (written by the interrupted run)."""
+        log = self.output_dir / TRAIN_LOG_FILENAME
+        if not log.is_file():
+            return
+        kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["epoch"] <= last_epoch]
+        with atomic_write(log) as temporary:
+            temporary.write_text("".join(line + "\n" for line in kept))
+
+    def _save_final(self) -> None:
+        """`save_pretrained` of model and processor into `output_dir`, each file moved into place atomically."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            with tempfile.TemporaryDirectory(dir=self.output_dir, prefix=".final-") as staging:
+                self.model.save_pretrained(staging)
+                self.processor.save_pretrained(staging)
+                for path in Path(staging).iterdir():
+                    os.replace(path, self.output_dir / path.name)
+        accelerator.wait_for_everyone()
+
+
+def train_cops(
+    model: CoPSForAnomalyDetection,
+    processor: CoPSProcessor,
+    train_dataset: datasets.Dataset,
+    config: TrainingConfig,
+) -> TrainingResult:
+    """Train the CoPS modules of `model` on `train_dataset`; see `CoPSTrainer` and `TrainingConfig`."""
+    return CoPSTrainer(model, processor, train_dataset, config).train()
+
+
+__all__ = [
+    "LOSS_TERMS",
+    "TRAIN_LOG_FILENAME",
+    "CoPSTrainer",
+    "TrainingResult",
+    "cops_model_for_training",
+    "processor_for",
+    "train_cops",
+]
