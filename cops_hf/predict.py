@@ -1,7 +1,7 @@
 """Scoring many image files: folder and glob expansion, and a writer that streams rows as images are scored.
 
-Used by `cops-hf predict` and `examples/infer.py`. Results are written (and flushed) in chunks as they come, so
-memory stays flat however many images there are: nothing keeps an anomaly map after its files are written.
+Used by `cops-hf predict` and `examples/infer.py`. The pipeline is fed a generator, so results come one at a
+time and each row is written (and flushed) as it comes: memory stays flat however many images there are.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import csv
 import glob
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -129,7 +129,6 @@ def write_predictions(
     overlays: bool = True,
     colormap_name: str = DEFAULT_COLORMAP,
     alpha: float = DEFAULT_ALPHA,
-    chunk_size: int = 64,
     on_row: Callable[[dict[str, str]], None] | None = None,
     progress: bool = True,
 ) -> PredictionSummary:
@@ -141,7 +140,6 @@ def write_predictions(
             and `NNNNN_<stem>_mask.png` (the binary predicted mask) when a pixel threshold is known.
         threshold, image_threshold: pixel and score thresholds (default: the ones calibrated into the model).
         colormap_name, alpha: colormap and opacity of the overlays.
-        chunk_size: images handed to the pipeline at a time; only one chunk's maps are alive at once.
         on_row: called with each row once it is written (the CLI prints it).
         progress: show a tqdm bar.
     """
@@ -167,40 +165,34 @@ def write_predictions(
         tqdm(total=len(images), unit="image", disable=not progress) as bar,
     ):
         table = _TableWriter(handle, output_format)
-        for start, chunk in _chunks(images, chunk_size):
-            results = detector(list(chunk), **options)
-            for offset, (path, result) in enumerate(zip(chunk, results, strict=True)):
-                row = dict.fromkeys(RESULT_COLUMNS, "") | {"image": path}
-                if "error" in result:
-                    row["error"] = result["error"]
-                    summary.num_failed += 1
-                    summary.errors.append(result["error"])
-                else:
-                    row["score"] = f"{result['score']:.6f}"
-                    row["label"] = result.get("label", "")
-                    if overlays:
-                        stem = f"{start + offset:05d}_{Path(path).stem}"
-                        row["overlay"] = f"{stem}_overlay.png"
-                        render_prediction(
-                            load_image(path), result, image_threshold=image_threshold_used,
-                            pixel_threshold=pixel_threshold_used, title=Path(path).name,
-                            colormap_name=colormap_name, alpha=alpha,
-                        ).save(output / row["overlay"])  # fmt: skip
-                        if "mask" in result:
-                            row["mask"] = f"{stem}_mask.png"
-                            _save_mask(result["mask"], output / row["mask"])
-                    summary.num_scored += 1
-                table.write(row)
-                bar.update(1)
-                if on_row is not None:
-                    on_row(row)
+        results = detector((path for path in images), **options)  # a stream: one result alive at a time
+        for index, (path, result) in enumerate(zip(images, results, strict=True)):
+            row = dict.fromkeys(RESULT_COLUMNS, "") | {"image": path}
+            if "error" in result:
+                row["error"] = result["error"]
+                summary.num_failed += 1
+                summary.errors.append(result["error"])
+            else:
+                row["score"] = f"{result['score']:.6f}"
+                row["label"] = result.get("label", "")
+                if overlays:
+                    stem = f"{index:05d}_{Path(path).stem}"
+                    row["overlay"] = f"{stem}_overlay.png"
+                    render_prediction(
+                        load_image(path), result, image_threshold=image_threshold_used,
+                        pixel_threshold=pixel_threshold_used, title=Path(path).name,
+                        colormap_name=colormap_name, alpha=alpha,
+                    ).save(output / row["overlay"])  # fmt: skip
+                    if "mask" in result:
+                        row["mask"] = f"{stem}_mask.png"
+                        _save_mask(result["mask"], output / row["mask"])
+                summary.num_scored += 1
+            table.write(row)
+            bar.update(1)
+            if on_row is not None:
+                on_row(row)
         table.close()
     return summary
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterator[tuple[int, Sequence[str]]]:
-    for start in range(0, len(items), max(1, size)):
-        yield start, items[start : start + size]
 
 
 def _save_mask(mask: Any, path: Path) -> None:
