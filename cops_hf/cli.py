@@ -39,12 +39,29 @@ def _style(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clip", required=True, help="OpenAI CLIP file (e.g. ViT-L-14-336px.pt) or state dict.")
+    parser.add_argument(
+        "--official", choices=["mvtec", "visa"], help="Download, verify and convert an official detector (visa: "
+        "trained on VisA, for other datasets; mvtec: trained on MVTec AD, for VisA)."
+    )  # fmt: skip
+    parser.add_argument(
+        "--clip", help="CLIP: an OpenAI file (ViT-L-14-336px.pt), a transformers CLIP folder or a Hub id "
+        "(with --official, default openai/clip-vit-large-patch14-336)."
+    )  # fmt: skip
     parser.add_argument("--checkpoint", help="Reference CoPS checkpoint (e.g. epoch_10.pth); omit for fresh modules.")
     parser.add_argument("--output", required=True, help="Directory for save_pretrained (model + processor).")
     parser.add_argument("--image-size", type=int, default=518, help="Input size in pixels (default 518).")
     parser.add_argument("--test-preset", help="Test-dataset preset (e.g. visa, mvtec), see TEST_DATASET_PRESETS.")
     parser.add_argument("--train-preset", help="Training-dataset preset (visa or mvtec).")
+    parser.add_argument("--revision", help="Hub revision of the CLIP (branch, tag or commit).")
+    parser.add_argument("--cache-dir", help="Cache folder for downloads (default: the Hugging Face cache).")
+    parser.add_argument(
+        "--base-url", help="With --official: raw-file root of the reference repository or a mirror (default: "
+        "$COPS_OFFICIAL_BASE_URL, else https://raw.githubusercontent.com/cqylunlun/CoPS/main)."
+    )  # fmt: skip
+    parser.add_argument(
+        "--checkpoint-sha1", help="With --official: the git blob SHA-1 the checkpoint must have (default: the "
+        "published file's)."
+    )  # fmt: skip
     parser.add_argument(
         "--no-round-deep-prompts",
         action="store_true",
@@ -54,15 +71,29 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .conversion import convert_original_checkpoint
+    from .official import load_official
     from .processing_cops import CoPSProcessor
 
-    model = convert_original_checkpoint(
-        args.clip, args.checkpoint, image_size=args.image_size, round_deep_prompts=not args.no_round_deep_prompts
-    )
+    clip_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    rounding = {"round_deep_prompts": not args.no_round_deep_prompts}
+    if args.official:
+        if args.checkpoint:
+            raise ValueError("--official downloads its own checkpoint: leave out --checkpoint")
+        model, processor = load_official(
+            args.official, clip=args.clip, base_url=args.base_url, blob_sha1=args.checkpoint_sha1,
+            image_size=args.image_size, **clip_kwargs, **rounding,
+        )  # fmt: skip
+    elif args.clip:
+        model = convert_original_checkpoint(
+            args.clip, args.checkpoint, clip_kwargs=clip_kwargs, image_size=args.image_size, **rounding
+        )
+        processor = CoPSProcessor.for_image_size(model.config.image_size)
+    else:
+        raise ValueError("give --official visa|mvtec, or --clip (and --checkpoint) to convert local files")
     if args.test_preset or args.train_preset:
         model.config = model.config.with_preset(args.test_preset, args.train_preset)
     model.save_pretrained(args.output)
-    CoPSProcessor.for_image_size(model.config.image_size).save_pretrained(args.output)
+    processor.save_pretrained(args.output)
     print(f"Saved CoPS model and processor to {args.output}")
     return 0
 
@@ -118,6 +149,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=int, default=8, help="Overlays per category.")
+    parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
     _add_style_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
@@ -142,7 +174,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_dataset(
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=args.preset,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
-        num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device), **_style(args),
+        num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device),
+        skip_invalid=args.skip_invalid, **_style(args),
     )  # fmt: skip
     if result is not None:
         print(result.report.format_table())
@@ -280,7 +313,9 @@ def _run_push(args: argparse.Namespace) -> int:
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     clip = parser.add_mutually_exclusive_group(required=True)
-    clip.add_argument("--clip", help="CLIP name or path, e.g. openai/clip-vit-large-patch14-336")
+    clip.add_argument(
+        "--clip", help="CLIP: a Hub id (openai/clip-vit-large-patch14-336), a transformers folder or an OpenAI file"
+    )
     clip.add_argument(
         "--random-clip",
         "--clip-config",

@@ -83,6 +83,11 @@ class CoPSConfig(PretrainedConfig):
             "X ... X." (the "." of CLIP's BPE vocabulary); start/end ids come from `text_config`.
         image_threshold, pixel_threshold (`float`, *optional*): calibrated decision thresholds on image scores and
             anomaly maps, used by the pipeline to emit labels and masks.
+        test_preset (`str`, *optional*): the `TEST_DATASET_PRESETS` entry the test-time fields were last set from
+            (recorded by `with_preset`); the official VisA-trained model is meant for "general", the MVTec-trained
+            one for "visa".
+        source_checkpoint (`str`, *optional*): the published checkpoint the CoPS weights were converted from, as
+            "repository/path@git blob sha1".
     """
 
     model_type = "cops"
@@ -115,6 +120,8 @@ class CoPSConfig(PretrainedConfig):
     prompt_suffix_token_ids: list[int] | None = None
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    test_preset: str | None = None
+    source_checkpoint: str | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -283,7 +290,7 @@ class CoPSConfig(PretrainedConfig):
 
 
 def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
-    """The `CoPSConfig` fields of a dataset preset (empty for `None`).
+    """The `CoPSConfig` fields of a dataset preset (empty for `None`); a test preset records its name in `test_preset`.
 
     Args:
         kind: "test" (`TEST_DATASET_PRESETS`) or "train" (`TRAIN_DATASET_PRESETS`).
@@ -296,7 +303,7 @@ def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
     if key not in table:
         label = "test" if kind == "test" else "training"
         raise ValueError(f"Unknown {label} dataset preset {name!r}; choose one of {sorted(table)}.")
-    return dict(table[key])
+    return {**table[key], "test_preset": key} if kind == "test" else dict(table[key])
 
 
 def check_model_type(model_type: str | None, source: str) -> None:

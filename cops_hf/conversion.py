@@ -1,7 +1,8 @@
-"""Conversion of the official release: OpenAI CLIP archives and reference CoPS checkpoints -> our model.
+"""Conversion of the official release: CLIP in any published form and reference CoPS checkpoints -> our model.
 
-* OpenAI CLIP (`ViT-L-14-336px.pt`, a TorchScript archive, or any OpenAI-layout state dict) is mapped onto
-  transformers' `CLIPModel` names; its configuration is read off the tensor shapes.
+* CLIP comes as OpenAI ships it (`ViT-L-14-336px.pt`, a TorchScript archive, or any OpenAI-layout state dict:
+  mapped onto transformers' `CLIPModel` names, its configuration read off the tensor shapes), as a transformers
+  CLIP folder, or as a Hub id such as `openai/clip-vit-large-patch14-336` (`CLIPModel.from_pretrained`).
 * A reference CoPS checkpoint (`{"prompt_learner": state_dict}`, as saved by the reference's train.py) is
   mapped onto our CoPS modules. Keys the reference saves but the method never reads (`projector*`,
   `extractor_*`, `token_*`, `tokenized_prompts_*`) are dropped; `vae_encoder*` may be absent (only training
@@ -15,17 +16,19 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import pickle
 import re
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from transformers import CLIPConfig
+from transformers import CLIPConfig, CLIPModel
 
-from .configuration_cops import CoPSConfig
 from .modeling_cops import CoPSForAnomalyDetection
 
 logger = logging.getLogger(__name__)
@@ -95,6 +98,9 @@ _COPS_ENCODER_RENAMES = {
     "vae_encoder.log_var.bias": "class_token_vae.log_var_head.bias",
 }
 _VAE_ENCODER_PREFIXES = ("class_token_vae.encoder.", "class_token_vae.mean_head.", "class_token_vae.log_var_head.")
+# A Hub model id ("name" or "namespace/name"); a string naming a file that does not exist is not one.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _COPS_UNUSED = re.compile(r"^(projector|extractor_\.|token_|tokenized_prompts_)")
 _DEEP_PROMPT = re.compile(r"^compound_prompts_text\.(\d+)$")
 
@@ -103,28 +109,148 @@ class CheckpointConversionError(ValueError):
     """A checkpoint does not have the layout conversion expects (the message names the key or file)."""
 
 
+# Storage classes a TorchScript archive names for its tensors, and their element types.
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}  # fmt: skip
+
+
+class _ScriptedObject:
+    """Stands in for a TorchScript class (`__torch__.*`) while its archive is read: keeps its state, runs nothing."""
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_unused: object) -> torch.Tensor:
+    """`torch._utils._rebuild_tensor_v2` on a flat storage tensor, without requires_grad or hooks."""
+    return torch.as_strided(storage, tuple(size), tuple(stride), offset).clone()
+
+
+class _TorchScriptDataUnpickler(pickle.Unpickler):
+    """Reads a TorchScript archive's `data.pkl`: tensors and plain containers only (pickle's "restricting globals").
+
+    Every `__torch__.*` class becomes a [`_ScriptedObject`] holding its pickled state, so no `__setstate__` or
+    scripted method of the archive runs; any other global (`os.system`, `builtins.eval`, ...) is refused.
+    """
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str, path: Path) -> None:
+        super().__init__(io.BytesIO(archive.read(f"{prefix}data.pkl")))
+        self.archive, self.prefix, self.path = archive, prefix, path
+        self.scripted_classes: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str) -> object:
+        if module == "__torch__" or module.startswith("__torch__."):
+            key = f"{module}.{name}"
+            return self.scripted_classes.setdefault(key, type(name, (_ScriptedObject,), {"__module__": module}))
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        raise CheckpointConversionError(
+            f"'{self.path}' is a TorchScript archive that refers to {module}.{name}; only tensors are read from "
+            "CLIP archives, so it is refused."
+        )
+
+    def persistent_load(self, pid: object) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise CheckpointConversionError(f"'{self.path}' has a malformed tensor reference {pid!r}.")
+        _, dtype, key, _, numel = pid
+        try:
+            data = self.archive.read(f"{self.prefix}data/{key}")
+        except KeyError as error:
+            raise CheckpointConversionError(f"'{self.path}' lacks the tensor data 'data/{key}'.") from error
+        element_size = torch.empty((), dtype=dtype).element_size()
+        if len(data) != numel * element_size:
+            raise CheckpointConversionError(f"'{self.path}': tensor data 'data/{key}' is truncated.")
+        return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+
+def _named_tensors(item: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensor attributes of a tree of scripted modules, with dotted names (what `state_dict()` would list)."""
+    if isinstance(item, _ScriptedObject) and isinstance(getattr(item, "state", None), Mapping):
+        named = {}
+        for key, value in item.state.items():
+            if isinstance(value, torch.Tensor):
+                named[f"{prefix}{key}"] = value
+            else:
+                named.update(_named_tensors(value, f"{prefix}{key}."))
+        return named
+    return {}
+
+
+def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The named tensors of a TorchScript archive (such as OpenAI's CLIP `.pt` files), read without running code.
+
+    The archive's `data.pkl` is unpickled with an allowlist of tensor rebuilding and plain containers; its scripted
+    classes are kept as plain state and its code is never compiled or run (unlike `torch.jit.load`).
+
+    Raises:
+        CheckpointConversionError: the archive refers to anything but tensors and scripted modules, or is broken.
+    """
+    path = Path(path)
+    with zipfile.ZipFile(path) as archive:
+        data_files = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") == 1]
+        if len(data_files) != 1:
+            raise CheckpointConversionError(f"'{path}' is not a TorchScript archive: no single <name>/data.pkl.")
+        prefix = data_files[0].removesuffix("data.pkl")
+        try:
+            root = _TorchScriptDataUnpickler(archive, prefix, path).load()
+        except CheckpointConversionError:
+            raise
+        except Exception as error:  # any malformed pickle stream: one line instead of the unpickler's trace
+            raise CheckpointConversionError(f"'{path}' has a corrupt TorchScript data.pkl ({error}).") from error
+    tensors = _named_tensors(root)
+    if not tensors:
+        raise CheckpointConversionError(f"'{path}' is a TorchScript archive without any tensor.")
+    return tensors
+
+
+def load_weights_file(path: str | os.PathLike, what: str) -> object:
+    """`torch.load(path, weights_only=True)` on the CPU, with every failure as one line naming the file.
+
+    A pickle that asks for anything but tensors and plain containers is refused by `weights_only`, and said so.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointConversionError(f"{what} '{path}' is a directory, not a file.")
+    if not path.is_file():
+        raise CheckpointConversionError(f"{what} '{path}' does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise CheckpointConversionError(
+            f"{what} '{path}' was refused: it holds more than tensors ({reason})."
+        ) from error
+    except Exception as error:  # truncated, empty, text, wrong format: torch raises many kinds
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointConversionError(
+            f"{what} '{path}' cannot be read as a PyTorch checkpoint ({reason})."
+        ) from error
+
+
 def load_openai_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read an OpenAI CLIP file: a TorchScript archive (as OpenAI ships) or a plain state-dict checkpoint.
 
-    Plain checkpoints are loaded with `weights_only=True`; TorchScript archives with `torch.jit.load`, which runs
-    no Python pickle code.
+    TorchScript archives are read by [`read_torchscript_tensors`], which runs none of the archive's code; plain
+    checkpoints are loaded with `weights_only=True`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointConversionError(f"CLIP file '{path}' does not exist.")
-    if zipfile.is_zipfile(path):
+    if path.is_file() and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             is_torchscript = any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
         if is_torchscript:
-            return {
-                name: tensor.float()
-                for name, tensor in torch.jit.load(str(path), map_location="cpu").state_dict().items()
-            }
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return {name: tensor.float() for name, tensor in read_torchscript_tensors(path).items()}
+    state = load_weights_file(path, "CLIP file")
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise CheckpointConversionError(f"'{path}' holds no state dict (found {type(state).__name__}).")
+    if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise CheckpointConversionError(f"'{path}' holds no state dict of tensors (found {type(state).__name__}).")
     return {name.removeprefix("module."): tensor for name, tensor in state.items()}
 
 
@@ -194,10 +320,7 @@ def convert_openai_clip_state_dict(state: StateDict) -> dict[str, torch.Tensor]:
 
 def load_reference_cops_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a reference CoPS checkpoint (`{"prompt_learner": ...}`) with `weights_only=True`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointConversionError(f"CoPS checkpoint '{path}' does not exist.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_weights_file(path, "CoPS checkpoint")
     if not isinstance(checkpoint, Mapping) or "prompt_learner" not in checkpoint:
         raise CheckpointConversionError(
             f"'{path}' is not a reference CoPS checkpoint: expected a dict with a 'prompt_learner' entry."
@@ -257,21 +380,56 @@ def convert_reference_cops_state_dict(state: StateDict) -> tuple[dict[str, torch
     return converted, has_encoder
 
 
+def load_clip_model(
+    clip: str | os.PathLike | StateDict | CLIPModel,
+    *,
+    clip_config: CLIPConfig | None = None,
+    **from_pretrained_kwargs,
+) -> CLIPModel:
+    """A transformers `CLIPModel` from any form CLIP is published in, in float32 unless told otherwise.
+
+    Args:
+        clip: an OpenAI CLIP file (TorchScript archive as OpenAI ships it, or a state-dict checkpoint), an
+            OpenAI-layout state dict, a transformers CLIP folder, a Hub id (`"openai/clip-vit-large-patch14-336"`),
+            or a `CLIPModel` (returned as is).
+        clip_config: for OpenAI weights, overrides the configuration read off the shapes (e.g. head counts that are
+            not width // 64).
+        **from_pretrained_kwargs: for folders and Hub ids, arguments of `CLIPModel.from_pretrained` (`revision`,
+            `cache_dir`, `dtype`, ...).
+    """
+    if isinstance(clip, CLIPModel):
+        return clip
+    if isinstance(clip, Mapping):
+        state = dict(clip)
+    else:
+        path = Path(clip)
+        is_hub_id = not path.exists() and _HUB_ID.fullmatch(str(clip)) and not str(clip).endswith(_FILE_SUFFIXES)
+        if path.is_dir() or is_hub_id:
+            return CLIPModel.from_pretrained(str(clip), **{"dtype": torch.float32, **from_pretrained_kwargs}).eval()
+        state = load_openai_clip_state_dict(path)
+    model = CLIPModel(clip_config or clip_config_from_openai(state))
+    _load_exact(model, convert_openai_clip_state_dict(state), "OpenAI CLIP")
+    return model.eval()
+
+
 def convert_original_checkpoint(
-    clip: str | os.PathLike | StateDict,
+    clip: str | os.PathLike | StateDict | CLIPModel,
     cops: str | os.PathLike | StateDict | None = None,
     *,
     clip_config: CLIPConfig | None = None,
+    clip_kwargs: dict | None = None,
     round_deep_prompts: bool = True,
     **cops_fields,
 ) -> CoPSForAnomalyDetection:
     """Build a [`CoPSForAnomalyDetection`] from the official release files.
 
     Args:
-        clip: OpenAI CLIP state dict, or the path of an OpenAI `.pt` file (TorchScript archive or checkpoint).
+        clip: the CLIP, in any form [`load_clip_model`] takes: an OpenAI `.pt` file (TorchScript archive or
+            checkpoint) or state dict, a transformers CLIP folder, a Hub id or a `CLIPModel`.
         cops: reference CoPS checkpoint path or its `prompt_learner` state dict; `None` gives fresh CoPS modules.
-        clip_config: overrides the CLIP configuration read off the shapes (e.g. head counts that are not
-            width // 64).
+        clip_config: overrides the CLIP configuration read off OpenAI weights' shapes (e.g. head counts that are
+            not width // 64).
+        clip_kwargs: arguments of `CLIPModel.from_pretrained` for a folder or Hub id (`revision`, `cache_dir`).
         round_deep_prompts: store the deep prompts rounded to fp16 values, as the reference computes with them
             (it casts them with `.half()` in every forward). False keeps the checkpoint's float32 values, which
             moves scores by up to ~4e-5 from the reference's.
@@ -281,9 +439,7 @@ def convert_original_checkpoint(
     Returns:
         The model in eval mode.
     """
-    clip_state = load_openai_clip_state_dict(clip) if isinstance(clip, (str, os.PathLike)) else dict(clip)
-    clip_config = clip_config or clip_config_from_openai(clip_state)
-    clip_weights = convert_openai_clip_state_dict(clip_state)
+    clip_model = load_clip_model(clip, clip_config=clip_config, **(clip_kwargs or {}))
 
     cops_weights: dict[str, torch.Tensor] = {}
     has_encoder = False
@@ -301,8 +457,7 @@ def convert_original_checkpoint(
                 )
             cops_fields[name] = value
 
-    model = CoPSForAnomalyDetection(CoPSConfig.from_clip_config(clip_config, **cops_fields))
-    _load_exact(model.clip, clip_weights, "OpenAI CLIP")
+    model = CoPSForAnomalyDetection.from_clip(clip_model, **cops_fields)
     if cops_weights:
         expected = {name for name in model.state_dict() if not name.startswith("clip.")}
         if not has_encoder:
@@ -336,6 +491,9 @@ __all__ = [
     "convert_openai_clip_state_dict",
     "convert_original_checkpoint",
     "convert_reference_cops_state_dict",
+    "load_clip_model",
     "load_openai_clip_state_dict",
     "load_reference_cops_state_dict",
+    "load_weights_file",
+    "read_torchscript_tensors",
 ]

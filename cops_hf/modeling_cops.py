@@ -351,6 +351,27 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         return model.to(clip.dtype)
 
     @classmethod
+    def from_official(cls, release: str = "visa", **kwargs) -> CoPSForAnomalyDetection:
+        """The official CoPS detector of the reference release (github cqylunlun/CoPS), ready for inference.
+
+        CLIP ViT-L/14@336px comes from the Hub (`openai/clip-vit-large-patch14-336`: `HF_ENDPOINT`,
+        `HF_HUB_OFFLINE` and the cache apply), the CoPS checkpoint from the reference repository, verified by its
+        git blob SHA-1 and cached. The config records the checkpoint and the test preset it is meant for. The
+        processor to use with it: `CoPSProcessor.from_official(release)`.
+
+        Args:
+            release: `"visa"` (trained on VisA, for testing on other datasets) or `"mvtec"` (trained on MVTec AD,
+                for testing on VisA).
+            **kwargs: see `cops_hf.official.load_official` (`revision`, `cache_dir`, `base_url`, `blob_sha1`,
+                `clip`, `image_size`, ...).
+        """
+        try:  # absolute and guarded: the code files saved next to a model for trust_remote_code stay self-contained
+            from cops_hf.official import load_official
+        except ImportError as error:
+            raise ImportError("from_official needs the cops-hf package: pip install cops-hf") from error
+        return load_official(release, **kwargs)[0]
+
+    @classmethod
     def from_pretrained(cls, *args, **kwargs) -> CoPSForAnomalyDetection:
         """`PreTrainedModel.from_pretrained`, with CLIP frozen again (loading replaces its parameters)."""
         loaded = super().from_pretrained(*args, **kwargs)

@@ -34,6 +34,8 @@ Errors carry the ``X-Error-Code`` values that ``huggingface_hub.utils.hf_raise_f
 * a gated repository (``gated_token=``) shows its metadata to everyone but serves files only with its token;
 * a repository with ``write_token=`` refuses commits from other tokens with 403.
 
+:class:`StaticFileServer` stands in for a raw-file host such as raw.githubusercontent.com (fixed files, byte ranges).
+
 Each repository keeps its full commit history; ``revision=`` may be a branch name or a full commit sha. All state
 lives in memory and is lost when the server stops. The server binds 127.0.0.1 on a free port.
 """
@@ -254,6 +256,13 @@ class LocalHub:
             if repo_id in self.repositories:
                 raise ValueError(f"Repository {repo_id} already exists on the local hub.")
             return self._add_repository(HubRepository(repo_id, private_token, gated_token, write_token))
+
+    def upload_files(self, repo_id: str, files: Mapping[str, bytes], title: str = "Upload files") -> HubCommit:
+        """Commit ``files`` on top of ``main`` of ``repo_id`` (created public if needed), as a push would."""
+        with self._lock:
+            repository = self.repositories.get(repo_id) or self._add_repository(HubRepository(repo_id))
+            head = repository.resolve(DEFAULT_BRANCH)
+            return repository.commit(DEFAULT_BRANCH, title, {**head.files, **files})
 
     def _add_repository(self, repository: HubRepository) -> HubRepository:
         """Give a new repository its initial commit on ``main`` and store it (the caller holds the lock)."""
@@ -520,3 +529,119 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             """Stay quiet: :attr:`LocalHub.requests` records what was served."""
 
     return LocalHubRequestHandler
+
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+
+
+class StaticFileServer:
+    """A raw-file host on 127.0.0.1 (like raw.githubusercontent.com) for tests; use it as a context manager.
+
+    It answers ``GET``/``HEAD`` of the paths in :attr:`files` with their bytes: the whole file (200), or one byte
+    range ``Range: bytes=START-[END]`` (206, with ``Content-Range``); anything else is a 404.
+
+    Attributes:
+        files: ``"/path/in/the/repository"`` -> content.
+        requests: ``(method, path, Range header or None)`` of every request, in order.
+        stall_after: when set, a ``GET`` answer stops after sending this many bytes of the file, sets
+            :attr:`stalled` and waits for :attr:`resume` before sending the rest: a download caught in mid-flight.
+    """
+
+    def __init__(self, files: Mapping[str, bytes] | None = None) -> None:
+        self.files: dict[str, bytes] = dict(files or {})
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.stall_after: int | None = None
+        self.stalled = threading.Event()
+        self.resume = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's root URL, e.g. ``http://127.0.0.1:54321``."""
+        if self._httpd is None:
+            raise RuntimeError("The static file server is not running; call start() first.")
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> StaticFileServer:
+        """Bind a free loopback port and serve from a daemon thread."""
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_static_handler(self))
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="static-files", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release the port (a stalled answer is released first)."""
+        self.resume.set()
+        if self._httpd is None or self._thread is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+        self._httpd = None
+        self._thread = None
+
+    def __enter__(self) -> StaticFileServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _make_static_handler(server: StaticFileServer) -> type[BaseHTTPRequestHandler]:
+    """An HTTP/1.1 request handler class bound to ``server``."""
+
+    class StaticFileHandler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            path = urlsplit(self.path).path
+            requested_range = self.headers.get("Range")
+            server.requests.append((self.command, path, requested_range))
+            content = server.files.get(path)
+            if content is None:
+                self._answer(404, b"Not Found", {})
+                return
+            start, end = 0, len(content) - 1
+            match = _RANGE.fullmatch(requested_range.strip()) if requested_range else None
+            if match:
+                start, end = int(match.group(1)), min(int(match.group(2) or end), end)
+                if start > end:
+                    self._answer(416, b"", {"Content-Range": f"bytes */{len(content)}"})
+                    return
+            headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+            if match:
+                headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
+            self._answer(206 if match else 200, content[start : end + 1], headers)
+
+        def _answer(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            try:
+                if server.stall_after is not None and status in (200, 206) and len(body) > server.stall_after:
+                    self.wfile.write(body[: server.stall_after])
+                    self.wfile.flush()
+                    server.stalled.set()
+                    server.resume.wait(timeout=60)
+                    body = body[server.stall_after :]
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+
+        do_GET = do_HEAD = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+            """Stay quiet: :attr:`StaticFileServer.requests` records what was served."""
+
+    return StaticFileHandler

@@ -108,13 +108,17 @@ def test_load_selects_categories_in_requested_order(tmp_path: Path) -> None:
         load_meta_dataset(tmp_path, split="train")
 
 
-def test_absolute_record_paths_are_accepted(tmp_path: Path) -> None:
+def test_absolute_record_paths_outside_the_root_need_trust(tmp_path: Path) -> None:
     image = write_image(tmp_path / "elsewhere" / "a.png")
-    write_meta_json(tmp_path / "root", {"test": {"brain": [make_record(str(image), cls_name="brain", anomaly=1)]}})
+    inside = write_image(tmp_path / "root" / "b.png")
+    records = [make_record(str(path), cls_name="brain", anomaly=label) for path, label in ((image, 1), (inside, 0))]
+    write_meta_json(tmp_path / "root", {"test": {"brain": records}})
 
-    dataset = load_meta_dataset(tmp_path / "root")
+    with pytest.raises(DataError, match="image path leads outside the dataset root"):
+        load_meta_dataset(tmp_path / "root")
+    dataset = load_meta_dataset(tmp_path / "root", allow_outside_root=True)
 
-    assert dataset["image_path"] == [str(image)]
+    assert dataset["image_path"] == [str(image), str(inside)]
 
 
 def test_image_level_dataset_is_first_class(tmp_path: Path) -> None:

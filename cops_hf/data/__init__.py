@@ -22,6 +22,7 @@ from .builders import (
     species_records,
 )
 from .loading import (
+    ALLOW_OUTSIDE_ROOT_ENV,
     META_FEATURES,
     ValidationReport,
     has_masks,
@@ -54,6 +55,7 @@ from .synthetic import (
 )
 
 __all__ = [
+    "ALLOW_OUTSIDE_ROOT_ENV",
     "BENCHMARKS",
     "DATASET_BUILDERS",
     "BenchmarkInfo",

@@ -33,6 +33,7 @@ from PIL import Image
 from .meta import DataError, DataProblem, meta_json_path, read_meta_json, record_problems
 
 __all__ = [
+    "ALLOW_OUTSIDE_ROOT_ENV",
     "META_FEATURES",
     "ValidationReport",
     "has_masks",
@@ -150,8 +151,37 @@ class ValidationReport:
             raise DataError(self.describe())
 
 
+ALLOW_OUTSIDE_ROOT_ENV = "COPS_HF_ALLOW_PATHS_OUTSIDE_ROOT"
+"""Set to ``1`` to trust meta.json paths that lead outside the dataset root (the default ``allow_outside_root``)."""
+
+
+def _allow_outside_root(allow_outside_root: bool | None) -> bool:
+    if allow_outside_root is not None:
+        return allow_outside_root
+    return os.environ.get(ALLOW_OUTSIDE_ROOT_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def _absolute(root: Path, relative_or_absolute: str) -> Path:
     return Path(os.path.abspath(root / relative_or_absolute))
+
+
+def _record_path(root: Path, value: str, allow_outside_root: bool) -> Path | None:
+    """Absolute path of a meta.json path, or None when it leads outside ``root`` (symlinks followed) unless allowed.
+
+    Nothing outside the root is opened or even checked for existence, so a refused path reveals nothing.
+    """
+    path = _absolute(root, value)
+    if allow_outside_root or path.resolve().is_relative_to(root.resolve()):
+        return path
+    return None
+
+
+def _outside_root_problem(root: Path, kind: str, value: str, location: str) -> DataProblem:
+    reason = (
+        f"{kind} path leads outside the dataset root {root}; meta.json paths must stay inside it "
+        f"(set {ALLOW_OUTSIDE_ROOT_ENV}=1 or pass allow_outside_root=True to trust them)"
+    )
+    return DataProblem(value, reason, location)
 
 
 def _image_size(path: Path, decode: bool) -> tuple[int, int]:
@@ -205,12 +235,23 @@ def _usable_mask(root: Path, record: Mapping[str, Any], location: str) -> tuple[
 
 
 def _check_record(
-    root: Path, record: Any, category: str, location: str, meta_path: Path, check_images: bool, require_masks: bool
+    root: Path,
+    record: Any,
+    category: str,
+    location: str,
+    meta_path: Path,
+    check_images: bool,
+    require_masks: bool,
+    allow_outside_root: bool,
 ) -> tuple[dict[str, Any] | None, list[DataProblem], list[DataProblem]]:
     """Return the dataset row of a record (None if invalid), its problems and its notes."""
     structural = record_problems(record, category)
     if structural:
         return None, [DataProblem(str(meta_path), reason, location) for reason in structural], []
+    escaping = [(kind, record[field]) for kind, field in (("image", "img_path"), ("mask", "mask_path"))
+                if record[field] and _record_path(root, record[field], allow_outside_root) is None]  # fmt: skip
+    if escaping:
+        return None, [_outside_root_problem(root, kind, value, location) for kind, value in escaping], []
     image_path = _absolute(root, record["img_path"])
     mask_path, notes = _usable_mask(root, record, location)
     problems = []
@@ -247,18 +288,29 @@ def _inspect(
     check_images: bool,
     require_masks: bool,
     dropped_invalid: bool,
+    allow_outside_root: bool | None,
 ) -> tuple[list[dict[str, Any]], ValidationReport]:
     root_path = Path(os.path.abspath(root))
     meta_path = meta_json_path(root_path)
     meta = read_meta_json(root_path)
     selected = _select_categories(meta, split, categories, meta_path)
+    allow_outside_root = _allow_outside_root(allow_outside_root)
     rows, problems, notes, num_records = [], [], [], 0
+    first_location: dict[Path, str] = {}
     for category in selected:
         for index, record in enumerate(meta[split][category]):
             num_records += 1
+            location = f"{split}/{category}[{index}]"
             row, record_problems_found, record_notes = _check_record(
-                root_path, record, category, f"{split}/{category}[{index}]", meta_path, check_images, require_masks
+                root_path, record, category, location, meta_path, check_images, require_masks, allow_outside_root
             )
+            if row is not None:
+                image = Path(row["image_path"]).resolve()
+                if image in first_location:
+                    reason = f"duplicate record: the same image is listed at {first_location[image]}"
+                    record_problems_found, row = [DataProblem(row["image_path"], reason, location)], None
+                else:
+                    first_location[image] = location
             problems.extend(record_problems_found)
             notes.extend(record_notes)
             if row is not None:
@@ -291,6 +343,7 @@ def validate_meta_dataset(
     check_images: bool = True,
     require_masks: bool = False,
     categories: str | Iterable[str] | None = None,
+    allow_outside_root: bool | None = None,
 ) -> ValidationReport:
     """Check every record of one split of ``ROOT/meta.json`` and report all problems found.
 
@@ -301,6 +354,9 @@ def validate_meta_dataset(
             files; otherwise only existence and mask/image size agreement (from the file headers) are checked.
         require_masks: Every anomalous sample must have a mask, and there must be at least one anomalous sample.
         categories: Restrict the check to these categories (default: all of the split).
+        allow_outside_root: Trust record paths that lead outside ``root`` (absolute paths, ``..``, symlinks out of
+            the root); by default they are problems, and nothing outside the root is opened. ``None`` reads
+            :data:`ALLOW_OUTSIDE_ROOT_ENV`.
 
     Returns:
         The report; ``report.ok`` is True when nothing is wrong, ``report.raise_for_problems()`` raises.
@@ -308,7 +364,7 @@ def validate_meta_dataset(
     Raises:
         DataError: meta.json is missing or malformed at the top level, or the split/categories have no records.
     """
-    _, report = _inspect(root, split, categories, check_images, require_masks, dropped_invalid=False)
+    _, report = _inspect(root, split, categories, check_images, require_masks, False, allow_outside_root)
     if require_masks and report.num_anomalous == 0:
         return dataclasses.replace(report, problems=report.problems + (_no_anomaly_problem(report),))
     return report
@@ -321,11 +377,18 @@ def load_meta_dataset_with_report(
     skip_invalid: bool = False,
     check_images: bool = False,
     require_masks: bool = False,
+    allow_outside_root: bool | None = None,
 ) -> tuple[datasets.Dataset, ValidationReport]:
     """Like :func:`load_meta_dataset`, and also return the :class:`ValidationReport` (e.g. ``report.skipped``)."""
-    rows, report = _inspect(root, split, categories, check_images, require_masks, dropped_invalid=skip_invalid)
+    rows, report = _inspect(
+        root, split, categories, check_images, require_masks, skip_invalid, allow_outside_root=allow_outside_root
+    )
     if report.problems and not skip_invalid:
-        raise DataError(f"{report.describe()}\nFix these files or pass skip_invalid=True to drop invalid records.")
+        raise DataError(
+            f"{report.meta_path} [{split}]: {report.num_invalid} invalid of {report.num_records} records, first "
+            f"{report.problems[0]}. Fix them, or drop invalid records with skip_invalid=True (CLI: --skip-invalid).\n"
+            f"{report.describe()}"
+        )
     if not rows:
         raise DataError(f"No valid records left.\n{report.describe()}")
     if require_masks and report.num_anomalous == 0:
@@ -345,6 +408,7 @@ def load_meta_dataset(
     skip_invalid: bool = False,
     check_images: bool = False,
     require_masks: bool = False,
+    allow_outside_root: bool | None = None,
 ) -> datasets.Dataset:
     """Load one split of ``ROOT/meta.json`` as a :class:`datasets.Dataset` with lazily decoded images.
 
@@ -352,8 +416,9 @@ def load_meta_dataset(
     ``cls_name``, ``specie_name``, ``image_path`` (absolute) and ``mask_path`` (absolute or ""). Rows are grouped
     by category, in meta.json order (or in the order of ``categories``), then in file order.
 
-    Every record is checked first: structure, image and mask files exist and their headers read. The mask rules of
-    the module docstring apply; each record they change is logged as a warning naming the file.
+    Every record is checked first: structure, paths inside ``root``, image and mask files exist and their headers
+    read, no image listed twice. The mask rules of the module docstring apply; each record they change is logged as
+    a warning naming the file.
 
     Args:
         root: Dataset root holding ``meta.json``; relative record paths are resolved against it.
@@ -363,12 +428,15 @@ def load_meta_dataset(
             in ``dataset.info.description`` (use :func:`load_meta_dataset_with_report` for the list).
         check_images: Also fully decode every image and mask to catch unreadable or truncated files (slower).
         require_masks: Every anomalous sample must have a mask and at least one must exist (training data).
+        allow_outside_root: Trust record paths outside ``root`` (see :func:`validate_meta_dataset`).
 
     Raises:
         DataError: meta.json missing or malformed, unknown split/categories, any invalid record (unless
             ``skip_invalid``), no valid record left, or no anomalous sample when ``require_masks``.
     """
-    dataset, _ = load_meta_dataset_with_report(root, split, categories, skip_invalid, check_images, require_masks)
+    dataset, _ = load_meta_dataset_with_report(
+        root, split, categories, skip_invalid, check_images, require_masks, allow_outside_root
+    )
     return dataset
 
 

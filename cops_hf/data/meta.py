@@ -6,12 +6,14 @@ A dataset root holds ``ROOT/meta.json``::
 
 and every record is::
 
-    {"img_path": "bottle/test/broken_large/000.png",   # relative to ROOT (absolute paths are accepted)
+    {"img_path": "bottle/test/broken_large/000.png",   # relative to ROOT, and must stay inside it
      "mask_path": "bottle/ground_truth/broken_large/000_mask.png",   # or "" when there is no mask
      "cls_name": "bottle", "specie_name": "broken_large",   # defect type, "good" for normal samples
      "anomaly": 1}                                           # 0 normal, 1 anomalous
 
-Either split may be absent or empty. Extra record fields are kept but ignored.
+Either split may be absent or empty. Extra record fields are kept but ignored. Category and specie names must be
+plain folder names, and every path must lead inside ROOT (symlinks included) unless trusted explicitly
+(``allow_outside_root`` of the loaders): a dataset file never decides where outputs go or which files are read.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "SPLITS",
     "make_record",
     "meta_json_path",
+    "path_component_problem",
     "read_meta_json",
     "record_problems",
     "write_meta_json",
@@ -86,6 +89,17 @@ def make_record(
     }
 
 
+def path_component_problem(name: str, what: str) -> str | None:
+    """Why ``name`` cannot be used as one folder or file name inside an output folder (None when it can).
+
+    Category and defect names from a meta.json become folder names (e.g. evaluation pictures): a name with a path
+    separator, ``..`` or ``.`` could write outside the output folder, so it is refused rather than altered.
+    """
+    if not name or name in (".", "..") or any(character in name for character in ("/", "\\", "\0")):
+        return f"{what} {name!r} is not a plain folder name (no '/', '\\', '.', '..' or empty names)"
+    return None
+
+
 def record_problems(record: Any, category: str) -> list[str]:
     """Return what is structurally wrong with a meta.json ``record`` listed under ``category`` (empty if valid)."""
     if not isinstance(record, Mapping):
@@ -98,6 +112,10 @@ def record_problems(record: Any, category: str) -> list[str]:
             problems.append(f"field '{field}' must be a string, got {record[field]!r}")
     if isinstance(record.get("img_path"), str) and not record["img_path"]:
         problems.append("field 'img_path' is empty")
+    if isinstance(record.get("specie_name"), str) and (
+        problem := path_component_problem(record["specie_name"], "field 'specie_name'")
+    ):
+        problems.append(problem)
     if isinstance(record.get("cls_name"), str) and record["cls_name"] != category:
         problems.append(f"field 'cls_name' is {record['cls_name']!r} but the record is listed under {category!r}")
     if "anomaly" not in record:
@@ -115,6 +133,8 @@ def _check_structure(meta: Any, source: str) -> None:
         if not isinstance(categories, Mapping):
             raise DataError(f"{source}: split {split!r} must map category names to lists of records")
         for category, records in categories.items():
+            if problem := path_component_problem(category, f"split {split!r}: category"):
+                raise DataError(f"{source}: {problem}")
             if not isinstance(records, list):
                 kind = type(records).__name__
                 raise DataError(f"{source}: {split}/{category} must be a list of records, got {kind}")

@@ -103,6 +103,7 @@ def evaluate_dataset(
     output_dir: str | Path | None = None,
     num_visualizations: int = 8,
     accelerator: Accelerator | None = None,
+    skip_invalid: bool = False,
     colormap_name: str = DEFAULT_COLORMAP,
     alpha: float = DEFAULT_ALPHA,
 ) -> EvaluationResult | None:
@@ -120,6 +121,8 @@ def evaluate_dataset(
         colormap_name, alpha: colormap and opacity of the overlays (see `cops_hf.visualization`).
         accelerator: shards the dataset over its processes; `None` creates one (single process unless launched
             with `accelerate launch` / `torchrun`).
+        skip_invalid: drop invalid meta.json records (missing or unreadable files, duplicates, ...) with a
+            warning instead of refusing the dataset.
 
     Returns:
         The result on the main process; `None` on the other processes.
@@ -128,7 +131,7 @@ def evaluate_dataset(
     accelerator = accelerator or Accelerator()
     if test_preset is not None:
         model.config = model.config.with_preset(test_dataset=test_preset)
-    dataset = load_meta_dataset(data_root, split=split, categories=categories)
+    dataset = load_meta_dataset(data_root, split=split, categories=categories, skip_invalid=skip_invalid)
     pixel_level = has_masks(dataset) or any(path for path in dataset["mask_path"])
     columns = dataset.select_columns(["image_path", "mask_path", "gt_label", "cls_name"]).to_dict()
     rows = [

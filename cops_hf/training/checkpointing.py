@@ -1,25 +1,29 @@
-"""Epoch checkpoints of a training run: written atomically, resumed only by a run with the same settings.
+"""Epoch checkpoints of a training run, written with `Accelerator.save_state` and read with `load_state`.
 
-A checkpoint `OUTPUT_DIR/checkpoints/epoch-NNNN` holds the CoPS weights (never the frozen CLIP), the optimizer and
-gradient-scaler states, each process's random generator states and `trainer_state.json` (epoch, step and the
-settings a resumed run must share). Every process fills a hidden temporary folder; one rename publishes it, so an
-interrupted save leaves the previous checkpoint as the last complete one.
+A checkpoint `OUTPUT_DIR/checkpoints/epoch-NNNN` holds what Accelerate saves (optimizer, gradient scaler, every
+process's random generator states) and, instead of the whole model, only the CoPS weights in `model.safetensors`:
+the frozen CLIP is left out by the hooks `register_cops_weights_hooks` installs (a ViT-L/14 CLIP would add 1.7 GB to
+every checkpoint without ever changing). `trainer_state.json` records the epoch, the step and the settings a resumed
+run must share (`RESUME_INVARIANTS`, process and sample counts).
+
+Every process saves into a hidden temporary folder; one rename by the main process publishes it, so a run killed
+while saving leaves the previous checkpoint as the last complete one, and `list_checkpoints` ignores the
+temporary folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from accelerate.utils import RNG_STATE_NAME, SAFE_MODEL_NAME
+from safetensors.torch import load_file
 
 from ..modeling_cops import CoPSForAnomalyDetection
 from .config import TrainingConfig
@@ -27,9 +31,6 @@ from .config import TrainingConfig
 CHECKPOINTS_DIRNAME = "checkpoints"
 CLIP_PREFIX = "clip."
 _CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)$")
-_WEIGHTS_FILENAME = "cops_weights.safetensors"
-_OPTIMIZER_FILENAME = "optimizer.pt"
-_SCALER_FILENAME = "grad_scaler.pt"
 _STATE_FILENAME = "trainer_state.json"
 # Settings a resumed run must share with the run that wrote the checkpoint, or it would not continue it.
 RESUME_INVARIANTS = ("batch_size", "learning_rate", "adam_betas", "gradient_accumulation_steps", "seed")
@@ -69,18 +70,36 @@ def trainer_state(
     }
 
 
-def save_checkpoint(
-    accelerator: Accelerator,
-    model: CoPSForAnomalyDetection,
-    optimizer: torch.optim.Optimizer,
-    output_dir: Path,
-    state: dict[str, Any],
-    keep: int,
-) -> Path:
+def register_cops_weights_hooks(accelerator: Accelerator) -> None:
+    """Make `save_state`/`load_state` of `accelerator` store and restore only the CoPS weights of its models.
+
+    The save hook swaps each model's full state dict for `cops_state_dict` (no CLIP, no DDP `module.` prefix); the
+    load hook restores those weights itself, checking that they fit, and takes the models off Accelerate's list so
+    that it does not try to load a full state dict.
+    """
+
+    def keep_cops_weights(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
+        for index, model in enumerate(models):
+            weights[index] = cops_state_dict(accelerator.unwrap_model(model))
+
+    def load_cops_weights(models: list[torch.nn.Module], input_dir: str) -> None:
+        for index, model in enumerate(models):
+            suffix = f"_{index}" if index else ""
+            path = Path(input_dir) / f"{SAFE_MODEL_NAME}{suffix}.safetensors"
+            missing, unexpected = accelerator.unwrap_model(model).load_state_dict(load_file(str(path)), strict=False)
+            not_clip = [name for name in missing if not name.startswith(CLIP_PREFIX)]
+            if not_clip or unexpected:
+                raise ValueError(f"{path} does not match the model (missing {not_clip}, unexpected {unexpected}).")
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(keep_cops_weights)
+    accelerator.register_load_state_pre_hook(load_cops_weights)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict[str, Any], keep: int) -> Path:
     """Write `checkpoints/epoch-NNNN` (epoch from `state`) atomically and drop all but the `keep` newest.
 
-    Called by every process: each saves its random generator states, the main process the rest. Returns the
-    checkpoint folder.
+    Called by every process, after `register_cops_weights_hooks`. Returns the checkpoint folder.
     """
     folder = checkpoints_folder(output_dir)
     final = folder / f"epoch-{state['epoch']:04d}"
@@ -88,15 +107,10 @@ def save_checkpoint(
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir()
     accelerator.wait_for_everyone()
-    torch.save(_capture_rng_state(), temporary / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file(cops_state_dict(model), str(temporary / _WEIGHTS_FILENAME))
-        torch.save(optimizer.state_dict(), temporary / _OPTIMIZER_FILENAME)
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), temporary / _SCALER_FILENAME)
         (temporary / _STATE_FILENAME).write_text(json.dumps(state, indent=2))
         for path in temporary.iterdir():
             with open(path, "rb") as written:
@@ -110,14 +124,8 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    accelerator: Accelerator,
-    model: CoPSForAnomalyDetection,
-    optimizer: torch.optim.Optimizer,
-    checkpoint: Path,
-    expected_state: dict[str, Any],
-) -> dict[str, Any]:
-    """Restore weights, optimizer, scaler and this process's random generators from `checkpoint`.
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, expected_state: dict[str, Any]) -> dict[str, Any]:
+    """Check that `checkpoint` continues this run, then restore it with `accelerator.load_state`.
 
     Args:
         expected_state: `trainer_state(...)` of the resuming run; its `RESUME_INVARIANTS`, process count and sample
@@ -127,7 +135,8 @@ def load_checkpoint(
         The checkpoint's trainer state (`epoch`, `global_step`, ...).
 
     Raises:
-        ValueError: the settings changed, or the weights do not fit the model.
+        ValueError: the settings changed, a process's random states are missing, or the weights do not fit
+            the model.
     """
     state = json.loads((checkpoint / _STATE_FILENAME).read_text())
     mismatched = [
@@ -140,37 +149,12 @@ def load_checkpoint(
             f"Cannot resume from {checkpoint}: the run's settings changed ({'; '.join(mismatched)}). Resume "
             "with the original settings, or start a new run in another output_dir."
         )
-    weights = load_file(str(checkpoint / _WEIGHTS_FILENAME))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    not_clip = [name for name in missing if not name.startswith(CLIP_PREFIX)]
-    if not_clip or unexpected:
-        raise ValueError(f"{checkpoint} does not match the model (missing {not_clip}, unexpected {unexpected}).")
-    optimizer.load_state_dict(torch.load(checkpoint / _OPTIMIZER_FILENAME, weights_only=True))
-    if accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(torch.load(checkpoint / _SCALER_FILENAME, weights_only=True))
-    rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pt"
-    _restore_rng_state(torch.load(rng_file, weights_only=True))
+    rng_file = checkpoint / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():
+        # Accelerate would go on without it, and the resumed run would silently differ from an uninterrupted one.
+        raise ValueError(f"Cannot resume from {checkpoint}: {rng_file.name} is missing; start a new run.")
+    accelerator.load_state(str(checkpoint))
     return state
-
-
-def _capture_rng_state() -> dict[str, Any]:
-    numpy_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _restore_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 __all__ = [
@@ -181,6 +165,7 @@ __all__ = [
     "cops_state_dict",
     "list_checkpoints",
     "load_checkpoint",
+    "register_cops_weights_hooks",
     "save_checkpoint",
     "trainer_state",
 ]

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPModel
 
+from ..conversion import load_clip_model
 from ..file_utils import atomic_write
 from ..modeling_cops import CoPSForAnomalyDetection, CoPSVisionOutput
 from ..processing_cops import CoPSProcessor
@@ -29,6 +30,7 @@ from .checkpointing import (
     checkpoints_folder,
     list_checkpoints,
     load_checkpoint,
+    register_cops_weights_hooks,
     save_checkpoint,
     trainer_state,
 )
@@ -69,17 +71,19 @@ def cops_model_for_training(
     """A fresh CoPS around a (pretrained or random) CLIP, ready to train.
 
     Args:
-        clip: a `CLIPModel` or a name/path for `CLIPModel.from_pretrained`.
+        clip: a `CLIPModel`, a Hub id, a transformers CLIP folder or an OpenAI CLIP file (see
+            `cops_hf.conversion.load_clip_model`).
         preset: training dataset preset from `TRAIN_DATASET_PRESETS` ("visa", "mvtec", "general"): the training
             neighbour kernel and whether the reconstruction loss is on.
         image_size: input size (518 by default, the reference's); a multiple of the patch size.
-        clip_kwargs: extra arguments of `CLIPModel.from_pretrained`.
+        clip_kwargs: extra arguments of `CLIPModel.from_pretrained` for a Hub id or folder (`revision`, ...).
         **cops_fields: other `CoPSConfig` fields; the ones derived from the CLIP's depth are described in
             `CoPSConfig.from_clip_config`.
     """
     if image_size is not None:
         cops_fields["image_size"] = image_size
-    return CoPSForAnomalyDetection.from_clip(clip, clip_kwargs=clip_kwargs, train_preset=preset, **cops_fields)
+    clip = load_clip_model(clip, **(clip_kwargs or {}))
+    return CoPSForAnomalyDetection.from_clip(clip, train_preset=preset, **cops_fields)
 
 
 def processor_for(model: CoPSForAnomalyDetection) -> CoPSProcessor:
@@ -122,6 +126,7 @@ class CoPSTrainer:
             # Image-level data (no masks) leaves the prototype extractor without gradients.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not self.samples.uses_masks)],
         )
+        register_cops_weights_hooks(self.accelerator)
         self.global_step = 0
 
     # -- public ---------------------------------------------------------------------------------------------
@@ -280,14 +285,7 @@ class CoPSTrainer:
         return trainer_state(self.config, epoch, self.global_step, self.accelerator.num_processes, len(self.samples))
 
     def _save_checkpoint(self, epoch: int) -> None:
-        save_checkpoint(
-            self.accelerator,
-            self.model,
-            self.optimizer,
-            self.output_dir,
-            self._trainer_state(epoch),
-            self.config.keep_checkpoints,
-        )
+        save_checkpoint(self.accelerator, self.output_dir, self._trainer_state(epoch), self.config.keep_checkpoints)
 
     def _resume(self) -> int:
         """Load the last complete checkpoint; return its epoch (0 when there is none)."""
@@ -296,7 +294,7 @@ class CoPSTrainer:
             logger.warning("No checkpoint in %s: starting a fresh run.", checkpoints_folder(self.output_dir))
             return 0
         checkpoint = checkpoints[-1]
-        state = load_checkpoint(self.accelerator, self.model, self.optimizer, checkpoint, self._trainer_state(0))
+        state = load_checkpoint(self.accelerator, checkpoint, self._trainer_state(0))
         self.global_step = state["global_step"]
         if self.accelerator.is_main_process:
             self._truncate_log(state["epoch"])
