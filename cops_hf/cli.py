@@ -424,6 +424,35 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_app_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", default=[], help="model folder or Hub id (repeat for several)")
+    parser.add_argument(
+        "--official", action="append", default=[], choices=["visa", "mvtec"],
+        help="an official CoPS detector, downloaded and converted (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)")
+    parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    parser.add_argument(
+        "--write-space", metavar="FOLDER",
+        help="instead of serving, write the app as a Hugging Face Space folder for the --model Hub ids",
+    )  # fmt: skip
+    _add_device_arguments(parser)
+
+
+def _run_app(args: argparse.Namespace) -> int:
+    from .app import launch_app, load_app_models, write_space
+
+    if args.write_space:
+        print(f"Wrote the Space to {write_space(args.write_space, args.model)}; upload it with "
+              f"`hf upload --repo-type space NAMESPACE/NAME {args.write_space}`")  # fmt: skip
+        return 0
+    models = load_app_models(args.model, args.official, device=args.device, dtype=args.dtype)
+    print(f"Serving {', '.join(model.name for model in models)} on http://{args.host}:{args.port or 7860} "
+          "(Ctrl+C stops)")  # fmt: skip
+    launch_app(models, host=args.host, port=args.port)
+    return 0
+
+
 SUBCOMMANDS: list[Subcommand] = [
     (
         "demo",
@@ -440,6 +469,7 @@ SUBCOMMANDS: list[Subcommand] = [
     ("benchmark", "Run the paper's protocol on prepared datasets.", _add_benchmark_arguments, _run_benchmark),
     ("push", "Upload a model, its processor, code and card to the Hub.", _add_push_arguments, _run_push),
     ("export", "Export the whole inference to one ONNX graph.", _add_export_arguments, _run_export),
+    ("app", "Serve the Gradio demo: upload images, see heatmaps and scores.", _add_app_arguments, _run_app),
 ]
 
 
@@ -457,6 +487,8 @@ EXAMPLES = {
     "benchmark": "  cops-hf benchmark --model cops --suite industrial --data-root /data --output bench",
     "push": "  cops-hf push cops my-org/cops --eval-json bench/benchmark.json",
     "export": "  cops-hf export --model cops --output cops.onnx --int8",
+    "app": "  cops-hf app --model cops --model cops-calibrated --port 7860\n  cops-hf app --official visa\n"
+    "  cops-hf app --model my-org/cops-visa --write-space space/",
 }
 """A few command lines per subcommand, shown at the end of its --help."""
 

@@ -33,6 +33,11 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
+def decision_label(score: float, image_threshold: float) -> str:
+    """The decision for an image score: "anomalous" when `score >= image_threshold`, else "normal"."""
+    return "anomalous" if score >= image_threshold else "normal"
+
+
 class ImageLoadError(ValueError):
     """An input image or mask cannot be read or has the wrong layout."""
 
@@ -339,9 +344,17 @@ class CoPSProcessor(ProcessorMixin):
             if threshold is not None:
                 result["mask"] = anomaly_map > threshold
             if image_threshold is not None:
-                result["label"] = "anomalous" if float(score) > image_threshold else "normal"
+                result["label"] = decision_label(float(score), image_threshold)
             results.append(result)
         return results
 
 
-__all__ = ["CoPSImageProcessor", "CoPSProcessor", "ImageLoadError", "load_image", "load_mask", "packaged_tokenizer"]
+__all__ = [
+    "CoPSImageProcessor",
+    "CoPSProcessor",
+    "ImageLoadError",
+    "decision_label",
+    "load_image",
+    "load_mask",
+    "packaged_tokenizer",
+]

@@ -13,6 +13,7 @@ Rendering uses matplotlib's object API on the Agg canvas: no global pyplot state
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,10 @@ PANEL_LONG_SIDE = (320, 720)
 _DPI = 100
 _COLOUR_BAR_WIDTH = 90
 _TITLE_HEIGHT = 34
-_CAPTION_HEIGHT = 58
+_PANEL_TITLE_HEIGHT = 26
+_DECISION_HEIGHT = 30
+_SMALL_LINE_HEIGHT = 13
+_SMALL_CHARACTER_WIDTH = 6.0
 _MARGIN = 10
 
 
@@ -218,16 +222,25 @@ def render_panels(
     panels.append(("anomaly map", blended, contours))
 
     figure_width = _MARGIN + len(panels) * (width + _MARGIN) + _COLOUR_BAR_WIDTH
-    figure_height = _TITLE_HEIGHT * (2 if title else 1) + height + _CAPTION_HEIGHT
+    legend = [scale.describe()]
+    if pixel_threshold is not None:
+        legend.append("white: predicted defect")
+    if gt_mask is not None:
+        legend.append("green: ground truth")
+    legend_lines = textwrap.wrap("; ".join(legend), width=int((figure_width - 2 * _MARGIN) / _SMALL_CHARACTER_WIDTH))
+    caption_height = _DECISION_HEIGHT + _SMALL_LINE_HEIGHT * len(legend_lines) + _MARGIN
+    top_height = (_TITLE_HEIGHT if title else 0) + (_PANEL_TITLE_HEIGHT if len(panels) > 1 else _MARGIN)
+    figure_height = top_height + height + caption_height
     figure = Figure(figsize=(figure_width / _DPI, figure_height / _DPI), dpi=_DPI, facecolor="white")
-    bottom = _CAPTION_HEIGHT / figure_height
+    bottom = caption_height / figure_height
     for index, (name, picture, panel_contours) in enumerate(panels):
         left = (_MARGIN + index * (width + _MARGIN)) / figure_width
         axes = figure.add_axes((left, bottom, width / figure_width, height / figure_height))
         axes.imshow(np.asarray(picture), interpolation="nearest")
         for mask, colour in panel_contours:
             _contour(axes, mask, colour, (height, width))
-        axes.set_title(name, fontsize=11)
+        if len(panels) > 1:
+            axes.set_title(name, fontsize=11)
         axes.set_axis_off()
     bar_left = (_MARGIN + len(panels) * (width + _MARGIN) + 8) / figure_width
     bar = figure.add_axes((bar_left, bottom, 16 / figure_width, height / figure_height))
@@ -239,15 +252,12 @@ def render_panels(
     if title:
         figure.suptitle(title, y=1 - 6 / figure_height, va="top", fontsize=12)
     decision, decision_colour = _decision_line(score, label, image_threshold)
+    baseline = (caption_height - _DECISION_HEIGHT + 6) / figure_height
+    figure.text(_MARGIN / figure_width, baseline, decision, fontsize=11, weight="bold", color=decision_colour)
     figure.text(
-        _MARGIN / figure_width, 34 / figure_height, decision, fontsize=11, weight="bold", color=decision_colour
-    )
-    legend = [scale.describe()]
-    if pixel_threshold is not None:
-        legend.append("white: predicted defect")
-    if gt_mask is not None:
-        legend.append("green: ground truth")
-    figure.text(_MARGIN / figure_width, 12 / figure_height, "; ".join(legend), fontsize=8, color="#444444")
+        _MARGIN / figure_width, (caption_height - _DECISION_HEIGHT - 2) / figure_height, "\n".join(legend_lines),
+        fontsize=8, color="#444444", va="top", linespacing=1.3,
+    )  # fmt: skip
     return _figure_image(figure)
 
 
