@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cops_hf import CoPSConfig, CoPSForAnomalyDetection
 from cops_hf.data import DEFAULT_TEST_CATEGORIES, DEFECT_TYPES, render_synthetic_sample
@@ -24,9 +25,11 @@ def benchmark_config(geometry: str) -> CoPSConfig:
     raise ValueError(f"Unknown geometry {geometry!r}; choose one of {GEOMETRIES}.")
 
 
-def random_model(geometry: str, seed: int = 0) -> CoPSForAnomalyDetection:
-    """A model with random weights at a geometry, float32, eval mode (`cops_hf.testing_utils.random_cops_model`)."""
-    return random_cops_model(benchmark_config(geometry), seed=seed)
+def random_model(geometry: str, seed: int = 0, device: str | torch.device = "cpu") -> CoPSForAnomalyDetection:
+    """A model with random weights at a geometry, float32, eval mode (`cops_hf.testing_utils.random_cops_model`),
+    created and initialized on `device` (a GPU initializes ViT-L in a fraction of a second)."""
+    with torch.device(device):
+        return random_cops_model(benchmark_config(geometry), seed=seed)
 
 
 def _status_kib(field: str) -> int:

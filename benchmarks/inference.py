@@ -252,12 +252,12 @@ def time_runs(function: Callable[[], object], repeats: int, device: torch.device
     return [time_once(function, device) for _ in range(repeats)]
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Best FLOP/s of a large square matmul on this device and dtype."""
-    left = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
-    right = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5, size: int = MATMUL_SIZE) -> float:
+    """Best FLOP/s of a large square matmul (`size` x `size`, random data) on this device and dtype."""
+    left = torch.randn(size, size, device=device, dtype=dtype)
+    right = torch.randn(size, size, device=device, dtype=dtype)
     best = min(time_once(lambda: left @ right, device) for _ in range(repeats + 1))
-    return 2 * MATMUL_SIZE**3 / best
+    return 2 * size**3 / best
 
 
 def _memory_probe(geometry: str, int8: bool, results: multiprocessing.Queue) -> None:

@@ -38,22 +38,41 @@ def score_dataset(score_batch: ScoreFunction, pixel_values: torch.Tensor, batch_
     scores, maps = [], []
     for start in range(0, len(pixel_values), batch_size):
         batch_scores, batch_maps = score_batch(pixel_values[start : start + batch_size])
-        scores.append(batch_scores.float().numpy())
-        maps.append(batch_maps.float().numpy())
+        scores.append(batch_scores.float().cpu().numpy())
+        maps.append(batch_maps.float().cpu().numpy())
     return np.concatenate(scores), np.concatenate(maps)
+
+
+def accuracy_cost(
+    reference: tuple[np.ndarray, ...], candidate: tuple[np.ndarray, ...], labels: np.ndarray, masks: np.ndarray
+) -> dict[str, float]:
+    """How far `candidate` (scores, maps) lies from `reference`: map and score differences, the Spearman
+    correlation of the image scores, and the I-AUROC / P-AUROC of each."""
+    map_difference = np.abs(candidate[1] - reference[1])
+    image_aurocs = [roc_auc_score(labels, outputs[0]) for outputs in (reference, candidate)]
+    pixel_aurocs = [roc_auc_score(masks.ravel(), outputs[1].ravel()) for outputs in (reference, candidate)]
+    return {
+        "max_map_difference": float(map_difference.max()),
+        "mean_map_difference": float(map_difference.mean()),
+        "max_score_difference": float(np.abs(candidate[0] - reference[0]).max()),
+        "spearman_scores": float(spearmanr(reference[0], candidate[0]).statistic),
+        "image_auroc_reference": float(image_aurocs[0]),
+        "image_auroc": float(image_aurocs[1]),
+        "pixel_auroc_reference": float(pixel_aurocs[0]),
+        "pixel_auroc": float(pixel_aurocs[1]),
+    }
 
 
 def report(name: str, reference: tuple[np.ndarray, ...], candidate: tuple[np.ndarray, ...], labels, masks) -> None:
     """Print the accuracy cost of `candidate` (scores, maps) against `reference`."""
-    map_difference = np.abs(candidate[1] - reference[1])
-    image_aurocs = [roc_auc_score(labels, outputs[0]) for outputs in (reference, candidate)]
-    pixel_aurocs = [roc_auc_score(masks.ravel(), outputs[1].ravel()) for outputs in (reference, candidate)]
+    cost = accuracy_cost(reference, candidate, labels, masks)
+    image_change = cost["image_auroc"] - cost["image_auroc_reference"]
+    pixel_change = cost["pixel_auroc"] - cost["pixel_auroc_reference"]
     print(
-        f"{name}: max |map diff| {map_difference.max():.3e}, mean |map diff| {map_difference.mean():.3e}, "
-        f"max |score diff| {np.abs(candidate[0] - reference[0]).max():.3e}, "
-        f"Spearman(scores) {spearmanr(reference[0], candidate[0]).statistic:.4f}, "
-        f"I-AUROC {image_aurocs[0]:.4f} -> {image_aurocs[1]:.4f} ({image_aurocs[1] - image_aurocs[0]:+.4f}), "
-        f"P-AUROC {pixel_aurocs[0]:.4f} -> {pixel_aurocs[1]:.4f} ({pixel_aurocs[1] - pixel_aurocs[0]:+.4f})"
+        f"{name}: max |map diff| {cost['max_map_difference']:.3e}, mean |map diff| {cost['mean_map_difference']:.3e}, "
+        f"max |score diff| {cost['max_score_difference']:.3e}, Spearman(scores) {cost['spearman_scores']:.4f}, "
+        f"I-AUROC {cost['image_auroc_reference']:.4f} -> {cost['image_auroc']:.4f} ({image_change:+.4f}), "
+        f"P-AUROC {cost['pixel_auroc_reference']:.4f} -> {cost['pixel_auroc']:.4f} ({pixel_change:+.4f})"
     )
 
 

@@ -1,10 +1,14 @@
 """cops-hf: CoPS zero-shot anomaly detection on transformers' CLIP.
 
 ``import cops_hf`` registers `CoPSConfig`, `CoPSForAnomalyDetection` and `CoPSProcessor` with transformers' Auto
-classes and the "anomaly-detection" pipeline task. The import itself is instant: torch and transformers are not
-imported by it. If transformers is already imported, the classes are registered at once; otherwise they are
-registered as soon as transformers (or any cops_hf module that needs it) has finished importing. The public names
-below load their module on first access.
+classes and the "anomaly-detection" pipeline task, and registers them for the Auto classes' remote code: every
+`save_pretrained` folder and `push_to_hub` repository carries an `auto_map` and the code files, so it also loads
+with `trust_remote_code=True` where cops_hf is not installed. Where it is installed, its own classes win over those
+copies (transformers prefers explicitly registered classes), so a copy never runs stale code.
+
+The import itself is instant: torch and transformers are not imported by it. If transformers is already imported,
+the classes are registered at once; otherwise as soon as transformers (or any cops_hf module that needs it) has
+finished importing. The public names below load their module on first access.
 """
 
 from __future__ import annotations
@@ -76,6 +80,10 @@ def register_with_transformers() -> None:
     AutoImageProcessor.register(CoPSConfig, slow_image_processor_class=CoPSImageProcessor, exist_ok=True)
     AutoProcessor.register(CoPSConfig, CoPSProcessor, exist_ok=True)
     register_pipeline()
+    CoPSConfig.register_for_auto_class()
+    CoPSForAnomalyDetection.register_for_auto_class("AutoModel")
+    CoPSImageProcessor.register_for_auto_class("AutoImageProcessor")
+    CoPSProcessor.register_for_auto_class("AutoProcessor")
 
 
 class _RegisterAfterTransformersImport(importlib.abc.MetaPathFinder):

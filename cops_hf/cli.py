@@ -143,7 +143,9 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--categories", nargs="+", help="Only these categories (default: all).")
     parser.add_argument(
-        "--preset", help="Test-time preset of the reference for this dataset (e.g. visa, mvtec); default: keep config."
+        "--preset",
+        help="Test-time preset of the reference (e.g. visa, mvtec); default: the dataset meta.json records "
+        "(written by `cops-hf data prepare`), else the model's config as saved.",
     )
     parser.add_argument("--output", required=True, help="Directory for metrics.csv/json, plots and overlays.")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -167,12 +169,21 @@ def _accelerator_on(device: object):
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from .data import meta_dataset_name
     from .evaluation.evaluator import evaluate_dataset
     from .predict import load_model_and_processor
 
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
+    preset = args.preset or meta_dataset_name(args.data)
+    if args.preset:
+        print(f"Test preset: {preset} (--preset)")
+    elif preset:
+        print(f"Test preset: {preset} (the dataset {args.data}/meta.json records)")
+    else:
+        saved = model.config.test_preset or "none recorded"
+        print(f"Test preset: the model's config ({saved}); {args.data}/meta.json records no dataset")
     result = evaluate_dataset(
-        model, processor, args.data, split=args.split, categories=args.categories, test_preset=args.preset,
+        model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
         num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device),
         skip_invalid=args.skip_invalid, **_style(args),
@@ -223,22 +234,39 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# The registry names of cops_hf.data.BENCHMARKS (tests check they agree), here so that --help imports nothing.
+_DATASET_NAMES = (
+    "mvtec, visa, btad, mpdd, dtd_synthetic, headct, brainmri, br35h, isic, cvc_colondb, cvc_clinicdb, kvasir, endo"
+)
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "action", choices=["prepare", "validate"], help="prepare: write meta.json; validate: check it."
     )
-    parser.add_argument("name_or_root", help="prepare: dataset name (mvtec, visa, ...); validate: dataset root.")
+    parser.add_argument(
+        "name_or_root",
+        help=f"prepare: dataset name ({_DATASET_NAMES}) or 'folder' for your own images; validate: dataset root.",
+    )
     parser.add_argument("root", nargs="?", help="prepare: the dataset's download folder.")
     parser.add_argument("--split", default="test", help="validate: split to check.")
+    parser.add_argument("--normal", help="prepare folder: folder of normal images, relative to ROOT.")
+    parser.add_argument("--anomalous", help="prepare folder: folder of anomalous images, relative to ROOT.")
+    parser.add_argument("--masks", help="prepare folder: folder of masks of the anomalous images (by file stem).")
 
 
 def _run_data(args: argparse.Namespace) -> int:
-    from .data import prepare_dataset, validate_meta_dataset
+    from .data import prepare_dataset, prepare_folder_dataset, validate_meta_dataset
 
     if args.action == "prepare":
         if args.root is None:
             raise ValueError("usage: cops-hf data prepare NAME ROOT")
-        print(f"Wrote {prepare_dataset(args.name_or_root, args.root)}")
+        if args.name_or_root != "folder":
+            print(f"Wrote {prepare_dataset(args.name_or_root, args.root)}")
+        elif args.normal is None and args.anomalous is None:
+            raise ValueError("data prepare folder needs --normal DIR, --anomalous DIR or both")
+        else:
+            print(f"Wrote {prepare_folder_dataset(args.root, args.normal, args.anomalous, args.masks)}")
         return 0
     report = validate_meta_dataset(args.name_or_root, split=args.split)
     print(report.describe())
@@ -289,23 +317,24 @@ def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-json",
         help='Results for the card: benchmark.json, metrics.json, or {"dataset": {"metric": value in [0, 1]}}.',
     )
-    parser.add_argument("--training-dataset", help="Auxiliary training dataset, for the model card.")
-    parser.add_argument("--base-model", help="CLIP backbone, for the model card (default: the official one).")
+    parser.add_argument(
+        "--training-dataset", help="Auxiliary training dataset, for the model card (default: the model's own record)."
+    )
+    parser.add_argument("--base-model", help="Hub id of the CLIP backbone, for the card (default: the model's own).")
 
 
 def _run_push(args: argparse.Namespace) -> int:
     from .hub import evaluation_for_card, push_cops_to_hub
 
     evaluation = evaluation_for_card(json.loads(Path(args.eval_json).read_text())) if args.eval_json else None
-    card_options = {"base_model": args.base_model} if args.base_model else {}
     commit = push_cops_to_hub(
         args.directory,
         args.repo_id,
         evaluation=evaluation,
         training_dataset=args.training_dataset,
+        base_model=args.base_model,
         private=args.private,
         revision=args.revision,
-        **card_options,
     )
     print(f"Pushed {args.directory} to {commit.commit_url} (revision {commit.oid})")
     return 0
@@ -323,6 +352,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="offline random CLIP: a preset name (tiny, small) or a CLIPConfig JSON file",
     )
     parser.add_argument("--data", required=True, help="dataset root holding meta.json")
+    parser.add_argument(
+        "--split", help="meta.json split to train on (default: the first with normal and anomalous images)"
+    )
     parser.add_argument("--output", required=True, help="output folder (checkpoints, log, final model)")
     parser.add_argument("--preset", help="training dataset preset: visa, mvtec or general")
     parser.add_argument("--image-size", type=int, help="input size in pixels (default 518)")
@@ -365,7 +397,13 @@ def _run_train(args: argparse.Namespace) -> int:
         dataloader_num_workers=args.num_workers,
         use_cpu=args.cpu,
     )
-    result = train_cops(model, processor_for(model), load_training_dataset(args.data), config)
+    dataset = load_training_dataset(args.data, split=args.split)
+    num_anomalous = sum(dataset["gt_label"])
+    print(
+        f"Training on split '{dataset.split}' of {args.data}: {len(dataset) - num_anomalous} normal and "
+        f"{num_anomalous} anomalous images"
+    )
+    result = train_cops(model, processor_for(model), dataset, config)
     if result.history:
         first, last = result.history[0], result.history[-1]
         print(f"loss {first['loss']:.4f} (epoch {first['epoch']}) -> {last['loss']:.4f} (epoch {last['epoch']})")
@@ -460,7 +498,7 @@ SUBCOMMANDS: list[Subcommand] = [
         _add_demo_arguments,
         _run_demo,
     ),
-    ("train", "Train CoPS on an auxiliary dataset (meta.json train split).", _add_train_arguments, _run_train),
+    ("train", "Train CoPS on the labelled images of an auxiliary dataset.", _add_train_arguments, _run_train),
     ("convert", "Convert the official CLIP + CoPS release files.", _add_convert_arguments, _run_convert),
     ("predict", "Score images; write heatmap overlays and a CSV.", _add_predict_arguments, _run_predict),
     ("evaluate", "Evaluate on a meta.json dataset: metrics, plots.", _add_evaluate_arguments, _run_evaluate),

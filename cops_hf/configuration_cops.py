@@ -86,6 +86,11 @@ class CoPSConfig(PretrainedConfig):
         test_preset (`str`, *optional*): the `TEST_DATASET_PRESETS` entry the test-time fields were last set from
             (recorded by `with_preset`); the official VisA-trained model is meant for "general", the MVTec-trained
             one for "visa".
+        clip_model_id (`str`, *optional*): Hub id of the CLIP weights the model is built on (set by `from_clip`);
+            `None` for random or unpublished CLIPs. It is the model card's `base_model`.
+        train_preset (`str`, *optional*): the `TRAIN_DATASET_PRESETS` entry the training fields were set from.
+        train_dataset, train_split (`str`, *optional*): what the model was trained on, recorded by the trainer: the
+            benchmark name meta.json records (else the dataset folder) and the meta.json split.
         source_checkpoint (`str`, *optional*): the published checkpoint the CoPS weights were converted from, as
             "repository/path@git blob sha1".
     """
@@ -122,7 +127,11 @@ class CoPSConfig(PretrainedConfig):
     pixel_threshold: float | None = None
     test_preset: str | None = None
     source_checkpoint: str | None = None
+    clip_model_id: str | None = None
     initializer_range: float = 0.02
+    train_preset: str | None = None
+    train_dataset: str | None = None
+    train_split: str | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.feature_layers is None:
@@ -290,7 +299,7 @@ class CoPSConfig(PretrainedConfig):
 
 
 def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
-    """The `CoPSConfig` fields of a dataset preset (empty for `None`); a test preset records its name in `test_preset`.
+    """The `CoPSConfig` fields of a dataset preset (empty for `None`), with its name in `test_preset`/`train_preset`.
 
     Args:
         kind: "test" (`TEST_DATASET_PRESETS`) or "train" (`TRAIN_DATASET_PRESETS`).
@@ -303,7 +312,7 @@ def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
     if key not in table:
         label = "test" if kind == "test" else "training"
         raise ValueError(f"Unknown {label} dataset preset {name!r}; choose one of {sorted(table)}.")
-    return {**table[key], "test_preset": key} if kind == "test" else dict(table[key])
+    return {**table[key], f"{kind}_preset": key}
 
 
 def check_model_type(model_type: str | None, source: str) -> None:

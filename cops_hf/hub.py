@@ -7,13 +7,13 @@ A repository written by :func:`push_cops_to_hub` loads in two ways:
 * without it, from the code files stored in the repository: ``AutoModel.from_pretrained(repo_id,
   trust_remote_code=True)`` or ``pipeline("anomaly-detection", model=repo_id, trust_remote_code=True)``.
 
-The classes are registered for transformers' Auto classes only while the repository is written
-(:func:`save_for_hub`), so that ordinary ``save_pretrained`` folders hold weights and configuration only.
+Any ``save_pretrained`` folder carries the code files too (see the package docstring), so ``model.push_to_hub``
+and ``processor.push_to_hub`` give repositories that load in both ways as well; :func:`push_cops_to_hub` adds the
+model card.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -36,6 +36,7 @@ from huggingface_hub import (
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
@@ -45,9 +46,9 @@ from huggingface_hub.errors import (
 from transformers import PretrainedConfig
 
 from .configuration_cops import CoPSConfig
-from .modeling_cops import CoPSForAnomalyDetection
-from .pipeline_anomaly_detection import TASK, AnomalyDetectionPipeline
-from .processing_cops import CoPSImageProcessor, CoPSProcessor
+from .modeling_cops import CoPSForAnomalyDetection, missing_model_source_message
+from .pipeline_anomaly_detection import TASK
+from .processing_cops import CoPSProcessor
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "assets" / "MODEL_CARD.md"
 """Jinja template of the model card, filled by :func:`render_model_card` through ``ModelCard.from_template``."""
@@ -57,17 +58,6 @@ PIPELINE_TAG = "image-segmentation"
 
 CARD_TAGS = ("anomaly-detection", "zero-shot", "cops", "clip")
 """Tags every CoPS model card carries."""
-
-DEFAULT_BASE_MODEL = "openai/clip-vit-large-patch14-336"
-"""The CLIP backbone the official CoPS checkpoints are built on; the card's ``base_model`` unless told otherwise."""
-
-REMOTE_CODE_AUTO_CLASSES = (
-    (CoPSConfig, "AutoConfig"),
-    (CoPSForAnomalyDetection, "AutoModel"),
-    (CoPSImageProcessor, "AutoImageProcessor"),
-    (CoPSProcessor, "AutoProcessor"),
-)
-"""The classes a pushed repository maps to transformers' Auto classes (``auto_map``), loaded from its code files."""
 
 _ACCESS_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
@@ -79,7 +69,7 @@ class CoPSHubError(RuntimeError):
 def render_model_card(
     config_fields: Mapping[str, Any],
     *,
-    base_model: str,
+    base_model: str | None,
     training_dataset: str | None,
     evaluation: Mapping[str, Mapping[str, float]] | None,
     repo_id: str | None,
@@ -91,7 +81,8 @@ def render_model_card(
         config_fields: the CoPS-specific configuration fields to list in the card, e.g. the attributes of the CoPS
             config that differ from the CLIP backbone's; keys starting with ``_`` (transformers bookkeeping such
             as ``_name_or_path``, which may hold a local path) are left out.
-        base_model: Hub id of the frozen CLIP backbone, e.g. ``"openai/clip-vit-large-patch14-336"``.
+        base_model: Hub id of the frozen CLIP backbone, e.g. ``"openai/clip-vit-large-patch14-336"``; ``None`` when
+            the CLIP is not a published one (random, or of unknown origin): the card then names none.
         training_dataset: name or Hub id of the auxiliary dataset the prompt synthesis was trained on, if known.
         evaluation: zero-shot test results as ``{dataset: {metric: value}}`` with values in ``[0, 1]``, e.g.
             ``{"VisA": {"I-AUROC": 0.92, "P-AUROC": 0.95}}``. They become the card's ``model-index`` and a table.
@@ -110,7 +101,7 @@ def render_model_card(
     metric_names = list(dict.fromkeys(metric for metrics in (evaluation or {}).values() for metric in metrics))
     card_data = ModelCardData(
         base_model=base_model,
-        base_model_relation="adapter",
+        base_model_relation="adapter" if base_model else None,
         datasets=[training_dataset] if training_dataset else None,
         eval_results=_eval_results(evaluation) if evaluation else None,
         library_name="transformers",
@@ -205,6 +196,8 @@ def hub_error_message(error: BaseException, repo_id: str) -> str | None:
     transformers re-raises Hub errors as ``OSError``.
     """
     for cause in _exception_chain(error):
+        if isinstance(cause, HFValidationError) and (message := missing_model_source_message(repo_id)):
+            return message
         if isinstance(cause, GatedRepoError):
             return (
                 f"{repo_id} is a gated repository: request access on {constants.ENDPOINT}/{repo_id}, then log in "
@@ -275,32 +268,15 @@ def _exception_chain(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-@contextmanager
-def _registered_for_remote_code() -> Iterator[None]:
-    """Register the CoPS classes for transformers' Auto classes inside the block, and forget them afterwards.
-
-    While registered, ``save_pretrained`` writes an ``auto_map`` into the saved configuration files and copies the
-    module files of the classes (and those they import relatively) next to them.
-    """
-    previous = {cls: cls.__dict__.get("_auto_class") for cls, _ in REMOTE_CODE_AUTO_CLASSES}
-    try:
-        for cls, auto_class in REMOTE_CODE_AUTO_CLASSES:
-            cls.register_for_auto_class(auto_class)
-        yield
-    finally:
-        for cls, auto_class in previous.items():
-            cls._auto_class = auto_class
-
-
 def save_for_hub(
     model: CoPSForAnomalyDetection, save_directory: str | os.PathLike, *, processor: CoPSProcessor | None = None
 ) -> list[Path]:
     """Write the files of a CoPS Hub repository, except its card, to ``save_directory``.
 
-    They are the weights (``model.safetensors``), the configuration with an ``auto_map`` and the
-    ``custom_pipelines`` entry of the "anomaly-detection" task, the processor files, and the code files that let
-    transformers load all of them with ``trust_remote_code=True`` where cops_hf is not installed. ``model`` is left
-    unchanged: the configuration is written from a copy.
+    They are what ``model.save_pretrained`` and ``processor.save_pretrained`` write: the weights
+    (``model.safetensors``), the configuration with an ``auto_map`` and the ``custom_pipelines`` entry of the
+    "anomaly-detection" task, the processor files, and the code files that let transformers load all of them with
+    ``trust_remote_code=True`` where cops_hf is not installed.
 
     Args:
         model: the CoPS model to save.
@@ -311,16 +287,8 @@ def save_for_hub(
         The paths of the files written, sorted.
     """
     processor = processor or CoPSProcessor.for_image_size(model.config.image_size)
-    original_config = model.config
-    model.config = copy.deepcopy(original_config)
-    try:
-        with _registered_for_remote_code():
-            # The pipeline's save_pretrained records it in config.custom_pipelines and copies its module, then
-            # saves the model (weights, config, modelling code) and the image processor.
-            AnomalyDetectionPipeline(model=model, processor=processor).save_pretrained(save_directory)
-            processor.save_pretrained(save_directory)
-    finally:
-        model.config = original_config
+    model.save_pretrained(save_directory)
+    processor.save_pretrained(save_directory)
     return sorted(Path(save_directory).iterdir())
 
 
@@ -331,7 +299,7 @@ def push_cops_to_hub(
     processor: CoPSProcessor | None = None,
     evaluation: Mapping[str, Mapping[str, float]] | None = None,
     training_dataset: str | None = None,
-    base_model: str = DEFAULT_BASE_MODEL,
+    base_model: str | None = None,
     private: bool = False,
     revision: str | None = None,
     commit_message: str = "Upload CoPS anomaly detector",
@@ -346,8 +314,10 @@ def push_cops_to_hub(
         processor: the processor to upload; by default the folder's, or a ``CoPSProcessor`` at the model's
             ``image_size``.
         evaluation: zero-shot results ``{dataset: {metric: value in [0, 1]}}`` for the card's ``model-index``.
-        training_dataset: name or Hub id of the auxiliary training dataset, for the card.
-        base_model: Hub id of the CLIP backbone, for the card.
+        training_dataset: name or Hub id of the auxiliary training dataset, for the card; by default the one the
+            model records (`config.train_dataset`).
+        base_model: Hub id of the CLIP backbone, for the card; by default the model's own (`config.clip_model_id`,
+            none for a random or unpublished CLIP).
         private: create the repository private (an existing repository keeps its visibility).
         revision: the branch to commit to, created from ``main`` if needed; ``None`` commits to ``main``.
         commit_message: the commit's title.
@@ -368,8 +338,8 @@ def push_cops_to_hub(
             processor = CoPSProcessor.from_pretrained(model_or_dir)
     card = render_model_card(
         _card_config_fields(model.config),
-        base_model=base_model,
-        training_dataset=training_dataset,
+        base_model=base_model or model.config.clip_model_id,
+        training_dataset=training_dataset or model.config.train_dataset,
         evaluation=evaluation,
         repo_id=repo_id,
     )

@@ -1,7 +1,8 @@
-"""Terms of the CoPS training objective (method spec, section 8).
+"""The CoPS training objective (method spec, section 8): `cops_objective` and its terms.
 
-Every function takes probabilities or features as the model produces them and returns a scalar tensor. The
-reference's quirks are kept on purpose: see the docstrings.
+`cops_objective` takes the tensors of the model's training forward and returns the loss with its named terms;
+every other function is one term, taking probabilities or features as the model produces them and returning a
+scalar tensor. The reference's quirks are kept on purpose: see the docstrings.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 SEGMENTATION_LOSS_WEIGHT = 4.0
+# The named terms of the objective, in the order the training log reports them.
+LOSS_TERMS = ("cls", "seg", "gather", "scatter", "kl", "recon")
 FOCAL_GAMMA = 2.0
 FOCAL_SMOOTH = 1e-5
 
@@ -102,8 +105,70 @@ def image_classification_loss(image_logits: torch.Tensor, labels: torch.Tensor) 
     return F.cross_entropy(image_logits, labels.long())
 
 
+def cops_objective(
+    *,
+    image_logits: torch.Tensor,
+    labels: torch.Tensor,
+    state_maps: torch.Tensor,
+    masks: torch.Tensor | None,
+    normal_distances: torch.Tensor,
+    anomalous_distances: torch.Tensor,
+    posterior_mean: torch.Tensor,
+    posterior_log_var: torch.Tensor,
+    image_embeds: torch.Tensor,
+    class_tokens: torch.Tensor,
+    patch_size: int,
+    use_recon_loss: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss `cls + 4 seg + gather + scatter + kl + recon` and its terms (`LOSS_TERMS`).
+
+    Args:
+        image_logits: `[B, 2]` image-text logits (normal, anomalous).
+        labels: `[B]` image labels (1 = anomalous).
+        state_maps: `[B, F, 2, H, W]` state probabilities per feature layer, upsampled to the mask resolution.
+        masks: `[B, H, W]` binary ground truth, or `None` for image-level data: then `seg`, `gather` and `scatter`
+            are 0.
+        normal_distances, anomalous_distances: `[B, N]` distances of the patches to the nearest prototype.
+        posterior_mean, posterior_log_var: `[B, D]` VAE posterior of the class token.
+        image_embeds: `[B, D]` global image features g.
+        class_tokens: `[B, D]` class tokens decoded from the posterior sample.
+        patch_size: pixels per patch side; patch labels are the masks max-pooled over each patch.
+        use_recon_loss: add the reconstruction term (else it is 0).
+
+    Returns:
+        `(loss, terms)`: the scalar loss and the six scalar terms by name (not detached).
+    """
+    zero = image_logits.new_zeros(())
+    terms = {
+        "cls": image_classification_loss(image_logits, labels.to(image_logits.device)),
+        "kl": kl_divergence(posterior_mean.float(), posterior_log_var.float()),
+        "recon": reconstruction_loss(image_embeds.float(), class_tokens.float()) if use_recon_loss else zero,
+        "seg": zero,
+        "gather": zero,
+        "scatter": zero,
+    }
+    if masks is not None:
+        masks = masks.to(state_maps.dtype)
+        terms["seg"] = segmentation_loss(list(state_maps.unbind(dim=1)), masks)
+        patch_labels = F.max_pool2d(masks.unsqueeze(1), patch_size).flatten(1)  # [B, N]
+        terms["gather"], terms["scatter"] = prototype_gather_scatter(
+            normal_distances.float(), anomalous_distances.float(), patch_labels
+        )
+    loss = (
+        terms["cls"]
+        + SEGMENTATION_LOSS_WEIGHT * terms["seg"]
+        + terms["gather"]
+        + terms["scatter"]
+        + terms["kl"]
+        + terms["recon"]
+    )
+    return loss, {name: terms[name] for name in LOSS_TERMS}
+
+
 __all__ = [
+    "LOSS_TERMS",
     "SEGMENTATION_LOSS_WEIGHT",
+    "cops_objective",
     "dice_loss",
     "focal_loss",
     "image_classification_loss",

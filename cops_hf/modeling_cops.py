@@ -7,20 +7,29 @@ The frozen CLIP towers are transformers' own `CLIPModel` (its modules and weight
 * implicit class tokens: a small VAE on the global image token,
 * prompt synthesis (context vectors shifted by prototypes and class tokens) and a text forward with deep prompts
   that stops at the end-of-text token,
-* scoring (patch/image probabilities, distance weighting, maps, Gaussian smoothing) and the training loss.
+* scoring (patch/image probabilities, distance weighting, maps, Gaussian smoothing); the training loss comes from
+  `losses.cops_objective`.
 
-Symbols in shape comments: B batch, N patches (s_h * s_w), D joint embedding size, W vision width, P prototypes,
-S class-token samples, T context tokens per prompt, L layers, H x W pixels.
+Symbols in shape comments: B batch, H x W pixels, N patches (an s_h x s_w grid), E vision width, D joint embedding
+size, F feature layers, P prototypes per state, S class-token samples, C class tokens per prompt, T context tokens
+per prompt, M prompts, L tokens in a sequence (1 + N in the vision tower).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedModel
 from transformers import initialization as init
@@ -28,14 +37,7 @@ from transformers.activations import QuickGELUActivation
 from transformers.utils import ModelOutput
 
 from .configuration_cops import CoPSConfig
-from .losses import (
-    SEGMENTATION_LOSS_WEIGHT,
-    image_classification_loss,
-    kl_divergence,
-    prototype_gather_scatter,
-    reconstruction_loss,
-    segmentation_loss,
-)
+from .losses import cops_objective
 
 NORMAL, ANOMALOUS = 0, 1
 
@@ -55,6 +57,27 @@ class CoPSVisionOutput(ModelOutput):
 
     image_embeds: torch.FloatTensor | None = None
     patch_embeds: torch.FloatTensor | None = None
+
+
+class IncompleteCheckpointError(OSError):
+    """A saved model lacks weights or its weight file cannot be read; loading it would give random weights."""
+
+
+def missing_model_source_message(name_or_path: str | os.PathLike) -> str | None:
+    """What is wrong when `name_or_path` is neither an existing path nor a Hub id (None when it is one of them)."""
+    if os.path.exists(name_or_path):
+        return None
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:
+        return f"Model folder '{name_or_path}' does not exist (nor is it a Hub id, namespace/name): check the path."
+    return None
+
+
+def check_model_source(name_or_path: str | os.PathLike) -> None:
+    """Raise `OSError` saying the folder does not exist when `name_or_path` is neither a local path nor a Hub id."""
+    if message := missing_model_source_message(name_or_path):
+        raise OSError(message)
 
 
 @dataclass
@@ -155,7 +178,12 @@ def minmax_per_image(values: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_prototype_distance(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """`min_j (1 - cos(features[b, i], prototypes[b, j]))` -> `[B, N]` for `[B, N, D]` and `[B, P, D]` inputs."""
+    """`min_j (1 - cos(features[b, i], prototypes[b, j]))` -> `[B, N]` for `[B, N, D]` and `[B, P, D]` inputs.
+
+    Computed in float32 whatever the input dtype: the distances sit near 1, where bfloat16 resolves only 8e-3,
+    and the per-image min-max weighting of the maps magnifies that step about tenfold.
+    """
+    features, prototypes = features.float(), prototypes.float()
     eps = 1e-8
     features_unit = features / features.norm(dim=-1, keepdim=True).clamp_min(eps)
     prototypes_unit = prototypes / prototypes.norm(dim=-1, keepdim=True).clamp_min(eps)
@@ -343,6 +371,8 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         if isinstance(clip, str):
             clip = CLIPModel.from_pretrained(clip, **(clip_kwargs or {}))
         cops_fields.setdefault("logit_scale_init_value", float(clip.logit_scale.detach()))
+        published = clip.name_or_path and not os.path.exists(clip.name_or_path)  # a Hub id, not a local folder
+        cops_fields.setdefault("clip_model_id", clip.name_or_path if published else None)
         config = CoPSConfig.from_clip_config(
             clip.config, train_preset=train_preset, test_preset=test_preset, **cops_fields
         )
@@ -372,12 +402,63 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         return load_official(release, **kwargs)[0]
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> CoPSForAnomalyDetection:
-        """`PreTrainedModel.from_pretrained`, with CLIP frozen again (loading replaces its parameters)."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs
+    ) -> CoPSForAnomalyDetection:
+        """`PreTrainedModel.from_pretrained`, refusing incomplete or unreadable checkpoints; CLIP frozen again.
+
+        Raises:
+            IncompleteCheckpointError: the checkpoint lacks weights (they would be random) or cannot be read.
+            OSError: `pretrained_model_name_or_path` is neither an existing folder nor a Hub id.
+        """
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            check_model_source(pretrained_model_name_or_path)
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except (SafetensorError, pickle.UnpicklingError, EOFError) as error:
+            raise IncompleteCheckpointError(
+                f"The weights of '{pretrained_model_name_or_path}' cannot be read ({error}): the file is truncated "
+                "or not a checkpoint. Save or download the model again."
+            ) from error
+        missing = sorted(loading_info["missing_keys"])
+        if missing:
+            raise IncompleteCheckpointError(
+                f"'{pretrained_model_name_or_path}' lacks {len(missing)} weights (e.g. '{missing[0]}'), which would "
+                "be random: it is not a complete CoPS checkpoint. Save it again with save_pretrained, or convert "
+                "the original release with `cops-hf convert`."
+            )
         model.clip.requires_grad_(False)
-        return loaded
+        return (model, loading_info) if wants_loading_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, with the "anomaly-detection" pipeline in the saved configuration.
+
+        Importing cops_hf registers the CoPS classes for the Auto classes, so transformers writes an `auto_map` and
+        copies this file and the modules it imports relatively (the pipeline's among them) next to the weights:
+        with `config.custom_pipelines` the folder, or the repository `push_to_hub` makes of it, loads with
+        `AutoModel` and `pipeline` and `trust_remote_code=True` where cops_hf is not installed. The model's own
+        `config` is left unchanged.
+
+        The weight files get the permissions of the config written beside them: safetensors writes through a
+        private temporary file (mode 0600) that it renames into place, so without this `model.safetensors` would be
+        the one file of the folder that other users cannot read.
+        """
+        from .pipeline_anomaly_detection import remote_code_pipelines
+
+        original_config = self.config
+        self.config = copy.deepcopy(original_config)
+        self.config.custom_pipelines = remote_code_pipelines()
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config = original_config
+        directory = Path(save_directory)
+        mode = (directory / "config.json").stat().st_mode & 0o777
+        for weights in directory.glob("*.safetensors"):
+            weights.chmod(mode)
 
     def train(self, mode: bool = True) -> CoPSForAnomalyDetection:
         """Set the CoPS modules' training mode; CLIP always stays in eval mode."""
@@ -388,26 +469,26 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
     # ------------------------------------------------------------------ vision tower
 
     def _interpolated_position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
-        """Positional embeddings `[1 + s_h * s_w, W]`, bilinearly resized from CLIP's own grid (class kept)."""
+        """Positional embeddings `[1 + s_h * s_w, E]`, bilinearly resized from CLIP's own grid (class kept)."""
         table = self.clip.vision_model.embeddings.position_embedding.weight
         side = math.isqrt(table.shape[0] - 1)
         if (side, side) == tuple(grid):
             return table
-        # [side*side, W] -> [1, W, side, side]
+        # [side*side, E] -> [1, E, side, side]
         patch_table = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
         resized = F.interpolate(patch_table, size=grid, mode="bilinear", align_corners=False)
-        # [1, W, s_h, s_w] -> [s_h*s_w, W]
+        # [1, E, s_h, s_w] -> [s_h*s_w, E]
         return torch.cat([table[:1], resized.flatten(2).squeeze(0).transpose(0, 1)])
 
     @staticmethod
     def _split_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
-        # [B, L, W] -> [B, heads, L, W/heads]
+        # [B, L, E] -> [B, heads, L, E/heads]
         batch_size, length, width = states.shape
         return states.view(batch_size, length, num_heads, width // num_heads).transpose(1, 2)
 
     @staticmethod
     def _merge_heads(states: torch.Tensor) -> torch.Tensor:
-        # [B, heads, L, W/heads] -> [B, L, W]
+        # [B, heads, L, E/heads] -> [B, L, E]
         batch_size, num_heads, length, head_dim = states.shape
         return states.transpose(1, 2).reshape(batch_size, length, num_heads * head_dim)
 
@@ -446,12 +527,12 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         vision = self.clip.vision_model
         embeddings = vision.embeddings
         pixel_values = pixel_values.to(embeddings.patch_embedding.weight.dtype)
-        patches = embeddings.patch_embedding(pixel_values)  # [B, W, s_h, s_w]
+        patches = embeddings.patch_embedding(pixel_values)  # [B, E, s_h, s_w]
         grid = tuple(patches.shape[-2:])
-        patches = patches.flatten(2).transpose(1, 2)  # [B, N, W]
+        patches = patches.flatten(2).transpose(1, 2)  # [B, N, E]
         class_token = embeddings.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
         hidden = torch.cat([class_token, patches], dim=1) + self._interpolated_position_embeddings(grid)
-        hidden = vision.pre_layrnorm(hidden)  # [B, 1 + N, W]
+        hidden = vision.pre_layrnorm(hidden)  # [B, 1 + N, E]
 
         layers = vision.encoder.layers
         num_layers = len(layers)
@@ -479,7 +560,7 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         patch_embeds = torch.stack(
             [projection(vision.post_layernorm(layer_features[index][:, 1:])) for index in self.config.feature_layers],
             dim=1,
-        )  # [B, num_feature_layers, N, D]
+        )  # [B, F, N, D]
         return CoPSVisionOutput(image_embeds=image_embeds, patch_embeds=patch_embeds)
 
     # ------------------------------------------------------------------ text tower
@@ -650,10 +731,30 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         image_logits = torch.einsum("bd,bsd->bs", image_unit, text_embeds.float()) / self.config.temperature
 
         if training_path:
-            outputs = self._training_outputs(
-                state_probs, image_logits, labels, masks, grid, output_size,
-                normal_distances, anomalous_distances, mean, log_var, image_embeds, class_tokens[:, 0],
-            )  # fmt: skip
+            # [B, F, N, 2] -> [B*F, 2, N] -> [B*F, 2, H, W] -> [B, F, 2, H, W]
+            state_maps = self._upsample_patches(state_probs.flatten(0, 1).transpose(1, 2), grid, output_size)
+            state_maps = state_maps.view(batch_size, num_layers, 2, *output_size)
+            loss, terms = cops_objective(
+                image_logits=image_logits,
+                labels=labels,
+                state_maps=state_maps,
+                masks=self._binary_masks(masks, batch_size, output_size) if masks is not None else None,
+                normal_distances=normal_distances,
+                anomalous_distances=anomalous_distances,
+                posterior_mean=mean,
+                posterior_log_var=log_var,
+                image_embeds=image_embeds,
+                class_tokens=class_tokens[:, 0],
+                patch_size=patch,
+                use_recon_loss=self.config.use_recon_loss,
+            )
+            outputs = CoPSAnomalyDetectionOutput(
+                loss=loss,
+                loss_terms={name: value.detach() for name, value in terms.items()},
+                image_scores=image_logits.softmax(dim=-1)[:, ANOMALOUS],
+                anomaly_maps=state_maps[:, -1, ANOMALOUS],
+                patch_scores=state_probs[:, -1, :, ANOMALOUS],
+            )
         else:
             outputs = self._inference_outputs(
                 state_probs, image_logits, grid, output_size, normal_distances, anomalous_distances
@@ -678,7 +779,7 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
             raise ValueError(f"vae_noise must have shape [{described}], got {list(noise.shape)}.")
 
     def _upsample_patches(self, patch_values: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]):
-        """Nearest-neighbour upsampling of `[B, C, N]` patch values to `[B, C, H, W]`."""
+        """Nearest-neighbour upsampling of `[B, K, N]` patch values to `[B, K, H, W]` (any K)."""
         return F.interpolate(patch_values.unflatten(-1, grid), size=size, mode="nearest")
 
     def _inference_outputs(
@@ -705,60 +806,6 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
             image_scores=image_scores, anomaly_maps=anomaly_maps, patch_scores=patch_scores
         )
 
-    def _training_outputs(
-        self,
-        state_probs: torch.Tensor,
-        image_logits: torch.Tensor,
-        labels: torch.Tensor,
-        masks: torch.Tensor | None,
-        grid: tuple[int, int],
-        output_size: tuple[int, int],
-        normal_distances: torch.Tensor,
-        anomalous_distances: torch.Tensor,
-        mean: torch.Tensor,
-        log_var: torch.Tensor,
-        image_embeds: torch.Tensor,
-        class_tokens: torch.Tensor,
-    ) -> CoPSAnomalyDetectionOutput:
-        # [B, F, N, 2] -> [B*F, 2, N] -> [B, F, 2, H, W]
-        batch_size, num_layers = state_probs.shape[:2]
-        state_maps = self._upsample_patches(state_probs.flatten(0, 1).transpose(1, 2), grid, output_size)
-        state_maps = state_maps.view(batch_size, num_layers, 2, *output_size)
-        zero = image_logits.new_zeros(())
-        terms = {
-            "cls": image_classification_loss(image_logits, labels.to(image_logits.device)),
-            "kl": kl_divergence(mean.float(), log_var.float()),
-            "recon": reconstruction_loss(image_embeds.float(), class_tokens.float())
-            if self.config.use_recon_loss
-            else zero,
-            "seg": zero,
-            "gather": zero,
-            "scatter": zero,
-        }
-        if masks is not None:
-            masks = self._binary_masks(masks, batch_size, output_size).to(state_maps.dtype)
-            terms["seg"] = segmentation_loss(list(state_maps.unbind(dim=1)), masks)
-            patch = self.config.vision_config.patch_size
-            patch_labels = F.max_pool2d(masks.unsqueeze(1), patch).flatten(1)  # [B, N]
-            terms["gather"], terms["scatter"] = prototype_gather_scatter(
-                normal_distances.float(), anomalous_distances.float(), patch_labels
-            )
-        loss = (
-            terms["cls"]
-            + SEGMENTATION_LOSS_WEIGHT * terms["seg"]
-            + terms["gather"]
-            + terms["scatter"]
-            + terms["kl"]
-            + terms["recon"]
-        )
-        return CoPSAnomalyDetectionOutput(
-            loss=loss,
-            loss_terms={name: value.detach() for name, value in terms.items()},
-            image_scores=image_logits.softmax(dim=-1)[:, ANOMALOUS],
-            anomaly_maps=state_maps[:, -1, ANOMALOUS],
-            patch_scores=state_probs[:, -1, :, ANOMALOUS],
-        )
-
     @staticmethod
     def _binary_masks(masks: torch.Tensor, batch_size: int, size: tuple[int, int]) -> torch.Tensor:
         if masks.ndim == 4 and masks.shape[1] == 1:
@@ -776,4 +823,7 @@ __all__ = [
     "CoPSForAnomalyDetection",
     "CoPSPreTrainedModel",
     "CoPSVisionOutput",
+    "IncompleteCheckpointError",
+    "check_model_source",
+    "missing_model_source_message",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -177,11 +177,44 @@ class AnomalyDetectionPipeline(Pipeline):
         return result
 
 
+NO_DEFAULT_MODEL_MESSAGE = (
+    f'pipeline("{TASK}") needs a CoPS model: run `cops-hf convert --official visa --output cops-visa` and pass '
+    f'model="cops-visa", or pass model=CoPSForAnomalyDetection.from_official("visa").'
+)
+
+
+class _NoDefaultModel(Mapping):
+    """The task's "default" entry in the pipeline registry: asking it for the default model says how to get one.
+
+    transformers looks up `default["model"]` when `pipeline()` is called without a model; with no entry at all
+    that lookup is a bare `KeyError: 'default'`.
+    """
+
+    def __contains__(self, key: object) -> bool:
+        return key == "model"
+
+    def __getitem__(self, key: str) -> Any:
+        raise ValueError(NO_DEFAULT_MODEL_MESSAGE)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("model",))
+
+    def __len__(self) -> int:
+        return 1
+
+
+def remote_code_pipelines() -> dict[str, dict[str, Any]]:
+    """The `custom_pipelines` entry a saved configuration gets, so that `pipeline(TASK, model=...,
+    trust_remote_code=True)` finds this pipeline in the code files saved beside the model."""
+    module = AnomalyDetectionPipeline.__module__.rsplit(".", 1)[-1]
+    return {TASK: {"impl": f"{module}.{AnomalyDetectionPipeline.__name__}", "pt": ["AutoModel"], "type": "image"}}
+
+
 def register_pipeline() -> None:
     """Register the "anomaly-detection" task with transformers' pipeline registry."""
     PIPELINE_REGISTRY.register_pipeline(
-        TASK, pipeline_class=AnomalyDetectionPipeline, pt_model=AutoModel, type="image"
+        TASK, pipeline_class=AnomalyDetectionPipeline, pt_model=AutoModel, default=_NoDefaultModel(), type="image"
     )
 
 
-__all__ = ["RESULT_KEYS", "TASK", "AnomalyDetectionPipeline", "register_pipeline"]
+__all__ = ["RESULT_KEYS", "TASK", "AnomalyDetectionPipeline", "register_pipeline", "remote_code_pipelines"]

@@ -42,6 +42,24 @@ class ImageLoadError(ValueError):
     """An input image or mask cannot be read or has the wrong layout."""
 
 
+class NonFiniteScoreError(ValueError):
+    """The model produced a NaN or infinite score: its weights are broken, and no decision can be made."""
+
+
+def check_finite_scores(image_scores: torch.Tensor, images: list | None = None) -> None:
+    """Raise [`NonFiniteScoreError`] naming the first image whose score is NaN or infinite (`images` names them)."""
+    finite = torch.isfinite(image_scores.detach())
+    if bool(finite.all()):
+        return
+    index = int((~finite).nonzero()[0])
+    named = images is not None and isinstance(images[index], (str, os.PathLike))
+    what = f"'{images[index]}'" if named else f"image #{index} of the batch"
+    raise NonFiniteScoreError(
+        f"The model gave a non-finite anomaly score ({float(image_scores[index])}) for {what}: its weights hold "
+        "NaN or infinite values. Reload, reconvert or retrain the model; no label is given for such a score."
+    )
+
+
 def _describe(item: Any, index: int) -> str:
     return f"'{item}'" if isinstance(item, (str, os.PathLike)) else f"input #{index} ({type(item).__name__})"
 
@@ -327,8 +345,12 @@ class CoPSProcessor(ProcessorMixin):
                 model resolution.
             threshold: pixel threshold on the map: adds a boolean `mask`.
             image_threshold: threshold on the score: adds `label` ("anomalous" / "normal").
+
+        The decision rule, here and in calibration: a value `>=` its threshold is anomalous (calibrated thresholds
+        are attained values, e.g. the lowest anomalous score kept by the F1-optimal choice).
         """
         scores = outputs.image_scores.detach().float().cpu()
+        check_finite_scores(scores)
         maps = outputs.anomaly_maps.detach().float().cpu()
         if target_sizes is None:
             target_sizes = getattr(outputs, "original_sizes", None)
@@ -342,7 +364,7 @@ class CoPSProcessor(ProcessorMixin):
                 )[0, 0]
             result: dict[str, Any] = {"score": float(score), "anomaly_map": anomaly_map}
             if threshold is not None:
-                result["mask"] = anomaly_map > threshold
+                result["mask"] = anomaly_map >= threshold
             if image_threshold is not None:
                 result["label"] = decision_label(float(score), image_threshold)
             results.append(result)
@@ -354,6 +376,8 @@ __all__ = [
     "CoPSProcessor",
     "ImageLoadError",
     "decision_label",
+    "NonFiniteScoreError",
+    "check_finite_scores",
     "load_image",
     "load_mask",
     "packaged_tokenizer",

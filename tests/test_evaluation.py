@@ -1,4 +1,4 @@
-"""Evaluator, `cops-hf evaluate` (single and two processes) and threshold calibration on synthetic data."""
+"""Evaluator, `cops-hf evaluate` (single and two processes) and `cops-hf calibrate` on synthetic data."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from cops_hf import CoPSImageProcessor, CoPSProcessor
 from cops_hf.cli import main
-from cops_hf.data import load_meta_dataset, make_synthetic_dataset
-from cops_hf.evaluation.calibration import calibrate_thresholds
+from cops_hf.data import make_synthetic_dataset
 from cops_hf.evaluation.evaluator import evaluate_dataset
 
 from .tiny_models import tiny_model
@@ -102,40 +100,6 @@ def test_evaluate_cli_single_and_two_processes_agree(model_dir, dataset_root, tm
     for category, metrics in single["per_category"].items():
         assert double["per_category"][category] == pytest.approx(metrics, abs=1e-5)
     assert (tmp_path / "two" / "predictions.csv").read_text() == (tmp_path / "one" / "predictions.csv").read_text()
-
-
-def test_calibration_from_normal_images_is_a_quantile():
-    model, processor = tiny_model(), CoPSProcessor(CoPSImageProcessor(size=98))
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
-    thresholds = calibrate_thresholds(model, processor, images, quantile=0.5)
-    assert thresholds.method == "quantile"
-    with torch.no_grad():
-        scores = [model(processor(images=image)["pixel_values"], vae_noise=model.seeded_prior_noise(1, 0)).image_scores
-                  for image in images]  # fmt: skip
-    assert thresholds.image_threshold == pytest.approx(float(np.median([float(s) for s in scores])), abs=1e-6)
-    assert model.config.image_threshold == thresholds.image_threshold
-    assert model.config.pixel_threshold == thresholds.pixel_threshold
-
-
-def test_calibration_from_labels_is_f1_optimal(dataset_root):
-    model, processor = tiny_model(), CoPSProcessor(CoPSImageProcessor(size=98))
-    dataset = load_meta_dataset(dataset_root, split="test")
-    masks = [path or None for path in dataset["mask_path"]]
-    thresholds = calibrate_thresholds(model, processor, dataset["image_path"], dataset["gt_label"], masks)
-    assert thresholds.method == "f1"
-    with torch.no_grad():
-        scores = np.asarray([float(model(processor(images=path)["pixel_values"],
-                                         vae_noise=model.seeded_prior_noise(1, 0)).image_scores)
-                             for path in dataset["image_path"]])  # fmt: skip
-    labels = np.asarray(dataset["gt_label"])
-    predicted = scores >= thresholds.image_threshold
-    true_positives = (predicted & (labels == 1)).sum()
-    f1 = 2 * true_positives / (predicted.sum() + labels.sum())
-    best = max(2 * ((scores >= t) & (labels == 1)).sum() / ((scores >= t).sum() + labels.sum()) for t in scores)
-    assert f1 == pytest.approx(best)
-    with pytest.raises(ValueError, match="labelled anomalous"):
-        calibrate_thresholds(model, processor, dataset["image_path"][:2], [1, 1])
 
 
 def test_calibrate_cli_stores_thresholds_used_by_predict(model_dir, dataset_root, tmp_path):

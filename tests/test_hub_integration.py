@@ -20,9 +20,9 @@ import torch
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import CLIPConfig, CLIPModel, pipeline
+from transformers import AutoModel, CLIPConfig, CLIPModel, pipeline
 
-from cops_hf import CoPSForAnomalyDetection, CoPSImageProcessor, CoPSProcessor
+from cops_hf import AnomalyDetectionPipeline, CoPSForAnomalyDetection, CoPSImageProcessor, CoPSProcessor
 from cops_hf.cli import main
 from cops_hf.hub import CoPSHubError, friendly_hub_errors, push_cops_to_hub
 from tests.conftest import CLIENT_TOKEN
@@ -181,8 +181,17 @@ def test_push_then_pull_in_a_fresh_process_with_revision_pinning(
 def test_remote_code_without_cops_hf_gives_the_same_scores(
     hub_env: dict[str, str], hub_server: LocalHub, tmp_path: Path
 ) -> None:
+    """`push_cops_to_hub`, transformers' own `push_to_hub` and a plain `save_pretrained` folder all load with
+    `trust_remote_code=True` in a process that cannot import cops_hf."""
     model = tiny_model()
+    processor = CoPSProcessor.for_image_size(model.config.image_size)
+    native_repo = f"{USER_NAME}/tiny-cops-native"
     push_cops_to_hub(model, REPO_ID)
+    model.push_to_hub(native_repo)
+    processor.push_to_hub(native_repo)
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    sources = {"cops-push": REPO_ID, "native-push": native_repo, "folder": str(tmp_path / "saved")}
     inputs = _inputs(model, tmp_path / "inputs.safetensors")
     images = _images(tmp_path)
     # cops_hf installed: the registered task serves the repository, no trust_remote_code needed.
@@ -197,23 +206,27 @@ def test_remote_code_without_cops_hf_gives_the_same_scores(
         from safetensors.torch import load_file, save_file
         from transformers import AutoModel, pipeline
 
-        model = AutoModel.from_pretrained({REPO_ID!r}, trust_remote_code=True).eval()
-        with torch.no_grad():
-            result = model(**load_file("inputs.safetensors"))
-        detector = pipeline("anomaly-detection", model={REPO_ID!r}, trust_remote_code=True)
-        results = detector({images!r})
-        save_file(
-            {{
-                "image_scores": result.image_scores.contiguous(),
-                "anomaly_maps": result.anomaly_maps.contiguous(),
-                "pipeline_scores": torch.tensor([item["score"] for item in results], dtype=torch.float64),
-                "pipeline_map": torch.from_numpy(results[0]["anomaly_map"]),
-            }},
-            "outputs.safetensors",
-        )
-        print("model class", type(model).__module__, type(model).__name__)
-        print("pipeline class", type(detector).__module__, type(detector).__name__)
-        print("processor class", type(detector.processor).__module__, type(detector.processor).__name__)
+        try:
+            AutoModel.from_pretrained({sources["folder"]!r})
+        except ValueError as error:
+            print("without trust_remote_code:", str(error).replace("\\n", " "))
+        outputs = {{}}
+        for name, source in {sources!r}.items():
+            model = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
+            with torch.no_grad():
+                result = model(**load_file("inputs.safetensors"))
+            detector = pipeline("anomaly-detection", model=source, trust_remote_code=True)
+            results = detector({images!r})
+            outputs.update({{
+                name + ".image_scores": result.image_scores.contiguous(),
+                name + ".anomaly_maps": result.anomaly_maps.contiguous(),
+                name + ".pipeline_scores": torch.tensor([item["score"] for item in results], dtype=torch.float64),
+                name + ".pipeline_map": torch.from_numpy(results[0]["anomaly_map"]),
+            }})
+            print(name, "model class", type(model).__module__, type(model).__name__)
+            print(name, "pipeline class", type(detector).__module__, type(detector).__name__)
+            print(name, "processor class", type(detector.processor).__module__, type(detector.processor).__name__)
+        save_file(outputs, "outputs.safetensors")
         print("cops_hf modules", [name for name in sys.modules if name.startswith("cops_hf")])
         """,
         hub_env,
@@ -221,17 +234,37 @@ def test_remote_code_without_cops_hf_gives_the_same_scores(
         with_cops_hf=False,
     )
 
-    assert "model class transformers_modules." in output and "CoPSForAnomalyDetection" in output
-    assert "pipeline class transformers_modules." in output and "AnomalyDetectionPipeline" in output
-    assert "processor class transformers_modules." in output and "CoPSProcessor" in output
+    assert "without trust_remote_code:" in output and "trust_remote_code=True" in output
+    assert "upgrade transformers" not in output
     assert "cops_hf modules []" in output
     remote = load_file(str(tmp_path / "outputs.safetensors"))
-    _assert_same_outputs(remote, _outputs(model, inputs))
     expected_scores = torch.tensor([item["score"] for item in expected_results], dtype=torch.float64)
-    torch.testing.assert_close(remote["pipeline_scores"], expected_scores, rtol=0.0, atol=1e-6)
-    torch.testing.assert_close(
-        remote["pipeline_map"], torch.from_numpy(expected_results[0]["anomaly_map"]), rtol=0.0, atol=1e-6
-    )
+    for name in sources:
+        assert f"{name} model class transformers_modules." in output and "CoPSForAnomalyDetection" in output
+        assert f"{name} pipeline class transformers_modules." in output and "AnomalyDetectionPipeline" in output
+        assert f"{name} processor class transformers_modules." in output and "CoPSProcessor" in output
+        _assert_same_outputs({key: remote[f"{name}.{key}"] for key in ("image_scores", "anomaly_maps")},
+                             _outputs(model, inputs))  # fmt: skip
+        torch.testing.assert_close(remote[f"{name}.pipeline_scores"], expected_scores, rtol=0.0, atol=1e-6)
+        torch.testing.assert_close(
+            remote[f"{name}.pipeline_map"], torch.from_numpy(expected_results[0]["anomaly_map"]), rtol=0.0, atol=1e-6
+        )
+
+
+def test_installed_cops_hf_wins_over_the_code_copies_in_a_folder(tmp_path: Path) -> None:
+    """Where cops_hf is imported, the code files saved beside a model are never run, even with trust_remote_code."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    CoPSProcessor.for_image_size(model.config.image_size).save_pretrained(tmp_path)
+    for copy in tmp_path.glob("*.py"):
+        copy.write_text('raise RuntimeError("a stale code copy ran")\n')
+    loaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded) is CoPSForAnomalyDetection
+    detector = pipeline("anomaly-detection", model=str(tmp_path), trust_remote_code=True)
+    assert type(detector) is AnomalyDetectionPipeline and type(detector.processor) is CoPSProcessor
+    assert not hasattr(loaded.config, "custom_pipelines")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
 def test_pushed_repository_files_and_card(hub_env: dict[str, str], hub_server: LocalHub, tmp_path: Path) -> None:
@@ -259,7 +292,8 @@ def test_pushed_repository_files_and_card(hub_env: dict[str, str], hub_server: L
     assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "image-segmentation"
     assert {"anomaly-detection", "zero-shot"} <= set(card.data.tags)
-    assert card.data.base_model == "openai/clip-vit-large-patch14-336"
+    assert card.data.base_model is None  # a random CLIP is not called ViT-L/14@336px
+    assert "not a published checkpoint" in card.text and "pip install cops-hf" not in card.text
     assert card.data.datasets == ["mvtec-ad"]
     results = {(result.dataset_name, result.metric_name): result.metric_value for result in card.data.eval_results}
     assert results == {("VisA", "I-AUROC"): 0.912, ("VisA", "P-AUROC"): 0.955, ("BTAD", "I-AUROC"): 0.9}

@@ -257,7 +257,10 @@ def test_clip_in_its_three_forms_gives_identical_models(
         assert set(weights) == set(reference)
         assert all(torch.equal(weights[key], tensor) for key, tensor in reference.items()), name
         config = CoPSForAnomalyDetection.from_pretrained(outputs[name]).config.to_diff_dict()
-        assert {**config, "_name_or_path": None} == {**reference_config, "_name_or_path": None}, name
+        recorded = {"_name_or_path": None, "clip_model_id": None}
+        assert {**config, **recorded} == {**reference_config, **recorded}, name
+    assert CoPSForAnomalyDetection.from_pretrained(outputs["hub"]).config.clip_model_id == "someone/tiny-clip"
+    assert CoPSForAnomalyDetection.from_pretrained(outputs["folder"]).config.clip_model_id is None
     # Training starts from the same CLIP whichever form names it.
     clips = [cops_model_for_training(clip).clip.state_dict() for clip in (archive, folder, "someone/tiny-clip")]
     for other in clips[1:]:

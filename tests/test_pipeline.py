@@ -39,6 +39,12 @@ def test_task_is_registered(detector):
     assert isinstance(detector.processor, CoPSProcessor) and detector.processor.image_processor.size == 98
 
 
+def test_a_pipeline_without_a_model_says_how_to_get_one():
+    with pytest.raises(ValueError) as raised:
+        pipeline("anomaly-detection")
+    assert "\n" not in str(raised.value) and "cops-hf convert --official visa" in str(raised.value)
+
+
 def test_each_input_kind_gives_the_same_result(detector, images):
     arrays, path = images
     from_path = detector(path)

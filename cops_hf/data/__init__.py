@@ -9,7 +9,14 @@ Typical use::
     test_set[0]["image"], test_set[0]["mask"], test_set[0]["gt_label"]
 """
 
-from .benchmarks import BENCHMARKS, DATASET_BUILDERS, BenchmarkInfo, benchmark_name, prepare_dataset
+from .benchmarks import (
+    BENCHMARKS,
+    DATASET_BUILDERS,
+    BenchmarkInfo,
+    benchmark_name,
+    prepare_dataset,
+    prepare_folder_dataset,
+)
 from .builders import (
     IMAGE_SUFFIXES,
     build_folder_meta,
@@ -26,11 +33,14 @@ from .loading import (
     META_FEATURES,
     ValidationReport,
     has_masks,
+    labelled_split,
     load_meta_dataset,
     load_meta_dataset_with_report,
+    split_label_counts,
     validate_meta_dataset,
 )
 from .meta import (
+    META_DATASET_KEY,
     META_FILENAME,
     NORMAL_SPECIE,
     SPLITS,
@@ -38,6 +48,7 @@ from .meta import (
     DataProblem,
     Meta,
     make_record,
+    meta_dataset_name,
     meta_json_path,
     read_meta_json,
     write_meta_json,
@@ -61,11 +72,13 @@ __all__ = [
     "BenchmarkInfo",
     "benchmark_name",
     "prepare_dataset",
+    "prepare_folder_dataset",
     "DEFAULT_TEST_CATEGORIES",
     "DEFAULT_TRAIN_CATEGORIES",
     "DEFECT_TYPES",
     "IMAGE_SUFFIXES",
     "META_FEATURES",
+    "META_DATASET_KEY",
     "META_FILENAME",
     "Meta",
     "NORMAL_SPECIE",
@@ -83,16 +96,19 @@ __all__ = [
     "finish_meta",
     "folder_records",
     "has_masks",
+    "labelled_split",
     "list_image_files",
     "load_meta_dataset",
     "load_meta_dataset_with_report",
     "make_record",
+    "meta_dataset_name",
     "make_synthetic_dataset",
     "meta_json_path",
     "mvtec_layout_meta",
     "read_meta_json",
     "render_synthetic_sample",
     "species_records",
+    "split_label_counts",
     "validate_meta_dataset",
     "write_meta_json",
 ]

@@ -5,6 +5,7 @@ Medical pixel-level: ISIC, CVC-ColonDB, CVC-ClinicDB, Kvasir, Endo. The expected
 and AnomalyCLIP preparation scripts read) are given in each builder's docstring. Use :func:`prepare_dataset`::
 
     prepare_dataset("btad", "/data/BTAD")          # writes /data/BTAD/meta.json
+    prepare_folder_dataset("/data/mine", "good", "bad", "ground_truth")   # a user's own images
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .builders import (
     mvtec_layout_meta,
     species_records,
 )
-from .meta import Meta, meta_json_path
+from .meta import DataError, Meta, write_meta_json
 
 __all__ = [
     "BENCHMARKS",
@@ -39,6 +40,7 @@ __all__ = [
     "build_mpdd_meta",
     "build_polyp_meta",
     "prepare_dataset",
+    "prepare_folder_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,7 +90,7 @@ def build_isic_meta(root: PathLike, *, write: bool = True) -> Meta:
 
     ``good`` folders are normal, every other folder holds lesions with masks ``<stem>_Segmentation.png``.
     """
-    masks = Path(root) / "skin" / "ISBI2016_ISIC_Part1_Test_GroundTruth"
+    masks = Path(os.path.abspath(root)) / "skin" / "ISBI2016_ISIC_Part1_Test_GroundTruth"
     records = species_records(
         root, "skin/test", category="skin", mask_dir_for=lambda _specie: masks, mask_suffix="_Segmentation"
     )
@@ -102,7 +104,7 @@ def build_polyp_meta(root: PathLike, *, write: bool = True) -> Meta:
 
 def build_endo_meta(root: PathLike, *, write: bool = True) -> Meta:
     """Endo: ``root/<folder>/*`` (``good`` normal, others anomalous) with masks ``root/masks/<stem>.*``."""
-    masks = Path(root) / "masks"
+    masks = Path(os.path.abspath(root)) / "masks"
     records = species_records(root, ".", category="colon", mask_dir_for=lambda _specie: masks, exclude=["masks"])
     return finish_meta(root, {"train": {}, "test": {"colon": records}}, write)
 
@@ -113,14 +115,15 @@ class BenchmarkInfo:
 
     Attributes:
         name: Registry key.
-        builder: Writes ``meta.json`` from the download layout: ``builder(root) -> meta dict``.
+        builder: Writes ``meta.json`` from the download layout: ``builder(root, write=True) -> meta dict``; the
+            first line of its docstring describes the layout.
         categories: The categories the full dataset has.
         pixel_level: Whether anomalous images have ground-truth masks.
         domain: ``"industrial"`` or ``"medical"``.
     """
 
     name: str
-    builder: Callable[[PathLike], Meta]
+    builder: Callable[..., Meta]
     categories: tuple[str, ...]
     pixel_level: bool
     domain: str
@@ -159,7 +162,7 @@ BENCHMARKS: dict[str, BenchmarkInfo] = {
 }
 """The paper's 13 benchmark datasets by registry name."""
 
-DATASET_BUILDERS: dict[str, Callable[[PathLike], Meta]] = {name: info.builder for name, info in BENCHMARKS.items()}
+DATASET_BUILDERS: dict[str, Callable[..., Meta]] = {name: info.builder for name, info in BENCHMARKS.items()}
 """Registry name -> builder writing ``meta.json`` from the dataset's download layout."""
 
 _ALIASES = {
@@ -183,21 +186,58 @@ def benchmark_name(name: str) -> str:
     return key
 
 
+def _require_images(meta: Meta, root: PathLike, layout: str) -> None:
+    """Refuse a meta with no record: the folder does not hold the layout the builder reads."""
+    if not any(records for categories in meta.values() for records in categories.values()):
+        raise DataError(f"No images found under {root}. Expected layout: {layout}")
+
+
 def prepare_dataset(name: str, root: PathLike) -> Path:
     """Write ``root/meta.json`` for benchmark ``name`` (e.g. ``"mvtec"``, ``"VisA"``, ``"CVC-ClinicDB"``).
 
-    Logs a warning listing expected categories that are absent (a partial download).
+    The file records the benchmark's registry name (``"dataset": "mvtec"``), from which ``cops-hf evaluate`` picks
+    the test preset. Logs a warning listing expected categories that are absent (a partial download).
 
     Returns:
         The path of the written ``meta.json``.
 
     Raises:
-        ValueError: unknown name. DataError: the layout does not match (the message names the folder or file).
+        ValueError: unknown name. DataError: the layout does not match, or holds no image (the message names the
+            folder or file and the layout expected).
     """
     info = BENCHMARKS[benchmark_name(name)]
-    meta = info.builder(root)
+    meta = info.builder(root, write=False)
+    _require_images(meta, root, (info.builder.__doc__ or "").strip().splitlines()[0])
     found = {category for split in meta.values() for category, records in split.items() if records}
     missing = [category for category in info.categories if category not in found]
     if missing:
         logger.warning("%s at %s lacks categories %s (partial download?)", info.name, root, missing)
-    return meta_json_path(root)
+    return write_meta_json(root, meta, dataset=info.name)
+
+
+def prepare_folder_dataset(
+    root: PathLike,
+    normal_dir: PathLike | None,
+    anomalous_dir: PathLike | None,
+    mask_dir: PathLike | None = None,
+    *,
+    mask_suffix: str = "_mask",
+) -> Path:
+    """Write ``root/meta.json`` for a user's own images (``cops-hf data prepare folder``), all in the test split.
+
+    Args:
+        root: Dataset root; the folders are relative to it (or absolute).
+        normal_dir: Folder of normal images (None: none).
+        anomalous_dir: Folder of anomalous images (None: none).
+        mask_dir: Folder of masks of the anomalous images, matched by stem (``<stem><mask_suffix>.*`` or ``<stem>.*``).
+        mask_suffix: Suffix of mask stems.
+
+    Raises:
+        DataError: a folder is missing, an anomalous image has no mask, or no image was found.
+    """
+    meta = build_folder_meta(root, normal_dir, anomalous_dir, mask_dir, mask_suffix=mask_suffix, write=False)
+    layout = f"normal images in {root}/{normal_dir}, anomalous images in {root}/{anomalous_dir}"
+    _require_images(
+        meta, root, layout + (f", masks in {root}/{mask_dir}/<stem>{mask_suffix}.<ext>" if mask_dir else "")
+    )
+    return write_meta_json(root, meta)

@@ -95,7 +95,8 @@ def folder_records(
     Raises:
         DataError: a folder is missing, or an anomalous image has no (or several) matching masks.
     """
-    root, image_dir = Path(root), Path(root) / image_dir
+    root = Path(os.path.abspath(root))
+    image_dir = root / image_dir
     specie = specie_name if specie_name is not None else (NORMAL_SPECIE if anomaly == 0 else image_dir.name)
     resolved_mask_dir = root / mask_dir if mask_dir is not None and anomaly == 1 else None
     masks_by_stem = _masks_by_stem(resolved_mask_dir) if resolved_mask_dir is not None else {}
@@ -139,7 +140,8 @@ def species_records(
         mask_suffix: Suffix of mask stems.
         exclude: Subfolder names that are not species (e.g. a mask folder beside them).
     """
-    parent = Path(root) / parent_dir
+    root = Path(os.path.abspath(root))
+    parent = root / parent_dir
     if not parent.is_dir():
         raise DataError(f"Directory not found: {parent}")
     excluded = set(exclude)
@@ -185,7 +187,7 @@ def mvtec_layout_meta(
         mask_suffix: Suffix of mask stems (``"_mask"``; a mask named exactly like its image also matches).
         with_masks: Look up masks for anomalous images (False for image-level datasets).
     """
-    root = Path(root)
+    root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise DataError(f"Dataset root not found: {root}")
     if categories is None:

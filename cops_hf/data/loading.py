@@ -30,15 +30,17 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from .meta import DataError, DataProblem, meta_json_path, read_meta_json, record_problems
+from .meta import SPLITS, DataError, DataProblem, meta_dataset_name, meta_json_path, read_meta_json, record_problems
 
 __all__ = [
     "ALLOW_OUTSIDE_ROOT_ENV",
     "META_FEATURES",
     "ValidationReport",
     "has_masks",
+    "labelled_split",
     "load_meta_dataset",
     "load_meta_dataset_with_report",
+    "split_label_counts",
     "validate_meta_dataset",
 ]
 
@@ -397,8 +399,9 @@ def load_meta_dataset_with_report(
         logger.warning("Skipped %d invalid records: %s", report.num_skipped, report.summary())
     report.log_notes()
     columns = {name: [row[name] for row in rows] for name in META_FEATURES}
-    info = datasets.DatasetInfo(description=report.summary(), features=META_FEATURES)
-    return datasets.Dataset.from_dict(columns, features=META_FEATURES, info=info), report
+    name = meta_dataset_name(root) or os.path.abspath(root)
+    info = datasets.DatasetInfo(description=report.summary(), features=META_FEATURES, dataset_name=name)
+    return datasets.Dataset.from_dict(columns, features=META_FEATURES, info=info, split=split), report
 
 
 def load_meta_dataset(
@@ -414,7 +417,8 @@ def load_meta_dataset(
 
     Columns are :data:`META_FEATURES`: ``image`` (the file's mode), ``mask`` (``L`` or None), ``gt_label`` (0/1),
     ``cls_name``, ``specie_name``, ``image_path`` (absolute) and ``mask_path`` (absolute or ""). Rows are grouped
-    by category, in meta.json order (or in the order of ``categories``), then in file order.
+    by category, in meta.json order (or in the order of ``categories``), then in file order. ``dataset.split`` is
+    ``split``; ``dataset.info.dataset_name`` is the benchmark name meta.json records, else the root's absolute path.
 
     Every record is checked first: structure, paths inside ``root``, image and mask files exist and their headers
     read, no image listed twice. The mask rules of the module docstring apply; each record they change is logged as
@@ -449,3 +453,46 @@ def has_masks(dataset: datasets.Dataset) -> bool:
     labels_and_masks = zip(dataset["gt_label"], dataset["mask_path"], strict=True)
     anomalous_masks = [mask for label, mask in labels_and_masks if label == 1]
     return bool(anomalous_masks) and all(anomalous_masks)
+
+
+def split_label_counts(
+    root: str | os.PathLike[str], categories: str | Iterable[str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """``{split: (normal records, anomalous records)}`` of ``ROOT/meta.json`` (restricted to ``categories``).
+
+    Reads meta.json only: no file is checked. Records without a valid ``anomaly`` field count as neither.
+    """
+    selected = None if categories is None else {categories} if isinstance(categories, str) else set(categories)
+    counts = {}
+    for split, split_categories in read_meta_json(root).items():
+        labels = [
+            record.get("anomaly") if isinstance(record, Mapping) else None
+            for category, records in split_categories.items()
+            if selected is None or category in selected
+            for record in records
+        ]
+        counts[split] = (labels.count(0), labels.count(1))
+    return counts
+
+
+def labelled_split(root: str | os.PathLike[str], categories: str | Iterable[str] | None = None) -> str:
+    """The split to train on: the first of ``train``, ``test`` (then any other) holding normal and anomalous records.
+
+    CoPS trains on labelled images of an auxiliary dataset. The benchmarks' ``train`` splits hold normal images
+    only, so for MVTec AD and VisA this is ``test``, the split the reference's ``train.py`` reads; a synthetic
+    dataset (:func:`~cops_hf.data.make_synthetic_dataset`) has a labelled ``train`` split.
+
+    Raises:
+        DataError: no split holds both classes (the message gives each split's counts).
+    """
+    counts = split_label_counts(root, categories)
+    for split in sorted(counts, key=lambda name: (SPLITS.index(name) if name in SPLITS else len(SPLITS), name)):
+        if all(counts[split]):
+            return split
+    found = ", ".join(
+        f"{split}: {normal} normal, {anomalous} anomalous" for split, (normal, anomalous) in counts.items()
+    )
+    raise DataError(
+        f"No split of {meta_json_path(root)} holds both normal and anomalous images ({found}). CoPS trains on an "
+        "auxiliary set with both, e.g. MVTec AD or VisA prepared with `cops-hf data prepare`."
+    )

@@ -14,6 +14,8 @@ and every record is::
 Either split may be absent or empty. Extra record fields are kept but ignored. Category and specie names must be
 plain folder names, and every path must lead inside ROOT (symlinks included) unless trusted explicitly
 (``allow_outside_root`` of the loaders): a dataset file never decides where outputs go or which files are read.
+``cops-hf data prepare`` also records which benchmark the folder holds, as a top-level string ``"dataset": "visa"``
+(read by :func:`meta_dataset_name`; the reference's loaders read only the split they are asked for).
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from ..file_utils import atomic_write
 __all__ = [
     "DataError",
     "DataProblem",
+    "META_DATASET_KEY",
     "META_FILENAME",
     "Meta",
     "NORMAL_SPECIE",
     "SPLITS",
     "make_record",
+    "meta_dataset_name",
     "meta_json_path",
     "path_component_problem",
     "read_meta_json",
@@ -42,6 +46,7 @@ __all__ = [
 ]
 
 META_FILENAME = "meta.json"
+META_DATASET_KEY = "dataset"
 SPLITS = ("train", "test")
 NORMAL_SPECIE = "good"
 
@@ -130,6 +135,8 @@ def _check_structure(meta: Any, source: str) -> None:
     if not isinstance(meta, Mapping):
         raise DataError(f"{source}: top level must be a JSON object {{split: {{category: [records]}}}}")
     for split, categories in meta.items():
+        if split == META_DATASET_KEY and isinstance(categories, str):
+            continue
         if not isinstance(categories, Mapping):
             raise DataError(f"{source}: split {split!r} must map category names to lists of records")
         for category, records in categories.items():
@@ -140,29 +147,49 @@ def _check_structure(meta: Any, source: str) -> None:
                 raise DataError(f"{source}: {split}/{category} must be a list of records, got {kind}")
 
 
+def _read_document(root: str | os.PathLike[str]) -> dict[str, Any]:
+    path = meta_json_path(root)
+    if not path.is_file():
+        raise DataError(f"No {META_FILENAME} at {path}. {_BUILDER_HINT}")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON: {error}") from error
+    _check_structure(document, str(path))
+    return document
+
+
+def meta_dataset_name(root: str | os.PathLike[str]) -> str | None:
+    """The benchmark name ``ROOT/meta.json`` records (written by ``cops-hf data prepare``), or None.
+
+    Raises:
+        DataError: the file is missing or malformed (as :func:`read_meta_json`).
+    """
+    return _read_document(root).get(META_DATASET_KEY)
+
+
 def read_meta_json(root: str | os.PathLike[str]) -> Meta:
     """Read ``ROOT/meta.json``, checking its top-level structure (records are checked when loading).
+
+    The recorded dataset name (see :func:`meta_dataset_name`) is left out: the result maps splits only.
 
     Raises:
         DataError: the file is missing (the message says how to create it), is not valid JSON, or does not have
             the ``{split: {category: [records]}}`` shape.
     """
-    path = meta_json_path(root)
-    if not path.is_file():
-        raise DataError(f"No {META_FILENAME} at {path}. {_BUILDER_HINT}")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path} is not valid JSON: {error}") from error
-    _check_structure(meta, str(path))
-    return meta
+    document = _read_document(root)
+    document.pop(META_DATASET_KEY, None)
+    return document
 
 
-def write_meta_json(root: str | os.PathLike[str], meta: Mapping[str, Mapping[str, list[Any]]]) -> Path:
+def write_meta_json(
+    root: str | os.PathLike[str], meta: Mapping[str, Mapping[str, list[Any]]], dataset: str | None = None
+) -> Path:
     """Validate ``meta`` and write it to ``ROOT/meta.json`` atomically (``cops_hf.file_utils.atomic_write``).
 
     Both ``"train"`` and ``"test"`` keys are always written (empty when absent) for compatibility with loaders that
     expect them. Only the structure is validated here; :func:`cops_hf.data.validate_meta_dataset` checks the files.
+    ``dataset`` (a benchmark name such as ``"visa"``) is recorded as the top-level ``"dataset"`` entry.
 
     Returns:
         The path of the written file.
@@ -183,6 +210,8 @@ def write_meta_json(root: str | os.PathLike[str], meta: Mapping[str, Mapping[str
         raise DataError(f"Refusing to write {path}; malformed records:\n  " + "\n  ".join(problems))
     document = {split: {} for split in SPLITS}
     document.update({split: {cat: list(recs) for cat, recs in cats.items()} for split, cats in meta.items()})
+    if dataset is not None:
+        document[META_DATASET_KEY] = dataset
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as temporary:
         temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor, ImageLike
+from .inference import predict_images
 from .metrics import f1_max_threshold
 
 # Pixels drawn per image for pixel quantiles and F1 search, keeping calibration memory bounded.
@@ -37,25 +37,20 @@ def _score_images(
     batch_size: int,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Scores `[N]`, sampled map pixels `[N, K]` and the matching mask pixels `[N, K]` (or None)."""
-    device = next(model.parameters()).device
-    dtype = model.prompt_synthesizer.normal_context.dtype
-    pixel_sampler = np.random.default_rng(seed)
+    """Scores `[N]`, sampled map pixels `[N, K]` and the matching mask pixels `[N, K]` (or None).
+
+    Image i's pixels are drawn by a generator seeded with `(seed, i)`, so the sample does not depend on the batching.
+    """
     scores, map_pixels, mask_pixels = [], [], []
-    for start in range(0, len(images), batch_size):
-        batch_images = list(images[start : start + batch_size])
-        batch_masks = list(masks[start : start + batch_size]) if masks is not None else None
-        features = processor(images=batch_images, masks=batch_masks)
-        noise = model.seeded_prior_noise(len(batch_images), seed).to(device, dtype)
-        with torch.no_grad():
-            outputs = model(pixel_values=features["pixel_values"].to(device, dtype), vae_noise=noise)
-        maps = outputs.anomaly_maps.float().cpu().flatten(1).numpy()
-        picks = pixel_sampler.choice(maps.shape[1], size=min(PIXELS_PER_IMAGE, maps.shape[1]), replace=False)
-        scores.extend(outputs.image_scores.float().cpu().tolist())
-        map_pixels.append(maps[:, picks])
-        if batch_masks is not None:
-            mask_pixels.append(features["masks"].flatten(1).numpy()[:, picks])
-    return np.asarray(scores), np.concatenate(map_pixels), np.concatenate(mask_pixels) if mask_pixels else None
+    for prediction in predict_images(model, processor, images, masks, batch_size=batch_size, seed=seed):
+        anomaly_map = prediction.anomaly_map.ravel()
+        sampler = np.random.default_rng([seed, prediction.index])
+        picks = sampler.choice(anomaly_map.size, size=min(PIXELS_PER_IMAGE, anomaly_map.size), replace=False)
+        scores.append(prediction.pred_score)
+        map_pixels.append(anomaly_map[picks])
+        if prediction.gt_mask is not None:
+            mask_pixels.append(prediction.gt_mask.ravel()[picks])
+    return np.asarray(scores), np.stack(map_pixels), np.stack(mask_pixels) if mask_pixels else None
 
 
 def calibrate_thresholds(

@@ -6,6 +6,7 @@ dataset and the main process gathers the results, so the metrics equal a single-
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -16,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from ..data import has_masks, load_meta_dataset
 from ..modeling_cops import CoPSForAnomalyDetection
@@ -31,6 +30,7 @@ from ..visualization import (
     comparison_panel,
     plot_curve_pair,
 )
+from .inference import predict_images
 from .report import CategoryRecord, ZSADReport, compute_zsad_metrics
 
 logger = logging.getLogger(__name__)
@@ -58,38 +58,6 @@ class EvaluationResult:
     files: list[Path] = field(default_factory=list)
 
 
-def _score_shard(
-    model: CoPSForAnomalyDetection,
-    processor: CoPSProcessor,
-    rows: list[dict],
-    batch_size: int,
-    seed: int,
-    pixel_level: bool,
-    show_progress: bool,
-) -> list[dict]:
-    """Score rows (dicts with image_path, mask_path, gt_label, cls_name) in batches."""
-    device = next(model.parameters()).device
-    dtype = model.prompt_synthesizer.normal_context.dtype
-    results = []
-    batches = range(0, len(rows), batch_size)
-    for start in tqdm(batches, desc="evaluating", disable=not show_progress):
-        batch = rows[start : start + batch_size]
-        features = processor(
-            images=[row["image_path"] for row in batch],
-            masks=[row["mask_path"] or None for row in batch] if pixel_level else None,
-        )
-        noise = model.seeded_prior_noise(len(batch), seed).to(device, dtype)
-        with torch.no_grad():
-            outputs = model(pixel_values=features["pixel_values"].to(device, dtype), vae_noise=noise)
-        for index, row in enumerate(batch):
-            result = {"index": row["index"], "score": float(outputs.image_scores[index])}
-            if pixel_level:
-                result["anomaly_map"] = outputs.anomaly_maps[index].float().cpu().numpy()
-                result["gt_mask"] = features["masks"][index].numpy().astype(np.uint8)
-            results.append(result)
-    return results
-
-
 def evaluate_dataset(
     model: CoPSForAnomalyDetection,
     processor: CoPSProcessor,
@@ -110,8 +78,8 @@ def evaluate_dataset(
     """Evaluate `model` on `data_root/meta.json` and (on the main process) write the report files.
 
     Args:
-        test_preset: apply the reference's test-time switches for this dataset name (see
-            `TEST_DATASET_PRESETS`); `None` keeps the model's config as is.
+        test_preset: score with the reference's test-time switches for this dataset name (see
+            `TEST_DATASET_PRESETS`); the caller's `model.config` is not changed. `None` keeps the model's config.
         seed: seed of the VAE class-token noise (the same samples for every image), so results are reproducible
             and independent of batching and sharding.
         output_dir: where to write `metrics.csv`, `metrics.json`, `predictions.csv`, overlay PNGs
@@ -130,7 +98,9 @@ def evaluate_dataset(
     check_style(colormap_name, alpha)
     accelerator = accelerator or Accelerator()
     if test_preset is not None:
-        model.config = model.config.with_preset(test_dataset=test_preset)
+        # A shallow copy shares the weights but not the config: the caller's model.config stays as it is.
+        model, config = copy.copy(model), model.config.with_preset(test_dataset=test_preset)
+        model.config = config
     dataset = load_meta_dataset(data_root, split=split, categories=categories, skip_invalid=skip_invalid)
     pixel_level = has_masks(dataset) or any(path for path in dataset["mask_path"])
     columns = dataset.select_columns(["image_path", "mask_path", "gt_label", "cls_name"]).to_dict()
@@ -139,9 +109,20 @@ def evaluate_dataset(
     ]
     model = model.to(accelerator.device).eval()
     with accelerator.split_between_processes(rows) as shard:
-        shard_results = _score_shard(
-            model, processor, shard, batch_size, seed, pixel_level, accelerator.is_local_main_process
+        predictions = predict_images(
+            model,
+            processor,
+            [row["image_path"] for row in shard],
+            [row["mask_path"] or None for row in shard] if pixel_level else None,
+            batch_size=batch_size,
+            seed=seed,
+            show_progress=accelerator.is_local_main_process,
         )
+        shard_results = [
+            {"index": shard[prediction.index]["index"], "score": prediction.pred_score}
+            | ({"anomaly_map": prediction.anomaly_map, "gt_mask": prediction.gt_mask} if pixel_level else {})
+            for prediction in predictions
+        ]
     gathered = accelerator.gather_for_metrics(shard_results, use_gather_object=True)
     if not accelerator.is_main_process:
         return None

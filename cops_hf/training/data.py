@@ -13,15 +13,28 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data import load_meta_dataset
+from ..data import labelled_split, load_meta_dataset, split_label_counts
 from ..processing_cops import CoPSImageProcessor
 
 logger = logging.getLogger(__name__)
 
 
-def load_training_dataset(root: str | os.PathLike[str], categories: Sequence[str] | None = None) -> datasets.Dataset:
-    """The `train` split of `ROOT/meta.json` (see `cops_hf.data`); the error names the builders when it is missing."""
-    return load_meta_dataset(root, split="train", categories=categories)
+def load_training_dataset(
+    root: str | os.PathLike[str], categories: Sequence[str] | None = None, split: str | None = None
+) -> datasets.Dataset:
+    """The labelled training images of `ROOT/meta.json` (see `cops_hf.data`).
+
+    Args:
+        root: dataset root holding meta.json; the error names the builders when it is missing.
+        categories: only these categories (default: all of the split).
+        split: the meta.json split to train on. By default the first split holding both normal and anomalous
+            images (`cops_hf.data.labelled_split`): `test` for MVTec AD and VisA, the images the reference's
+            `train.py` reads; `train` for a synthetic dataset. The split used and its counts are logged.
+    """
+    split = split if split is not None else labelled_split(root, categories)
+    normal, anomalous = split_label_counts(root, categories).get(split, (0, 0))
+    logger.info("Training on split %r of %s: %d normal and %d anomalous images.", split, root, normal, anomalous)
+    return load_meta_dataset(root, split=split, categories=categories)
 
 
 class TrainingSamples(Dataset):
@@ -82,7 +95,8 @@ class TrainingSamples(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.dataset[int(index)]
-        masks = [row["mask"]] if self.uses_masks else None
+        # The mask file itself when known, so that cops_hf.processing_cops.load_mask reads it (mask rules).
+        masks = [row.get("mask_path") or row["mask"]] if self.uses_masks else None
         processed = self.image_processor.preprocess([row["image"]], masks=masks)
         item = {"index": int(index), "pixel_values": processed["pixel_values"][0], "label": self.labels[index]}
         if self.uses_masks:

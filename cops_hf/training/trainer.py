@@ -23,6 +23,7 @@ from transformers import CLIPModel
 
 from ..conversion import load_clip_model
 from ..file_utils import atomic_write
+from ..losses import LOSS_TERMS
 from ..modeling_cops import CoPSForAnomalyDetection, CoPSVisionOutput
 from ..processing_cops import CoPSProcessor
 from .checkpointing import (
@@ -40,7 +41,6 @@ from .feature_cache import VisionFeatureCache, vision_fingerprint
 
 logger = logging.getLogger(__name__)
 
-LOSS_TERMS = ("cls", "seg", "gather", "scatter", "kl", "recon")
 TRAIN_LOG_FILENAME = "train_log.jsonl"
 
 
@@ -119,6 +119,9 @@ class CoPSTrainer:
         self.config = config
         self.samples = TrainingSamples(train_dataset, processor.image_processor)
         self.output_dir = Path(config.output_dir)
+        # What the model is trained on, saved with its config and written on every train_log.jsonl line.
+        model.config.train_dataset = train_dataset.info.dataset_name
+        model.config.train_split = None if train_dataset.split is None else str(train_dataset.split)
         self.accelerator = Accelerator(
             # Accelerate forms a multi-process CPU group (gloo) only when told to use the CPU.
             cpu=config.use_cpu or not torch.accelerator.is_available(),
@@ -274,6 +277,9 @@ class CoPSTrainer:
             images_per_second=num_images / seconds,
             images=num_images,
             cached_features=cached_epoch,
+            dataset=self.model.config.train_dataset,
+            split=self.model.config.train_split,
+            preset=self.model.config.train_preset,
         )
         if accelerator.is_main_process:
             logger.info("epoch %d: %s", epoch, json.dumps(record))

@@ -1,0 +1,73 @@
+"""The batched scoring loop that the evaluator and threshold calibration share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..modeling_cops import CoPSForAnomalyDetection
+from ..processing_cops import CoPSProcessor, ImageLike, check_finite_scores
+
+
+@dataclass
+class ImagePrediction:
+    """The model's outputs for one image, at the model's input size (anomalib's field names).
+
+    Attributes:
+        index: position of the image in the scored sequence.
+        pred_score: image anomaly score.
+        anomaly_map: float32 `[H, W]` pixel anomaly scores.
+        gt_mask: uint8 `[H, W]` ground-truth mask as the processor prepared it (1 = anomalous); `None` when no masks
+            were given.
+    """
+
+    index: int
+    pred_score: float
+    anomaly_map: np.ndarray
+    gt_mask: np.ndarray | None = None
+
+
+def predict_images(
+    model: CoPSForAnomalyDetection,
+    processor: CoPSProcessor,
+    images: Sequence[ImageLike],
+    masks: Sequence[ImageLike | None] | None = None,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> Iterator[ImagePrediction]:
+    """Score `images` in batches of `batch_size` on the model's device and dtype, in order.
+
+    Args:
+        masks: ground-truth masks aligned with `images` (`None` entries are all-zero masks), read by `load_mask`.
+        seed: seed of the class-token noise; every image gets the same samples (`seeded_prior_noise`), so an
+            image's outputs do not depend on the batch it is in (up to float rounding).
+        show_progress: show a tqdm bar over the batches.
+
+    Raises:
+        NonFiniteScoreError: the model gave a NaN or infinite score (naming the image when it is a path).
+    """
+    device = next(model.parameters()).device
+    dtype = model.prompt_synthesizer.normal_context.dtype
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="scoring", disable=not show_progress):
+        batch_images = list(images[start : start + batch_size])
+        batch_masks = list(masks[start : start + batch_size]) if masks is not None else None
+        features = processor(images=batch_images, masks=batch_masks)
+        noise = model.seeded_prior_noise(len(batch_images), seed).to(device, dtype)
+        with torch.no_grad():
+            outputs = model(pixel_values=features["pixel_values"].to(device, dtype), vae_noise=noise)
+        check_finite_scores(outputs.image_scores, batch_images)
+        scores = outputs.image_scores.float().cpu().tolist()
+        maps = outputs.anomaly_maps.float().cpu().numpy()
+        for offset, (score, anomaly_map) in enumerate(zip(scores, maps, strict=True)):
+            gt_mask = features["masks"][offset].numpy().astype(np.uint8) if batch_masks is not None else None
+            yield ImagePrediction(start + offset, score, anomaly_map, gt_mask)
+
+
+__all__ = ["ImagePrediction", "predict_images"]
