@@ -38,6 +38,32 @@ def _style(args: argparse.Namespace) -> dict[str, object]:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    """argparse type: a finite number in [0, 1] (scores and anomaly maps are probabilities)."""
+    from .processing_cops import check_threshold
+
+    try:
+        return check_threshold(float(text), "the threshold")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"must be a finite number in [0, 1], got {text}") from error
+
+
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--official", choices=["mvtec", "visa"], help="Download, verify and convert an official detector (visa: "
@@ -49,7 +75,7 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--checkpoint", help="Reference CoPS checkpoint (e.g. epoch_10.pth); omit for fresh modules.")
     parser.add_argument("--output", required=True, help="Directory for save_pretrained (model + processor).")
-    parser.add_argument("--image-size", type=int, default=518, help="Input size in pixels (default 518).")
+    parser.add_argument("--image-size", type=_positive_int, default=518, help="Input size in pixels (default 518).")
     parser.add_argument("--test-preset", help="Test-dataset preset (e.g. visa, mvtec), see TEST_DATASET_PRESETS.")
     parser.add_argument("--train-preset", help="Training-dataset preset (visa or mvtec).")
     parser.add_argument("--revision", help="Hub revision of the CLIP (branch, tag or commit).")
@@ -103,9 +129,9 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("--output", required=True, help="folder for scores.csv/json, overlays and masks (PNG)")
     parser.add_argument("--format", choices=["csv", "json"], default="csv", help="table of scores (default csv)")
-    parser.add_argument("--threshold", type=float, help="pixel threshold (default: the model's calibrated one)")
-    parser.add_argument("--image-threshold", type=float, help="score threshold (default: the model's calibrated one)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threshold", type=_threshold, help="pixel threshold (default: the model's calibrated one)")
+    parser.add_argument("--image-threshold", type=_threshold, help="score threshold (default: the calibrated one)")
+    parser.add_argument("--batch-size", type=_positive_int, default=1)
     parser.add_argument("--no-overlays", action="store_true", help="write the table only")
     parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
     _add_style_arguments(parser)
@@ -148,9 +174,9 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "(written by `cops-hf data prepare`), else the model's config as saved.",
     )
     parser.add_argument("--output", required=True, help="Directory for metrics.csv/json, plots and overlays.")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
-    parser.add_argument("--num-visualizations", type=int, default=8, help="Overlays per category.")
+    parser.add_argument("--num-visualizations", type=_non_negative_int, default=8, help="Overlays per category.")
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
     _add_style_arguments(parser)
     _add_device_arguments(parser)
@@ -174,14 +200,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .predict import load_model_and_processor
 
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
-    preset = args.preset or meta_dataset_name(args.data)
     if args.preset:
-        print(f"Test preset: {preset} (--preset)")
-    elif preset:
-        print(f"Test preset: {preset} (the dataset {args.data}/meta.json records)")
+        preset, source = args.preset, "--preset"
+    elif model.config.test_preset:  # e.g. an official detector: the preset it is meant for
+        preset, source = model.config.test_preset, "the preset the model's config records"
     else:
-        saved = model.config.test_preset or "none recorded"
-        print(f"Test preset: the model's config ({saved}); {args.data}/meta.json records no dataset")
+        preset, source = meta_dataset_name(args.data), f"the dataset {args.data}/meta.json records"
+    print(f"Test preset: {preset} ({source})" if preset else "Test preset: none recorded, the model's config as is")
     result = evaluate_dataset(
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
@@ -202,7 +227,7 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--data", help="Labelled dataset root (meta.json): F1-optimal thresholds.")
     parser.add_argument("--split", default="test", help="Split of --data to calibrate on.")
     parser.add_argument("--quantile", type=float, default=0.99)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--output", required=True, help="Directory to save the model (thresholds in its config).")
     _add_device_arguments(parser)
 
@@ -280,7 +305,7 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-root", required=True, help="Folder with one sub-folder per dataset (mvtec/, visa/...)."
     )
     parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
@@ -357,17 +382,17 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", required=True, help="output folder (checkpoints, log, final model)")
     parser.add_argument("--preset", help="training dataset preset: visa, mvtec or general")
-    parser.add_argument("--image-size", type=int, help="input size in pixels (default 518)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per process and step")
+    parser.add_argument("--image-size", type=_positive_int, help="input size in pixels (default 518)")
+    parser.add_argument("--epochs", type=_positive_int, default=10)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per process and step")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    parser.add_argument("--grad-accum", type=_positive_int, default=1, help="batches per optimizer step")
     parser.add_argument("--mixed-precision", default="no", help="no, bf16 or fp16 (default no)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the frozen vision features every epoch")
     parser.add_argument("--cache-dir", help="keep the feature cache on disk here instead of in memory")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
+    parser.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding worker processes")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
 
 
@@ -413,7 +438,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="cops-demo", help="folder for the data and the run")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=_positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -442,7 +467,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
     parser.add_argument("--model", required=True, help="directory (or hub id) of a saved CoPS model")
     parser.add_argument("--output", required=True, help="path of the .onnx file to write")
-    parser.add_argument("--vae-samples", type=int, default=None, help="VAE samples in the graph (default: config)")
+    parser.add_argument("--vae-samples", type=_positive_int, help="VAE samples in the graph (default: config)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed VAE noise (default: 0)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: 17)")
     parser.add_argument(
@@ -576,6 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(args.verbosity, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from .processing_cops import apply_pixel_limit_from_environment
+
+        apply_pixel_limit_from_environment()
         return args.run(args)
     except Exception as error:
         if not _is_input_error(error):

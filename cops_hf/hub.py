@@ -135,16 +135,28 @@ def evaluation_for_card(results: Mapping[str, Any]) -> dict[str, dict[str, float
     ``metrics.json`` written by `cops-hf evaluate` (``{"mean": ..., "protocol": ...}``). Metric keys of ours
     become the paper's names (I-AUROC, P-AP, ...); unavailable (None) metrics are dropped.
     """
-    from .evaluation.benchmark import TABLE_COLUMNS
+    from .evaluation.report import METRIC_DISPLAY_NAMES
 
+    expected = 'benchmark.json, metrics.json or {"dataset": {"metric": value}}'
+    if not isinstance(results, Mapping):
+        raise ValueError(f"Evaluation results must be a JSON object ({expected}), got a {type(results).__name__}.")
     if "metrics" in results:
         per_dataset = results["metrics"]
     elif "mean" in results:
         per_dataset = {results.get("protocol", {}).get("test_preset") or "evaluation": results["mean"]}
     else:
         per_dataset = results
+    for dataset, metrics in per_dataset.items() if isinstance(per_dataset, Mapping) else [(None, per_dataset)]:
+        numbers = isinstance(metrics, Mapping) and all(
+            value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            for value in metrics.values()
+        )
+        if not numbers:
+            raise ValueError(f"Evaluation results must be {expected}; {dataset!r} holds {metrics!r}.")
     return {
-        dataset: {TABLE_COLUMNS.get(name, name): float(value) for name, value in metrics.items() if value is not None}
+        dataset: {
+            METRIC_DISPLAY_NAMES.get(name, name): float(value) for name, value in metrics.items() if value is not None
+        }
         for dataset, metrics in per_dataset.items()
     }
 

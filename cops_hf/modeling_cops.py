@@ -398,7 +398,7 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         try:  # absolute and guarded: the code files saved next to a model for trust_remote_code stay self-contained
             from cops_hf.official import load_official
         except ImportError as error:
-            raise ImportError("from_official needs the cops-hf package: pip install cops-hf") from error
+            raise ImportError("from_official needs the cops-hf package installed") from error
         return load_official(release, **kwargs)[0]
 
     @classmethod

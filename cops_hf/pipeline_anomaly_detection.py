@@ -15,7 +15,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_cops import check_model_type
 from .modeling_cops import CoPSAnomalyDetectionOutput
-from .processing_cops import CoPSProcessor, ImageLike, ImageLoadError, load_image
+from .processing_cops import CoPSProcessor, ImageLike, ImageLoadError, check_threshold, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,9 @@ class AnomalyDetectionPipeline(Pipeline):
         forward_params = {} if seed == "default" else {"seed": seed}
         postprocess_params = {}
         if threshold is not None:
-            postprocess_params["threshold"] = threshold
+            postprocess_params["threshold"] = check_threshold(threshold, "threshold")
         if image_threshold is not None:
-            postprocess_params["image_threshold"] = image_threshold
+            postprocess_params["image_threshold"] = check_threshold(image_threshold, "image_threshold")
         return preprocess_params, forward_params, postprocess_params
 
     def __call__(
@@ -94,6 +94,10 @@ class AnomalyDetectionPipeline(Pipeline):
     ) -> dict | list[dict] | Iterator[dict]:
         """Detect anomalies in one image, a list, or a stream of images (see the class docstring)."""
         if isinstance(images, (list, tuple)):
+            if not images:
+                raise ValueError(
+                    "No images were given: pass a path, a PIL image, an array, or a non-empty list of them."
+                )
             return self._call_list(list(images), skip_invalid, kwargs)
         if isinstance(images, (Iterator, TorchDataset)):
             if skip_invalid:

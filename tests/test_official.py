@@ -8,6 +8,7 @@ blob SHA-1 is computed here and passed in through the override, as a mirror of t
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from cops_hf import CoPSForAnomalyDetection, CoPSProcessor
 from cops_hf.cli import main
 from cops_hf.conversion import convert_original_checkpoint, load_clip_model
+from cops_hf.data.meta import META_DATASET_KEY, make_record
 from cops_hf.official import (
     BASE_URL_ENV,
     OFFICIAL_CLIP,
@@ -30,6 +32,7 @@ from cops_hf.official import (
     load_official,
 )
 from cops_hf.training import cops_model_for_training
+from tests.data_fakes import write_image, write_mask
 from tests.hub_server import LocalHub, StaticFileServer, git_blob_id
 from tests.test_conversion import (
     FIXTURE_NAMES,
@@ -162,6 +165,31 @@ def test_from_official_mvtec_matches_the_reference_and_records_its_preset(offici
         outputs = model(tensors["input.pixel_values"].float(), vae_noise=tensors["input.test_noise"])
     torch.testing.assert_close(outputs.image_scores, tensors["output.image_scores"], atol=1e-4, rtol=0)
     torch.testing.assert_close(outputs.anomaly_maps, tensors["output.anomaly_maps"], atol=1e-4, rtol=0)
+
+
+def test_evaluate_uses_the_preset_the_official_model_records(
+    official: OfficialHosts, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, processor = load_official("mvtec", blob_sha1=official.mvtec_sha1, image_size=IMAGE_SIZE)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    data = tmp_path / "data"
+    records = []
+    for index, anomaly in enumerate((0, 0, 1, 1)):
+        write_image(data / f"{index}.png", size=(16, 16), value=60 * index)
+        mask = str(write_mask(data / f"{index}_mask.png", size=(16, 16)).name) if anomaly else ""
+        records.append(make_record(f"{index}.png", cls_name="part", anomaly=anomaly, mask_path=mask))
+    (data / "meta.json").write_text(json.dumps({"test": {"part": records}, META_DATASET_KEY: "mvtec"}))
+
+    output = tmp_path / "evaluation"
+    args = ["evaluate", "--model", str(tmp_path / "model"), "--data", str(data), "--output", str(output)]
+    assert main([*args, "--num-visualizations", "0", "--cpu"]) == 0
+    assert "Test preset: visa (the preset the model's config records)" in capsys.readouterr().out
+    protocol = json.loads((output / "metrics.json").read_text())["protocol"]
+    assert (protocol["test_preset"], protocol["test_kernel_size"], protocol["image_score_beta"]) == ("visa", 3, 1.0)
+    # Told otherwise: the dataset's preset.
+    assert main([*args, "--num-visualizations", "0", "--cpu", "--preset", "mvtec"]) == 0
+    assert json.loads((output / "metrics.json").read_text())["protocol"]["test_kernel_size"] == 5
 
 
 def test_a_corrupted_checkpoint_is_refused_and_nothing_is_cached(
