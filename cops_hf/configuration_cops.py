@@ -9,6 +9,7 @@ named presets (`TEST_DATASET_PRESETS`, `TRAIN_DATASET_PRESETS`) applied with `Co
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 from typing import Any, ClassVar
@@ -113,7 +114,8 @@ class CoPSConfig(PretrainedConfig):
         use_recon_loss (`bool`): add the VAE reconstruction term to the training loss.
         prototype_attention_heads (`int`): heads of the prototype extractor's cross-attention (D % heads == 0).
         prompt_suffix_token_ids (`list[int]`): token ids that follow the context in the prompt template
-            "X ... X." (the "." of CLIP's BPE vocabulary); start/end ids come from `text_config`.
+            "X ... X." (the "." of CLIP's BPE vocabulary, 269, as the tokenizer gives it: see
+            `CoPSProcessor.prompt_suffix_token_ids`); start/end ids come from `text_config`.
         image_threshold, pixel_threshold (`float`, *optional*): calibrated decision thresholds on image scores and
             anomaly maps, used by the pipeline to emit labels and masks.
         test_preset (`str`, *optional*): the `TEST_DATASET_PRESETS` entry the test-time fields were last set from
@@ -296,7 +298,8 @@ class CoPSConfig(PretrainedConfig):
 
         Fields left out (or `None`) that depend on the CLIP's depth are derived from it: `dpam_layers` (every
         vision layer), `feature_layers` (the last vision layer) and `deep_prompt_depth` (8, the reference's, capped
-        below the text tower's depth). Explicit `fields` win over the presets' values.
+        below the text tower's depth); `prompt_suffix_token_ids` come from tokenizing the prompt template with
+        CLIP's tokenizer. Explicit `fields` win over the presets' values.
 
         Args:
             clip_config: the `CLIPConfig` of the frozen CLIP.
@@ -309,6 +312,7 @@ class CoPSConfig(PretrainedConfig):
             "dpam_layers": num_vision_layers,
             "feature_layers": [num_vision_layers],
             "deep_prompt_depth": min(8, clip_config.text_config.num_hidden_layers - 1),
+            "prompt_suffix_token_ids": list(_template_suffix_token_ids()),
         }
         for name, value in derived.items():
             if fields.get(name) is None:
@@ -336,6 +340,14 @@ class CoPSConfig(PretrainedConfig):
             setattr(updated, field, value)
         updated.validate()
         return updated
+
+
+@functools.cache
+def _template_suffix_token_ids() -> tuple[int, ...]:
+    """The prompt template's suffix ids from the packaged CLIP tokenizer (tokenized once per process)."""
+    from .processing_cops import prompt_suffix_token_ids
+
+    return tuple(prompt_suffix_token_ids())
 
 
 def preset_fields(kind: str, name: str | None) -> dict[str, Any]:

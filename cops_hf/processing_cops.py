@@ -8,6 +8,7 @@ scaled to [0, 1], thresholded at 0.5. The mask rules are listed in docs/protocol
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -33,6 +34,11 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 # Modes PIL cannot resample with bicubic or convert to RGB faithfully: rescaled to 8-bit first.
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def decision_label(score: float, image_threshold: float) -> str:
+    """The decision for an image score: "anomalous" when `score >= image_threshold`, else "normal"."""
+    return "anomalous" if score >= image_threshold else "normal"
 
 
 class ImageLoadError(ValueError):
@@ -159,9 +165,34 @@ def _rescale_to_8bit(values: np.ndarray) -> Image.Image:
     return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
 
 
-def _open_image(item: ImageLike, index: int) -> Image.Image:
-    """Open a path, PIL image, numpy array or tensor as a PIL image in its own mode, with clear errors."""
+URL_TIMEOUT = 30.0
+"""Seconds an image URL may take to answer (see `load_image`)."""
+
+
+def _download_image(url: str, timeout: float | None) -> Image.Image:
+    """The image at an http(s) URL, read fully into memory."""
+    from urllib.error import URLError
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(url, timeout=URL_TIMEOUT if timeout is None else timeout) as response:
+            content = response.read()
+    except (URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise ImageLoadError(f"Image URL '{url}' cannot be downloaded ({reason}); check the address.") from error
+    try:
+        with Image.open(io.BytesIO(content)) as opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ImageLoadError(f"Image URL '{url}' did not return a readable image ({error}).") from error
+
+
+def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Image.Image:
+    """Open a path, URL, PIL image, numpy array or tensor as a PIL image in its own mode, with clear errors."""
     what = _describe(item, index)
+    if isinstance(item, str) and item.startswith(("http://", "https://")):
+        return _download_image(item, timeout)
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if path.is_dir():
@@ -180,12 +211,16 @@ def _open_image(item: ImageLike, index: int) -> Image.Image:
     raise ImageLoadError(f"{what}: expected a path, PIL image, numpy array or tensor.")
 
 
-def load_image(item: ImageLike, index: int = 0) -> Image.Image:
-    """Open a path, PIL image, numpy array or tensor as a PIL image (mode kept), with clear errors.
+def load_image(item: ImageLike, index: int = 0, timeout: float | None = None) -> Image.Image:
+    """Open a path, http(s) URL, PIL image, numpy array or tensor as a PIL image (mode kept), with clear errors.
 
     High-bit-depth single-channel images (16-bit, 32-bit, float) are min-max scaled to 8 bits.
+
+    Args:
+        index: position of `item` in its batch, for messages about unnamed inputs.
+        timeout: seconds a URL may take to answer (default `URL_TIMEOUT`).
     """
-    image = _open_image(item, index)
+    image = _open_image(item, index, timeout)
     if image.mode in _HIGH_BIT_DEPTH_MODES:
         image = _rescale_to_8bit(np.asarray(image, dtype=np.float64))
     return image
@@ -272,11 +307,15 @@ class CoPSImageProcessor(BaseImageProcessor):
             masks: optional masks, one per image (`None` entries mean "normal": an all-zero mask), read by
                 `load_mask`. A mask whose size differs from its image's is resized on its own to the input size,
                 with a warning that names it.
+            return_tensors: "pt" (torch tensors, the default) or "np" (numpy arrays) for `pixel_values` and
+                `masks`.
 
         Returns:
             `BatchFeature` with `pixel_values` `[B, 3, size, size]`, `original_sizes` (list of `(height, width)`)
             and, when masks are given, `masks` `[B, size, size]`.
         """
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or 'np'.")
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
         if not image_list:
             raise ImageLoadError("No images were given.")
@@ -303,6 +342,8 @@ class CoPSImageProcessor(BaseImageProcessor):
                     )  # fmt: skip
                 processed.append(self.preprocess_mask(mask))
             data["masks"] = torch.stack(processed)
+        if return_tensors == "np":
+            data = {name: value.numpy() if isinstance(value, torch.Tensor) else value for name, value in data.items()}
         return BatchFeature(data=data, tensor_type=None)
 
 
@@ -312,11 +353,26 @@ def packaged_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(str(directory))
 
 
+def prompt_template(num_context_tokens: int) -> str:
+    """The text of the CoPS prompt template: `num_context_tokens` placeholders "X" and a full stop."""
+    return " ".join(["X"] * num_context_tokens) + "."
+
+
+def prompt_suffix_token_ids(tokenizer: CLIPTokenizer | None = None) -> list[int]:
+    """The ids the tokenizer gives to the template's text after its placeholders ("."), without start and end
+    tokens; the packaged CLIP tokenizer when `tokenizer` is None."""
+    tokenizer = tokenizer or packaged_tokenizer()
+    with_suffix = tokenizer(prompt_template(1))["input_ids"]
+    placeholder_only = tokenizer(prompt_template(1)[:-1])["input_ids"]
+    return with_suffix[len(placeholder_only) - 1 : -1]
+
+
 class CoPSProcessor(ProcessorMixin):
     r"""CoPS processor: [`CoPSImageProcessor`] for images and masks plus a CLIP tokenizer.
 
     Class names are carried through untouched (for per-category metrics). The tokenizer gives the prompt
-    template's token ids (`"X X ... X."`); CoPS itself needs no text input.
+    template's token ids (`"X X ... X."`): `CoPSConfig.from_clip_config` takes the suffix ids from it. CoPS itself
+    needs no text input.
     """
 
     def __init__(self, image_processor: CoPSImageProcessor | None = None, tokenizer: CLIPTokenizer | None = None):
@@ -343,26 +399,35 @@ class CoPSProcessor(ProcessorMixin):
         masks: ImageLike | Sequence[ImageLike | None] | None = None,
         class_names: str | Sequence[str] | None = None,
         text: str | list[str] | None = None,
+        return_tensors: str = "pt",
         **kwargs: Any,
     ) -> BatchFeature:
-        """Preprocess images (and masks); tokenize `text` if given; pass `class_names` through."""
+        """Preprocess images (and masks); tokenize `text` if given; pass `class_names` through.
+
+        `return_tensors` ("pt" or "np") applies to the image and mask arrays and to the token ids.
+        """
         if images is None and text is None:
             raise ValueError("Pass images (and optionally masks / class_names) or text.")
         features = BatchFeature()
         if images is not None:
-            features = self.image_processor(images, masks=masks)
+            features = self.image_processor(images, masks=masks, return_tensors=return_tensors)
             if class_names is not None:
                 names = [class_names] if isinstance(class_names, str) else list(class_names)
                 if len(names) != len(features["pixel_values"]):
                     raise ValueError(f"Got {len(names)} class names for {len(features['pixel_values'])} images.")
                 features["class_names"] = names
         if text is not None:
-            features.update(self.tokenizer(text, return_tensors="pt", padding=True))
+            features.update(self.tokenizer(text, return_tensors=return_tensors, padding=True))
         return features
 
     def prompt_template_ids(self, num_context_tokens: int) -> list[int]:
         """Token ids of the CoPS prompt template with `num_context_tokens` placeholders ("X ... X.")."""
-        return self.tokenizer(" ".join(["X"] * num_context_tokens) + ".")["input_ids"]
+        return self.tokenizer(prompt_template(num_context_tokens))["input_ids"]
+
+    def prompt_suffix_token_ids(self) -> list[int]:
+        """Token ids between the template's placeholders and its end token (those of "."): what
+        `CoPSConfig.prompt_suffix_token_ids` holds."""
+        return prompt_suffix_token_ids(self.tokenizer)
 
     def post_process_anomaly_detection(
         self,
@@ -376,7 +441,8 @@ class CoPSProcessor(ProcessorMixin):
         Args:
             outputs: a `CoPSAnomalyDetectionOutput` (needs `image_scores` and `anomaly_maps`).
             target_sizes: `(height, width)` per image, e.g. the processor's `original_sizes`; maps are resized
-                bilinearly. `None` keeps the model resolution.
+                bilinearly. `None` uses `outputs.original_sizes` when the model was given them, else keeps the
+                model resolution.
             threshold: pixel threshold on the map: adds a boolean `mask`.
             image_threshold: threshold on the score: adds `label` ("anomalous" / "normal").
 
@@ -388,6 +454,8 @@ class CoPSProcessor(ProcessorMixin):
         threshold = None if threshold is None else check_threshold(threshold, "threshold")
         image_threshold = None if image_threshold is None else check_threshold(image_threshold, "image_threshold")
         maps = outputs.anomaly_maps.detach().float().cpu()
+        if target_sizes is None:
+            target_sizes = getattr(outputs, "original_sizes", None)
         if target_sizes is not None and len(target_sizes) != len(scores):
             raise ValueError(f"Got {len(target_sizes)} target sizes for {len(scores)} images.")
         results = []
@@ -400,7 +468,7 @@ class CoPSProcessor(ProcessorMixin):
             if threshold is not None:
                 result["mask"] = anomaly_map >= threshold
             if image_threshold is not None:
-                result["label"] = "anomalous" if float(score) >= image_threshold else "normal"
+                result["label"] = decision_label(float(score), image_threshold)
             results.append(result)
         return results
 
@@ -409,6 +477,7 @@ __all__ = [
     "CoPSImageProcessor",
     "CoPSProcessor",
     "ImageLoadError",
+    "decision_label",
     "NonFiniteScoreError",
     "MAX_IMAGE_PIXELS_ENV",
     "apply_pixel_limit_from_environment",
@@ -419,4 +488,6 @@ __all__ = [
     "load_image",
     "load_mask",
     "packaged_tokenizer",
+    "prompt_suffix_token_ids",
+    "prompt_template",
 ]
