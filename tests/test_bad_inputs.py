@@ -179,10 +179,10 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
     ("convert-image-size-text", ["convert", "--clip", "{text_pt}", *OUT, "--image-size", "abc"], 2,
      "cops-hf convert: error: argument --image-size: must be an integer >= 1, got 'abc'"),
     # predict: images
-    ("predict-directory", _predict("{model}", "{root}/images"), 2,
-     "cops-hf predict: error: Image file '{root}/images' is a directory; give the image files in it."),
+    ("predict-folder-without-images", _predict("{model}", "{root}/weights"), 2,
+     "cops-hf predict: error: {root}/weights: folder holds no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff)"),
     ("predict-missing-image", _predict("{model}", "{tmp}/gone.png"), 2,
-     "cops-hf predict: error: Image file '{tmp}/gone.png' does not exist; check the path."),
+     "cops-hf predict: error: {tmp}/gone.png: no such file or folder; pass image files, folders or glob patterns"),
     ("predict-text-image", _predict("{model}", "{text}"), 2,
      "cops-hf predict: error: Image file '{text}' cannot be read (cannot identify image file"),
     ("predict-truncated-image", _predict("{model}", "{truncated}"), 2,
@@ -194,8 +194,7 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
     ("predict-big-image", _predict("{model}", "{big}"), 2,
      f"cops-hf predict: error: Image file '{{big}}' is 10000x10000 pixels, over the limit of {PIL_LIMIT} pixels"),
     ("predict-skip-invalid-all-failed", _predict("{model}", "{text}", "{bomb}", extra=("--skip-invalid",)), 2,
-     "cops-hf predict: error: none of the 2 images could be read (see {tmp}/out/scores.csv); first: Image file "
-     "'{text}' cannot be read"),
+     "cops-hf predict: error: no image could be scored (Image file '{text}' cannot be read"),
     # predict: flags, refused before any work
     *[(f"predict-{flag[2:]}-{value}", _predict("{model}", "{image}", extra=(flag, value)), 2,
        f"cops-hf predict: error: argument {flag}: must be a finite number in [0, 1], got '{value}'")
@@ -251,11 +250,11 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
     ("calibrate-quantile", ["calibrate", "--model", "{model}", "--normal", "{image}", *OUT, "--quantile", "1.5"], 2,
      "cops-hf calibrate: error: quantile must lie in (0, 1), got 1.5."),
     ("calibrate-no-images", ["calibrate", "--model", "{model}", "--normal", "{root}/weights", *OUT], 2,
-     "cops-hf calibrate: error: Calibration needs at least one image."),
+     "cops-hf calibrate: error: {root}/weights: folder holds no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff)"),
     ("calibrate-bomb", ["calibrate", "--model", "{model}", "--normal", "{image}", "{bomb}", *OUT], 2,
      f"cops-hf calibrate: error: Image file '{{bomb}}' declares more than {2 * PIL_LIMIT} pixels"),
     ("calibrate-missing-image", ["calibrate", "--model", "{model}", "--normal", "{tmp}/gone.png", *OUT], 2,
-     "cops-hf calibrate: error: Image file '{tmp}/gone.png' does not exist; check the path."),
+     "cops-hf calibrate: error: {tmp}/gone.png: no such file or folder; pass image files, folders or glob patterns"),
     # train: flags and the training configuration, before any file is written
     *[(f"train-{flag[2:]}-{value}", ["train", "--random-clip", "tiny", "--data", "{data}", *OUT, flag, value], 2,
        f"cops-hf train: error: argument {flag}: must be an integer >= {minimum}, got '{value}'")
