@@ -10,9 +10,35 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .hub import DEFAULT_BASE_MODEL, CoPSHubError, friendly_hub_errors
+from .hub import CoPSHubError, friendly_hub_errors
 
 Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    """argparse type: a finite number in [0, 1] (scores and anomaly maps are probabilities)."""
+    from .processing_cops import check_threshold
+
+    try:
+        return check_threshold(float(text), "the threshold")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"must be a finite number in [0, 1], got {text}") from error
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +52,7 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--checkpoint", help="Reference CoPS checkpoint (e.g. epoch_10.pth); omit for fresh modules.")
     parser.add_argument("--output", required=True, help="Directory for save_pretrained (model + processor).")
-    parser.add_argument("--image-size", type=int, default=518, help="Input size in pixels (default 518).")
+    parser.add_argument("--image-size", type=_positive_int, default=518, help="Input size in pixels (default 518).")
     parser.add_argument("--test-preset", help="Test-dataset preset (e.g. visa, mvtec), see TEST_DATASET_PRESETS.")
     parser.add_argument("--train-preset", help="Training-dataset preset (visa or mvtec).")
     parser.add_argument("--revision", help="Hub revision of the CLIP (branch, tag or commit).")
@@ -79,9 +105,9 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Model directory or Hub id.")
     parser.add_argument("images", nargs="+", help="Image files.")
     parser.add_argument("--output", required=True, help="Directory for overlays (PNG) and scores.csv.")
-    parser.add_argument("--threshold", type=float, help="Pixel threshold (default: the model's calibrated one).")
-    parser.add_argument("--image-threshold", type=float, help="Score threshold (default: the model's calibrated one).")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threshold", type=_threshold, help="Pixel threshold (default: the model's calibrated one).")
+    parser.add_argument("--image-threshold", type=_threshold, help="Score threshold (default: the calibrated one).")
+    parser.add_argument("--batch-size", type=_positive_int, default=1)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--skip-invalid", action="store_true", help="Report unreadable images instead of failing.")
 
@@ -114,6 +140,9 @@ def _run_predict(args: argparse.Namespace) -> int:
             overlay(load_image(image_path), result["anomaly_map"], value_range=(0.0, 1.0)).save(overlay_path)
             writer.writerow([image_path, f"{result['score']:.6f}", result.get("label", ""), overlay_path.name, ""])
             print(f"{image_path}\tscore={result['score']:.4f}\t{result.get('label', '')}")
+    errors = [result["error"] for result in results if "error" in result]
+    if len(errors) == len(results):
+        raise ValueError(f"none of the {len(results)} images could be read (see {handle.name}); first: {errors[0]}")
     print(f"Wrote {output / 'scores.csv'} and overlays")
     return 0
 
@@ -129,9 +158,9 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "(written by `cops-hf data prepare`), else the model's config as saved.",
     )
     parser.add_argument("--output", required=True, help="Directory for metrics.csv/json, plots and overlays.")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
-    parser.add_argument("--num-visualizations", type=int, default=8, help="Overlays per category.")
+    parser.add_argument("--num-visualizations", type=_non_negative_int, default=8, help="Overlays per category.")
     parser.add_argument("--cpu", action="store_true", help="Run on CPU even when a GPU is available.")
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
 
@@ -146,14 +175,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     accelerator = Accelerator(cpu=args.cpu)
     model = CoPSForAnomalyDetection.from_pretrained(args.model)
     processor = _load_processor(args.model, model.config.image_size)
-    preset = args.preset or meta_dataset_name(args.data)
     if args.preset:
-        print(f"Test preset: {preset} (--preset)")
-    elif preset:
-        print(f"Test preset: {preset} (the dataset {args.data}/meta.json records)")
+        preset, source = args.preset, "--preset"
+    elif model.config.test_preset:  # e.g. an official detector: the preset it is meant for
+        preset, source = model.config.test_preset, "the preset the model's config records"
     else:
-        saved = model.config.test_preset or "none recorded"
-        print(f"Test preset: the model's config ({saved}); {args.data}/meta.json records no dataset")
+        preset, source = meta_dataset_name(args.data), f"the dataset {args.data}/meta.json records"
+    print(f"Test preset: {preset} ({source})" if preset else "Test preset: none recorded, the model's config as is")
     result = evaluate_dataset(
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
@@ -173,7 +201,7 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--data", help="Labelled dataset root (meta.json): F1-optimal thresholds.")
     parser.add_argument("--split", default="test", help="Split of --data to calibrate on.")
     parser.add_argument("--quantile", type=float, default=0.99)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--output", required=True, help="Directory to save the model (thresholds in its config).")
 
 
@@ -250,7 +278,7 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-root", required=True, help="Folder with one sub-folder per dataset (mvtec/, visa/...)."
     )
     parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="Run on CPU even when a GPU is available.")
 
@@ -291,8 +319,10 @@ def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-json",
         help='Results for the card: benchmark.json, metrics.json, or {"dataset": {"metric": value in [0, 1]}}.',
     )
-    parser.add_argument("--training-dataset", help="Auxiliary training dataset, for the model card.")
-    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="CLIP backbone, for the model card.")
+    parser.add_argument(
+        "--training-dataset", help="Auxiliary training dataset, for the model card (default: the model's own record)."
+    )
+    parser.add_argument("--base-model", help="Hub id of the CLIP backbone, for the card (default: the model's own).")
 
 
 def _run_push(args: argparse.Namespace) -> int:
@@ -332,17 +362,17 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", required=True, help="output folder (checkpoints, log, final model)")
     parser.add_argument("--preset", choices=sorted(TRAIN_DATASET_PRESETS), help="training dataset preset")
-    parser.add_argument("--image-size", type=int, help="input size in pixels (default 518)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per process and step")
+    parser.add_argument("--image-size", type=_positive_int, help="input size in pixels (default 518)")
+    parser.add_argument("--epochs", type=_positive_int, default=10)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per process and step")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    parser.add_argument("--grad-accum", type=_positive_int, default=1, help="batches per optimizer step")
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISION_MODES, default="no")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the frozen vision features every epoch")
     parser.add_argument("--cache-dir", help="keep the feature cache on disk here instead of in memory")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
+    parser.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding worker processes")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
 
 
@@ -388,7 +418,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="cops-demo", help="folder for the data and the run")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=_positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -417,7 +447,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
     parser.add_argument("--model", required=True, help="directory (or hub id) of a saved CoPS model")
     parser.add_argument("--output", required=True, help="path of the .onnx file to write")
-    parser.add_argument("--vae-samples", type=int, default=None, help="VAE samples in the graph (default: config)")
+    parser.add_argument("--vae-samples", type=_positive_int, help="VAE samples in the graph (default: config)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed VAE noise (default: 0)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: 17)")
     parser.add_argument(
@@ -472,6 +502,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from .processing_cops import apply_pixel_limit_from_environment
+
+        apply_pixel_limit_from_environment()
         return args.run(args)
     except (ValueError, OSError, CoPSHubError) as error:
         print(f"cops-hf {args.command}: error: {error}", file=sys.stderr)

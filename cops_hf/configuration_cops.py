@@ -9,6 +9,8 @@ named presets (`TEST_DATASET_PRESETS`, `TRAIN_DATASET_PRESETS`) applied with `Co
 from __future__ import annotations
 
 import copy
+import functools
+import math
 import os
 from typing import Any, ClassVar
 
@@ -53,6 +55,38 @@ TRAIN_DATASET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# JSON-level checks for the field annotations a config.json can get wrong; other annotations are not checked.
+_FIELD_KINDS = {
+    "int": ("an integer", _is_int),
+    "float": ("a finite number", lambda value: (_is_int(value) or isinstance(value, float)) and math.isfinite(value)),
+    "bool": ("true or false", lambda value: isinstance(value, bool)),
+    "str": ("a string", lambda value: isinstance(value, str)),
+    "None": ("null", lambda value: value is None),
+    "list[int]": ("a list of integers", lambda value: isinstance(value, list) and all(map(_is_int, value))),
+}
+
+
+def config_field_problems(fields: dict[str, Any]) -> list[str]:
+    """What is wrong with the types of CoPS config `fields` (as read from config.json): one entry per bad field."""
+    problems = []
+    for name, annotation in CoPSConfig.__annotations__.items():
+        kinds = annotation.split(" | ")
+        if name not in fields or not all(kind in _FIELD_KINDS for kind in kinds):
+            continue
+        if not any(_FIELD_KINDS[kind][1](fields[name]) for kind in kinds):
+            expected = " or ".join(_FIELD_KINDS[kind][0] for kind in kinds)
+            problems.append(f"{name} must be {expected}, got {fields[name]!r}")
+    for name in ("image_threshold", "pixel_threshold"):
+        value = fields.get(name)
+        if value is not None and not any(name in problem for problem in problems) and not 0.0 <= value <= 1.0:
+            problems.append(f"{name} must lie in [0, 1], got {value!r}")
+    return problems
+
+
 class CoPSConfig(PretrainedConfig):
     r"""Configuration of [`CoPSForAnomalyDetection`].
 
@@ -80,12 +114,15 @@ class CoPSConfig(PretrainedConfig):
         use_recon_loss (`bool`): add the VAE reconstruction term to the training loss.
         prototype_attention_heads (`int`): heads of the prototype extractor's cross-attention (D % heads == 0).
         prompt_suffix_token_ids (`list[int]`): token ids that follow the context in the prompt template
-            "X ... X." (the "." of CLIP's BPE vocabulary); start/end ids come from `text_config`.
+            "X ... X." (the "." of CLIP's BPE vocabulary, 269, as the tokenizer gives it: see
+            `CoPSProcessor.prompt_suffix_token_ids`); start/end ids come from `text_config`.
         image_threshold, pixel_threshold (`float`, *optional*): calibrated decision thresholds on image scores and
             anomaly maps, used by the pipeline to emit labels and masks.
         test_preset (`str`, *optional*): the `TEST_DATASET_PRESETS` entry the test-time fields were last set from
             (recorded by `with_preset`); the official VisA-trained model is meant for "general", the MVTec-trained
             one for "visa".
+        clip_model_id (`str`, *optional*): Hub id of the CLIP weights the model is built on (set by `from_clip`);
+            `None` for random or unpublished CLIPs. It is the model card's `base_model`.
         train_preset (`str`, *optional*): the `TRAIN_DATASET_PRESETS` entry the training fields were set from.
         train_dataset, train_split (`str`, *optional*): what the model was trained on, recorded by the trainer: the
             benchmark name meta.json records (else the dataset folder) and the meta.json split.
@@ -125,6 +162,7 @@ class CoPSConfig(PretrainedConfig):
     pixel_threshold: float | None = None
     test_preset: str | None = None
     source_checkpoint: str | None = None
+    clip_model_id: str | None = None
     initializer_range: float = 0.02
     train_preset: str | None = None
     train_dataset: str | None = None
@@ -149,6 +187,11 @@ class CoPSConfig(PretrainedConfig):
         """
         config_dict, unused_kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         check_model_type(config_dict.get("model_type"), str(pretrained_model_name_or_path))
+        if problems := config_field_problems(config_dict):
+            raise ValueError(
+                f"The config.json of '{pretrained_model_name_or_path}' is invalid: {'; '.join(problems)}. Fix the "
+                "file or save the model again."
+            )
         return config_dict, unused_kwargs
 
     def _forget_pipelines_served_here(self) -> None:
@@ -181,6 +224,8 @@ class CoPSConfig(PretrainedConfig):
 
     def validate(self) -> None:
         """Check that the fields fit together; raise `ValueError` saying what to change."""
+        if problems := config_field_problems(self.__dict__):
+            raise ValueError("Invalid CoPSConfig: " + "; ".join(problems) + ".")
         vision, text = self.vision_config, self.text_config
         num_vision_layers = vision.num_hidden_layers
         problems = []
@@ -253,7 +298,8 @@ class CoPSConfig(PretrainedConfig):
 
         Fields left out (or `None`) that depend on the CLIP's depth are derived from it: `dpam_layers` (every
         vision layer), `feature_layers` (the last vision layer) and `deep_prompt_depth` (8, the reference's, capped
-        below the text tower's depth). Explicit `fields` win over the presets' values.
+        below the text tower's depth); `prompt_suffix_token_ids` come from tokenizing the prompt template with
+        CLIP's tokenizer. Explicit `fields` win over the presets' values.
 
         Args:
             clip_config: the `CLIPConfig` of the frozen CLIP.
@@ -266,6 +312,7 @@ class CoPSConfig(PretrainedConfig):
             "dpam_layers": num_vision_layers,
             "feature_layers": [num_vision_layers],
             "deep_prompt_depth": min(8, clip_config.text_config.num_hidden_layers - 1),
+            "prompt_suffix_token_ids": list(_template_suffix_token_ids()),
         }
         for name, value in derived.items():
             if fields.get(name) is None:
@@ -293,6 +340,14 @@ class CoPSConfig(PretrainedConfig):
             setattr(updated, field, value)
         updated.validate()
         return updated
+
+
+@functools.cache
+def _template_suffix_token_ids() -> tuple[int, ...]:
+    """The prompt template's suffix ids from the packaged CLIP tokenizer (tokenized once per process)."""
+    from .processing_cops import prompt_suffix_token_ids
+
+    return tuple(prompt_suffix_token_ids())
 
 
 def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
@@ -327,4 +382,11 @@ def check_model_type(model_type: str | None, source: str) -> None:
         )
 
 
-__all__ = ["CoPSConfig", "TEST_DATASET_PRESETS", "TRAIN_DATASET_PRESETS", "check_model_type", "preset_fields"]
+__all__ = [
+    "CoPSConfig",
+    "TEST_DATASET_PRESETS",
+    "TRAIN_DATASET_PRESETS",
+    "check_model_type",
+    "config_field_problems",
+    "preset_fields",
+]

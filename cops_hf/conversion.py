@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -98,6 +99,14 @@ _COPS_ENCODER_RENAMES = {
     "vae_encoder.log_var.bias": "class_token_vae.log_var_head.bias",
 }
 _VAE_ENCODER_PREFIXES = ("class_token_vae.encoder.", "class_token_vae.mean_head.", "class_token_vae.log_var_head.")
+OPENAI_CLIP_HUB_IDS = {
+    "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02": "openai/clip-vit-large-patch14-336",
+}
+"""SHA-256 of OpenAI's published CLIP files -> the Hub repository with the same weights in transformers format.
+
+A CLIP converted from such a file records that id as its `name_or_path` (and so as the CoPS model's
+`clip_model_id`, the model card's `base_model`)."""
+
 # A Hub model id ("name" or "namespace/name"); a string naming a file that does not exist is not one.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -409,7 +418,17 @@ def load_clip_model(
         state = load_openai_clip_state_dict(path)
     model = CLIPModel(clip_config or clip_config_from_openai(state))
     _load_exact(model, convert_openai_clip_state_dict(state), "OpenAI CLIP")
+    if not isinstance(clip, Mapping):
+        model.name_or_path = OPENAI_CLIP_HUB_IDS.get(_file_sha256(Path(clip)), "")
     return model.eval()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def convert_original_checkpoint(
@@ -486,6 +505,7 @@ def _load_exact(module: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
 
 
 __all__ = [
+    "OPENAI_CLIP_HUB_IDS",
     "CheckpointConversionError",
     "clip_config_from_openai",
     "convert_openai_clip_state_dict",

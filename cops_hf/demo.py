@@ -57,10 +57,10 @@ def run_demo(
         progress_bar: show the training progress bar.
     """
     output_dir = Path(output_dir)
+    config = TrainingConfig(output_dir=output_dir, num_epochs=num_epochs, seed=seed, progress_bar=progress_bar)
     data_dir = make_synthetic_dataset(output_dir / "data", images_per_category=images_per_category, seed=seed)
     model = cops_model_for_training(random_clip_model("tiny", seed=seed), image_size=image_size)
     processor = processor_for(model)
-    config = TrainingConfig(output_dir=output_dir, num_epochs=num_epochs, seed=seed, progress_bar=progress_bar)
     training = train_cops(model, processor, load_meta_dataset(data_dir, split="train"), config)
 
     evaluation = evaluate_dataset(

@@ -30,6 +30,8 @@ ONNX_METADATA_KEY = "cops_config"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = ("image_scores", "anomaly_maps")
 DEFAULT_OPSET = 17
+SUPPORTED_OPSETS = range(14, 21)
+"""Opsets the graph exports to: 14 adds the fused attention it needs, 20 is the TorchScript exporter's newest."""
 
 
 def fixed_vae_noise(model: CoPSForAnomalyDetection, num_samples: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -97,12 +99,20 @@ def export_onnx(
         output: path of the `.onnx` file to write.
         vae_samples: VAE prior samples S baked into the graph (default `config.vae_samples`).
         seed: seed of those samples (see `fixed_vae_noise`).
-        opset: ONNX opset version (default `DEFAULT_OPSET`).
+        opset: ONNX opset version (default `DEFAULT_OPSET`), one of `SUPPORTED_OPSETS`.
         image_processor: the preprocessing whose normalization is recorded in the metadata (default: CLIP's).
 
     Returns:
         The path written. Load it with [`CoPSOnnxDetector`].
     """
+    opset = opset or DEFAULT_OPSET
+    if opset not in SUPPORTED_OPSETS:
+        raise ValueError(
+            f"ONNX opset {opset} is not supported: use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} "
+            f"(default {DEFAULT_OPSET})."
+        )
+    if vae_samples is not None and vae_samples < 1:
+        raise ValueError(f"vae_samples must be >= 1 (the graph averages over the VAE samples), got {vae_samples}.")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     model = model.float().cpu().eval()
@@ -122,7 +132,7 @@ def export_onnx(
             input_names=[INPUT_NAME],
             output_names=list(OUTPUT_NAMES),
             dynamic_axes={name: dynamic_batch for name in (INPUT_NAME, *OUTPUT_NAMES)},
-            opset_version=opset or DEFAULT_OPSET,
+            opset_version=opset,
             dynamo=False,
         )
     _write_metadata(output, export_metadata(model, noise.shape[0], seed, image_processor))

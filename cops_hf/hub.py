@@ -59,9 +59,6 @@ PIPELINE_TAG = "image-segmentation"
 CARD_TAGS = ("anomaly-detection", "zero-shot", "cops", "clip")
 """Tags every CoPS model card carries."""
 
-DEFAULT_BASE_MODEL = "openai/clip-vit-large-patch14-336"
-"""The CLIP backbone the official CoPS checkpoints are built on; the card's ``base_model`` unless told otherwise."""
-
 _ACCESS_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
 
@@ -72,7 +69,7 @@ class CoPSHubError(RuntimeError):
 def render_model_card(
     config_fields: Mapping[str, Any],
     *,
-    base_model: str,
+    base_model: str | None,
     training_dataset: str | None,
     evaluation: Mapping[str, Mapping[str, float]] | None,
     repo_id: str | None,
@@ -84,7 +81,8 @@ def render_model_card(
         config_fields: the CoPS-specific configuration fields to list in the card, e.g. the attributes of the CoPS
             config that differ from the CLIP backbone's; keys starting with ``_`` (transformers bookkeeping such
             as ``_name_or_path``, which may hold a local path) are left out.
-        base_model: Hub id of the frozen CLIP backbone, e.g. ``"openai/clip-vit-large-patch14-336"``.
+        base_model: Hub id of the frozen CLIP backbone, e.g. ``"openai/clip-vit-large-patch14-336"``; ``None`` when
+            the CLIP is not a published one (random, or of unknown origin): the card then names none.
         training_dataset: name or Hub id of the auxiliary dataset the prompt synthesis was trained on, if known.
         evaluation: zero-shot test results as ``{dataset: {metric: value}}`` with values in ``[0, 1]``, e.g.
             ``{"VisA": {"I-AUROC": 0.92, "P-AUROC": 0.95}}``. They become the card's ``model-index`` and a table.
@@ -103,7 +101,7 @@ def render_model_card(
     metric_names = list(dict.fromkeys(metric for metrics in (evaluation or {}).values() for metric in metrics))
     card_data = ModelCardData(
         base_model=base_model,
-        base_model_relation="adapter",
+        base_model_relation="adapter" if base_model else None,
         datasets=[training_dataset] if training_dataset else None,
         eval_results=_eval_results(evaluation) if evaluation else None,
         library_name="transformers",
@@ -137,16 +135,28 @@ def evaluation_for_card(results: Mapping[str, Any]) -> dict[str, dict[str, float
     ``metrics.json`` written by `cops-hf evaluate` (``{"mean": ..., "protocol": ...}``). Metric keys of ours
     become the paper's names (I-AUROC, P-AP, ...); unavailable (None) metrics are dropped.
     """
-    from .evaluation.benchmark import TABLE_COLUMNS
+    from .evaluation.report import METRIC_DISPLAY_NAMES
 
+    expected = 'benchmark.json, metrics.json or {"dataset": {"metric": value}}'
+    if not isinstance(results, Mapping):
+        raise ValueError(f"Evaluation results must be a JSON object ({expected}), got a {type(results).__name__}.")
     if "metrics" in results:
         per_dataset = results["metrics"]
     elif "mean" in results:
         per_dataset = {results.get("protocol", {}).get("test_preset") or "evaluation": results["mean"]}
     else:
         per_dataset = results
+    for dataset, metrics in per_dataset.items() if isinstance(per_dataset, Mapping) else [(None, per_dataset)]:
+        numbers = isinstance(metrics, Mapping) and all(
+            value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            for value in metrics.values()
+        )
+        if not numbers:
+            raise ValueError(f"Evaluation results must be {expected}; {dataset!r} holds {metrics!r}.")
     return {
-        dataset: {TABLE_COLUMNS.get(name, name): float(value) for name, value in metrics.items() if value is not None}
+        dataset: {
+            METRIC_DISPLAY_NAMES.get(name, name): float(value) for name, value in metrics.items() if value is not None
+        }
         for dataset, metrics in per_dataset.items()
     }
 
@@ -301,7 +311,7 @@ def push_cops_to_hub(
     processor: CoPSProcessor | None = None,
     evaluation: Mapping[str, Mapping[str, float]] | None = None,
     training_dataset: str | None = None,
-    base_model: str = DEFAULT_BASE_MODEL,
+    base_model: str | None = None,
     private: bool = False,
     revision: str | None = None,
     commit_message: str = "Upload CoPS anomaly detector",
@@ -316,8 +326,10 @@ def push_cops_to_hub(
         processor: the processor to upload; by default the folder's, or a ``CoPSProcessor`` at the model's
             ``image_size``.
         evaluation: zero-shot results ``{dataset: {metric: value in [0, 1]}}`` for the card's ``model-index``.
-        training_dataset: name or Hub id of the auxiliary training dataset, for the card.
-        base_model: Hub id of the CLIP backbone, for the card.
+        training_dataset: name or Hub id of the auxiliary training dataset, for the card; by default the one the
+            model records (`config.train_dataset`).
+        base_model: Hub id of the CLIP backbone, for the card; by default the model's own (`config.clip_model_id`,
+            none for a random or unpublished CLIP).
         private: create the repository private (an existing repository keeps its visibility).
         revision: the branch to commit to, created from ``main`` if needed; ``None`` commits to ``main``.
         commit_message: the commit's title.
@@ -338,8 +350,8 @@ def push_cops_to_hub(
             processor = CoPSProcessor.from_pretrained(model_or_dir)
     card = render_model_card(
         _card_config_fields(model.config),
-        base_model=base_model,
-        training_dataset=training_dataset,
+        base_model=base_model or model.config.clip_model_id,
+        training_dataset=training_dataset or model.config.train_dataset,
         evaluation=evaluation,
         repo_id=repo_id,
     )

@@ -366,6 +366,8 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         if isinstance(clip, str):
             clip = CLIPModel.from_pretrained(clip, **(clip_kwargs or {}))
         cops_fields.setdefault("logit_scale_init_value", float(clip.logit_scale.detach()))
+        published = clip.name_or_path and not os.path.exists(clip.name_or_path)  # a Hub id, not a local folder
+        cops_fields.setdefault("clip_model_id", clip.name_or_path if published else None)
         config = CoPSConfig.from_clip_config(
             clip.config, train_preset=train_preset, test_preset=test_preset, **cops_fields
         )
@@ -391,7 +393,7 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         try:  # absolute and guarded: the code files saved next to a model for trust_remote_code stay self-contained
             from cops_hf.official import load_official
         except ImportError as error:
-            raise ImportError("from_official needs the cops-hf package: pip install cops-hf") from error
+            raise ImportError("from_official needs the cops-hf package installed") from error
         return load_official(release, **kwargs)[0]
 
     @classmethod

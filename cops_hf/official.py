@@ -242,7 +242,8 @@ def load_official(
 
     Returns:
         ``(model, processor)``: the model in eval mode, with the release's test and training presets applied and
-        recorded in its config (``test_preset``, ``source_checkpoint``).
+        recorded in its config with its provenance (``test_preset``, ``train_preset``, ``train_dataset``,
+        ``source_checkpoint``, ``clip_model_id``).
 
     Raises:
         OfficialReleaseError: a file is unavailable (offline and not cached, unreachable) or not the published one.
@@ -272,6 +273,7 @@ def load_official(
         ) from error
     model.config = model.config.with_preset(test_dataset=spec.test_preset, train_dataset=spec.train_dataset)
     model.config.source_checkpoint = f"{OFFICIAL_REPOSITORY}/{spec.path}@{(blob_sha1 or spec.blob_sha1).lower()}"
+    model.config.train_dataset = spec.train_dataset
     return model, CoPSProcessor.for_image_size(model.config.image_size)
 
 

@@ -13,7 +13,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_cops import check_model_type
 from .modeling_cops import CoPSAnomalyDetectionOutput
-from .processing_cops import CoPSProcessor, ImageLike, ImageLoadError, load_image
+from .processing_cops import CoPSProcessor, ImageLike, ImageLoadError, check_threshold, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ class AnomalyDetectionPipeline(Pipeline):
         forward_params = {} if seed == "default" else {"seed": seed}
         postprocess_params = {}
         if threshold is not None:
-            postprocess_params["threshold"] = threshold
+            postprocess_params["threshold"] = check_threshold(threshold, "threshold")
         if image_threshold is not None:
-            postprocess_params["image_threshold"] = image_threshold
+            postprocess_params["image_threshold"] = check_threshold(image_threshold, "image_threshold")
         return {}, forward_params, postprocess_params
 
     def __call__(
@@ -72,6 +72,8 @@ class AnomalyDetectionPipeline(Pipeline):
         """Detect anomalies in one image or a list of images (see the class docstring for the outputs)."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
+        if not items:
+            raise ValueError("No images were given: pass a path, a PIL image, an array, or a non-empty list of them.")
         if not skip_invalid:
             results = super().__call__(items, **kwargs)
             return results[0] if single else results

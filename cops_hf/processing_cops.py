@@ -9,8 +9,11 @@ scaled to [0, 1], thresholded at 0.5. The mask rules are listed in docs/protocol
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,69 @@ def check_finite_scores(image_scores: torch.Tensor, images: list | None = None) 
     )
 
 
+def check_threshold(value: Any, name: str = "threshold") -> float:
+    """`value` as a float when it is a finite number in [0, 1] (scores and maps are probabilities); else ValueError."""
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a finite number in [0, 1], got {value!r}.")
+    return float(value)
+
+
+def image_size_problem(width: int, height: int) -> str | None:
+    """Why an image of `width` x `height` pixels is refused (None when it is not): over `PIL.Image.MAX_IMAGE_PIXELS`.
+
+    The limit guards against decompression bombs (a small file declaring a huge image); raise it, as PIL documents,
+    for genuine large images.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or width * height <= limit:
+        return None
+    return f"is {width}x{height} pixels, {_over_pixel_limit()}"
+
+
+MAX_IMAGE_PIXELS_ENV = "COPS_HF_MAX_IMAGE_PIXELS"
+"""Environment variable the CLI reads to set `PIL.Image.MAX_IMAGE_PIXELS` (the decompression-bomb limit)."""
+
+
+def apply_pixel_limit_from_environment() -> None:
+    """Set `PIL.Image.MAX_IMAGE_PIXELS` from `COPS_HF_MAX_IMAGE_PIXELS` when it is set (the CLI does this)."""
+    value = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{MAX_IMAGE_PIXELS_ENV} must be a positive number of pixels, got {value!r}.")
+        Image.MAX_IMAGE_PIXELS = int(value)
+
+
+def _over_pixel_limit() -> str:
+    return (
+        f"over the limit of {Image.MAX_IMAGE_PIXELS} pixels that guards against decompression bombs; if the image is "
+        f"genuine, raise PIL.Image.MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS_ENV} for the CLI)"
+    )
+
+
+@contextmanager
+def open_image_file(path: str | os.PathLike, what: str) -> Iterator[Image.Image]:
+    """`PIL.Image.open(path)` (header read, pixels not yet decoded) refusing images over the pixel limit.
+
+    Errors while opening, and while decoding inside the block, become one-line `ImageLoadError`s starting with
+    `what` (e.g. "Image file 'a.png'").
+    """
+    try:
+        with warnings.catch_warnings():  # a size over the limit is refused here, with what to do about it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                if problem := image_size_problem(*opened.size):
+                    raise ImageLoadError(f"{what} {problem}.")
+                yield opened
+    except Image.DecompressionBombError as error:
+        pixels = 2 * Image.MAX_IMAGE_PIXELS  # PIL refuses to open images over twice its limit
+        raise ImageLoadError(f"{what} declares more than {pixels} pixels, {_over_pixel_limit()}.") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, ImageLoadError):
+            raise
+        raise ImageLoadError(f"{what} cannot be read ({error}); it is not an image or is truncated.") from error
+
+
 def _describe(item: Any, index: int) -> str:
     return f"'{item}'" if isinstance(item, (str, os.PathLike)) else f"input #{index} ({type(item).__name__})"
 
@@ -66,6 +132,8 @@ def _array_to_pil(array: np.ndarray, what: str) -> Image.Image:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ImageLoadError(f"{what}: expected an HxW, HxWx3 or HxWx4 array, got shape {list(array.shape)}.")
+    if array.size == 0:
+        raise ImageLoadError(f"{what}: the array has no pixels (shape {list(array.shape)}).")
     if array.dtype == bool:
         return Image.fromarray(array.astype(np.uint8) * 255)
     if np.issubdtype(array.dtype, np.floating):
@@ -76,6 +144,11 @@ def _array_to_pil(array: np.ndarray, what: str) -> Image.Image:
         return Image.fromarray(array)
     if np.issubdtype(array.dtype, np.integer) and array.ndim == 2:
         return _rescale_to_8bit(array.astype(np.float64))
+    if np.issubdtype(array.dtype, np.integer):
+        raise ImageLoadError(
+            f"{what}: {array.dtype} arrays must be single-channel (HxW); give colour images as uint8, or as float in "
+            "[0, 1]."
+        )
     raise ImageLoadError(f"{what}: unsupported array dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1].")
 
 
@@ -91,16 +164,13 @@ def _open_image(item: ImageLike, index: int) -> Image.Image:
     what = _describe(item, index)
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
+        if path.is_dir():
+            raise ImageLoadError(f"Image file {what} is a directory; give the image files in it.")
         if not path.is_file():
             raise ImageLoadError(f"Image file {what} does not exist; check the path.")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                return opened.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ImageLoadError(
-                f"Image file {what} cannot be read ({error}); it is not an image or is truncated."
-            ) from error
+        with open_image_file(path, f"Image file {what}") as opened:
+            opened.load()
+            return opened.copy()
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, torch.Tensor):
@@ -202,11 +272,15 @@ class CoPSImageProcessor(BaseImageProcessor):
             masks: optional masks, one per image (`None` entries mean "normal": an all-zero mask), read by
                 `load_mask`. A mask whose size differs from its image's is resized on its own to the input size,
                 with a warning that names it.
+            return_tensors: "pt" (torch tensors, the default) or "np" (numpy arrays) for `pixel_values` and
+                `masks`.
 
         Returns:
             `BatchFeature` with `pixel_values` `[B, 3, size, size]`, `original_sizes` (list of `(height, width)`)
             and, when masks are given, `masks` `[B, size, size]`.
         """
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or 'np'.")
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
         if not image_list:
             raise ImageLoadError("No images were given.")
@@ -233,6 +307,8 @@ class CoPSImageProcessor(BaseImageProcessor):
                     )  # fmt: skip
                 processed.append(self.preprocess_mask(mask))
             data["masks"] = torch.stack(processed)
+        if return_tensors == "np":
+            data = {name: value.numpy() if isinstance(value, torch.Tensor) else value for name, value in data.items()}
         return BatchFeature(data=data, tensor_type=None)
 
 
@@ -242,11 +318,26 @@ def packaged_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(str(directory))
 
 
+def prompt_template(num_context_tokens: int) -> str:
+    """The text of the CoPS prompt template: `num_context_tokens` placeholders "X" and a full stop."""
+    return " ".join(["X"] * num_context_tokens) + "."
+
+
+def prompt_suffix_token_ids(tokenizer: CLIPTokenizer | None = None) -> list[int]:
+    """The ids the tokenizer gives to the template's text after its placeholders ("."), without start and end
+    tokens; the packaged CLIP tokenizer when `tokenizer` is None."""
+    tokenizer = tokenizer or packaged_tokenizer()
+    with_suffix = tokenizer(prompt_template(1))["input_ids"]
+    placeholder_only = tokenizer(prompt_template(1)[:-1])["input_ids"]
+    return with_suffix[len(placeholder_only) - 1 : -1]
+
+
 class CoPSProcessor(ProcessorMixin):
     r"""CoPS processor: [`CoPSImageProcessor`] for images and masks plus a CLIP tokenizer.
 
     Class names are carried through untouched (for per-category metrics). The tokenizer gives the prompt
-    template's token ids (`"X X ... X."`); CoPS itself needs no text input.
+    template's token ids (`"X X ... X."`): `CoPSConfig.from_clip_config` takes the suffix ids from it. CoPS itself
+    needs no text input.
     """
 
     def __init__(self, image_processor: CoPSImageProcessor | None = None, tokenizer: CLIPTokenizer | None = None):
@@ -263,7 +354,7 @@ class CoPSProcessor(ProcessorMixin):
         try:  # absolute and guarded: the code files saved next to a model for trust_remote_code stay self-contained
             from cops_hf.official import OFFICIAL_IMAGE_SIZE, official_release
         except ImportError as error:
-            raise ImportError("from_official needs the cops-hf package: pip install cops-hf") from error
+            raise ImportError("from_official needs the cops-hf package installed") from error
         official_release(release)
         return cls.for_image_size(OFFICIAL_IMAGE_SIZE)
 
@@ -273,26 +364,35 @@ class CoPSProcessor(ProcessorMixin):
         masks: ImageLike | Sequence[ImageLike | None] | None = None,
         class_names: str | Sequence[str] | None = None,
         text: str | list[str] | None = None,
+        return_tensors: str = "pt",
         **kwargs: Any,
     ) -> BatchFeature:
-        """Preprocess images (and masks); tokenize `text` if given; pass `class_names` through."""
+        """Preprocess images (and masks); tokenize `text` if given; pass `class_names` through.
+
+        `return_tensors` ("pt" or "np") applies to the image and mask arrays and to the token ids.
+        """
         if images is None and text is None:
             raise ValueError("Pass images (and optionally masks / class_names) or text.")
         features = BatchFeature()
         if images is not None:
-            features = self.image_processor(images, masks=masks)
+            features = self.image_processor(images, masks=masks, return_tensors=return_tensors)
             if class_names is not None:
                 names = [class_names] if isinstance(class_names, str) else list(class_names)
                 if len(names) != len(features["pixel_values"]):
                     raise ValueError(f"Got {len(names)} class names for {len(features['pixel_values'])} images.")
                 features["class_names"] = names
         if text is not None:
-            features.update(self.tokenizer(text, return_tensors="pt", padding=True))
+            features.update(self.tokenizer(text, return_tensors=return_tensors, padding=True))
         return features
 
     def prompt_template_ids(self, num_context_tokens: int) -> list[int]:
         """Token ids of the CoPS prompt template with `num_context_tokens` placeholders ("X ... X.")."""
-        return self.tokenizer(" ".join(["X"] * num_context_tokens) + ".")["input_ids"]
+        return self.tokenizer(prompt_template(num_context_tokens))["input_ids"]
+
+    def prompt_suffix_token_ids(self) -> list[int]:
+        """Token ids between the template's placeholders and its end token (those of "."): what
+        `CoPSConfig.prompt_suffix_token_ids` holds."""
+        return prompt_suffix_token_ids(self.tokenizer)
 
     def post_process_anomaly_detection(
         self,
@@ -315,6 +415,8 @@ class CoPSProcessor(ProcessorMixin):
         """
         scores = outputs.image_scores.detach().float().cpu()
         check_finite_scores(scores)
+        threshold = None if threshold is None else check_threshold(threshold, "threshold")
+        image_threshold = None if image_threshold is None else check_threshold(image_threshold, "image_threshold")
         maps = outputs.anomaly_maps.detach().float().cpu()
         if target_sizes is not None and len(target_sizes) != len(scores):
             raise ValueError(f"Got {len(target_sizes)} target sizes for {len(scores)} images.")
@@ -338,8 +440,15 @@ __all__ = [
     "CoPSProcessor",
     "ImageLoadError",
     "NonFiniteScoreError",
+    "MAX_IMAGE_PIXELS_ENV",
+    "apply_pixel_limit_from_environment",
     "check_finite_scores",
+    "check_threshold",
+    "image_size_problem",
+    "open_image_file",
     "load_image",
     "load_mask",
     "packaged_tokenizer",
+    "prompt_suffix_token_ids",
+    "prompt_template",
 ]

@@ -1,22 +1,17 @@
-"""Convert the official release (OpenAI CLIP ViT-L/14@336 + a CoPS checkpoint) into a transformers model.
+"""The official CoPS detectors (github cqylunlun/CoPS) as transformers models, downloaded and verified.
 
-    python examples/convert_official.py ViT-L-14-336px.pt results/models/visa/epoch_10.pth cops-vitl14-visa
+    python examples/convert_official.py visa cops-vitl14-visa     # trained on VisA, for testing on other datasets
+    python examples/convert_official.py mvtec cops-vitl14-mvtec   # trained on MVTec AD, for testing on VisA
 
-The checkpoint trained on VisA is meant for testing on other datasets (general test preset); the one trained on
-MVTec AD is tested on VisA, so the VisA test preset is applied to it.
+CLIP ViT-L/14@336px comes from the Hub (openai/clip-vit-large-patch14-336), the checkpoint from the reference
+repository (verified by its git blob SHA-1); both are cached. The config records the checkpoint and its test preset.
 """
 
 import sys
 
-from cops_hf import CoPSImageProcessor, CoPSProcessor
-from cops_hf.conversion import convert_original_checkpoint
+from cops_hf import CoPSForAnomalyDetection, CoPSProcessor
 
-clip_file, cops_file, output = sys.argv[1:4]
-trained_on_mvtec = "mvtec" in cops_file.lower()
-model = convert_original_checkpoint(clip_file, cops_file, image_size=518)
-model.config = model.config.with_preset(
-    test_dataset="visa" if trained_on_mvtec else "general", train_dataset="mvtec" if trained_on_mvtec else "visa"
-)
-model.save_pretrained(output)
-CoPSProcessor(CoPSImageProcessor(size=518)).save_pretrained(output)
+release, output = sys.argv[1:3]
+CoPSForAnomalyDetection.from_official(release).save_pretrained(output)
+CoPSProcessor.from_official(release).save_pretrained(output)
 print(f"saved to {output}")

@@ -3,8 +3,9 @@
     python examples/train.py /data/VisA runs/visa               # one process
     accelerate launch examples/train.py /data/VisA runs/visa    # several GPUs; `torchrun` works too
 
-The dataset root needs a meta.json (cops_hf.data.build_visa_meta writes it). Interrupted? Run it again: it resumes
-from the last complete epoch checkpoint.
+The dataset root needs a meta.json (`cops-hf data prepare visa /data/VisA` writes it). Training reads its labelled
+split (`test`: normal and anomalous images with masks), as the reference does. Interrupted? Run it again: it
+resumes from the last complete epoch checkpoint.
 """
 
 import sys

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -172,53 +172,36 @@ _REPO = r"(?P<repo_id>[^/]+/[^/]+)"
 _REV = r"(?P<revision>[^/]+)"
 
 
-class LocalHub:
-    """A Hub-compatible HTTP server on 127.0.0.1 with in-memory repositories; use it as a context manager.
+_Server = TypeVar("_Server", bound="LoopbackServer")
 
-    Attributes:
-        repositories: the repositories by id, for test set-up and inspection.
-        rejected_tokens: tokens answered with 401 "Invalid credentials in Authorization header".
-        requests: ``"METHOD /path"`` of every request served, in order.
-        unhandled_requests: the requests no route matched (answered 404 without an error code).
+
+class LoopbackServer:
+    """An HTTP/1.1 server on a free 127.0.0.1 port, served from a daemon thread; use it as a context manager.
+
+    Subclasses give the request handler class (:meth:`_handler_class`).
     """
 
     def __init__(self) -> None:
-        self.repositories: dict[str, HubRepository] = {}
-        self.rejected_tokens: set[str] = set()
-        self.requests: list[str] = []
-        self.unhandled_requests: list[str] = []
-        self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self._routes: list[tuple[str, re.Pattern[str], Callable[[HubRequest], HubResponse]]] = [
-            ("GET", re.compile(r"/api/whoami-v2"), self._whoami),
-            ("POST", re.compile(r"/api/repos/create"), self._create_repo),
-            ("POST", re.compile(r"/api/validate-yaml"), self._validate_yaml),
-            ("GET", re.compile(rf"/api/models/{_REPO}(?:/revision/{_REV})?"), self._repo_info),
-            ("GET", re.compile(rf"/api/models/{_REPO}/tree/{_REV}(?:/(?P<path>.+))?"), self._tree),
-            ("POST", re.compile(rf"/api/models/{_REPO}/preupload/{_REV}"), self._preupload),
-            ("POST", re.compile(rf"/api/models/{_REPO}/commit/{_REV}"), self._commit),
-            ("POST", re.compile(rf"/api/models/{_REPO}/branch/(?P<branch>[^/]+)"), self._create_branch),
-            ("GET", re.compile(rf"/{_REPO}/resolve/{_REV}/(?P<path>.+)"), self._resolve),
-            ("HEAD", re.compile(rf"/{_REPO}/resolve/{_REV}/(?P<path>.+)"), self._resolve),
-        ]
-
-    # ------------------------------------------------------------------ lifecycle
 
     @property
     def url(self) -> str:
-        """The endpoint to give the client, e.g. ``http://127.0.0.1:54321``."""
+        """The root URL to give the client, e.g. ``http://127.0.0.1:54321``."""
         if self._httpd is None:
-            raise RuntimeError("The local hub is not running; call start() first.")
+            raise RuntimeError(f"The {type(self).__name__} is not running; call start() first.")
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> LocalHub:
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+    def start(self: _Server) -> _Server:
         """Bind a free loopback port and serve requests from a daemon thread."""
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="local-hub", daemon=True
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=type(self).__name__, daemon=True
         )
         self._thread.start()
         return self
@@ -233,13 +216,47 @@ class LocalHub:
         self._httpd = None
         self._thread = None
 
-    def __enter__(self) -> LocalHub:
+    def __enter__(self: _Server) -> _Server:
         return self.start()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class LocalHub(LoopbackServer):
+    """A Hub-compatible HTTP server on 127.0.0.1 with in-memory repositories; use it as a context manager.
+
+    Attributes:
+        repositories: the repositories by id, for test set-up and inspection.
+        rejected_tokens: tokens answered with 401 "Invalid credentials in Authorization header".
+        requests: ``"METHOD /path"`` of every request served, in order.
+        unhandled_requests: the requests no route matched (answered 404 without an error code).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repositories: dict[str, HubRepository] = {}
+        self.rejected_tokens: set[str] = set()
+        self.requests: list[str] = []
+        self.unhandled_requests: list[str] = []
+        self._lock = threading.Lock()
+        self._routes: list[tuple[str, re.Pattern[str], Callable[[HubRequest], HubResponse]]] = [
+            ("GET", re.compile(r"/api/whoami-v2"), self._whoami),
+            ("POST", re.compile(r"/api/repos/create"), self._create_repo),
+            ("POST", re.compile(r"/api/validate-yaml"), self._validate_yaml),
+            ("GET", re.compile(rf"/api/models/{_REPO}(?:/revision/{_REV})?"), self._repo_info),
+            ("GET", re.compile(rf"/api/models/{_REPO}/tree/{_REV}(?:/(?P<path>.+))?"), self._tree),
+            ("POST", re.compile(rf"/api/models/{_REPO}/preupload/{_REV}"), self._preupload),
+            ("POST", re.compile(rf"/api/models/{_REPO}/commit/{_REV}"), self._commit),
+            ("POST", re.compile(rf"/api/models/{_REPO}/branch/(?P<branch>[^/]+)"), self._create_branch),
+            ("GET", re.compile(rf"/{_REPO}/resolve/{_REV}/(?P<path>.+)"), self._resolve),
+            ("HEAD", re.compile(rf"/{_REPO}/resolve/{_REV}/(?P<path>.+)"), self._resolve),
+        ]
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        return _make_handler(self)
 
     # ------------------------------------------------------------------ test set-up
 
@@ -534,8 +551,8 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 
-class StaticFileServer:
-    """A raw-file host on 127.0.0.1 (like raw.githubusercontent.com) for tests; use it as a context manager.
+class StaticFileServer(LoopbackServer):
+    """A raw-file host on 127.0.0.1 (like raw.githubusercontent.com) for tests.
 
     It answers ``GET``/``HEAD`` of the paths in :attr:`files` with their bytes: the whole file (200), or one byte
     range ``Range: bytes=START-[END]`` (206, with ``Content-Range``); anything else is a 404.
@@ -548,50 +565,20 @@ class StaticFileServer:
     """
 
     def __init__(self, files: Mapping[str, bytes] | None = None) -> None:
+        super().__init__()
         self.files: dict[str, bytes] = dict(files or {})
         self.requests: list[tuple[str, str, str | None]] = []
         self.stall_after: int | None = None
         self.stalled = threading.Event()
         self.resume = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    @property
-    def url(self) -> str:
-        """The server's root URL, e.g. ``http://127.0.0.1:54321``."""
-        if self._httpd is None:
-            raise RuntimeError("The static file server is not running; call start() first.")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> StaticFileServer:
-        """Bind a free loopback port and serve from a daemon thread."""
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_static_handler(self))
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="static-files", daemon=True
-        )
-        self._thread.start()
-        return self
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        return _make_static_handler(self)
 
     def stop(self) -> None:
         """Stop serving and release the port (a stalled answer is released first)."""
         self.resume.set()
-        if self._httpd is None or self._thread is None:
-            return
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
-        self._httpd = None
-        self._thread = None
-
-    def __enter__(self) -> StaticFileServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
+        super().stop()
 
 
 def _make_static_handler(server: StaticFileServer) -> type[BaseHTTPRequestHandler]:

@@ -194,11 +194,11 @@ def test_validate_reports_every_problem_including_truncated_images(tmp_path: Pat
         ("1_mask.png", "test/bottle[1]"),
         ("0.png", "test/cable[0]"),
     ]
-    assert "unreadable or truncated image" in report.problems[0].reason
-    assert "unreadable or truncated mask" in report.problems[1].reason
+    assert report.problems[0].reason.startswith("image cannot be read (")
+    assert report.problems[1].reason.startswith("mask cannot be read (")
     with pytest.raises(DataError, match="3 problems"):
         report.raise_for_problems()
-    with pytest.raises(DataError, match=f"{truncated}: unreadable or truncated image"):
+    with pytest.raises(DataError, match=f"{truncated}: image cannot be read"):
         load_meta_dataset(tmp_path, categories="bottle", check_images=True)
 
 

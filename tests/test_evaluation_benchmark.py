@@ -8,7 +8,8 @@ import pytest
 
 from cops_hf.cli import main
 from cops_hf.data import make_synthetic_dataset, read_meta_json
-from cops_hf.evaluation.benchmark import TABLE_COLUMNS, find_dataset_roots
+from cops_hf.evaluation.benchmark import find_dataset_roots
+from cops_hf.evaluation.report import METRIC_DISPLAY_NAMES
 
 from .data_fakes import write_image
 from .tiny_models import tiny_model
@@ -58,9 +59,10 @@ def test_benchmark_table_and_json(tmp_path, data_root, capsys):
     assert saved["protocols"]["mvtec"]["test_kernel_size"] == 5
     assert set(saved["missing"]) == {"visa", "btad", "mpdd", "dtd_synthetic", "brainmri", "br35h", "isic",
                                      "cvc_colondb", "cvc_clinicdb", "kvasir", "endo"}  # fmt: skip
-    table = (output / "benchmark.md").read_text().splitlines()
-    assert table[0].split() == ["dataset", *TABLE_COLUMNS.values()]
-    headct_row = next(line for line in table if line.strip().startswith("headct")).split()
+    lines = (output / "benchmark.md").read_text().splitlines()
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    assert table[0] == ["dataset", *METRIC_DISPLAY_NAMES.values()]
+    headct_row = next(row for row in table if row[0] == "headct")
     assert headct_row[4:] == ["-", "-", "-", "-"] and headct_row[1] != "-"
     assert "not found: visa" in capsys.readouterr().out
     assert (output / "mvtec" / "metrics.json").is_file() and (output / "headct" / "roc.png").is_file()

@@ -9,7 +9,9 @@ from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 from transformers import CLIPModel
 
+from cops_hf import CoPSForAnomalyDetection
 from cops_hf.hub import CoPSHubError, friendly_hub_errors, hub_error_message, render_model_card
+from cops_hf.testing_utils import random_clip_model
 from tests.conftest import CLIENT_TOKEN
 from tests.hub_server import USER_NAME, LocalHub
 
@@ -55,6 +57,18 @@ def test_card_without_evaluation_or_training_data() -> None:
     assert loaded.data.pipeline_tag == "image-segmentation"
     assert "No evaluation results were recorded" in loaded.text
     assert "training dataset of this checkpoint was not recorded" in loaded.text
+
+
+def test_card_names_the_models_own_clip_and_no_base_model_for_a_random_one() -> None:
+    random_clip = random_clip_model("tiny")
+    assert CoPSForAnomalyDetection.from_clip(random_clip, image_size=98).config.clip_model_id is None
+    random_clip.name_or_path = "someone/tiny-clip"  # as CLIPModel.from_pretrained("someone/tiny-clip") sets it
+    model = CoPSForAnomalyDetection.from_clip(random_clip, image_size=98)
+    assert model.config.clip_model_id == "someone/tiny-clip"
+
+    card = ModelCard(str(render_model_card({}, base_model=None, training_dataset=None, evaluation=None, repo_id=None)))
+    assert card.data.base_model is None and "base_model" not in card.content.split("---")[1]
+    assert "CLIP model that is not a published checkpoint" in card.text and "huggingface.co/None" not in card.text
 
 
 def test_card_sections() -> None:

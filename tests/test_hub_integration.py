@@ -292,7 +292,8 @@ def test_pushed_repository_files_and_card(hub_env: dict[str, str], hub_server: L
     assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "image-segmentation"
     assert {"anomaly-detection", "zero-shot"} <= set(card.data.tags)
-    assert card.data.base_model == "openai/clip-vit-large-patch14-336"
+    assert card.data.base_model is None  # a random CLIP is not called ViT-L/14@336px
+    assert "not a published checkpoint" in card.text and "pip install cops-hf" not in card.text
     assert card.data.datasets == ["mvtec-ad"]
     results = {(result.dataset_name, result.metric_name): result.metric_value for result in card.data.eval_results}
     assert results == {("VisA", "I-AUROC"): 0.912, ("VisA", "P-AUROC"): 0.955, ("BTAD", "I-AUROC"): 0.9}

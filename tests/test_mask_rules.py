@@ -3,6 +3,7 @@ evaluation and calibration."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -144,6 +145,15 @@ def test_loader_applies_the_record_rules_and_names_the_files(
     assert "image-level only" in report.notes[1].reason and "image-level only" in report.notes[2].reason
     for note in report.notes:
         assert note.path in caplog.text
+
+
+def test_an_image_level_dataset_has_no_missing_mask_notes(mixed_dataset: Path) -> None:
+    meta = json.loads((mixed_dataset / "meta.json").read_text())
+    for record in meta["test"]["part"]:
+        record["mask_path"] = ""
+    (mixed_dataset / "meta.json").write_text(json.dumps(meta))
+    _, report = load_meta_dataset_with_report(mixed_dataset)
+    assert report.ok and report.notes == () and not report.pixel_level
 
 
 def test_evaluation_counts_unmasked_anomalies_at_image_level_only(mixed_dataset: Path) -> None:

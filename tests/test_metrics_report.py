@@ -109,7 +109,7 @@ def hand_report() -> ZSADReport:
 
 def test_markdown_table_shows_available_metrics_as_percentages() -> None:
     assert hand_report().to_markdown().splitlines() == [
-        "| category | image_auroc | pixel_auroc |",
+        "| category | I-AUROC | P-AUROC |",
         "| --- | ---: | ---: |",
         "| bottle | 98.8 | 50.0 |",
         "| cable | 50.0 | - |",
@@ -120,6 +120,6 @@ def test_markdown_table_shows_available_metrics_as_percentages() -> None:
 
 def test_plain_table_is_aligned() -> None:
     lines = hand_report().format_table().splitlines()
-    assert lines[0].split() == ["category", "image_auroc", "pixel_auroc"]
+    assert lines[0].split() == ["category", "I-AUROC", "P-AUROC"]
     assert lines[3].split() == ["mean", "74.4", "50.0"]
     assert len({len(line) for line in lines}) == 1

@@ -8,6 +8,7 @@ blob SHA-1 is computed here and passed in through the override, as a mirror of t
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from cops_hf import CoPSForAnomalyDetection, CoPSProcessor
 from cops_hf.cli import main
 from cops_hf.conversion import convert_original_checkpoint, load_clip_model
+from cops_hf.data.meta import META_DATASET_KEY, make_record
 from cops_hf.official import (
     BASE_URL_ENV,
     OFFICIAL_CLIP,
@@ -30,6 +32,7 @@ from cops_hf.official import (
     load_official,
 )
 from cops_hf.training import cops_model_for_training
+from tests.data_fakes import write_image, write_mask
 from tests.hub_server import LocalHub, StaticFileServer, git_blob_id
 from tests.test_conversion import (
     FIXTURE_NAMES,
@@ -164,6 +167,31 @@ def test_from_official_mvtec_matches_the_reference_and_records_its_preset(offici
     torch.testing.assert_close(outputs.anomaly_maps, tensors["output.anomaly_maps"], atol=1e-4, rtol=0)
 
 
+def test_evaluate_uses_the_preset_the_official_model_records(
+    official: OfficialHosts, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, processor = load_official("mvtec", blob_sha1=official.mvtec_sha1, image_size=IMAGE_SIZE)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    data = tmp_path / "data"
+    records = []
+    for index, anomaly in enumerate((0, 0, 1, 1)):
+        write_image(data / f"{index}.png", size=(16, 16), value=60 * index)
+        mask = str(write_mask(data / f"{index}_mask.png", size=(16, 16)).name) if anomaly else ""
+        records.append(make_record(f"{index}.png", cls_name="part", anomaly=anomaly, mask_path=mask))
+    (data / "meta.json").write_text(json.dumps({"test": {"part": records}, META_DATASET_KEY: "mvtec"}))
+
+    output = tmp_path / "evaluation"
+    args = ["evaluate", "--model", str(tmp_path / "model"), "--data", str(data), "--output", str(output)]
+    assert main([*args, "--num-visualizations", "0", "--cpu"]) == 0
+    assert "Test preset: visa (the preset the model's config records)" in capsys.readouterr().out
+    protocol = json.loads((output / "metrics.json").read_text())["protocol"]
+    assert (protocol["test_preset"], protocol["test_kernel_size"], protocol["image_score_beta"]) == ("visa", 3, 1.0)
+    # Told otherwise: the dataset's preset.
+    assert main([*args, "--num-visualizations", "0", "--cpu", "--preset", "mvtec"]) == 0
+    assert json.loads((output / "metrics.json").read_text())["protocol"]["test_kernel_size"] == 5
+
+
 def test_a_corrupted_checkpoint_is_refused_and_nothing_is_cached(
     official: OfficialHosts, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -257,7 +285,10 @@ def test_clip_in_its_three_forms_gives_identical_models(
         assert set(weights) == set(reference)
         assert all(torch.equal(weights[key], tensor) for key, tensor in reference.items()), name
         config = CoPSForAnomalyDetection.from_pretrained(outputs[name]).config.to_diff_dict()
-        assert {**config, "_name_or_path": None} == {**reference_config, "_name_or_path": None}, name
+        recorded = {"_name_or_path": None, "clip_model_id": None}
+        assert {**config, **recorded} == {**reference_config, **recorded}, name
+    assert CoPSForAnomalyDetection.from_pretrained(outputs["hub"]).config.clip_model_id == "someone/tiny-clip"
+    assert CoPSForAnomalyDetection.from_pretrained(outputs["folder"]).config.clip_model_id is None
     # Training starts from the same CLIP whichever form names it.
     clips = [cops_model_for_training(clip).clip.state_dict() for clip in (archive, folder, "someone/tiny-clip")]
     for other in clips[1:]:

@@ -85,7 +85,7 @@ def test_thresholds_from_arguments_and_config(detector, images):
     )
     assert result["label"] == "anomalous"
     assert result["mask"].dtype == bool and 0.3 < result["mask"].mean() < 0.7
-    detector.model.config.image_threshold, detector.model.config.pixel_threshold = 1.1, -1.0
+    detector.model.config.image_threshold, detector.model.config.pixel_threshold = 1.0, 0.0
     try:
         configured = detector(arrays[0])
         assert configured["label"] == "normal" and configured["mask"].all()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoProcessor, CLIPConfig
 
-from cops_hf import CoPSProcessor, ImageLoadError
+from cops_hf import CoPSConfig, CoPSProcessor, ImageLoadError
 from cops_hf.modeling_cops import CoPSAnomalyDetectionOutput
 from cops_hf.processing_cops import CoPSImageProcessor
 
@@ -122,8 +122,26 @@ def test_post_process_resizes_and_thresholds(processor):
 
 
 def test_tokenizer_gives_the_prompt_template(processor):
+    # The reference builds its prompts from these ids: start, 14 "X", ".", end.
     assert processor.prompt_template_ids(14) == [49406] + [343] * 14 + [269, 49407]
+    assert processor.prompt_suffix_token_ids() == [269]
+    clip = CLIPConfig(text_config={"num_hidden_layers": 2}, vision_config={"num_hidden_layers": 2})
+    built = CoPSConfig.from_clip_config(clip, image_size=224, prototype_attention_heads=8)  # ids from the tokenizer
+    assert built.prompt_suffix_token_ids == processor.prompt_suffix_token_ids() == CoPSConfig().prompt_suffix_token_ids
     assert processor(text="a photo of a cat")["input_ids"][0].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert processor(text="a cat", return_tensors="np")["input_ids"].tolist() == [[49406, 320, 2368, 49407]]
+
+
+def test_return_tensors_numpy_or_torch(processor):
+    image, mask = np.zeros((20, 30, 3), dtype=np.uint8), np.ones((20, 30), dtype=np.uint8)
+    as_numpy = processor(images=image, masks=mask, return_tensors="np")
+    as_torch = processor(images=image, masks=mask)
+    assert isinstance(as_numpy["pixel_values"], np.ndarray) and isinstance(as_numpy["masks"], np.ndarray)
+    np.testing.assert_array_equal(as_numpy["pixel_values"], as_torch["pixel_values"].numpy())
+    np.testing.assert_array_equal(as_numpy["masks"], as_torch["masks"].numpy())
+    assert as_numpy["original_sizes"] == [(20, 30)]
+    with pytest.raises(ValueError, match="return_tensors='tf' is not supported"):
+        processor(images=image, return_tensors="tf")
 
 
 def test_save_and_load(processor, tmp_path):

@@ -207,7 +207,7 @@ def prepare_dataset(name: str, root: PathLike) -> Path:
     """
     info = BENCHMARKS[benchmark_name(name)]
     meta = info.builder(root, write=False)
-    _require_images(meta, root, (info.builder.__doc__ or "").strip().splitlines()[0])
+    _require_images(meta, root, (info.builder.__doc__ or "").strip().splitlines()[0].replace("``", ""))
     found = {category for split in meta.values() for category, records in split.items() if records}
     missing = [category for category in info.categories if category not in found]
     if missing:

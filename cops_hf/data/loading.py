@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from PIL import Image
 
+from ..processing_cops import ImageLoadError, open_image_file
 from .meta import SPLITS, DataError, DataProblem, meta_dataset_name, meta_json_path, read_meta_json, record_problems
 
 __all__ = [
@@ -65,6 +65,7 @@ compression noise of JPEG masks (Kvasir) as anomalous: that is what the paper's 
 image-level datasets and anomalous records whose mask path is empty or a folder."""
 
 _MAX_PROBLEMS_IN_MESSAGE = 20
+_UNMASKED_ANOMALY = "anomalous record without a mask: image-level only"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,14 +187,6 @@ def _outside_root_problem(root: Path, kind: str, value: str, location: str) -> D
     return DataProblem(value, reason, location)
 
 
-def _image_size(path: Path, decode: bool) -> tuple[int, int]:
-    """(width, height) of an image, reading only its header unless ``decode`` (which catches truncation)."""
-    with Image.open(path) as image:
-        if decode:
-            image.load()
-        return image.size
-
-
 def _select_categories(
     meta: Mapping[str, Mapping[str, list[Any]]], split: str, categories: str | Iterable[str] | None, meta_path: Path
 ) -> list[str]:
@@ -218,9 +211,11 @@ def _decoding_problems(image_path: Path, mask_path: Path | None, location: str, 
     problems = []
     for kind, path in files.items():
         try:
-            _image_size(path, decode)
-        except Exception as error:  # any decoder failure means the file is unusable
-            problems.append(DataProblem(str(path), f"unreadable or truncated {kind}: {error}", location))
+            with open_image_file(path, kind) as image:
+                if decode:
+                    image.load()
+        except ImageLoadError as error:
+            problems.append(DataProblem(str(path), str(error).removesuffix("."), location))
     return problems
 
 
@@ -270,7 +265,7 @@ def _check_record(
     if problems:
         return None, problems, []
     if record["anomaly"] == 1 and mask_path is None and not record["mask_path"]:
-        notes.append(DataProblem(str(image_path), "anomalous record without a mask: image-level only", location))
+        notes.append(DataProblem(str(image_path), _UNMASKED_ANOMALY, location))
     row = {
         "image": str(image_path),
         "mask": str(mask_path) if mask_path is not None else None,
@@ -318,6 +313,8 @@ def _inspect(
             if row is not None:
                 rows.append(row)
     anomalous = [row for row in rows if row["gt_label"] == 1]
+    if not any(row["mask"] for row in anomalous):  # an image-level split: no mask is missing
+        notes = [note for note in notes if note.reason != _UNMASKED_ANOMALY]
     report = ValidationReport(
         meta_path=meta_path,
         split=split,

@@ -21,7 +21,7 @@ from ..data import BENCHMARKS, DataError, benchmark_name, meta_json_path, prepar
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
 from .evaluator import evaluate_dataset
-from .report import METRIC_NAMES
+from .report import METRIC_DISPLAY_NAMES, METRIC_NAMES, format_percent, render_table
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +30,8 @@ SUITES = {
     "medical": [name for name, info in BENCHMARKS.items() if info.domain == "medical"],
     "all": list(BENCHMARKS),
 }
-TABLE_COLUMNS = {
-    "image_auroc": "I-AUROC",
-    "image_ap": "I-AP",
-    "image_f1_max": "I-F1max",
-    "pixel_auroc": "P-AUROC",
-    "pixel_ap": "P-AP",
-    "pixel_f1_max": "P-F1max",
-    "pixel_aupro": "AUPRO",
-}
+# The benchmark table's column titles (the old name of `METRIC_DISPLAY_NAMES`).
+TABLE_COLUMNS = METRIC_DISPLAY_NAMES
 
 
 @dataclass
@@ -52,19 +45,21 @@ class BenchmarkResult:
     def to_dict(self) -> dict[str, Any]:
         return {"metrics": self.metrics, "protocols": self.protocols, "missing": self.missing}
 
-    def format_table(self) -> str:
-        """Paper-style table in percent with one decimal, "-" where a metric does not exist."""
-        header = ["dataset", *TABLE_COLUMNS.values()]
+    def _table_cells(self) -> tuple[list[str], list[list[str]]]:
+        header = ["dataset", *METRIC_DISPLAY_NAMES.values()]
         rows = [
-            [name, *("-" if values[key] is None else f"{100 * values[key]:.1f}" for key in TABLE_COLUMNS)]
+            [name, *(format_percent(values[key]) for key in METRIC_DISPLAY_NAMES)]
             for name, values in self.metrics.items()
         ]
-        widths = [max(len(str(line[column])) for line in [header, *rows]) for column in range(len(header))]
-        lines = ["  ".join(str(cell).rjust(width) for cell, width in zip(line, widths, strict=True))
-                 for line in [header, *rows]]  # fmt: skip
+        return header, rows
+
+    def format_table(self, markdown: bool = False) -> str:
+        """Paper-style table in percent with one decimal, "-" where a metric does not exist; the datasets not
+        found are listed below it."""
+        table = render_table(*self._table_cells(), markdown=markdown)
         if self.missing:
-            lines.append("not found: " + ", ".join(f"{name} ({why})" for name, why in self.missing.items()))
-        return "\n".join(lines)
+            table += "\n\nnot found: " + ", ".join(f"{name} ({why})" for name, why in self.missing.items())
+        return table
 
 
 def find_dataset_roots(data_root: str | Path) -> dict[str, Path]:
@@ -141,12 +136,14 @@ def run_benchmark(
 def _write_tables(output_dir: Path, result: BenchmarkResult) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "benchmark.json").write_text(json.dumps(result.to_dict(), indent=2))
-    (output_dir / "benchmark.md").write_text(result.format_table() + "\n")
+    (output_dir / "benchmark.md").write_text(result.format_table(markdown=True) + "\n")
     with open(output_dir / "benchmark.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["dataset", *TABLE_COLUMNS.values()])
+        writer.writerow(["dataset", *METRIC_DISPLAY_NAMES.values()])
         for name, values in result.metrics.items():
-            writer.writerow([name, *("-" if values[key] is None else f"{values[key]:.6f}" for key in TABLE_COLUMNS)])
+            writer.writerow(
+                [name, *("-" if values[key] is None else f"{values[key]:.6f}" for key in METRIC_DISPLAY_NAMES)]
+            )
 
 
 __all__ = ["SUITES", "TABLE_COLUMNS", "BenchmarkResult", "find_dataset_roots", "run_benchmark"]

@@ -78,6 +78,8 @@ def calibrate_thresholds(
     """
     if not images:
         raise ValueError("Calibration needs at least one image.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must lie in (0, 1), got {quantile}.")
     if labels is not None and len(labels) != len(images):

@@ -73,8 +73,8 @@ def evaluate_dataset(
             `TEST_DATASET_PRESETS`); the caller's `model.config` is not changed. `None` keeps the model's config.
         seed: seed of the VAE class-token noise (the same samples for every image), so results are reproducible
             and independent of batching and sharding.
-        output_dir: where to write `metrics.csv`, `metrics.json`, `predictions.csv`, overlay PNGs
-            (`visualizations/<category>/`) and `roc.png` / `pr.png`.
+        output_dir: where to write `metrics.csv`, `metrics.json`, `predictions.csv` (`image_path`, `category`,
+            `gt_label`, `pred_score`), overlay PNGs (`visualizations/<category>/`) and `roc.png` / `pr.png`.
         num_visualizations: overlays per category (spread over normal and anomalous images).
         accelerator: shards the dataset over its processes; `None` creates one (single process unless launched
             with `accelerate launch` / `torchrun`).
@@ -84,6 +84,8 @@ def evaluate_dataset(
     Returns:
         The result on the main process; `None` on the other processes.
     """
+    if batch_size < 1 or num_visualizations < 0:
+        raise ValueError(f"Need batch_size >= 1 and num_visualizations >= 0; got {batch_size}, {num_visualizations}.")
     accelerator = accelerator or Accelerator()
     if test_preset is not None:
         # A shallow copy shares the weights but not the config: the caller's model.config stays as it is.
@@ -107,7 +109,7 @@ def evaluate_dataset(
             show_progress=accelerator.is_local_main_process,
         )
         shard_results = [
-            {"index": shard[prediction.index]["index"], "score": prediction.pred_score}
+            {"index": shard[prediction.index]["index"], "pred_score": prediction.pred_score}
             | ({"anomaly_map": prediction.anomaly_map, "gt_mask": prediction.gt_mask} if pixel_level else {})
             for prediction in predictions
         ]
@@ -122,19 +124,19 @@ def evaluate_dataset(
     grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row, result in zip(rows, ordered, strict=True):
         group = grouped[row["cls_name"]]
-        group["scores"].append(result["score"])
-        group["labels"].append(int(row["gt_label"]))
+        group["pred_score"].append(result["pred_score"])
+        group["gt_label"].append(int(row["gt_label"]))
         if pixel_level:
-            group["maps"].append(result["anomaly_map"])
-            group["masks"].append(result["gt_mask"])
+            group["anomaly_map"].append(result["anomaly_map"])
+            group["gt_mask"].append(result["gt_mask"])
             # An anomalous image without a mask counts at image level only (docs/protocol.md, mask rules).
             group["pixel_level"].append(bool(row["mask_path"]) or not row["gt_label"])
     records = {
         name: CategoryRecord(
-            image_scores=np.asarray(group["scores"]),
-            image_labels=np.asarray(group["labels"]),
-            anomaly_maps=np.stack(group["maps"]) if pixel_level else None,
-            gt_masks=np.stack(group["masks"]) if pixel_level else None,
+            image_scores=np.asarray(group["pred_score"]),
+            image_labels=np.asarray(group["gt_label"]),
+            anomaly_maps=np.stack(group["anomaly_map"]) if pixel_level else None,
+            gt_masks=np.stack(group["gt_mask"]) if pixel_level else None,
         )
         for name, group in grouped.items()
     }
@@ -154,7 +156,7 @@ def evaluate_dataset(
         protocol=protocol,
         image_paths=[row["image_path"] for row in rows],
         categories=[row["cls_name"] for row in rows],
-        image_scores=np.asarray([item["score"] for item in ordered]),
+        image_scores=np.asarray([item["pred_score"] for item in ordered]),
         image_labels=np.asarray([int(row["gt_label"]) for row in rows]),
     )
     if output_dir is not None:
@@ -179,7 +181,7 @@ def _write_outputs(
     files[1].write_text(json.dumps({**result.report.to_dict(), "protocol": result.protocol}, indent=2))
     with open(files[2], "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", "category", "label", "score"])
+        writer.writerow(["image_path", "category", "gt_label", "pred_score"])
         for path, category, label, score in zip(
             result.image_paths, result.categories, result.image_labels, result.image_scores, strict=True
         ):

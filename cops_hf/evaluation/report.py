@@ -22,6 +22,16 @@ IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
 METRIC_NAMES = IMAGE_METRICS + PIXEL_METRICS
 """Keys of every metric dictionary, in table order."""
+METRIC_DISPLAY_NAMES = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1_max": "I-F1max",
+    "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP",
+    "pixel_f1_max": "P-F1max",
+    "pixel_aupro": "AUPRO",
+}
+"""Column titles of the metrics in tables (the paper's)."""
 
 MEAN_ROW = "mean"
 
@@ -104,38 +114,42 @@ class ZSADReport:
         When a metric's mean averages fewer categories than reported, a last row gives each metric's count.
         """
         metrics = self.available_metrics
-        header = ["category", *metrics]
-        rows = [[str(row["category"]), *(_percent(row[name]) for name in metrics)] for row in self.to_rows()]
+        header = ["category", *(METRIC_DISPLAY_NAMES[name] for name in metrics)]
+        rows = [[str(row["category"]), *(format_percent(row[name]) for name in metrics)] for row in self.to_rows()]
         if any(self.counts[name] < len(self.per_category) for name in metrics):
             rows.append(["categories averaged", *(str(self.counts[name]) for name in metrics)])
         return header, rows
 
     def to_markdown(self) -> str:
         """The table of :meth:`_table_cells` as GitHub-flavoured markdown."""
-        header, rows = self._table_cells()
-        lines = [_markdown_line(header), _markdown_line(["---"] + ["---:"] * (len(header) - 1))]
-        lines += [_markdown_line(row) for row in rows]
-        return "\n".join(lines)
+        return render_table(*self._table_cells(), markdown=True)
 
     def format_table(self) -> str:
         """The table of :meth:`_table_cells` as aligned plain text, for a terminal."""
-        header, rows = self._table_cells()
-        widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-        return "\n".join(
-            "  ".join(
-                cell.ljust(width) if column == 0 else cell.rjust(width)
-                for column, (cell, width) in enumerate(zip(row, widths, strict=True))
-            )
-            for row in [header, *rows]
-        )
+        return render_table(*self._table_cells())
 
 
-def _percent(value: float | None) -> str:
+def format_percent(value: float | None) -> str:
+    """A metric in [0, 1] as a percentage with one decimal; "-" for None (not available)."""
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def _markdown_line(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
+def render_table(header: list[str], rows: list[list[str]], *, markdown: bool = False) -> str:
+    """Text cells as a table: GitHub-flavoured markdown, or aligned plain text for a terminal.
+
+    The first column (names) is left-aligned, the others (numbers) right-aligned, in both forms.
+    """
+    if markdown:
+        lines = [header, ["---"] + ["---:"] * (len(header) - 1), *rows]
+        return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(width) if column == 0 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, *rows]
+    )
 
 
 def _has_both_classes(truth: np.ndarray) -> bool:

@@ -6,11 +6,11 @@ code runs in one process, under `torchrun --nproc_per_node N` (CPU, gloo) and un
 
 Typical use::
 
-    from cops_hf.data import load_meta_dataset
-    from cops_hf.training import TrainingConfig, cops_model_for_training, processor_for, train_cops
+    from cops_hf.training import TrainingConfig, cops_model_for_training, load_training_dataset, processor_for
+    from cops_hf.training import train_cops
 
     model = cops_model_for_training("openai/clip-vit-large-patch14-336", preset="visa")
-    dataset = load_meta_dataset("/data/VisA", split="train")
+    dataset = load_training_dataset("/data/VisA")   # the labelled split: "test" for VisA, as the reference trains
     train_cops(model, processor_for(model), dataset, TrainingConfig(output_dir="runs/visa"))
 
 Feature cache: the vision tower is frozen and the data is not augmented, so its outputs (`CoPSVisionOutput`) are

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -56,8 +57,8 @@ class TrainingConfig:
         problems = []
         if self.num_epochs < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             problems.append("num_epochs, batch_size and gradient_accumulation_steps must be >= 1")
-        if self.learning_rate <= 0 or not all(0.0 <= beta < 1.0 for beta in self.adam_betas):
-            problems.append("learning_rate must be > 0 and adam_betas in [0, 1)")
+        if not 0 < self.learning_rate < math.inf or not all(0.0 <= beta < 1.0 for beta in self.adam_betas):
+            problems.append("learning_rate must be finite and > 0, and adam_betas in [0, 1)")
         if self.mixed_precision not in MIXED_PRECISION_MODES:
             problems.append(f"mixed_precision={self.mixed_precision!r} must be one of {MIXED_PRECISION_MODES}")
         if self.keep_checkpoints < 1 or self.dataloader_num_workers < 0 or self.seed < 0:
