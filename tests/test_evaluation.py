@@ -82,7 +82,7 @@ def test_files_are_written_and_pictures_are_real(evaluated):
     overlays = sorted((output / "visualizations").glob("*/*.png"))
     assert len(overlays) == 10
     panel = np.asarray(Image.open(overlays[-1]).convert("RGB"))
-    assert panel.shape == (256, 768, 3) and panel[:, 512:].std() > 5
+    assert panel.shape[1] > 2 * panel.shape[0] and panel.std() > 5  # three titled panels side by side
 
 
 def test_evaluate_cli_single_and_two_processes_agree(model_dir, dataset_root, tmp_path):
@@ -99,7 +99,11 @@ def test_evaluate_cli_single_and_two_processes_agree(model_dir, dataset_root, tm
     # Same images and noise; only float round-off of batched/threaded kernels may differ.
     for category, metrics in single["per_category"].items():
         assert double["per_category"][category] == pytest.approx(metrics, abs=1e-5)
-    assert (tmp_path / "two" / "predictions.csv").read_text() == (tmp_path / "one" / "predictions.csv").read_text()
+    one, two = (list(csv.DictReader(open(tmp_path / run / "predictions.csv"))) for run in ("one", "two"))
+    assert [{**row, "pred_score": None} for row in two] == [{**row, "pred_score": None} for row in one]
+    assert [float(row["pred_score"]) for row in two] == pytest.approx(
+        [float(row["pred_score"]) for row in one], abs=1e-5
+    )
 
 
 def test_calibrate_cli_stores_thresholds_used_by_predict(model_dir, dataset_root, tmp_path):

@@ -1,4 +1,5 @@
-"""Model card rendering and Hub error messages (cops_hf.hub), checked against the local hub."""
+"""Model card rendering and Hub error messages (cops_hf.hub, through huggingface_hub and transformers), checked
+against the local hub."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundEr
 from transformers import CLIPModel
 
 from cops_hf import CoPSForAnomalyDetection
-from cops_hf.hub import CoPSHubError, friendly_hub_errors, hub_error_message, render_model_card
+from cops_hf.hub import CoPSHubError, friendly_hub_errors, hub_error_message, push_cops_to_hub, render_model_card
 from cops_hf.testing_utils import random_clip_model
 from tests.conftest import CLIENT_TOKEN
 from tests.hub_server import USER_NAME, LocalHub
+
+from .tiny_models import tiny_model
 
 BASE_MODEL = "openai/clip-vit-large-patch14-336"
 REPO_ID = f"{USER_NAME}/cops-test"
@@ -148,12 +151,18 @@ def test_missing_file_message(hub_server: LocalHub, tmp_path: Path) -> None:
             _download(hub_server, tmp_path, REPO_ID, token=CLIENT_TOKEN)
 
 
-def test_private_repository_without_token_message(hub_server: LocalHub, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", ["huggingface_hub", "transformers"])
+def test_private_repository_without_token_message(
+    hub_env: dict[str, str], hub_server: LocalHub, tmp_path: Path, client: str
+) -> None:
     hub_server.create_repository(REPO_ID, private_token="hf_owner")
 
     with pytest.raises(CoPSHubError, match="hf auth login"):
         with friendly_hub_errors(REPO_ID):
-            _download(hub_server, tmp_path, REPO_ID, token=False)
+            if client == "huggingface_hub":
+                _download(hub_server, tmp_path, REPO_ID, token=False)
+            else:
+                CoPSForAnomalyDetection.from_pretrained(REPO_ID, token=False)
 
 
 def test_gated_repository_message(hub_server: LocalHub, tmp_path: Path) -> None:
@@ -164,7 +173,7 @@ def test_gated_repository_message(hub_server: LocalHub, tmp_path: Path) -> None:
             _download(hub_server, tmp_path, REPO_ID, token=CLIENT_TOKEN)
 
 
-def test_rejected_token_and_forbidden_write_messages(hub_server: LocalHub) -> None:
+def test_rejected_token_and_forbidden_write_messages(hub_env: dict[str, str], hub_server: LocalHub) -> None:
     hub_server.create_repository(REPO_ID, write_token="hf_owner")
     hub_server.rejected_tokens.add("hf_revoked")
 
@@ -176,14 +185,22 @@ def test_rejected_token_and_forbidden_write_messages(hub_server: LocalHub) -> No
             HfApi(endpoint=hub_server.url, token=CLIENT_TOKEN).upload_file(
                 path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=REPO_ID
             )
+    with pytest.raises(CoPSHubError, match="not allowed to do this"):  # push_cops_to_hub explains it too
+        push_cops_to_hub(tiny_model(), REPO_ID)
 
 
-def test_offline_with_an_empty_cache_message(hub_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("client", ["huggingface_hub", "transformers"])
+def test_offline_with_an_empty_cache_message(
+    hub_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, client: str
+) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
     with pytest.raises(CoPSHubError, match="HF_HUB_OFFLINE=0"):
         with friendly_hub_errors(REPO_ID):
-            hf_hub_download(REPO_ID, "config.json")
+            if client == "huggingface_hub":
+                hf_hub_download(REPO_ID, "config.json")
+            else:
+                CoPSForAnomalyDetection.from_pretrained(REPO_ID)
 
 
 def test_unreachable_hub_with_an_empty_cache_message(hub_env: dict[str, str]) -> None:

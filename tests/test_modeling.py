@@ -8,7 +8,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from transformers import AutoConfig, AutoModel, CLIPConfig, CLIPModel
 
-from cops_hf import CoPSConfig, CoPSForAnomalyDetection
+from cops_hf import CoPSForAnomalyDetection
 from cops_hf.modeling_cops import gaussian_blur, neighbour_average
 
 from .tiny_models import TEXT_WIDTH, tiny_config, tiny_model
@@ -157,37 +157,6 @@ def test_bad_noise_and_masks_are_explained(model):
         model(torch.randn(1, 3, 98, 98), vae_noise=torch.randn(1, 10, 7))
     with pytest.raises(ValueError, match=r"masks must have shape \[2, 98, 98\]"):
         model(torch.randn(2, 3, 98, 98), labels=torch.tensor([0, 1]), masks=torch.zeros(2, 50, 50))
-
-
-@pytest.mark.parametrize(
-    ("fields", "message"),
-    [
-        ({"dpam_layers": 4}, "dpam_layers=4"),
-        ({"feature_layers": [0]}, "feature_layers"),
-        ({"prototype_length": 13}, "prototype_length=13"),
-        ({"image_size": 100}, "multiple of the patch size 14 \\(e.g. 98\\)"),
-        ({"deep_prompt_depth": 4}, "deep_prompt_depth=4"),
-        ({"test_kernel_size": 4}, "odd"),
-        ({"prototype_attention_heads": 5}, "must divide projection_dim=48"),
-        ({"projection_dim": 32}, "must equal the text width 48"),
-    ],
-)
-def test_config_validation_says_what_to_change(fields, message):
-    with pytest.raises(ValueError, match=message):
-        tiny_config(**fields)
-
-
-def test_presets_follow_the_reference_switches():
-    config = CoPSConfig()
-    visa_test = config.with_preset(test_dataset="visa")
-    assert (visa_test.test_kernel_size, visa_test.distance_alpha, visa_test.image_score_beta) == (3, 0.35, 1.0)
-    mvtec_test = config.with_preset(test_dataset="MVTec")
-    assert (mvtec_test.test_kernel_size, mvtec_test.distance_alpha, mvtec_test.image_score_beta) == (5, 0.26, 0.9)
-    assert config.with_preset(train_dataset="visa").use_recon_loss is False
-    assert config.with_preset(train_dataset="mvtec").train_kernel_size == 3
-    with pytest.raises(ValueError, match="Unknown test dataset preset 'nope'"):
-        config.with_preset(test_dataset="nope")
-    assert config.test_kernel_size == 5  # presets return copies
 
 
 @pytest.mark.parametrize("shape", [(2, 98, 98), (1, 20, 9), (1, 5, 40)])

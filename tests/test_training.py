@@ -62,8 +62,24 @@ def train(dataset: datasets.Dataset, output_dir: Path, **settings: Any) -> Train
     return train_cops(model, processor_for(model), dataset, TrainingConfig(output_dir=output_dir, **settings))
 
 
-def max_weight_difference(first: CoPSForAnomalyDetection, second: CoPSForAnomalyDetection) -> float:
-    first_state, second_state = cops_state_dict(first), cops_state_dict(second)
+@pytest.fixture(scope="module")
+def four_epoch_run(train_set: datasets.Dataset, tmp_path_factory: pytest.TempPathFactory) -> TrainingResult:
+    """One default run of 4 epochs, every checkpoint kept, shared by the tests that need a trained model or the
+    state after a given epoch (the first epochs of a longer run are those of a shorter one)."""
+    return train(train_set, tmp_path_factory.mktemp("four_epochs"), num_epochs=4, keep_checkpoints=4)
+
+
+def weights_after_epoch(run: TrainingResult, epoch: int) -> dict[str, torch.Tensor]:
+    """The CoPS weights a run had after `epoch`, from its checkpoint."""
+    return load_file(str(run.output_dir / "checkpoints" / f"epoch-{epoch:04d}" / "model.safetensors"))
+
+
+def max_weight_difference(
+    first: CoPSForAnomalyDetection | dict[str, torch.Tensor], second: CoPSForAnomalyDetection | dict[str, torch.Tensor]
+) -> float:
+    first_state, second_state = (
+        weights if isinstance(weights, dict) else cops_state_dict(weights) for weights in (first, second)
+    )
     assert first_state.keys() == second_state.keys()
     return max((first_state[name] - second_state[name]).abs().max().item() for name in first_state)
 
@@ -75,9 +91,9 @@ def read_log(output_dir: Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- training
 
 
-def test_training_lowers_the_loss_and_saves_a_loadable_model(train_set: datasets.Dataset, tmp_path: Path) -> None:
-    clip_before = {name: tensor.clone() for name, tensor in tiny_model().clip.state_dict().items()}
-    result = train(train_set, tmp_path, num_epochs=4)
+def test_training_lowers_the_loss_and_saves_a_loadable_model(four_epoch_run: TrainingResult) -> None:
+    clip_before = tiny_model().clip.state_dict()
+    result, tmp_path = four_epoch_run, four_epoch_run.output_dir
 
     losses = [record["loss"] for record in result.history]
     assert losses[-1] < 0.75 * losses[0], losses
@@ -95,14 +111,14 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(train_set: datasets
     loaded = CoPSForAnomalyDetection.from_pretrained(tmp_path)
     assert max_weight_difference(loaded, result.model) == 0.0
     assert CoPSProcessor.from_pretrained(tmp_path).image_processor.size == IMAGE_SIZE
-    assert [path.name for path in list_checkpoints(tmp_path)] == ["epoch-0003", "epoch-0004"]  # keep_checkpoints=2
+    assert [path.name for path in list_checkpoints(tmp_path)] == [f"epoch-000{epoch}" for epoch in (1, 2, 3, 4)]
     checkpoint_weights = load_file(str(list_checkpoints(tmp_path)[-1] / "model.safetensors"))
     assert checkpoint_weights.keys() == cops_state_dict(result.model).keys()  # the frozen CLIP is left out
 
 
-def test_resume_after_a_kill_reproduces_the_uninterrupted_run(train_set: datasets.Dataset, tmp_path: Path) -> None:
-    straight = train(train_set, tmp_path / "straight")
-
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(
+    train_set: datasets.Dataset, four_epoch_run: TrainingResult, tmp_path: Path
+) -> None:
     interrupted = tmp_path / "interrupted"
     train(train_set, interrupted, num_epochs=1)
     # The kill came while epoch 2 was being logged and saved: a log line and a half-written temporary checkpoint.
@@ -112,14 +128,15 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(train_set: dataset
     with open(interrupted / TRAIN_LOG_FILENAME, "a") as log:
         log.write(json.dumps({"epoch": 2, "step": 99}) + "\n")
 
-    resumed = train(train_set, interrupted, resume=True)
+    resumed = train(train_set, interrupted, resume=True, keep_checkpoints=1)
     assert resumed.resumed_from_epoch == 1
     assert [record["epoch"] for record in resumed.history] == [2]
     # Same batches, same random generator states, same machine: the resumed run is bit-identical.
-    assert max_weight_difference(resumed.model, straight.model) == 0.0
-    assert resumed.history[0]["loss"] == straight.history[1]["loss"]
-    assert resumed.history[0]["step"] == straight.history[1]["step"]
+    assert max_weight_difference(resumed.model, weights_after_epoch(four_epoch_run, 2)) == 0.0
+    assert resumed.history[0]["loss"] == four_epoch_run.history[1]["loss"]
+    assert resumed.history[0]["step"] == four_epoch_run.history[1]["step"]
     assert [record["epoch"] for record in read_log(interrupted)] == [1, 2]
+    assert [path.name for path in list_checkpoints(interrupted)] == ["epoch-0002"]  # keep_checkpoints=1
 
     with pytest.raises(ValueError, match="batch_size: checkpoint 4, now 8"):
         train(train_set, interrupted, resume=True, num_epochs=3, batch_size=8)
@@ -139,21 +156,23 @@ def test_resume_without_a_checkpoint_starts_fresh(
     assert "starting a fresh run" in caplog.text
 
 
-def test_cached_and_uncached_paths_give_the_same_losses(train_set: datasets.Dataset, tmp_path: Path) -> None:
-    in_memory = train(train_set, tmp_path / "memory")
+def test_cached_and_uncached_paths_give_the_same_losses(
+    train_set: datasets.Dataset, four_epoch_run: TrainingResult, tmp_path: Path
+) -> None:
+    in_memory_history = four_epoch_run.history[:2]  # the in-memory cache is the default
     uncached = train(train_set, tmp_path / "uncached", cache_vision_features=False)
     on_disk = train(train_set, tmp_path / "disk", cache_dir=tmp_path / "cache")
     reused = train(train_set, tmp_path / "reused", cache_dir=tmp_path / "cache")
 
-    assert [record["cached_features"] for record in in_memory.history] == [False, True]
+    assert [record["cached_features"] for record in in_memory_history] == [False, True]
     assert [record["cached_features"] for record in uncached.history] == [False, False]
     assert [record["cached_features"] for record in reused.history] == [True, True]  # the disk cache outlives its run
     assert sorted(path.suffix for path in (tmp_path / "cache").iterdir()) == [".json"] + [".safetensors"] * 4
     for other in (uncached, on_disk, reused):
-        for expected, record in zip(in_memory.history, other.history, strict=True):
+        for expected, record in zip(in_memory_history, other.history, strict=True):
             for name in ("loss", *LOSS_TERMS):
                 assert record[name] == pytest.approx(expected[name], abs=1e-6), name
-        assert max_weight_difference(other.model, in_memory.model) <= 1e-6
+        assert max_weight_difference(other.model, weights_after_epoch(four_epoch_run, 2)) <= 1e-6
 
 
 def test_gradient_accumulation_steps_once_per_group(train_set: datasets.Dataset, tmp_path: Path) -> None:
