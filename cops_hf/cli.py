@@ -1,18 +1,41 @@
-"""`cops-hf` command line: each subcommand parses its arguments and calls the Python API, nothing else."""
+"""`cops-hf` command line: each subcommand parses its arguments and calls the Python API, nothing else.
+
+Building the parser imports neither torch nor transformers (each subcommand imports what it runs), so `--help`
+answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .hub import CoPSHubError, friendly_hub_errors
+from . import __version__
+from .devices import DTYPE_NAMES
 
 Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+"""name, one-line help, adds the arguments, runs the command."""
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", help="cpu, cuda, cuda:1, mps (default: the first CUDA GPU when there is one, else cpu)"
+    )
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="precision of the model (default fp32)")
+
+
+def _add_style_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--colormap", help="matplotlib colormap of the heatmaps (default jet; e.g. turbo, inferno)")
+    parser.add_argument("--alpha", type=float, help="opacity of the heatmap over the image, 0..1 (default 0.5)")
+
+
+def _style(args: argparse.Namespace) -> dict[str, object]:
+    """The overlay options given on the command line (the API's defaults otherwise)."""
+    given = {"colormap_name": args.colormap, "alpha": args.alpha}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _positive_int(text: str) -> int:
@@ -102,49 +125,42 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Model directory or Hub id.")
-    parser.add_argument("images", nargs="+", help="Image files.")
-    parser.add_argument("--output", required=True, help="Directory for overlays (PNG) and scores.csv.")
-    parser.add_argument("--threshold", type=_threshold, help="Pixel threshold (default: the model's calibrated one).")
-    parser.add_argument("--image-threshold", type=_threshold, help="Score threshold (default: the calibrated one).")
+    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    parser.add_argument("--output", required=True, help="folder for scores.csv/json, overlays and masks (PNG)")
+    parser.add_argument("--format", choices=["csv", "json"], default="csv", help="table of scores (default csv)")
+    parser.add_argument("--threshold", type=_threshold, help="pixel threshold (default: the model's calibrated one)")
+    parser.add_argument("--image-threshold", type=_threshold, help="score threshold (default: the calibrated one)")
     parser.add_argument("--batch-size", type=_positive_int, default=1)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument("--skip-invalid", action="store_true", help="Report unreadable images instead of failing.")
+    parser.add_argument("--no-overlays", action="store_true", help="write the table only")
+    parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
+    _add_style_arguments(parser)
+    _add_device_arguments(parser)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from transformers import pipeline
+    from .predict import expand_image_sources, load_detector, write_predictions
 
-    from .evaluation.plots import overlay
-    from .processing_cops import load_image
-
-    with friendly_hub_errors(args.model):
-        detector = pipeline("anomaly-detection", model=args.model, device=args.device)
-    results = detector(
-        args.images,
-        batch_size=args.batch_size,
-        skip_invalid=args.skip_invalid,
-        threshold=args.threshold,
-        image_threshold=args.image_threshold,
-    )
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    with open(output / "scores.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "score", "label", "overlay", "error"])
-        for index, (image_path, result) in enumerate(zip(args.images, results, strict=True)):
-            if "error" in result:
-                writer.writerow([image_path, "", "", "", result["error"]])
-                continue
-            overlay_path = output / f"{index:04d}_{Path(image_path).stem}_overlay.png"
-            overlay(load_image(image_path), result["anomaly_map"], value_range=(0.0, 1.0)).save(overlay_path)
-            writer.writerow([image_path, f"{result['score']:.6f}", result.get("label", ""), overlay_path.name, ""])
-            print(f"{image_path}\tscore={result['score']:.4f}\t{result.get('label', '')}")
-    errors = [result["error"] for result in results if "error" in result]
-    if len(errors) == len(results):
-        raise ValueError(f"none of the {len(results)} images could be read (see {handle.name}); first: {errors[0]}")
-    print(f"Wrote {output / 'scores.csv'} and overlays")
+    images = expand_image_sources(args.images)
+    detector = load_detector(args.model, device=args.device, dtype=args.dtype)
+    summary = write_predictions(
+        detector, images, args.output, output_format=args.format, batch_size=args.batch_size,
+        skip_invalid=args.skip_invalid, threshold=args.threshold, image_threshold=args.image_threshold,
+        overlays=not args.no_overlays, progress=args.verbosity >= 0,
+        on_row=_print_row if args.verbosity > 0 else None, **_style(args),
+    )  # fmt: skip
+    if args.verbosity >= 0:
+        print(f"Scored {summary.num_scored} image(s), {summary.num_failed} unreadable; wrote {summary.table_path}")
+    if summary.num_scored == 0:
+        print(f"cops-hf predict: error: no image could be scored ({summary.errors[0]})", file=sys.stderr)
+        return 2
     return 0
+
+
+def _print_row(row: dict[str, str]) -> None:
+    print(
+        f"{row['image']}\t" + (f"error: {row['error']}" if row["error"] else f"score={row['score']}\t{row['label']}")
+    )
 
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,20 +177,29 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=_non_negative_int, default=8, help="Overlays per category.")
-    parser.add_argument("--cpu", action="store_true", help="Run on CPU even when a GPU is available.")
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
+    _add_style_arguments(parser)
+    _add_device_arguments(parser)
+    _add_cpu_alias(parser)
+
+
+def _add_cpu_alias(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="same as --device cpu")
+
+
+def _accelerator_on(device: object):
+    """An Accelerator on the model's device (on a GPU, each process of `accelerate launch` takes its own)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=getattr(device, "type", None) == "cpu")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from accelerate import Accelerator
-
     from .data import meta_dataset_name
     from .evaluation.evaluator import evaluate_dataset
-    from .modeling_cops import CoPSForAnomalyDetection
+    from .predict import load_model_and_processor
 
-    accelerator = Accelerator(cpu=args.cpu)
-    model = CoPSForAnomalyDetection.from_pretrained(args.model)
-    processor = _load_processor(args.model, model.config.image_size)
+    model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     if args.preset:
         preset, source = args.preset, "--preset"
     elif model.config.test_preset:  # e.g. an official detector: the preset it is meant for
@@ -185,7 +210,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_dataset(
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
-        num_visualizations=args.num_visualizations, accelerator=accelerator, skip_invalid=args.skip_invalid,
+        num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device),
+        skip_invalid=args.skip_invalid, **_style(args),
     )  # fmt: skip
     if result is not None:
         print(result.report.format_table())
@@ -203,27 +229,28 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantile", type=float, default=0.99)
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--output", required=True, help="Directory to save the model (thresholds in its config).")
+    _add_device_arguments(parser)
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from .data import load_meta_dataset
-    from .data.builders import list_image_files
-    from .evaluation.calibration import calibrate_thresholds
-    from .modeling_cops import CoPSForAnomalyDetection
+    import torch
 
-    model = CoPSForAnomalyDetection.from_pretrained(args.model)
-    processor = _load_processor(args.model, model.config.image_size)
+    from .data import load_meta_dataset
+    from .evaluation.calibration import calibrate_thresholds
+    from .predict import expand_image_sources, load_model_and_processor
+
+    model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     labels = masks = None
     if args.data:
         dataset = load_meta_dataset(args.data, split=args.split)
         images, labels = dataset["image_path"], dataset["gt_label"]
         masks = [path or None for path in dataset["mask_path"]]
     else:
-        images = [str(f) for item in args.normal for f in (list_image_files(item) if Path(item).is_dir() else [item])]
+        images = expand_image_sources(args.normal)
     thresholds = calibrate_thresholds(
         model, processor, images, labels, masks, quantile=args.quantile, batch_size=args.batch_size
     )
-    model.save_pretrained(args.output)
+    model.to(device="cpu", dtype=torch.float32).save_pretrained(args.output)
     processor.save_pretrained(args.output)
     print(
         f"image_threshold={thresholds.image_threshold:.6f} pixel_threshold={thresholds.pixel_threshold:.6f} "
@@ -280,34 +307,30 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cpu", action="store_true", help="Run on CPU even when a GPU is available.")
+    _add_device_arguments(parser)
+    _add_cpu_alias(parser)
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from accelerate import Accelerator
-
     from .evaluation.benchmark import run_benchmark
-    from .modeling_cops import CoPSForAnomalyDetection
+    from .predict import load_model_and_processor
 
-    model = CoPSForAnomalyDetection.from_pretrained(args.model)
-    processor = _load_processor(args.model, model.config.image_size)
+    model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     result = run_benchmark(
         model, processor, args.data_root, suite=args.suite, output_dir=args.output, batch_size=args.batch_size,
-        seed=args.seed, accelerator=Accelerator(cpu=args.cpu),
+        seed=args.seed, accelerator=_accelerator_on(model.device),
     )  # fmt: skip
-    if result is not None:
-        print(result.format_table())
+    if result is None:
+        return 0
+    print(result.format_table())
+    if not result.metrics:
+        print(
+            f"cops-hf benchmark: error: no dataset of suite {args.suite!r} was evaluated under {args.data_root}; "
+            "put one folder per dataset there (mvtec/, visa/, ...)",
+            file=sys.stderr,
+        )
+        return 2
     return 0
-
-
-def _load_processor(model_name: str, image_size: int):
-    """The processor saved with the model, or the default one at the model's input size."""
-    from .processing_cops import CoPSProcessor
-
-    try:
-        return CoPSProcessor.from_pretrained(model_name)
-    except (OSError, ValueError):
-        return CoPSProcessor.for_image_size(image_size)
 
 
 def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
@@ -343,9 +366,6 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .configuration_cops import TRAIN_DATASET_PRESETS
-    from .training import MIXED_PRECISION_MODES, RANDOM_CLIP_CONFIGS
-
     clip = parser.add_mutually_exclusive_group(required=True)
     clip.add_argument(
         "--clip", help="CLIP: a Hub id (openai/clip-vit-large-patch14-336), a transformers folder or an OpenAI file"
@@ -354,20 +374,20 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--random-clip",
         "--clip-config",
         metavar="CONFIG",
-        help=f"offline random CLIP: a preset ({', '.join(RANDOM_CLIP_CONFIGS)}) or a CLIPConfig JSON file",
+        help="offline random CLIP: a preset name (tiny, small) or a CLIPConfig JSON file",
     )
     parser.add_argument("--data", required=True, help="dataset root holding meta.json")
     parser.add_argument(
         "--split", help="meta.json split to train on (default: the first with normal and anomalous images)"
     )
     parser.add_argument("--output", required=True, help="output folder (checkpoints, log, final model)")
-    parser.add_argument("--preset", choices=sorted(TRAIN_DATASET_PRESETS), help="training dataset preset")
+    parser.add_argument("--preset", help="training dataset preset: visa, mvtec or general")
     parser.add_argument("--image-size", type=_positive_int, help="input size in pixels (default 518)")
     parser.add_argument("--epochs", type=_positive_int, default=10)
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per process and step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--grad-accum", type=_positive_int, default=1, help="batches per optimizer step")
-    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION_MODES, default="no")
+    parser.add_argument("--mixed-precision", default="no", help="no, bf16 or fp16 (default no)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the frozen vision features every epoch")
     parser.add_argument("--cache-dir", help="keep the feature cache on disk here instead of in memory")
@@ -467,6 +487,35 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_app_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", default=[], help="model folder or Hub id (repeat for several)")
+    parser.add_argument(
+        "--official", action="append", default=[], choices=["visa", "mvtec"],
+        help="an official CoPS detector, downloaded and converted (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)")
+    parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    parser.add_argument(
+        "--write-space", metavar="FOLDER",
+        help="instead of serving, write the app as a Hugging Face Space folder for the --model Hub ids",
+    )  # fmt: skip
+    _add_device_arguments(parser)
+
+
+def _run_app(args: argparse.Namespace) -> int:
+    from .app import launch_app, load_app_models, write_space
+
+    if args.write_space:
+        print(f"Wrote the Space to {write_space(args.write_space, args.model)}; upload it with "
+              f"`hf upload --repo-type space NAMESPACE/NAME {args.write_space}`")  # fmt: skip
+        return 0
+    models = load_app_models(args.model, args.official, device=args.device, dtype=args.dtype)
+    print(f"Serving {', '.join(model.name for model in models)} on http://{args.host}:{args.port or 7860} "
+          "(Ctrl+C stops)")  # fmt: skip
+    launch_app(models, host=args.host, port=args.port)
+    return 0
+
+
 SUBCOMMANDS: list[Subcommand] = [
     (
         "demo",
@@ -483,30 +532,82 @@ SUBCOMMANDS: list[Subcommand] = [
     ("benchmark", "Run the paper's protocol on prepared datasets.", _add_benchmark_arguments, _run_benchmark),
     ("push", "Upload a model, its processor, code and card to the Hub.", _add_push_arguments, _run_push),
     ("export", "Export the whole inference to one ONNX graph.", _add_export_arguments, _run_export),
+    ("app", "Serve the Gradio demo: upload images, see heatmaps and scores.", _add_app_arguments, _run_app),
 ]
 
 
+EXAMPLES = {
+    "demo": "  cops-hf demo --output cops-demo",
+    "train": "  cops-hf train --clip openai/clip-vit-large-patch14-336 --data /data/VisA --preset visa --output run\n"
+    "  accelerate launch -m cops_hf.cli train --clip ... --data ... --output ...   (several GPUs)",
+    "convert": "  cops-hf convert --clip ViT-L-14-336px.pt --checkpoint epoch_10.pth --output cops",
+    "predict": "  cops-hf predict --model cops part.png --output out\n"
+    "  cops-hf predict --model cops photos/ 'more/**/*.jpg' --output out --format json --device cuda",
+    "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec",
+    "calibrate": "  cops-hf calibrate --model cops --normal good_parts/ --output cops-calibrated\n"
+    "  cops-hf calibrate --model cops --data /data/mvtec --output cops-calibrated",
+    "data": "  cops-hf data prepare mvtec /data/mvtec\n  cops-hf data validate /data/mvtec",
+    "benchmark": "  cops-hf benchmark --model cops --suite industrial --data-root /data --output bench",
+    "push": "  cops-hf push cops my-org/cops --eval-json bench/benchmark.json",
+    "export": "  cops-hf export --model cops --output cops.onnx --int8",
+    "app": "  cops-hf app --model cops --model cops-calibrated --port 7860\n  cops-hf app --official visa\n"
+    "  cops-hf app --model my-org/cops-visa --write-space space/",
+}
+"""A few command lines per subcommand, shown at the end of its --help."""
+
+
+def _add_verbosity_arguments(parser: argparse.ArgumentParser, default: object) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+        help="only errors: no progress bars or summaries",
+    )  # fmt: skip
+    group.add_argument(
+        "-v", "--verbose", dest="verbosity", action="count", default=default,
+        help="more detail (-v: a line per image and INFO logs, -vv: DEBUG logs)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `cops-hf` argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="cops-hf", description="CoPS zero-shot anomaly detection.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    """The `cops-hf` argument parser with every subcommand (imports neither torch nor transformers)."""
+    parser = argparse.ArgumentParser(
+        prog="cops-hf",
+        description="CoPS zero-shot anomaly detection.",
+        epilog="Run `cops-hf COMMAND --help` for a command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_verbosity_arguments(parser, default=0)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text, add_arguments, run in SUBCOMMANDS:
-        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        subparser = subparsers.add_parser(
+            name, help=help_text, description=help_text, epilog=f"examples:\n{EXAMPLES[name]}" if name in EXAMPLES
+            else None, formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        _add_verbosity_arguments(subparser, default=argparse.SUPPRESS)
         add_arguments(subparser)
         subparser.set_defaults(run=run)
     return parser
 
 
+def _is_input_error(error: Exception) -> bool:
+    """Whether `error` reports bad input (a one-line message) rather than a bug (a traceback)."""
+    hub = sys.modules.get(f"{__package__}.hub")
+    return isinstance(error, (ValueError, OSError)) or (hub is not None and isinstance(error, hub.CoPSHubError))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cops-hf` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(args.verbosity, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         from .processing_cops import apply_pixel_limit_from_environment
 
         apply_pixel_limit_from_environment()
         return args.run(args)
-    except (ValueError, OSError, CoPSHubError) as error:
+    except Exception as error:
+        if not _is_input_error(error):
+            raise
         print(f"cops-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,7 @@ import copy
 import math
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,9 @@ class CoPSAnomalyDetectionOutput(ModelOutput):
             Global image token g (not normalized).
         normal_distances, anomalous_distances (`torch.FloatTensor` of shape `(batch_size, num_patches)`):
             Cosine distance of each smoothed patch token to its nearest normal / anomalous prototype.
+        original_sizes (`list[tuple[int, int]]`, *optional*, returned when passed to the forward):
+            `(height, width)` of each input image before preprocessing, so that
+            `processor.post_process_anomaly_detection(outputs)` restores them.
     """
 
     loss: torch.FloatTensor | None = None
@@ -113,6 +117,7 @@ class CoPSAnomalyDetectionOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     normal_distances: torch.FloatTensor | None = None
     anomalous_distances: torch.FloatTensor | None = None
+    original_sizes: list[tuple[int, int]] | None = None
 
 
 def neighbour_average(patch_tokens: torch.Tensor, grid: tuple[int, int], kernel_size: int) -> torch.Tensor:
@@ -657,6 +662,7 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         vae_noise: torch.Tensor | None = None,
         vision_outputs: CoPSVisionOutput | None = None,
         return_dict: bool | None = None,
+        original_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
     ) -> CoPSAnomalyDetectionOutput | tuple:
         r"""Score images, or compute the training loss when `labels` are given.
 
@@ -671,6 +677,9 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
                 generator when omitted.
             vision_outputs: precomputed [`CoPSVisionOutput`] (e.g. cached by the trainer) instead of pixel_values.
             return_dict: return a [`CoPSAnomalyDetectionOutput`] (default) or a tuple.
+            original_sizes: `(height, width)` per image as [`CoPSProcessor`] returns them, so that
+                `model(**processor(images=...))` works; not used by the computation, only carried to the output
+                for `post_process_anomaly_detection`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if vision_outputs is None:
@@ -754,6 +763,10 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         outputs.image_embeds = image_embeds
         outputs.normal_distances = normal_distances
         outputs.anomalous_distances = anomalous_distances
+        if original_sizes is not None:
+            if len(original_sizes) != batch_size:
+                raise ValueError(f"Got {len(original_sizes)} original_sizes for {batch_size} images.")
+            outputs.original_sizes = [(int(height), int(width)) for height, width in original_sizes]
         return outputs if return_dict else outputs.to_tuple()
 
     @staticmethod

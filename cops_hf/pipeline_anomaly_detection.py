@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import types
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset as TorchDataset
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -20,13 +22,24 @@ logger = logging.getLogger(__name__)
 TASK = "anomaly-detection"
 
 
+RESULT_KEYS = {
+    "score": "float in [0, 1]: the image's anomaly score",
+    "anomaly_map": "float32 array [height, width] at the image's original size, values in [0, 1]",
+    "label": '"anomalous" if score >= image threshold else "normal"; only when an image threshold is known',
+    "mask": "bool array [height, width], anomaly_map >= pixel threshold; only when a pixel threshold is known",
+}
+"""The keys of one image's result, the one place they are documented. With `skip_invalid=True` an unreadable
+input gives `{"image": str(input), "error": message}` instead."""
+
+
 class AnomalyDetectionPipeline(Pipeline):
     """Zero-shot anomaly detection with a CoPS model.
 
-    Call with a path, PIL image, numpy array or a list of them. Per image it returns a dict with
-    `score` (float in [0, 1]), `anomaly_map` (float32 array at the original image size), and, when thresholds
-    are known (arguments, or `image_threshold` / `pixel_threshold` calibrated into the model config), `label`
-    ("anomalous" / "normal") and `mask` (bool array).
+    Call with one image (a path, an http(s) URL, a PIL image, a numpy array or a tensor) to get one result, with a
+    list of them to get a list, or with a generator or a torch `Dataset` (e.g. `KeyDataset(dataset, "image")`) to
+    get an iterator that yields results as they are computed. Each result is a dict with the keys of
+    `RESULT_KEYS`: `score`, `anomaly_map` and, when thresholds are known (arguments, or `image_threshold` /
+    `pixel_threshold` calibrated into the model config), `label` and `mask`.
 
     Args (at call time):
         threshold: pixel threshold on the anomaly map (default: `config.pixel_threshold`).
@@ -35,6 +48,10 @@ class AnomalyDetectionPipeline(Pipeline):
             batch an image falls in; `None` draws fresh noise from torch's generator.
         skip_invalid: with `True`, unreadable images give `{"image": ..., "error": ...}` entries (and a warning)
             instead of raising; without it the first unreadable image raises an error naming it.
+        timeout: seconds an image URL may take to answer.
+        batch_size, num_workers: as for every transformers pipeline.
+
+    Other keyword arguments raise `TypeError`.
     """
 
     _load_processor = None  # optional: defaults to CoPSProcessor at config.image_size
@@ -55,45 +72,72 @@ class AnomalyDetectionPipeline(Pipeline):
         threshold: float | None = None,
         image_threshold: float | None = None,
         seed: int | None | str = "default",
-        skip_invalid: bool | None = None,
-        **kwargs: Any,
+        timeout: float | None = None,
+        **unknown: Any,
     ) -> tuple[dict, dict, dict]:
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(map(repr, sorted(unknown)))}; "
+                "it takes threshold, image_threshold, seed, skip_invalid, timeout, batch_size and num_workers."
+            )
+        preprocess_params = {} if timeout is None else {"timeout": timeout}
         forward_params = {} if seed == "default" else {"seed": seed}
         postprocess_params = {}
         if threshold is not None:
             postprocess_params["threshold"] = check_threshold(threshold, "threshold")
         if image_threshold is not None:
             postprocess_params["image_threshold"] = check_threshold(image_threshold, "image_threshold")
-        return {}, forward_params, postprocess_params
+        return preprocess_params, forward_params, postprocess_params
 
     def __call__(
-        self, images: ImageLike | Sequence[ImageLike], skip_invalid: bool = False, **kwargs: Any
-    ) -> dict | list[dict]:
-        """Detect anomalies in one image or a list of images (see the class docstring for the outputs)."""
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        if not items:
-            raise ValueError("No images were given: pass a path, a PIL image, an array, or a non-empty list of them.")
+        self, images: ImageLike | Iterable[ImageLike], skip_invalid: bool = False, **kwargs: Any
+    ) -> dict | list[dict] | Iterator[dict]:
+        """Detect anomalies in one image, a list, or a stream of images (see the class docstring)."""
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise ValueError(
+                    "No images were given: pass a path, a PIL image, an array, or a non-empty list of them."
+                )
+            return self._call_list(list(images), skip_invalid, kwargs)
+        if isinstance(images, (Iterator, TorchDataset)):
+            if skip_invalid:
+                return self._stream_skipping_invalid(images, kwargs)
+            if not isinstance(images, (types.GeneratorType, TorchDataset)):
+                images = (item for item in images)  # transformers streams generators
+            return super().__call__(images, **kwargs)
+        return self._call_list([images], skip_invalid, kwargs)[0]
+
+    def _call_list(self, items: list[ImageLike], skip_invalid: bool, kwargs: dict[str, Any]) -> list[dict]:
         if not skip_invalid:
-            results = super().__call__(items, **kwargs)
-            return results[0] if single else results
+            return super().__call__(items, **kwargs)
         loaded, errors = [], {}
         for index, item in enumerate(items):
             try:
-                loaded.append(load_image(item, index))
+                loaded.append(load_image(item, index, kwargs.get("timeout")))
             except ImageLoadError as error:
                 errors[index] = str(error)
         if errors:
             logger.warning("Skipped %d unreadable image(s): %s", len(errors), "; ".join(errors.values()))
         good_results = iter(super().__call__(loaded, **kwargs) if loaded else [])
-        results = [
+        return [
             {"image": str(item), "error": errors[index]} if index in errors else next(good_results)
             for index, item in enumerate(items)
         ]
-        return results[0] if single else results
 
-    def preprocess(self, image: ImageLike) -> dict[str, torch.Tensor]:
-        features = self.processor(images=image)
+    def _stream_skipping_invalid(self, images: Iterable[ImageLike], kwargs: dict[str, Any]) -> Iterator[dict]:
+        """Results of a stream with `skip_invalid`: a few batches at a time, so memory stays flat."""
+        chunk_size = 8 * max(1, kwargs.get("batch_size") or self._batch_size or 1)
+        chunk: list[ImageLike] = []
+        for item in images:
+            chunk.append(item)
+            if len(chunk) == chunk_size:
+                yield from self._call_list(chunk, True, kwargs)
+                chunk = []
+        if chunk:
+            yield from self._call_list(chunk, True, kwargs)
+
+    def preprocess(self, image: ImageLike, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        features = self.processor(images=load_image(image, timeout=timeout))
         return {
             "pixel_values": features["pixel_values"].to(self.dtype or torch.float32),
             "original_size": torch.tensor([features["original_sizes"][0]]),
@@ -177,4 +221,4 @@ def register_pipeline() -> None:
     )
 
 
-__all__ = ["AnomalyDetectionPipeline", "register_pipeline", "remote_code_pipelines"]
+__all__ = ["RESULT_KEYS", "TASK", "AnomalyDetectionPipeline", "register_pipeline", "remote_code_pipelines"]

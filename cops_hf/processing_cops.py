@@ -8,6 +8,7 @@ scaled to [0, 1], thresholded at 0.5. The mask rules are listed in docs/protocol
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -33,6 +34,11 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 # Modes PIL cannot resample with bicubic or convert to RGB faithfully: rescaled to 8-bit first.
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def decision_label(score: float, image_threshold: float) -> str:
+    """The decision for an image score: "anomalous" when `score >= image_threshold`, else "normal"."""
+    return "anomalous" if score >= image_threshold else "normal"
 
 
 class ImageLoadError(ValueError):
@@ -159,9 +165,34 @@ def _rescale_to_8bit(values: np.ndarray) -> Image.Image:
     return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
 
 
-def _open_image(item: ImageLike, index: int) -> Image.Image:
-    """Open a path, PIL image, numpy array or tensor as a PIL image in its own mode, with clear errors."""
+URL_TIMEOUT = 30.0
+"""Seconds an image URL may take to answer (see `load_image`)."""
+
+
+def _download_image(url: str, timeout: float | None) -> Image.Image:
+    """The image at an http(s) URL, read fully into memory."""
+    from urllib.error import URLError
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(url, timeout=URL_TIMEOUT if timeout is None else timeout) as response:
+            content = response.read()
+    except (URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise ImageLoadError(f"Image URL '{url}' cannot be downloaded ({reason}); check the address.") from error
+    try:
+        with Image.open(io.BytesIO(content)) as opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ImageLoadError(f"Image URL '{url}' did not return a readable image ({error}).") from error
+
+
+def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Image.Image:
+    """Open a path, URL, PIL image, numpy array or tensor as a PIL image in its own mode, with clear errors."""
     what = _describe(item, index)
+    if isinstance(item, str) and item.startswith(("http://", "https://")):
+        return _download_image(item, timeout)
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if path.is_dir():
@@ -180,12 +211,16 @@ def _open_image(item: ImageLike, index: int) -> Image.Image:
     raise ImageLoadError(f"{what}: expected a path, PIL image, numpy array or tensor.")
 
 
-def load_image(item: ImageLike, index: int = 0) -> Image.Image:
-    """Open a path, PIL image, numpy array or tensor as a PIL image (mode kept), with clear errors.
+def load_image(item: ImageLike, index: int = 0, timeout: float | None = None) -> Image.Image:
+    """Open a path, http(s) URL, PIL image, numpy array or tensor as a PIL image (mode kept), with clear errors.
 
     High-bit-depth single-channel images (16-bit, 32-bit, float) are min-max scaled to 8 bits.
+
+    Args:
+        index: position of `item` in its batch, for messages about unnamed inputs.
+        timeout: seconds a URL may take to answer (default `URL_TIMEOUT`).
     """
-    image = _open_image(item, index)
+    image = _open_image(item, index, timeout)
     if image.mode in _HIGH_BIT_DEPTH_MODES:
         image = _rescale_to_8bit(np.asarray(image, dtype=np.float64))
     return image
@@ -406,7 +441,8 @@ class CoPSProcessor(ProcessorMixin):
         Args:
             outputs: a `CoPSAnomalyDetectionOutput` (needs `image_scores` and `anomaly_maps`).
             target_sizes: `(height, width)` per image, e.g. the processor's `original_sizes`; maps are resized
-                bilinearly. `None` keeps the model resolution.
+                bilinearly. `None` uses `outputs.original_sizes` when the model was given them, else keeps the
+                model resolution.
             threshold: pixel threshold on the map: adds a boolean `mask`.
             image_threshold: threshold on the score: adds `label` ("anomalous" / "normal").
 
@@ -418,6 +454,8 @@ class CoPSProcessor(ProcessorMixin):
         threshold = None if threshold is None else check_threshold(threshold, "threshold")
         image_threshold = None if image_threshold is None else check_threshold(image_threshold, "image_threshold")
         maps = outputs.anomaly_maps.detach().float().cpu()
+        if target_sizes is None:
+            target_sizes = getattr(outputs, "original_sizes", None)
         if target_sizes is not None and len(target_sizes) != len(scores):
             raise ValueError(f"Got {len(target_sizes)} target sizes for {len(scores)} images.")
         results = []
@@ -430,7 +468,7 @@ class CoPSProcessor(ProcessorMixin):
             if threshold is not None:
                 result["mask"] = anomaly_map >= threshold
             if image_threshold is not None:
-                result["label"] = "anomalous" if float(score) >= image_threshold else "normal"
+                result["label"] = decision_label(float(score), image_threshold)
             results.append(result)
         return results
 
@@ -439,6 +477,7 @@ __all__ = [
     "CoPSImageProcessor",
     "CoPSProcessor",
     "ImageLoadError",
+    "decision_label",
     "NonFiniteScoreError",
     "MAX_IMAGE_PIXELS_ENV",
     "apply_pixel_limit_from_environment",

@@ -1,18 +1,13 @@
-"""Score images with a CoPS model and save heatmap overlays.
+"""Score images, folders or glob patterns with a CoPS model: scores.csv, heatmap overlays and masks in OUTPUT.
 
-    python examples/infer.py MODEL_DIR_OR_HUB_ID image1.png image2.png
+    python examples/infer.py MODEL_DIR_OR_HUB_ID OUTPUT image1.png photos/ "more/*.jpg"
 """
 
 import sys
 
-from transformers import pipeline
+from cops_hf.predict import expand_image_sources, load_detector, write_predictions
 
-import cops_hf  # noqa: F401  (registers the "anomaly-detection" task)
-from cops_hf.evaluation.plots import overlay
-from cops_hf.processing_cops import load_image
-
-model_name, *images = sys.argv[1:]
-detector = pipeline("anomaly-detection", model=model_name)
-for path, result in zip(images, detector(images, batch_size=4), strict=True):
-    print(f"{path}: score {result['score']:.3f} {result.get('label', '')}")
-    overlay(load_image(path), result["anomaly_map"], value_range=(0.0, 1.0)).save(f"{path}.overlay.png")
+model_name, output, *sources = sys.argv[1:]
+detector = load_detector(model_name)  # the "anomaly-detection" pipeline, on a GPU when there is one
+summary = write_predictions(detector, expand_image_sources(sources), output, batch_size=4)
+print(f"{summary.num_scored} images scored; see {summary.table_path}")

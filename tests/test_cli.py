@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import cops_hf
 from cops_hf import CoPSForAnomalyDetection, CoPSProcessor
 from cops_hf.cli import main
 from cops_hf.conversion import convert_original_checkpoint
 
 from .test_conversion import FIXTURE_NAMES, load_fixture, reference_weights
 from .tiny_models import tiny_model
+
+
+def _env() -> dict[str, str]:
+    """This process's environment with the checkout first on the path, so subprocesses import this code."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
 
 
 def test_convert_writes_a_loadable_model(tmp_path):
@@ -65,7 +77,7 @@ def test_predict_writes_overlays_and_scores(tmp_path):
     assert {row["label"] for row in rows[:2]} <= {"anomalous", "normal"}
     assert "broken.png" in rows[2]["error"]
     overlay = Image.open(output / rows[1]["overlay"])
-    assert overlay.size == (70, 60)
+    assert overlay.width > overlay.height >= 320  # drawn large enough to read, with a colour bar at the side
     assert np.asarray(overlay).std() > 5  # a real picture, not a blank
 
 
@@ -73,3 +85,93 @@ def test_help_lists_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "convert" in capsys.readouterr().out
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`cops-hf --help` and every subcommand's --help stay light: measured in a fresh interpreter."""
+    script = (
+        "import sys, contextlib, io\n"
+        "from cops_hf.cli import SUBCOMMANDS, main\n"
+        "for argv in [['--help'], *[[name, '--help'] for name, *_ in SUBCOMMANDS]]:\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'transformers', 'accelerate'}))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", script], capture_output=True, text=True, check=True, env=_env()
+    )
+    assert completed.stdout.strip() == "[]"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in completed.stderr.splitlines() if "|" in line}
+    assert "cops_hf.cli" in imported and not imported & {"torch", "transformers"}
+
+
+def test_version_and_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"cops-hf {cops_hf.__version__}"
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    help_text = capsys.readouterr().out
+    assert "examples:\n  cops-hf predict --model" in help_text and "--dtype {fp32,bf16,fp16}" in help_text
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "benchmark", "calibrate"])
+def test_missing_cuda_is_one_line(tmp_path, capsys, command):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    image = tmp_path / "part.png"
+    Image.new("RGB", (32, 32)).save(image)
+    target = {
+        "predict": [str(image), "--output", str(tmp_path / "out")],
+        "evaluate": ["--data", str(tmp_path), "--output", str(tmp_path / "out")],
+        "benchmark": ["--data-root", str(tmp_path), "--output", str(tmp_path / "out")],
+        "calibrate": ["--normal", str(image), "--output", str(tmp_path / "out")],
+    }[command]
+    capsys.readouterr()
+    code = main([command, "--model", str(model_dir), *target, "--device", "cuda", "--dtype", "bf16"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.count("\n") == 1 and error.startswith(f"cops-hf {command}: error: --device cuda: ")
+    assert "use --device cpu" in error
+    assert main([command, "--model", str(model_dir), *target, "--device", "tpu"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+
+
+def test_benchmark_that_evaluates_nothing_fails(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    (tmp_path / "data").mkdir()
+    capsys.readouterr()
+    code = main(
+        ["benchmark", "--model", str(model_dir), "--data-root", str(tmp_path / "data"), "--output",
+         str(tmp_path / "out"), "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 2
+    assert "no dataset of suite 'all' was evaluated" in capsys.readouterr().err
+
+
+def test_predict_expands_folders_and_globs_and_writes_json_and_masks(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    rng = np.random.default_rng(1)
+    for relative in ["imgs/a.png", "imgs/sub/b.jpg", "imgs/.hidden/c.png", "more/d.png", "more/e.png"]:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / relative)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    output = tmp_path / "out"
+    capsys.readouterr()
+    code = main(
+        ["-q", "predict", "--model", str(model_dir), str(tmp_path / "imgs"), str(tmp_path / "more" / "*.png"),
+         "--output", str(output), "--format", "json", "--threshold", "0.5", "--image-threshold", "0.5"]
+    )  # fmt: skip
+    assert code == 0 and capsys.readouterr().out == ""
+    rows = json.loads((output / "scores.json").read_text())
+    names = [Path(row["image"]).relative_to(tmp_path).as_posix() for row in rows]
+    assert names == ["imgs/a.png", "imgs/sub/b.jpg", "more/d.png", "more/e.png"]
+    assert all(isinstance(row["score"], float) and row["label"] in ("normal", "anomalous") for row in rows)
+    mask = np.asarray(Image.open(output / rows[0]["mask"]))
+    assert mask.shape == (40, 48) and set(np.unique(mask)) <= {0, 255}
+    assert main(["predict", "--model", str(model_dir), str(tmp_path / "nowhere"), "--output", str(output)]) == 2
+    assert "nowhere: no such file or folder" in capsys.readouterr().err

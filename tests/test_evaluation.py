@@ -82,7 +82,7 @@ def test_files_are_written_and_pictures_are_real(evaluated):
     overlays = sorted((output / "visualizations").glob("*/*.png"))
     assert len(overlays) == 10
     panel = np.asarray(Image.open(overlays[-1]).convert("RGB"))
-    assert panel.shape == (256, 768, 3) and panel[:, 512:].std() > 5
+    assert panel.shape[1] > 2 * panel.shape[0] and panel.std() > 5  # three titled panels side by side
 
 
 def test_evaluate_cli_single_and_two_processes_agree(model_dir, dataset_root, tmp_path):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
+import threading
+
+import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import pipeline
+from transformers.pipelines.pt_utils import KeyDataset
 
 from cops_hf import AnomalyDetectionPipeline, CoPSImageProcessor, CoPSProcessor, ImageLoadError
+from cops_hf.pipeline_anomaly_detection import RESULT_KEYS
 
 from .tiny_models import tiny_model
 
@@ -119,3 +126,63 @@ def test_pipeline_from_a_saved_directory_uses_its_processor(tmp_path, images):
     detector = pipeline("anomaly-detection", model=str(tmp_path))
     assert detector.processor.image_processor.size == 70
     assert detector(arrays[0])["anomaly_map"].shape == arrays[0].shape[:2]
+
+
+def test_generators_key_datasets_and_iterators_stream(detector, images):
+    arrays, _ = images
+    expected = detector(list(arrays), batch_size=2)
+    streamed = detector((array for array in arrays), batch_size=2)
+    assert not isinstance(streamed, list)  # an iterator, as for transformers' own pipelines
+    dataset = datasets.Dataset.from_dict({"image": [Image.fromarray(array) for array in arrays]})
+    from_key_dataset = list(detector(KeyDataset(dataset, "image"), batch_size=2))
+    from_iterator = list(detector(iter(arrays)))
+    skipping = list(detector((item for item in [arrays[0], "missing.png", arrays[1]]), skip_invalid=True))
+    for results in (list(streamed), from_key_dataset, from_iterator):
+        assert [result["score"] for result in results] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+    assert "missing.png" in skipping[1]["error"]
+    assert [skipping[0]["score"], skipping[2]["score"]] == pytest.approx(
+        [expected[0]["score"], expected[1]["score"]], abs=1e-5
+    )
+
+
+def test_urls_are_downloaded(detector, images, tmp_path):
+    arrays, path = images
+    Image.fromarray(arrays[0]).save(tmp_path / "part.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        from_url = detector(f"{base}/part.png")
+        assert from_url["score"] == pytest.approx(detector(path)["score"], abs=1e-6)
+        assert from_url["anomaly_map"].shape == arrays[0].shape[:2]
+        with pytest.raises(ImageLoadError, match="missing.png' cannot be downloaded"):
+            detector(f"{base}/missing.png")
+        with pytest.raises(ImageLoadError, match="did not return a readable image"):
+            detector(f"{base}/notes.txt")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_unknown_keyword_arguments_raise(detector, images):
+    arrays, _ = images
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'treshold'"):
+        detector(arrays[0], treshold=0.5)
+    with pytest.raises(TypeError, match="'colour'"):
+        pipeline("anomaly-detection", model=detector.model, colour="red")
+
+
+def test_model_accepts_the_processors_output(detector, images):
+    arrays, _ = images
+    processor, model = detector.processor, detector.model
+    inputs = processor(images=[arrays[0], arrays[1]])
+    with torch.no_grad():
+        outputs = model(**inputs, vae_noise=model.seeded_prior_noise(2, 0))
+    assert outputs.original_sizes == [arrays[0].shape[:2], arrays[1].shape[:2]]
+    results = processor.post_process_anomaly_detection(outputs)
+    assert [tuple(result["anomaly_map"].shape) for result in results] == outputs.original_sizes
+    assert results[1]["score"] == pytest.approx(detector(arrays[1])["score"], abs=1e-5)
+    assert set(detector(arrays[0], threshold=0.5, image_threshold=0.5)) == set(RESULT_KEYS)

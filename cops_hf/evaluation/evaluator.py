@@ -22,8 +22,15 @@ from accelerate import Accelerator
 from ..data import has_masks, load_meta_dataset
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor, load_image
+from ..visualization import (
+    DEFAULT_ALPHA,
+    DEFAULT_COLORMAP,
+    ColourScale,
+    check_style,
+    comparison_panel,
+    plot_curve_pair,
+)
 from .inference import predict_images
-from .plots import comparison_panel, plot_curves
 from .report import CategoryRecord, ZSADReport, compute_zsad_metrics
 
 logger = logging.getLogger(__name__)
@@ -65,6 +72,8 @@ def evaluate_dataset(
     num_visualizations: int = 8,
     accelerator: Accelerator | None = None,
     skip_invalid: bool = False,
+    colormap_name: str = DEFAULT_COLORMAP,
+    alpha: float = DEFAULT_ALPHA,
 ) -> EvaluationResult | None:
     """Evaluate `model` on `data_root/meta.json` and (on the main process) write the report files.
 
@@ -75,7 +84,9 @@ def evaluate_dataset(
             and independent of batching and sharding.
         output_dir: where to write `metrics.csv`, `metrics.json`, `predictions.csv` (`image_path`, `category`,
             `gt_label`, `pred_score`), overlay PNGs (`visualizations/<category>/`) and `roc.png` / `pr.png`.
-        num_visualizations: overlays per category (spread over normal and anomalous images).
+        num_visualizations: overlays per category (spread over normal and anomalous images); they show the
+            predicted mask when the model's config holds a calibrated pixel threshold.
+        colormap_name, alpha: colormap and opacity of the overlays (see `cops_hf.visualization`).
         accelerator: shards the dataset over its processes; `None` creates one (single process unless launched
             with `accelerate launch` / `torchrun`).
         skip_invalid: drop invalid meta.json records (missing or unreadable files, duplicates, ...) with a
@@ -86,6 +97,7 @@ def evaluate_dataset(
     """
     if batch_size < 1 or num_visualizations < 0:
         raise ValueError(f"Need batch_size >= 1 and num_visualizations >= 0; got {batch_size}, {num_visualizations}.")
+    check_style(colormap_name, alpha)
     accelerator = accelerator or Accelerator()
     if test_preset is not None:
         # A shallow copy shares the weights but not the config: the caller's model.config stays as it is.
@@ -160,7 +172,8 @@ def evaluate_dataset(
         image_labels=np.asarray([int(row["gt_label"]) for row in rows]),
     )
     if output_dir is not None:
-        result.files = _write_outputs(Path(output_dir), result, records, rows, num_visualizations)
+        style = {"colormap_name": colormap_name, "alpha": alpha, "pixel_threshold": model.config.pixel_threshold}
+        result.files = _write_outputs(Path(output_dir), result, records, rows, num_visualizations, style)
     return result
 
 
@@ -170,6 +183,7 @@ def _write_outputs(
     records: dict[str, CategoryRecord],
     rows: list[dict],
     num_visualizations: int,
+    style: dict[str, Any],
 ) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     files = [output_dir / "metrics.csv", output_dir / "metrics.json", output_dir / "predictions.csv"]
@@ -186,30 +200,65 @@ def _write_outputs(
             result.image_paths, result.categories, result.image_labels, result.image_scores, strict=True
         ):
             writer.writerow([path, category, int(label), f"{score:.6f}"])
-    for kind in ("roc", "pr"):
-        curves = [(name, record.image_scores, record.image_labels) for name, record in records.items()]
-        files.append(plot_curves(curves, output_dir / f"{kind}.png", kind=kind, title=f"image-level {kind.upper()}"))
-    if records and next(iter(records.values())).anomaly_maps is not None:
-        files.extend(_write_visualizations(output_dir / "visualizations", records, rows, num_visualizations))
+    pixel_level = bool(records) and next(iter(records.values())).anomaly_maps is not None
+    per_category = result.report.per_category
+    for kind, metric in (("roc", "auroc"), ("pr", "ap")):
+        levels = {
+            f"image-level {kind.upper()}": (
+                [(name, record.image_scores, record.image_labels) for name, record in records.items()],
+                {name: per_category[name].get(f"image_{metric}") for name in records},
+            )
+        }
+        if pixel_level:
+            levels[f"pixel-level {kind.upper()}"] = (
+                [(name, *_pixel_sample(record)) for name, record in records.items()],
+                {name: per_category[name].get(f"pixel_{metric}") for name in records},
+            )
+        files.append(plot_curve_pair(levels, output_dir / f"{kind}.png", kind=kind))
+    if pixel_level:
+        files.extend(_write_visualizations(output_dir / "visualizations", records, rows, num_visualizations, style))
     return files
 
 
+_PIXELS_PER_CURVE = 200_000
+"""Pixels drawn per category in the pixel-level curves (an even stride; the legends carry the exact metrics)."""
+
+
+def _pixel_sample(record: CategoryRecord) -> tuple[np.ndarray, np.ndarray]:
+    scores, labels = record.anomaly_maps.reshape(-1), record.gt_masks.reshape(-1)
+    stride = max(1, scores.size // _PIXELS_PER_CURVE)
+    return scores[::stride], labels[::stride]
+
+
 def _write_visualizations(
-    directory: Path, records: dict[str, CategoryRecord], rows: list[dict], per_category: int
+    directory: Path,
+    records: dict[str, CategoryRecord],
+    rows: list[dict],
+    per_category: int,
+    style: dict[str, Any],
 ) -> list[Path]:
-    """image | ground truth | map overlays for a spread of each category's images (anomalous first)."""
+    """Titled image | ground truth | overlay panels for a spread of each category's images (anomalous first).
+
+    The colours of a category share one scale (anchored to the pixel threshold, else the range of all its maps),
+    so that its panels compare. `style`: `render_panels` options (colormap_name, alpha, pixel_threshold).
+    """
     written = []
     for name, record in records.items():
         category_rows = [row for row in rows if row["cls_name"] == name]
         order = np.argsort(-np.asarray(record.image_labels), kind="stable")
         chosen = order[np.linspace(0, len(order) - 1, min(per_category, len(order))).astype(int)]
-        value_range = (float(np.min(record.anomaly_maps)), float(np.max(record.anomaly_maps)))
+        scale = ColourScale.for_maps(
+            record.anomaly_maps, style["pixel_threshold"], span_of=f"the range of all {name} maps"
+        )
         (directory / name).mkdir(parents=True, exist_ok=True)
         for position in sorted(set(chosen.tolist())):
             row = category_rows[position]
+            truth = "anomalous" if record.image_labels[position] else "normal"
             panel = comparison_panel(
-                load_image(row["image_path"]), record.anomaly_maps[position], record.gt_masks[position], value_range
-            )
+                load_image(row["image_path"]), record.anomaly_maps[position], record.gt_masks[position],
+                scale=scale, score=float(record.image_scores[position]),
+                title=f"{name} / {Path(row['image_path']).name} (truth: {truth})", **style,
+            )  # fmt: skip
             path = directory / name / f"{Path(row['image_path']).stem}_{position:04d}.png"
             panel.save(path)
             written.append(path)
