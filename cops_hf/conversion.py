@@ -99,9 +99,10 @@ _COPS_ENCODER_RENAMES = {
     "vae_encoder.log_var.bias": "class_token_vae.log_var_head.bias",
 }
 _VAE_ENCODER_PREFIXES = ("class_token_vae.encoder.", "class_token_vae.mean_head.", "class_token_vae.log_var_head.")
-OPENAI_CLIP_HUB_IDS = {
-    "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02": "openai/clip-vit-large-patch14-336",
-}
+VIT_L14_336_HUB_ID = "openai/clip-vit-large-patch14-336"
+"""OpenAI's CLIP ViT-L/14@336px on the Hub, in transformers format: the CLIP CoPS is published with."""
+
+OPENAI_CLIP_HUB_IDS = {"3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02": VIT_L14_336_HUB_ID}
 """SHA-256 of OpenAI's published CLIP files -> the Hub repository with the same weights in transformers format.
 
 A CLIP converted from such a file records that id as its `name_or_path` (and so as the CoPS model's
@@ -506,6 +507,7 @@ def _load_exact(module: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
 
 __all__ = [
     "OPENAI_CLIP_HUB_IDS",
+    "VIT_L14_336_HUB_ID",
     "CheckpointConversionError",
     "clip_config_from_openai",
     "convert_openai_clip_state_dict",

@@ -37,12 +37,12 @@ from huggingface_hub import constants, is_offline_mode, try_to_load_from_cache
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import WeakFileLock
 
-from .conversion import convert_original_checkpoint
+from .conversion import VIT_L14_336_HUB_ID, convert_original_checkpoint
 from .hub import CoPSHubError, friendly_hub_errors
 from .modeling_cops import CoPSForAnomalyDetection
 from .processing_cops import CoPSProcessor
 
-OFFICIAL_CLIP = "openai/clip-vit-large-patch14-336"
+OFFICIAL_CLIP = VIT_L14_336_HUB_ID
 """Hub id of the CLIP the official checkpoints were trained on (OpenAI's ViT-L/14@336px, transformers format)."""
 
 OFFICIAL_REPOSITORY = "github.com/cqylunlun/CoPS"
@@ -182,8 +182,11 @@ def download_official_checkpoint(
             with open(incomplete, "ab") as handle:
                 http_get(url, handle, resume_size=handle.tell(), displayed_filename=spec.filename)
         except (OSError, httpx2.HTTPError) as error:
+            if incomplete.stat().st_size == 0:
+                incomplete.unlink()  # nothing to resume from
+            reason = str(error).splitlines()[0]
             raise OfficialReleaseError(
-                f"Could not download {url}: {error}. Check the connection, or set {BASE_URL_ENV} to a mirror."
+                f"Could not download {url}: {reason}. Check the connection, or set {BASE_URL_ENV} to a mirror."
             ) from error
         actual = git_blob_sha1(incomplete)
         if actual != blob_sha1:

@@ -212,6 +212,11 @@ def test_a_corrupted_checkpoint_is_refused_and_nothing_is_cached(
     with pytest.raises(OfficialReleaseError, match="9b658b4cf04d05b69af77c151d22b10b24786fc2"):
         load_official("visa")
     assert not official.assets.exists()
+    # A mirror without the file: one line, nothing left behind either.
+    del official.files.files[VISA_PATH]
+    with pytest.raises(OfficialReleaseError, match="404") as raised:
+        load_official("visa", blob_sha1=official.visa_sha1)
+    assert "\n" not in str(raised.value) and not official.assets.exists()
 
 
 def test_a_killed_download_resumes_with_a_range_request(official: OfficialHosts, tmp_path: Path) -> None:
