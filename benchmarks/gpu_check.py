@@ -239,7 +239,10 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
                         "repeats": len(seconds),
                     })  # fmt: skip
             if device.type == "cuda":
-                kernels[dtype_name] = attention_kernels(model, single, single_noise, device)
+                try:
+                    kernels[dtype_name] = attention_kernels(model, single, single_noise, device)
+                except Exception as error:  # the profiler may be unavailable; keep the timings
+                    kernels[dtype_name] = {"error": first_line(error)}
         del model, baseline
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -497,6 +500,9 @@ def render_report(results: dict[str, Any], steps: list[dict[str, str]]) -> str:
             )
         lines.append("")
     for name, kernels in inference.get("attention", {}).items():
+        if "error" in kernels:
+            lines.append(f"- Attention, {name}: not inspected, {kernels['error']}")
+            continue
         fused = kernels["fused_backends_only"]
         flash = kernels.get("vision_on_flash_only")
         names = ", ".join(f"{kernel} x{count}" for kernel, count in kernels["attention_kernels"].items()) or "none"

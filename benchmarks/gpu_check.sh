@@ -71,9 +71,9 @@ run_all() {
     step tests 60 "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_gpu.py \
         --junitxml="$OUT/gpu_tests.xml" || failed=1
     step inference 100 "$PYTHON" -m benchmarks.gpu_check inference --out "$OUT" || failed=1
-    step precision 50 "$PYTHON" -m benchmarks.gpu_check precision --out "$OUT" || failed=1
+    step precision 70 "$PYTHON" -m benchmarks.gpu_check precision --out "$OUT" || failed=1
     step training 60 "$PYTHON" -m benchmarks.gpu_check training --out "$OUT" || failed=1
-    step onnx 75 "$PYTHON" -m benchmarks.gpu_check onnx --out "$OUT" || failed=1
+    step onnx 55 "$PYTHON" -m benchmarks.gpu_check onnx --out "$OUT" || failed=1
     step report 15 "$PYTHON" -m benchmarks.gpu_check report --out "$OUT" || failed=1
     return "$failed"
 }

@@ -522,7 +522,7 @@ SUBCOMMANDS: list[Subcommand] = [
         _run_demo,
     ),
     ("train", "Train CoPS on the labelled images of an auxiliary dataset.", _add_train_arguments, _run_train),
-    ("convert", "Convert the official CLIP + CoPS release files.", _add_convert_arguments, _run_convert),
+    ("convert", "Get an official CoPS detector, or convert CLIP + CoPS files.", _add_convert_arguments, _run_convert),
     ("predict", "Score images; write heatmap overlays and a CSV.", _add_predict_arguments, _run_predict),
     ("evaluate", "Evaluate on a meta.json dataset: metrics, plots.", _add_evaluate_arguments, _run_evaluate),
     ("calibrate", "Calibrate and store decision thresholds.", _add_calibrate_arguments, _run_calibrate),
@@ -538,7 +538,8 @@ EXAMPLES = {
     "demo": "  cops-hf demo --output cops-demo",
     "train": "  cops-hf train --clip openai/clip-vit-large-patch14-336 --data /data/VisA --preset visa --output run\n"
     "  accelerate launch -m cops_hf.cli train --clip ... --data ... --output ...   (several GPUs)",
-    "convert": "  cops-hf convert --clip ViT-L-14-336px.pt --checkpoint epoch_10.pth --output cops",
+    "convert": "  cops-hf convert --official visa --output cops\n"
+    "  cops-hf convert --clip ViT-L-14-336px.pt --checkpoint epoch_10.pth --output cops",
     "predict": "  cops-hf predict --model cops part.png --output out\n"
     "  cops-hf predict --model cops photos/ 'more/**/*.jpg' --output out --format json --device cuda",
     "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec",

@@ -249,3 +249,21 @@ def test_evaluate_with_a_preset_leaves_the_callers_config_alone(prepared: Path) 
     with_preset.config = with_preset.config.with_preset(test_dataset="visa")
     expected = evaluate_dataset(with_preset, processor, prepared / "visa_like", batch_size=4)
     np.testing.assert_allclose(result.image_scores, expected.image_scores, atol=1e-6)
+
+
+def test_masks_named_otherwise_pair_in_sorted_order_as_the_reference_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = make_fake_mvtec(tmp_path / "mvtec_like")
+    defect_masks = root / "bottle/ground_truth/broken_large"
+    for index, mask in enumerate(sorted(defect_masks.iterdir())):
+        mask.rename(defect_masks / f"gt_{index}.png")
+    assert main(["data", "prepare", "mvtec", str(root)]) == 0
+    assert f"The 2 masks in {defect_masks} do not share their images' names" in caplog.text
+    records = [record for record in read_meta_json(root)["test"]["bottle"] if record["specie_name"] == "broken_large"]
+    assert [(record["img_path"], record["mask_path"]) for record in records] == [
+        (f"bottle/test/broken_large/{index:03d}.png", f"bottle/ground_truth/broken_large/gt_{index}.png")
+        for index in range(2)
+    ]
+    (defect_masks / "gt_1.png").unlink()
+    assert main(["data", "prepare", "mvtec", str(root)]) == 2

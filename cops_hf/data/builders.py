@@ -1,13 +1,15 @@
 """Builders that index original dataset folder layouts into ``meta.json``.
 
 Every builder returns the meta dict and, unless ``write=False``, writes it to ``ROOT/meta.json`` atomically. Masks
-are matched to images by file stem (never by sorted position), so a missing or extra mask is an error that names
-the file instead of a silent misalignment.
+are matched to images by file stem, so a missing or extra mask is an error that names the file instead of a silent
+misalignment. Only a mask folder whose names match none of its images' but whose count does is paired in sorted
+order, as the reference's builders pair every folder, with a warning.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,6 +28,8 @@ __all__ = [
     "mvtec_layout_meta",
     "species_records",
 ]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
@@ -70,6 +74,24 @@ def _matching_mask(image: Path, masks_by_stem: dict[str, list[Path]], mask_dir: 
     )
 
 
+def _masks_for(images: list[Path], mask_dir: Path, mask_suffix: str) -> list[Path]:
+    """Each image's mask, matched by stem; failing that, in sorted order when both folders hold as many files
+    (what the reference's builders do), with a warning naming the folder."""
+    masks_by_stem = _masks_by_stem(mask_dir)
+    try:
+        return [_matching_mask(image, masks_by_stem, mask_dir, mask_suffix) for image in images]
+    except DataError:
+        masks = list_image_files(mask_dir)
+        if len(masks) != len(images):
+            raise
+        logger.warning(
+            "The %d masks in %s do not share their images' names: paired with the images in sorted order.",
+            len(masks),
+            mask_dir,
+        )
+        return masks
+
+
 def folder_records(
     root: str | os.PathLike[str],
     image_dir: str | os.PathLike[str],
@@ -88,8 +110,9 @@ def folder_records(
         category: ``cls_name`` of the records.
         anomaly: 0 or 1 for every image of the folder.
         specie_name: Defect type; default ``"good"`` for normal images and the folder name for anomalous ones.
-        mask_dir: Folder of masks for anomalous images, matched by stem (``<stem><mask_suffix>`` or ``<stem>``).
-            Normal images never get a mask.
+        mask_dir: Folder of masks for anomalous images, matched by stem (``<stem><mask_suffix>`` or ``<stem>``);
+            when the names do not match but the counts do, paired in sorted order with a warning. Normal images
+            never get a mask.
         mask_suffix: Suffix of mask file stems, e.g. ``"_mask"`` (MVTec) or ``"_Segmentation"`` (ISIC).
 
     Raises:
@@ -98,15 +121,12 @@ def folder_records(
     root = Path(os.path.abspath(root))
     image_dir = root / image_dir
     specie = specie_name if specie_name is not None else (NORMAL_SPECIE if anomaly == 0 else image_dir.name)
-    resolved_mask_dir = root / mask_dir if mask_dir is not None and anomaly == 1 else None
-    masks_by_stem = _masks_by_stem(resolved_mask_dir) if resolved_mask_dir is not None else {}
+    images = list_image_files(image_dir)
+    masks: list[Path | None] = [None] * len(images)
+    if mask_dir is not None and anomaly == 1:
+        masks = list(_masks_for(images, root / mask_dir, mask_suffix))
     records = []
-    for image in list_image_files(image_dir):
-        mask = (
-            _matching_mask(image, masks_by_stem, resolved_mask_dir, mask_suffix)
-            if resolved_mask_dir is not None
-            else None
-        )
+    for image, mask in zip(images, masks, strict=True):
         records.append(
             make_record(
                 _relative_posix(image, root),
