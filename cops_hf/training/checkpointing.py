@@ -13,6 +13,7 @@ temporary folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,13 +21,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import RNG_STATE_NAME, SAFE_MODEL_NAME
 from safetensors.torch import load_file
 
+from ..configuration_cops import CoPSConfig
 from ..modeling_cops import CoPSForAnomalyDetection
 from .config import TrainingConfig
+from .feature_cache import weights_digest
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 CLIP_PREFIX = "clip."
@@ -55,10 +59,62 @@ def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's files cannot be read (truncated, malformed): an earlier intact checkpoint may be used."""
+
+
+# CoPS config fields that may change between a run and its resumption (decisions and records, not the model).
+_CONFIG_FIELDS_OUTSIDE_FINGERPRINT = ("image_threshold", "pixel_threshold", "train_dataset", "train_split")
+
+
+def run_fingerprint(model: CoPSForAnomalyDetection, dataset: datasets.Dataset) -> dict[str, Any]:
+    """What a resumed run must train on to continue a checkpoint: the data files, the CLIP and the CoPS config.
+
+    `data` hashes each record's image and mask paths, their file sizes and its label; `clip` hashes the CLIP
+    weights; `config` is the model configuration (presets, sizes, widths) as a dict, so a refusal can name fields.
+    """
+    data = hashlib.sha256()
+    for image, mask, label in zip(dataset["image_path"], dataset["mask_path"], dataset["gt_label"], strict=True):
+        sizes = [os.path.getsize(path) if path and os.path.isfile(path) else -1 for path in (image, mask)]
+        data.update(f"{image}\t{sizes[0]}\t{mask}\t{sizes[1]}\t{label}\n".encode())
+    config = model.config.to_dict()
+    fields = {name: config[name] for name in CoPSConfig.__annotations__ if name in config}
+    for name in ("text_config", "vision_config"):
+        fields[name] = {key: value for key, value in config[name].items() if not key.startswith("_")}
+    for name in _CONFIG_FIELDS_OUTSIDE_FINGERPRINT:
+        fields.pop(name, None)
+    # Through JSON as trainer_state.json stores it, so that a fingerprint equals its reloaded copy.
+    return {"data": data.hexdigest(), "clip": weights_digest(model.clip), "config": json.loads(json.dumps(fields))}
+
+
+def _fingerprint_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    differences = []
+    if recorded["data"] != current["data"]:
+        differences.append("the training data (image and mask paths, file sizes or labels)")
+    if recorded["clip"] != current["clip"]:
+        differences.append("the CLIP weights")
+    old, new = recorded["config"], current["config"]
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            if isinstance(old.get(name), dict) and isinstance(new.get(name), dict):
+                before, after = old[name], new[name]
+                keys = sorted(key for key in set(before) | set(after) if before.get(key) != after.get(key))
+                differences += [f"{name}.{key}: was {before.get(key)!r}, now {after.get(key)!r}" for key in keys]
+            else:
+                differences.append(f"{name}: was {old.get(name)!r}, now {new.get(name)!r}")
+    return differences
+
+
 def trainer_state(
-    config: TrainingConfig, epoch: int, global_step: int, num_processes: int, num_samples: int
+    config: TrainingConfig,
+    epoch: int,
+    global_step: int,
+    num_processes: int,
+    num_samples: int,
+    fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What `trainer_state.json` records: the position in the run and the settings it must resume with."""
+    """What `trainer_state.json` records: the position in the run, the settings it must resume with and the
+    `run_fingerprint` of what it trains."""
     settings = {name: getattr(config, name) for name in RESUME_INVARIANTS}
     settings["adam_betas"] = list(settings["adam_betas"])
     return {
@@ -67,6 +123,7 @@ def trainer_state(
         "num_processes": num_processes,
         "num_samples": num_samples,
         **settings,
+        "fingerprint": fingerprint,
     }
 
 
@@ -135,15 +192,26 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, expected_state: 
         The checkpoint's trainer state (`epoch`, `global_step`, ...).
 
     Raises:
-        ValueError: the settings changed, a process's random states are missing, or the weights do not fit
-            the model.
+        ValueError: the settings, the data, the CLIP or the config changed (the message names what differs), or a
+            process's random states are missing.
+        CorruptCheckpointError: `trainer_state.json` or a file `load_state` reads is unreadable or malformed.
     """
-    state = json.loads((checkpoint / _STATE_FILENAME).read_text())
+    state_file = checkpoint / _STATE_FILENAME
+    required = ("epoch", "global_step", *RESUME_INVARIANTS, "num_processes", "num_samples")
+    try:
+        state = json.loads(state_file.read_text())
+        missing = [name for name in required if name not in state] if isinstance(state, dict) else list(required)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptCheckpointError(f"{state_file} cannot be read ({error}).") from error
+    if missing:
+        raise CorruptCheckpointError(f"{state_file} is malformed: it lacks {missing}.")
     mismatched = [
         f"{name}: checkpoint {state[name]!r}, now {expected_state[name]!r}"
         for name in (*RESUME_INVARIANTS, "num_processes", "num_samples")
         if state[name] != expected_state[name]
     ]
+    if state.get("fingerprint") and expected_state.get("fingerprint"):
+        mismatched += _fingerprint_differences(state["fingerprint"], expected_state["fingerprint"])
     if mismatched:
         raise ValueError(
             f"Cannot resume from {checkpoint}: the run's settings changed ({'; '.join(mismatched)}). Resume "
@@ -153,19 +221,25 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, expected_state: 
     if not rng_file.is_file():
         # Accelerate would go on without it, and the resumed run would silently differ from an uninterrupted one.
         raise ValueError(f"Cannot resume from {checkpoint}: {rng_file.name} is missing; start a new run.")
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:  # torch, safetensors and pickle raise many kinds for a damaged file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptCheckpointError(f"{checkpoint} cannot be loaded ({reason}).") from error
     return state
 
 
 __all__ = [
     "CHECKPOINTS_DIRNAME",
     "CLIP_PREFIX",
+    "CorruptCheckpointError",
     "RESUME_INVARIANTS",
     "checkpoints_folder",
     "cops_state_dict",
     "list_checkpoints",
     "load_checkpoint",
     "register_cops_weights_hooks",
+    "run_fingerprint",
     "save_checkpoint",
     "trainer_state",
 ]

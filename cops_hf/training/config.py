@@ -30,6 +30,8 @@ class TrainingConfig:
             instead of in memory; a later run over the same data and vision tower reuses it.
         resume: continue from the last complete checkpoint in `output_dir` (a fresh start when there is none).
         keep_checkpoints: number of most recent epoch checkpoints kept.
+        overwrite: train into an `output_dir` that holds the final model of an earlier run, replacing it (without
+            it, such a folder is refused).
         dataloader_num_workers: worker processes decoding images (uncached epochs).
         progress_bar: show a tqdm bar with the running loss terms (main process only).
         use_cpu: train on the CPU even when an accelerator (GPU) is present. Without one, the CPU is used anyway,
@@ -48,6 +50,7 @@ class TrainingConfig:
     cache_dir: str | os.PathLike[str] | None = None
     resume: bool = False
     keep_checkpoints: int = 2
+    overwrite: bool = False
     dataloader_num_workers: int = 0
     progress_bar: bool = True
     use_cpu: bool = False

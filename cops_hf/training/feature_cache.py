@@ -125,12 +125,20 @@ def vision_fingerprint(
     for column in ("image_path", "mask_path"):
         if column in dataset.column_names:
             digest.update("\n".join(dataset[column]).encode())
+    digest.update(weights_digest(model.clip.vision_model).encode())
     with torch.no_grad():
-        for name, parameter in model.clip.vision_model.named_parameters():
-            values = parameter.detach().double()
-            digest.update(f"{name}:{values.sum().item():.12e}:{values.abs().sum().item():.12e}".encode())
         digest.update(f"{model.clip.visual_projection.weight.double().sum().item():.12e}".encode())
     return digest.hexdigest()
 
 
-__all__ = ["VisionFeatureCache", "vision_fingerprint"]
+def weights_digest(module: torch.nn.Module) -> str:
+    """Hash of a module's parameters (name, sum and absolute sum of each): tells different weights apart cheaply."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            values = parameter.detach().double()
+            digest.update(f"{name}:{values.sum().item():.12e}:{values.abs().sum().item():.12e}".encode())
+    return digest.hexdigest()
+
+
+__all__ = ["VisionFeatureCache", "vision_fingerprint", "weights_digest"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPModel
+from transformers.utils import CONFIG_NAME
 
 from ..conversion import load_clip_model
 from ..file_utils import atomic_write
@@ -28,10 +30,12 @@ from ..modeling_cops import CoPSForAnomalyDetection, CoPSVisionOutput
 from ..processing_cops import CoPSProcessor
 from .checkpointing import (
     CLIP_PREFIX,
+    CorruptCheckpointError,
     checkpoints_folder,
     list_checkpoints,
     load_checkpoint,
     register_cops_weights_hooks,
+    run_fingerprint,
     save_checkpoint,
     trainer_state,
 )
@@ -42,6 +46,7 @@ from .feature_cache import VisionFeatureCache, vision_fingerprint
 logger = logging.getLogger(__name__)
 
 TRAIN_LOG_FILENAME = "train_log.jsonl"
+_FINAL_STAGING_PREFIX = ".final-"  # staging folder of the final model, renamed file by file into output_dir
 
 
 @dataclass
@@ -142,9 +147,16 @@ class CoPSTrainer:
                 f"{self.output_dir} holds checkpoints of an earlier run: pass resume=True (--resume) to continue it, "
                 "or choose another output_dir."
             )
+        if not config.resume and not config.overwrite and (self.output_dir / CONFIG_NAME).is_file():
+            raise ValueError(
+                f"{self.output_dir} holds the final model of an earlier run: pass overwrite=True (--overwrite) to "
+                "replace it, or choose another output_dir."
+            )
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._remove_interrupted_saves()
         accelerator.wait_for_everyone()
+        self.fingerprint = run_fingerprint(self.model, self.train_dataset)
         set_seed(config.seed, device_specific=True)
         self.model.clip.requires_grad_(False)
         self.model.train()
@@ -288,7 +300,8 @@ class CoPSTrainer:
     # -- checkpoints ----------------------------------------------------------------------------------------
 
     def _trainer_state(self, epoch: int) -> dict[str, Any]:
-        return trainer_state(self.config, epoch, self.global_step, self.accelerator.num_processes, len(self.samples))
+        num_processes, num_samples = self.accelerator.num_processes, len(self.samples)
+        return trainer_state(self.config, epoch, self.global_step, num_processes, num_samples, self.fingerprint)
 
     def _save_checkpoint(self, epoch: int) -> None:
         save_checkpoint(self.accelerator, self.output_dir, self._trainer_state(epoch), self.config.keep_checkpoints)
@@ -299,8 +312,16 @@ class CoPSTrainer:
         if not checkpoints:
             logger.warning("No checkpoint in %s: starting a fresh run.", checkpoints_folder(self.output_dir))
             return 0
-        checkpoint = checkpoints[-1]
-        state = load_checkpoint(self.accelerator, checkpoint, self._trainer_state(0))
+        for checkpoint in reversed(checkpoints):
+            try:
+                state = load_checkpoint(self.accelerator, checkpoint, self._trainer_state(0))
+                break
+            except CorruptCheckpointError as error:
+                logger.warning("Checkpoint %s is damaged (%s): trying the one before it.", checkpoint.name, error)
+        else:
+            raise ValueError(
+                f"No intact checkpoint in {checkpoints_folder(self.output_dir)}: start a new run (another output_dir)."
+            )
         self.global_step = state["global_step"]
         if self.accelerator.is_main_process:
             self._truncate_log(state["epoch"])
@@ -317,11 +338,18 @@ class CoPSTrainer:
         with atomic_write(log) as temporary:
             temporary.write_text("".join(line + "\n" for line in kept))
 
+    def _remove_interrupted_saves(self) -> None:
+        """Delete what a run killed while saving left behind: staging folders of the final model and checkpoints."""
+        staging = self.output_dir.glob(f"{_FINAL_STAGING_PREFIX}*")
+        for folder in [*staging, *checkpoints_folder(self.output_dir).glob(".epoch-*")]:
+            logger.warning("Removing %s, left by an interrupted save.", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
     def _save_final(self) -> None:
         """`save_pretrained` of model and processor into `output_dir`, each file moved into place atomically."""
         accelerator = self.accelerator
         if accelerator.is_main_process:
-            with tempfile.TemporaryDirectory(dir=self.output_dir, prefix=".final-") as staging:
+            with tempfile.TemporaryDirectory(dir=self.output_dir, prefix=_FINAL_STAGING_PREFIX) as staging:
                 self.model.save_pretrained(staging)
                 self.processor.save_pretrained(staging)
                 for path in Path(staging).iterdir():
