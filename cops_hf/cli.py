@@ -197,12 +197,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .predict import load_model_and_processor
 
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
+    # The test data decides, as in the reference; a model's recorded preset (an official release's intended one)
+    # serves data that records no dataset.
+    data_preset = meta_dataset_name(args.data)
     if args.preset:
         preset, source = args.preset, "--preset"
-    elif model.config.test_preset:  # e.g. an official detector: the preset it is meant for
-        preset, source = model.config.test_preset, "the preset the model's config records"
+    elif data_preset:
+        preset, source = data_preset, f"the dataset {args.data}/meta.json records"
     else:
-        preset, source = meta_dataset_name(args.data), f"the dataset {args.data}/meta.json records"
+        preset, source = model.config.test_preset, "the preset the model's config records"
     print(f"Test preset: {preset} ({source})" if preset else "Test preset: none recorded, the model's config as is")
     result = evaluate_dataset(
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset,

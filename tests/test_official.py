@@ -179,7 +179,7 @@ def test_evaluate_uses_the_preset_the_official_model_records(
         write_image(data / f"{index}.png", size=(16, 16), value=60 * index)
         mask = str(write_mask(data / f"{index}_mask.png", size=(16, 16)).name) if anomaly else ""
         records.append(make_record(f"{index}.png", cls_name="part", anomaly=anomaly, mask_path=mask))
-    (data / "meta.json").write_text(json.dumps({"test": {"part": records}, META_DATASET_KEY: "mvtec"}))
+    (data / "meta.json").write_text(json.dumps({"test": {"part": records}}))
 
     output = tmp_path / "evaluation"
     args = ["evaluate", "--model", str(tmp_path / "model"), "--data", str(data), "--output", str(output)]
@@ -187,9 +187,13 @@ def test_evaluate_uses_the_preset_the_official_model_records(
     assert "Test preset: visa (the preset the model's config records)" in capsys.readouterr().out
     protocol = json.loads((output / "metrics.json").read_text())["protocol"]
     assert (protocol["test_preset"], protocol["test_kernel_size"], protocol["image_score_beta"]) == ("visa", 3, 1.0)
-    # Told otherwise: the dataset's preset.
-    assert main([*args, "--num-visualizations", "0", "--cpu", "--preset", "mvtec"]) == 0
+    # Told otherwise: the dataset meta.json records decides, as the reference's test.py does, and so does --preset.
+    (data / "meta.json").write_text(json.dumps({"test": {"part": records}, META_DATASET_KEY: "mvtec"}))
+    assert main([*args, "--num-visualizations", "0", "--cpu"]) == 0
+    assert "Test preset: mvtec (the dataset" in capsys.readouterr().out
     assert json.loads((output / "metrics.json").read_text())["protocol"]["test_kernel_size"] == 5
+    assert main([*args, "--num-visualizations", "0", "--cpu", "--preset", "visa"]) == 0
+    assert json.loads((output / "metrics.json").read_text())["protocol"]["test_kernel_size"] == 3
 
 
 def test_a_corrupted_checkpoint_is_refused_and_nothing_is_cached(
