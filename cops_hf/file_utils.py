@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 
 @contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -36,6 +38,20 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def named_write_failures(target: str | os.PathLike[str], kept: str) -> Iterator[None]:
+    """Turn a failed write inside the block (disk full, quota, read-only folder) into one `OSError` naming `target`.
+
+    `kept` says what the failure left intact and what to do, e.g. "the last complete checkpoint ... is kept".
+    torch and safetensors report a failed write as `RuntimeError` / `SafetensorError`; the block must only write.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        raise OSError(f"could not write {target} ({reason}); {kept}") from error
 
 
 def read_json_file(path: str | os.PathLike[str], what: str = "JSON file") -> Any:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +127,39 @@ def test_no_intact_checkpoint_is_a_clear_error(finished_run, data_root, tmp_path
         (checkpoint / "trainer_state.json").write_text("[]")
     with pytest.raises(ValueError, match=f"No intact checkpoint in {run / 'checkpoints'}"):
         _train(data_root, run, num_epochs=3, resume=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs, so that a disk can really fill up; skipped where mounting is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); the disk-full test needs a small real disk")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_good_one(small_disk, data_root, capsys):
+    run = small_disk / "run"
+    argv = ["train", "--random-clip", "tiny", "--data", str(data_root), "--output", str(run), "--resume",
+            "--image-size", str(IMAGE_SIZE), "--no-cache"]  # fmt: skip
+    assert main([*argv, "--epochs", "1"]) == 0
+    first = run / "checkpoints" / "epoch-0001"
+    kept = {path.name: path.read_bytes() for path in first.iterdir()}
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    (small_disk / "filler").write_bytes(bytes(free - 16_384))
+    capsys.readouterr()
+
+    assert main([*argv, "--epochs", "2"]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"cops-hf train: error: could not write {run / 'checkpoints' / 'epoch-0002'} (")
+    assert "No space left on device" in message
+    assert f"the last complete checkpoint {first} is kept: free disk space, then rerun with --resume" in message
+    assert list_checkpoints(run) == [first]
+    assert {path.name: path.read_bytes() for path in first.iterdir()} == kept
+    assert not list((run / "checkpoints").glob(".epoch-*"))
+
+    (small_disk / "filler").unlink()
+    assert main([*argv, "--epochs", "2"]) == 0
+    assert [checkpoint.name for checkpoint in list_checkpoints(run)][-1] == "epoch-0002"

@@ -28,6 +28,7 @@ from accelerate.utils import RNG_STATE_NAME, SAFE_MODEL_NAME
 from safetensors.torch import load_file
 
 from ..configuration_cops import CoPSConfig
+from ..file_utils import named_write_failures
 from ..modeling_cops import CoPSForAnomalyDetection
 from .config import TrainingConfig
 from .feature_cache import weights_digest
@@ -165,13 +166,21 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict[str,
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
+    earlier = list_checkpoints(output_dir)
+    kept = f"the last complete checkpoint {earlier[-1]} is kept" if earlier else "no earlier checkpoint exists"
+    try:
+        with named_write_failures(final, f"{kept}: free disk space, then rerun with --resume"):
+            accelerator.save_state(str(temporary))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                (temporary / _STATE_FILENAME).write_text(json.dumps(state, indent=2))
+                for path in temporary.iterdir():
+                    with open(path, "rb") as written:
+                        os.fsync(written.fileno())
+    except OSError:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        (temporary / _STATE_FILENAME).write_text(json.dumps(state, indent=2))
-        for path in temporary.iterdir():
-            with open(path, "rb") as written:
-                os.fsync(written.fileno())
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)

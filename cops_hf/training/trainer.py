@@ -24,7 +24,7 @@ from transformers import CLIPModel
 from transformers.utils import CONFIG_NAME
 
 from ..conversion import load_clip_model
-from ..file_utils import atomic_write
+from ..file_utils import atomic_write, named_write_failures
 from ..losses import LOSS_TERMS
 from ..modeling_cops import CoPSForAnomalyDetection, CoPSVisionOutput
 from ..processing_cops import CoPSProcessor
@@ -348,10 +348,13 @@ class CoPSTrainer:
     def _save_final(self) -> None:
         """`save_pretrained` of model and processor into `output_dir`, each file moved into place atomically."""
         accelerator = self.accelerator
+        checkpoints = checkpoints_folder(self.output_dir)
+        kept = f"the checkpoints in {checkpoints} are kept: free disk space, then rerun with --resume"
         if accelerator.is_main_process:
             with tempfile.TemporaryDirectory(dir=self.output_dir, prefix=_FINAL_STAGING_PREFIX) as staging:
-                self.model.save_pretrained(staging)
-                self.processor.save_pretrained(staging)
+                with named_write_failures(self.output_dir / "model.safetensors", kept):
+                    self.model.save_pretrained(staging)
+                    self.processor.save_pretrained(staging)
                 for path in Path(staging).iterdir():
                     os.replace(path, self.output_dir / path.name)
         accelerator.wait_for_everyone()
