@@ -33,14 +33,15 @@ _PUBLIC_NAMES = {
     "AnomalyDetectionPipeline": "pipeline_anomaly_detection",
     "CoPSImageProcessor": "processing_cops",
     "CoPSProcessor": "processing_cops",
-    "ImageLoadError": "processing_cops",
+    "ImageLoadError": "image_utils",
 }
 
 if TYPE_CHECKING:
     from .configuration_cops import TEST_DATASET_PRESETS, TRAIN_DATASET_PRESETS, CoPSConfig
+    from .image_utils import ImageLoadError
     from .modeling_cops import CoPSAnomalyDetectionOutput, CoPSForAnomalyDetection, CoPSVisionOutput
     from .pipeline_anomaly_detection import AnomalyDetectionPipeline
-    from .processing_cops import CoPSImageProcessor, CoPSProcessor, ImageLoadError
+    from .processing_cops import CoPSImageProcessor, CoPSProcessor
 
 
 def __getattr__(name: str) -> Any:

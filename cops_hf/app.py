@@ -26,7 +26,8 @@ from typing import Any
 
 from PIL import Image
 
-from .processing_cops import ImageLoadError, decision_label, load_image
+from .image_utils import ImageLoadError, load_image
+from .schema import decision_label
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP, render_prediction
 
 APP_TITLE = "CoPS zero-shot anomaly detection"

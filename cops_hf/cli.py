@@ -605,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(args.verbosity, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from .processing_cops import apply_pixel_limit_from_environment
+        from .image_utils import apply_pixel_limit_from_environment
 
         apply_pixel_limit_from_environment()
         return args.run(args)

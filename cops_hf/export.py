@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from . import __version__
+from .image_utils import ImageLike
 from .modeling_cops import CoPSAnomalyDetectionOutput, CoPSForAnomalyDetection
-from .processing_cops import CoPSImageProcessor, CoPSProcessor, ImageLike
+from .processing_cops import CoPSImageProcessor, CoPSProcessor
 
 ONNX_METADATA_KEY = "cops_config"
 INPUT_NAME = "pixel_values"

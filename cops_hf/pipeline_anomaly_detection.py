@@ -14,8 +14,9 @@ from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_cops import check_model_type
+from .image_utils import ImageLike, ImageLoadError, load_image
 from .modeling_cops import CoPSAnomalyDetectionOutput
-from .processing_cops import CoPSProcessor, ImageLike, ImageLoadError, check_threshold, load_image
+from .processing_cops import CoPSProcessor, check_threshold
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .data.builders import IMAGE_SUFFIXES
+from .image_utils import IMAGE_SUFFIXES, is_image_file
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP
 
 OUTPUT_FORMATS = ("csv", "json")
@@ -93,7 +93,7 @@ def expand_image_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]
 
 
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    return is_image_file(path) and not path.name.startswith(".")
 
 
 def _images_under(folder: Path) -> list[str]:
@@ -145,7 +145,7 @@ def write_predictions(
     """
     from tqdm.auto import tqdm
 
-    from .processing_cops import load_image
+    from .image_utils import load_image
     from .visualization import check_style, render_prediction
 
     if output_format not in OUTPUT_FORMATS:

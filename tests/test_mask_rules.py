@@ -17,7 +17,7 @@ from cops_hf import CoPSImageProcessor, CoPSProcessor
 from cops_hf.data import load_meta_dataset, load_meta_dataset_with_report, make_record, write_meta_json
 from cops_hf.evaluation.calibration import calibrate_thresholds
 from cops_hf.evaluation.evaluator import evaluate_dataset
-from cops_hf.processing_cops import load_mask
+from cops_hf.image_utils import load_mask
 
 from .tiny_models import tiny_model
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..image_utils import IMAGE_SUFFIXES, is_image_file
 from .meta import NORMAL_SPECIE, DataError, Meta, make_record, write_meta_json
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
 
 def list_image_files(directory: str | os.PathLike[str]) -> list[Path]:
@@ -46,7 +46,7 @@ def list_image_files(directory: str | os.PathLike[str]) -> list[Path]:
     return sorted(
         path
         for path in directory.iterdir()
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+        if path.is_file() and not path.name.startswith(".") and is_image_file(path)
     )
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import datasets
 
-from ..processing_cops import ImageLoadError, open_image_file
+from ..image_utils import ImageLoadError, open_image_file
 from .meta import SPLITS, DataError, DataProblem, meta_dataset_name, meta_json_path, read_meta_json, record_problems
 
 __all__ = [

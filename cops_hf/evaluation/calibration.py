@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..image_utils import ImageLike
 from ..modeling_cops import CoPSForAnomalyDetection
-from ..processing_cops import CoPSProcessor, ImageLike
+from ..processing_cops import CoPSProcessor
 from .inference import predict_images
 from .metrics import f1_max_threshold
 

@@ -20,8 +20,9 @@ import numpy as np
 from accelerate import Accelerator
 
 from ..data import has_masks, load_meta_dataset
+from ..image_utils import load_image
 from ..modeling_cops import CoPSForAnomalyDetection
-from ..processing_cops import CoPSProcessor, load_image
+from ..processing_cops import CoPSProcessor
 from ..visualization import (
     DEFAULT_ALPHA,
     DEFAULT_COLORMAP,

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..image_utils import ImageLike
 from ..modeling_cops import CoPSForAnomalyDetection
-from ..processing_cops import CoPSProcessor, ImageLike, check_finite_scores
+from ..processing_cops import CoPSProcessor, check_finite_scores
 
 
 @dataclass

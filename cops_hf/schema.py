@@ -1,0 +1,50 @@
+"""The one vocabulary: field names of results, records and the files we write, and the two decisions.
+
+anomalib's names are used throughout: a prediction carries `pred_score`, `pred_label`, `anomaly_map` and
+`pred_mask`; ground truth carries `gt_label` and `gt_mask`. Evaluation, predict, reports, the app, serving and
+every file they write use these constants, never their own spellings.
+"""
+
+from __future__ import annotations
+
+NORMAL = "normal"
+"""The decision, and ground-truth class name, of an image without a defect."""
+
+ANOMALOUS = "anomalous"
+"""The decision, and ground-truth class name, of an image with a defect."""
+
+LABEL_NAMES = (NORMAL, ANOMALOUS)
+"""Class names by integer label: 0 is normal, 1 is anomalous."""
+
+IMAGE_PATH = "image_path"
+PRED_SCORE = "pred_score"
+PRED_LABEL = "pred_label"
+ANOMALY_MAP = "anomaly_map"
+PRED_MASK = "pred_mask"
+GT_LABEL = "gt_label"
+GT_MASK = "gt_mask"
+ERROR = "error"
+
+
+def decision_label(score: float, image_threshold: float) -> str:
+    """The decision for an image score: `ANOMALOUS` when `score >= image_threshold`, else `NORMAL`.
+
+    This is the one decision rule (pipeline, predict, evaluation, calibration, serving, ONNX runner).
+    """
+    return ANOMALOUS if score >= image_threshold else NORMAL
+
+
+__all__ = [
+    "ANOMALOUS",
+    "ANOMALY_MAP",
+    "ERROR",
+    "GT_LABEL",
+    "GT_MASK",
+    "IMAGE_PATH",
+    "LABEL_NAMES",
+    "NORMAL",
+    "PRED_LABEL",
+    "PRED_MASK",
+    "PRED_SCORE",
+    "decision_label",
+]
