@@ -41,6 +41,9 @@ from .losses import cops_objective
 
 NORMAL, ANOMALOUS = 0, 1
 
+DEFAULT_NOISE_SEED = 0
+"""Seed of the VAE prior noise an eval-mode forward uses when no `vae_noise` is passed (see `forward`)."""
+
 
 @dataclass
 class CoPSVisionOutput(ModelOutput):
@@ -673,8 +676,10 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
             masks: `[B, H, W]` binary ground-truth masks for the segmentation and prototype terms. Without masks
                 (image-level data) the loss is cls + kl (+ recon).
             vae_noise: noise for reproducible runs: `[B, S, D]` prior samples at inference (S may differ from
-                `config.vae_samples`), `[B, 1, D]` reparameterization noise with labels. Drawn from torch's
-                generator when omitted.
+                `config.vae_samples`), `[B, 1, D]` reparameterization noise with labels. When omitted, a model in
+                eval mode scores with the seeded prior noise `seeded_prior_noise(B, DEFAULT_NOISE_SEED)` (seed 0,
+                the pipeline's default), so the same input gives the same output on every call; in training mode
+                (or with labels) the noise is drawn from torch's generator.
             vision_outputs: precomputed [`CoPSVisionOutput`] (e.g. cached by the trainer) instead of pixel_values.
             return_dict: return a [`CoPSAnomalyDetectionOutput`] (default) or a tuple.
             original_sizes: `(height, width)` per image as [`CoPSProcessor`] returns them, so that
@@ -718,10 +723,12 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
             )
         else:
             noise = vae_noise
-            if noise is None:
+            if noise is None and self.training:
                 noise = torch.randn(
                     batch_size, self.config.vae_samples, dim, device=image_embeds.device, dtype=compute_dtype
                 )
+            elif noise is None:
+                noise = self.seeded_prior_noise(batch_size, DEFAULT_NOISE_SEED).to(image_embeds.device)
             self._check_noise(noise, (batch_size, None, dim))
             class_tokens = vae.decode(noise.to(compute_dtype))  # [B, S, D]
             text_embeds = self.synthesize_text_embeds(normal_prototypes, anomalous_prototypes, class_tokens)
@@ -819,6 +826,7 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
 
 
 __all__ = [
+    "DEFAULT_NOISE_SEED",
     "CoPSAnomalyDetectionOutput",
     "CoPSForAnomalyDetection",
     "CoPSPreTrainedModel",

@@ -146,11 +146,11 @@ class AnomalyDetectionPipeline(Pipeline):
 
     def _forward(self, model_inputs: dict[str, torch.Tensor], seed: int | None = 0) -> dict[str, torch.Tensor]:
         pixel_values = model_inputs["pixel_values"]
-        noise = None
-        if seed is not None:
-            noise = self.model.seeded_prior_noise(pixel_values.shape[0], seed).to(
-                pixel_values.device, pixel_values.dtype
-            )
+        if seed is None:  # fresh samples: an eval-mode forward without noise would use the seeded prior
+            noise = torch.randn(pixel_values.shape[0], self.model.config.vae_samples, self.model.config.projection_dim)
+        else:
+            noise = self.model.seeded_prior_noise(pixel_values.shape[0], seed)
+        noise = noise.to(pixel_values.device, pixel_values.dtype)
         outputs = self.model(pixel_values=pixel_values, vae_noise=noise)
         return {
             "image_scores": outputs.image_scores,
