@@ -484,9 +484,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
     model = CoPSForAnomalyDetection.from_pretrained(args.model)
     path = export_onnx(model, args.output, vae_samples=args.vae_samples, seed=args.seed, opset=args.opset)
-    print(f"Wrote {path}")
-    if args.int8:
-        print(f"Wrote {quantize_onnx_int8(path, path.with_suffix('.int8.onnx'))}")
+    written = [path, quantize_onnx_int8(path, path.with_suffix(".int8.onnx"))] if args.int8 else [path]
+    if args.verbosity >= 0:
+        print("\n".join(f"Wrote {item}" for item in written))
     return 0
 
 
@@ -599,11 +599,33 @@ def _is_input_error(error: Exception) -> bool:
     return isinstance(error, (ValueError, OSError)) or (hub is not None and isinstance(error, hub.CoPSHubError))
 
 
+def _route_library_logs(level: int, progress_bars: bool) -> None:
+    """Send transformers' and huggingface_hub's logs through the root handler only, at `level`.
+
+    Both libraries attach a handler of their own and also propagate to the root logger, so with `basicConfig` each
+    of their warnings (e.g. a download's retries) would print twice. Without `progress_bars` (`-q`) their bars
+    ("Loading weights", downloads) are off too.
+    """
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    for name in ("huggingface_hub", "transformers"):
+        library_logger = logging.getLogger(name)
+        for handler in list(library_logger.handlers):
+            library_logger.removeHandler(handler)
+        library_logger.propagate = True
+        library_logger.setLevel(level)
+    if not progress_bars:
+        huggingface_hub.utils.disable_progress_bars()
+        transformers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cops-hf` console script."""
     args = build_parser().parse_args(argv)
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(args.verbosity, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    _route_library_logs(level, progress_bars=args.verbosity >= 0)
     try:
         from .image_utils import apply_pixel_limit_from_environment
 

@@ -35,7 +35,7 @@ from typing import Any
 import httpx2
 from huggingface_hub import constants, is_offline_mode, try_to_load_from_cache
 from huggingface_hub.file_download import http_get
-from huggingface_hub.utils import WeakFileLock
+from huggingface_hub.utils import WeakFileLock, get_session
 
 from .conversion import VIT_L14_336_HUB_ID, convert_original_checkpoint
 from .hub import CoPSHubError, friendly_hub_errors
@@ -179,10 +179,11 @@ def download_official_checkpoint(
         if cached_official_checkpoint(release, blob_sha1=blob_sha1, cache_dir=cache_dir) is not None:
             return target  # another process finished it while this one waited for the lock
         try:
+            _check_reachable(url)
             with open(incomplete, "ab") as handle:
                 http_get(url, handle, resume_size=handle.tell(), displayed_filename=spec.filename)
         except (OSError, httpx2.HTTPError) as error:
-            if incomplete.stat().st_size == 0:
+            if incomplete.exists() and incomplete.stat().st_size == 0:
                 incomplete.unlink()  # nothing to resume from
             reason = str(error).splitlines()[0]
             raise OfficialReleaseError(
@@ -194,10 +195,21 @@ def download_official_checkpoint(
             raise OfficialReleaseError(
                 f"{url} is not the published {spec.filename}: its git blob SHA-1 is {actual}, expected {blob_sha1}. "
                 "The file was refused and nothing was cached; check the base URL (a mirror serving another file?) "
-                "and try again."
+                "and try again, or, to accept this file on purpose, give its SHA-1 with --checkpoint-sha1 "
+                "(blob_sha1= in Python)."
             )
         os.replace(incomplete, target)
     return target
+
+
+def _check_reachable(url: str) -> None:
+    """One quick HEAD request, so that an unreachable host fails at once instead of through the download's retries
+    (which are kept for outages in the middle of a transfer).
+
+    Raises:
+        httpx2.TransportError: the host cannot be reached (refused, unknown, timed out).
+    """
+    get_session().head(url, follow_redirects=True, timeout=constants.HF_HUB_ETAG_TIMEOUT)
 
 
 @contextmanager

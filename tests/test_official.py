@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -211,6 +212,7 @@ def test_a_corrupted_checkpoint_is_refused_and_nothing_is_cached(
     error = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in error
     assert error.startswith("cops-hf convert: error: ") and f"expected {official.visa_sha1}" in error
+    assert "--checkpoint-sha1" in error  # how to accept a different file on purpose
     assert not output.exists() and not official.assets.exists()
     # The published SHA-1 is the default: the tiny file is not the real release either.
     with pytest.raises(OfficialReleaseError, match="9b658b4cf04d05b69af77c151d22b10b24786fc2"):
@@ -255,6 +257,18 @@ def test_a_killed_download_resumes_with_a_range_request(official: OfficialHosts,
     assert checkpoint.name == "epoch_10.pth" and checkpoint.read_bytes() == content
     expected = _manual_conversion(official).state_dict()
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in expected.items())
+
+
+def test_no_network_without_offline_mode_is_one_line_without_retries(hub_env: dict[str, str], tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago: nobody listens on it
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {**hub_env, "HF_ENDPOINT": dead, BASE_URL_ENV: dead}
+    result = _cli(["convert", "--official", "visa", "--output", str(tmp_path / "model")], env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr  # no retry warnings, none printed twice
+    assert lines[0].startswith(f"cops-hf convert: error: Could not download {dead}{VISA_PATH}: ")
+    assert BASE_URL_ENV in lines[0] and not (tmp_path / "model").exists()
 
 
 def test_offline_without_the_files_names_both_and_the_manual_way(
