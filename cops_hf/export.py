@@ -25,11 +25,13 @@ from torch import nn
 from . import __version__
 from .image_utils import ImageLike
 from .modeling_cops import CoPSAnomalyDetectionOutput, CoPSForAnomalyDetection
-from .processing_cops import CoPSImageProcessor, CoPSProcessor
+from .processing_cops import CoPSImageProcessor, CoPSProcessor, check_finite_scores
 
 ONNX_METADATA_KEY = "cops_config"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = ("image_scores", "anomaly_maps")
+BATCH_AXIS = "batch"
+"""Name of the graph's one dynamic axis."""
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = range(14, 21)
 """Opsets the graph exports to: 14 adds the fused attention it needs, 20 is the TorchScript exporter's newest."""
@@ -76,10 +78,28 @@ def export_metadata(
     }
 
 
-def _write_metadata(path: Path, metadata: dict[str, Any]) -> None:
+def _write_metadata(
+    path: Path, metadata: dict[str, Any], output_shapes: dict[str, tuple[str | int, ...]] | None = None
+) -> None:
+    """Store `metadata` in the graph at `path`; `output_shapes` (name -> dims, a str a named dynamic axis) replace
+    the declared shapes of those outputs.
+
+    The exporter's shape inference gets the map's spatial axes wrong (it declares `[batch, batch, ...dim_2]`
+    through the reflect-padding gathers of the Gaussian blur), so the export states them.
+    """
     import onnx
 
     graph = onnx.load(str(path))
+    for output in graph.graph.output:
+        if output.name in (output_shapes or {}):
+            dims = output.type.tensor_type.shape.dim
+            del dims[:]
+            for size in output_shapes[output.name]:
+                dim = dims.add()
+                if isinstance(size, str):
+                    dim.dim_param = size
+                else:
+                    dim.dim_value = size
     del graph.metadata_props[:]
     graph.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps(metadata))
     onnx.save(graph, str(path))
@@ -121,7 +141,7 @@ def export_onnx(
     size = model.config.image_size
     # Traced with a batch of 2 so that no size-1 broadcasting is baked in for the batch axis.
     example = torch.zeros(2, model.config.vision_config.num_channels, size, size)
-    dynamic_batch = {0: "batch"}
+    dynamic_batch = {0: BATCH_AXIS}
     with torch.no_grad(), warnings.catch_warnings():
         # The input checks and the fixed image size are Python-level branches: baking them into the trace is
         # intended (only the batch axis is dynamic), so the tracer's warnings about them are noise.
@@ -136,7 +156,9 @@ def export_onnx(
             opset_version=opset,
             dynamo=False,
         )
-    _write_metadata(output, export_metadata(model, noise.shape[0], seed, image_processor))
+    scores_name, maps_name = OUTPUT_NAMES
+    shapes = {scores_name: (BATCH_AXIS,), maps_name: (BATCH_AXIS, size, size)}
+    _write_metadata(output, export_metadata(model, noise.shape[0], seed, image_processor), shapes)
     return output
 
 
@@ -194,19 +216,52 @@ class CoPSOnnxDetector:
 
     def __call__(
         self,
+        inputs: ImageLike | list[ImageLike] | None = None,
+        *,
         pixel_values: torch.Tensor | np.ndarray | None = None,
         images: ImageLike | list[ImageLike] | None = None,
-    ) -> CoPSAnomalyDetectionOutput:
-        """Score a batch given as `pixel_values` `[B, 3, H, W]` (from the processor) or as raw `images`.
+        threshold: float | None = None,
+        image_threshold: float | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]] | CoPSAnomalyDetectionOutput:
+        """Score images as the "anomaly-detection" pipeline does, or a batch of model inputs.
+
+        Args:
+            inputs: one image (a path, a PIL image, a numpy array or a tensor) or a list of them, as the pipeline
+                takes them: one result dict for one image, a list for a list (see [`detect`]).
+            pixel_values: `[B, 3, H, W]` from the processor (keyword only): returns the raw outputs.
+            images: raw images (keyword only): preprocessed, then as `pixel_values`.
+            threshold, image_threshold: with `inputs`, the pixel and score thresholds (default: the graph's
+                metadata, calibrated at export).
 
         Returns:
-            A [`CoPSAnomalyDetectionOutput`] with `image_scores` `[B]` and `anomaly_maps` `[B, H, W]` (torch
-            tensors), ready for `processor.post_process_anomaly_detection`.
+            With `inputs`, the pipeline's result dicts. With `pixel_values` or `images`, a
+            [`CoPSAnomalyDetectionOutput`] with `image_scores` `[B]` and `anomaly_maps` `[B, H, W]` (torch tensors),
+            ready for `processor.post_process_anomaly_detection`.
+
+        Raises:
+            NonFiniteScoreError: the graph gave a NaN or infinite score (its weights are broken).
         """
-        if (pixel_values is None) == (images is None):
-            raise ValueError("Pass exactly one of pixel_values or images.")
+        given = [value is not None for value in (inputs, pixel_values, images)]
+        if sum(given) != 1:
+            raise ValueError("Pass exactly one of: images to score (positional), pixel_values= or images=.")
+        if inputs is not None:
+            single = not isinstance(inputs, (list, tuple))
+            results = self.detect(inputs, threshold=threshold, image_threshold=image_threshold)
+            for result in results:
+                result["anomaly_map"] = result["anomaly_map"].numpy().astype(np.float32)
+                if "mask" in result:
+                    result["mask"] = result["mask"].numpy()
+            return results[0] if single else results
+        image_list = None
         if images is not None:
-            pixel_values = self.processor(images=images)["pixel_values"]
+            image_list = images if isinstance(images, (list, tuple)) else [images]
+            pixel_values = self.processor(images=image_list)["pixel_values"]
+        return self._run(pixel_values, image_list)
+
+    def _run(
+        self, pixel_values: torch.Tensor | np.ndarray, images: list[ImageLike] | None = None
+    ) -> CoPSAnomalyDetectionOutput:
+        """The graph's outputs for a batch; a non-finite score is refused, naming the image when it is a path."""
         if isinstance(pixel_values, torch.Tensor):
             pixel_values = pixel_values.detach().cpu().numpy()
         array = np.ascontiguousarray(pixel_values, dtype=np.float32)
@@ -216,18 +271,27 @@ class CoPSOnnxDetector:
                 f"pixel_values must have shape [batch, {', '.join(map(str, expected))}], got {list(array.shape)}."
             )
         scores, maps = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
-        return CoPSAnomalyDetectionOutput(image_scores=torch.from_numpy(scores), anomaly_maps=torch.from_numpy(maps))
+        image_scores = torch.from_numpy(scores)
+        check_finite_scores(image_scores, images)
+        return CoPSAnomalyDetectionOutput(image_scores=image_scores, anomaly_maps=torch.from_numpy(maps))
 
-    def detect(self, images: ImageLike | list[ImageLike]) -> list[dict[str, Any]]:
-        """Per image: `score` and `anomaly_map` at the original size, plus `label`/`mask` when the graph's metadata
-        holds calibrated thresholds (see [`CoPSProcessor.post_process_anomaly_detection`])."""
-        inputs = self.processor(images=images)
-        outputs = self(pixel_values=inputs["pixel_values"])
+    def detect(
+        self,
+        images: ImageLike | list[ImageLike],
+        threshold: float | None = None,
+        image_threshold: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Per image: `score` and `anomaly_map` (torch tensor) at the original size, plus `label`/`mask` when a
+        threshold is given or the graph's metadata holds a calibrated one (see
+        [`CoPSProcessor.post_process_anomaly_detection`])."""
+        image_list = images if isinstance(images, (list, tuple)) else [images]
+        inputs = self.processor(images=image_list)
+        outputs = self._run(inputs["pixel_values"], image_list)
         return self.processor.post_process_anomaly_detection(
             outputs,
             target_sizes=inputs["original_sizes"],
-            threshold=self.metadata["pixel_threshold"],
-            image_threshold=self.metadata["image_threshold"],
+            threshold=threshold if threshold is not None else self.metadata["pixel_threshold"],
+            image_threshold=image_threshold if image_threshold is not None else self.metadata["image_threshold"],
         )
 
 

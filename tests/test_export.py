@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,8 +15,8 @@ import torch
 from PIL import Image
 
 from cops_hf.cli import main
-from cops_hf.export import ONNX_METADATA_KEY, CoPSOnnxDetector, fixed_vae_noise
-from cops_hf.processing_cops import CoPSProcessor
+from cops_hf.export import ONNX_METADATA_KEY, CoPSOnnxDetector, export_onnx, fixed_vae_noise
+from cops_hf.processing_cops import CoPSProcessor, NonFiniteScoreError
 
 from .tiny_models import tiny_model
 
@@ -99,6 +103,8 @@ def test_detector_rejects_wrong_input(exported, tmp_path):
     detector = CoPSOnnxDetector(path)
     with pytest.raises(ValueError, match="exactly one"):
         detector()
+    with pytest.raises(ValueError, match="exactly one"):
+        detector(tmp_path / "a.png", pixel_values=torch.zeros(1, 3, 98, 98))
     with pytest.raises(ValueError, match=r"\[batch, 3, 98, 98\]"):
         detector(pixel_values=torch.zeros(1, 3, 112, 112))
     bare = tmp_path / "bare.onnx"
@@ -107,3 +113,59 @@ def test_detector_rejects_wrong_input(exported, tmp_path):
     onnx.save(graph, str(bare))
     with pytest.raises(ValueError, match=ONNX_METADATA_KEY):
         CoPSOnnxDetector(bare)
+
+
+def test_outputs_name_their_dimensions(exported):
+    _, path = exported
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shapes = {
+        output.name: [dim.dim_param or dim.dim_value for dim in output.type.tensor_type.shape.dim]
+        for output in graph.output
+    }
+    assert shapes == {"image_scores": ["batch"], "anomaly_maps": ["batch", 98, 98]}
+
+
+def test_detector_is_called_like_the_pipeline_with_paths_pil_images_and_arrays(exported, tmp_path):
+    model, path = exported
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in [(120, 90, 3), (64, 80, 3), (70, 70, 3)]]
+    Image.fromarray(arrays[0]).save(tmp_path / "part.png")
+    detector = CoPSOnnxDetector(path)
+    results = detector([str(tmp_path / "part.png"), Image.fromarray(arrays[1]), arrays[2]])
+    single = detector(str(tmp_path / "part.png"))
+    pixel_values = detector.processor(images=[Image.fromarray(array) for array in arrays])["pixel_values"]
+    with torch.no_grad():
+        expected = model(pixel_values, vae_noise=fixed_vae_noise(model, VAE_SAMPLES, SEED).expand(3, -1, -1))
+    assert [result["score"] for result in results] == pytest.approx(expected.image_scores.tolist(), abs=1e-4)
+    assert [result["anomaly_map"].shape for result in results] == [(120, 90), (64, 80), (70, 70)]
+    assert all(result["anomaly_map"].dtype == np.float32 for result in results)
+    assert results[0]["mask"].dtype == np.bool_ and results[0]["label"] in ("normal", "anomalous")
+    assert isinstance(single, dict) and single["score"] == pytest.approx(results[0]["score"], abs=1e-6)
+
+
+def test_detector_refuses_non_finite_scores(tmp_path):
+    model = tiny_model(seed=3)
+    with torch.no_grad():
+        model.prompt_synthesizer.normal_context.fill_(float("nan"))
+    path = export_onnx(model, tmp_path / "broken.onnx", vae_samples=2)
+    Image.fromarray(np.zeros((50, 60, 3), dtype=np.uint8)).save(tmp_path / "part.png")
+    with pytest.raises(NonFiniteScoreError, match=f"non-finite anomaly score .* for '{tmp_path / 'part.png'}'"):
+        CoPSOnnxDetector(path)(str(tmp_path / "part.png"))
+
+
+def test_quiet_export_prints_nothing_not_even_loading_bars(exported, tmp_path):
+    model, _ = exported
+    model.save_pretrained(tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+
+    def export(*flags: str) -> subprocess.CompletedProcess:
+        output = tmp_path / f"model{len(flags)}.onnx"
+        command = ["export", *flags, "--model", str(tmp_path / "model"), "--output", str(output)]
+        return subprocess.run([sys.executable, "-m", "cops_hf.cli", *command], env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+
+    loud, quiet = export(), export("-q")
+    assert loud.returncode == 0 and "Loading weights" in loud.stderr and "Wrote" in loud.stdout
+    assert quiet.returncode == 0 and (quiet.stdout, quiet.stderr) == ("", "")
+    assert (tmp_path / "model1.onnx").is_file()
