@@ -37,6 +37,38 @@ def _style(args: argparse.Namespace) -> dict[str, object]:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def _add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tile", type=_positive_int, metavar="PIXELS",
+        help="score large images by overlapping tiles of this many original pixels (e.g. 518), stitched back to full "
+        "resolution (default: the whole image, resized)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tile-overlap", type=_overlap, metavar="FRACTION",
+        help="with --tile: fraction of a tile shared with its neighbour, in [0, 1) (default 0.25)",
+    )  # fmt: skip
+
+
+def _tiling(args: argparse.Namespace) -> dict[str, object]:
+    """The tiling options given on the command line; `--tile-overlap` alone is refused."""
+    if args.tile is None:
+        if args.tile_overlap is not None:
+            raise ValueError("--tile-overlap applies to tiles: give --tile too (e.g. --tile 518)")
+        return {}
+    return {"tile_size": args.tile, "tile_overlap": 0.25 if args.tile_overlap is None else args.tile_overlap}
+
+
+def _overlap(text: str) -> float:
+    """argparse type: a fraction in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     if not text.strip().isdigit() or int(text) < 1:
@@ -131,6 +163,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=1)
     parser.add_argument("--no-overlays", action="store_true", help="write the table only")
     parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
+    _add_tiling_arguments(parser)
     _add_style_arguments(parser)
     _add_device_arguments(parser)
 
@@ -138,13 +171,16 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from .predict import expand_image_sources, load_detector, write_predictions
 
+    tiling = _tiling(args)
+    if tiling and args.batch_size > 1:
+        raise ValueError("--tile scores each image's tiles as one batch: leave out --batch-size")
     images = expand_image_sources(args.images)
     detector = load_detector(args.model, device=args.device, dtype=args.dtype)
     summary = write_predictions(
         detector, images, args.output, output_format=args.format, batch_size=args.batch_size,
         skip_invalid=args.skip_invalid, threshold=args.threshold, image_threshold=args.image_threshold,
         overlays=not args.no_overlays, progress=args.verbosity >= 0,
-        on_row=_print_row if args.verbosity > 0 else None, **_style(args),
+        on_row=_print_row if args.verbosity > 0 else None, **_style(args), **tiling,
     )  # fmt: skip
     if args.verbosity >= 0:
         print(f"Scored {summary.num_scored} image(s), {summary.num_failed} unreadable; wrote {summary.table_path}")
@@ -175,6 +211,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=_non_negative_int, default=8, help="Overlays per category.")
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
+    _add_tiling_arguments(parser)
     _add_style_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
@@ -196,6 +233,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluator import evaluate_dataset
     from .predict import load_model_and_processor
 
+    tiling = _tiling(args)
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     # The test data decides, as in the reference; a model's recorded preset (an official release's intended one)
     # serves data that records no dataset.
@@ -211,7 +249,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
         num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device),
-        skip_invalid=args.skip_invalid, **_style(args),
+        skip_invalid=args.skip_invalid, **_style(args), **tiling,
     )  # fmt: skip
     if result is not None:
         print(result.report.format_table())

@@ -95,6 +95,9 @@ class CoPSAnomalyDetectionOutput(ModelOutput):
         image_scores (`torch.FloatTensor` of shape `(batch_size,)`):
             Anomaly score per image in [0, 1]. In training mode (labels given) this is the unfused global
             probability of the anomalous state.
+        global_scores (`torch.FloatTensor` of shape `(batch_size,)`, *optional*, at inference):
+            The class-token part of `image_scores`: the anomalous-state probability of the global image token,
+            before `config.image_score_beta` fuses it with the maximum patch score (tiling re-fuses them).
         anomaly_maps (`torch.FloatTensor` of shape `(batch_size, height, width)`):
             Per-pixel anomaly map at input resolution: distance-weighted, nearest-upsampled and Gaussian-smoothed
             at inference; the unweighted, unsmoothed anomalous-state probability in training mode.
@@ -116,6 +119,7 @@ class CoPSAnomalyDetectionOutput(ModelOutput):
     image_scores: torch.FloatTensor | None = None
     anomaly_maps: torch.FloatTensor | None = None
     patch_scores: torch.FloatTensor | None = None
+    global_scores: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     normal_distances: torch.FloatTensor | None = None
@@ -810,7 +814,10 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         beta = self.config.image_score_beta
         image_scores = beta * global_scores + (1.0 - beta) * patch_scores.amax(dim=-1)
         return CoPSAnomalyDetectionOutput(
-            image_scores=image_scores, anomaly_maps=anomaly_maps, patch_scores=patch_scores
+            image_scores=image_scores,
+            anomaly_maps=anomaly_maps,
+            patch_scores=patch_scores,
+            global_scores=global_scores,
         )
 
     @staticmethod

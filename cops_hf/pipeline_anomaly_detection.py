@@ -16,11 +16,14 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .configuration_cops import check_model_type
 from .image_utils import ImageLike, ImageLoadError, load_image
 from .modeling_cops import CoPSAnomalyDetectionOutput
-from .processing_cops import CoPSProcessor, check_threshold
+from .processing_cops import CoPSProcessor, check_threshold, check_tiling
 
 logger = logging.getLogger(__name__)
 
 TASK = "anomaly-detection"
+
+TILE_BATCH_SIZE = 8
+"""Tiles of one image scored per forward when the pipeline tiles (`tile_size`)."""
 
 
 RESULT_KEYS = {
@@ -47,6 +50,9 @@ class AnomalyDetectionPipeline(Pipeline):
         image_threshold: threshold on the score (default: `config.image_threshold`).
         seed: seed of each image's VAE class-token noise (default 0), so that a result does not depend on the
             batch an image falls in; `None` draws fresh noise from torch's generator.
+        tile_size, tile_overlap: score large images by overlapping tiles of `tile_size` original pixels, stitched
+            back to full resolution (default: the processor's, no tiling); see [`CoPSImageProcessor`]. Each image's
+            tiles are scored together in batches of `TILE_BATCH_SIZE`, so `batch_size` must stay 1 with tiling.
         skip_invalid: with `True`, unreadable images give `{"image": ..., "error": ...}` entries (and a warning)
             instead of raising; without it the first unreadable image raises an error naming it.
         timeout: seconds an image URL may take to answer.
@@ -74,14 +80,22 @@ class AnomalyDetectionPipeline(Pipeline):
         image_threshold: float | None = None,
         seed: int | None | str = "default",
         timeout: float | None = None,
+        tile_size: int | None | str = "default",
+        tile_overlap: float | None = None,
         **unknown: Any,
     ) -> tuple[dict, dict, dict]:
         if unknown:
             raise TypeError(
                 f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(map(repr, sorted(unknown)))}; "
-                "it takes threshold, image_threshold, seed, skip_invalid, timeout, batch_size and num_workers."
+                "it takes threshold, image_threshold, seed, tile_size, tile_overlap, skip_invalid, timeout, "
+                "batch_size and num_workers."
             )
-        preprocess_params = {} if timeout is None else {"timeout": timeout}
+        preprocess_params: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        if tile_size != "default" or tile_overlap is not None:
+            image_processor = self.processor.image_processor
+            tile_size = image_processor.tile_size if tile_size == "default" else tile_size
+            tile_overlap = image_processor.tile_overlap if tile_overlap is None else tile_overlap
+            preprocess_params["tile_size"], preprocess_params["tile_overlap"] = check_tiling(tile_size, tile_overlap)
         forward_params = {} if seed == "default" else {"seed": seed}
         postprocess_params = {}
         if threshold is not None:
@@ -94,6 +108,7 @@ class AnomalyDetectionPipeline(Pipeline):
         self, images: ImageLike | Iterable[ImageLike], skip_invalid: bool = False, **kwargs: Any
     ) -> dict | list[dict] | Iterator[dict]:
         """Detect anomalies in one image, a list, or a stream of images (see the class docstring)."""
+        self._check_batching(kwargs)
         if isinstance(images, (list, tuple)):
             if not images:
                 raise ValueError(
@@ -107,6 +122,15 @@ class AnomalyDetectionPipeline(Pipeline):
                 images = (item for item in images)  # transformers streams generators
             return super().__call__(images, **kwargs)
         return self._call_list([images], skip_invalid, kwargs)[0]
+
+    def _check_batching(self, kwargs: dict[str, Any]) -> None:
+        tiling = self._preprocess_params.get("tile_size", self.processor.image_processor.tile_size)
+        if kwargs.get("tile_size", "default") != "default":
+            tiling = kwargs["tile_size"]
+        if tiling is not None and (kwargs.get("batch_size") or self._batch_size or 1) > 1:
+            raise ValueError(
+                "With tile_size, the pipeline scores each image's tiles as one batch of tiles; leave batch_size at 1."
+            )
 
     def _call_list(self, items: list[ImageLike], skip_invalid: bool, kwargs: dict[str, Any]) -> list[dict]:
         if not skip_invalid:
@@ -137,26 +161,36 @@ class AnomalyDetectionPipeline(Pipeline):
         if chunk:
             yield from self._call_list(chunk, True, kwargs)
 
-    def preprocess(self, image: ImageLike, timeout: float | None = None) -> dict[str, torch.Tensor]:
-        features = self.processor(images=load_image(image, timeout=timeout))
-        return {
+    def preprocess(self, image: ImageLike, timeout: float | None = None, **tiling: Any) -> dict[str, Any]:
+        features = self.processor(images=load_image(image, timeout=timeout), **tiling)
+        inputs = {
             "pixel_values": features["pixel_values"].to(self.dtype or torch.float32),
             "original_size": torch.tensor([features["original_sizes"][0]]),
         }
+        if "tiles" in features:
+            inputs["tiles"] = features["tiles"][0]
+        return inputs
 
-    def _forward(self, model_inputs: dict[str, torch.Tensor], seed: int | None = 0) -> dict[str, torch.Tensor]:
+    def _forward(self, model_inputs: dict[str, Any], seed: int | None = 0) -> dict[str, Any]:
         pixel_values = model_inputs["pixel_values"]
         if seed is None:  # fresh samples: an eval-mode forward without noise would use the seeded prior
             noise = torch.randn(pixel_values.shape[0], self.model.config.vae_samples, self.model.config.projection_dim)
         else:
             noise = self.model.seeded_prior_noise(pixel_values.shape[0], seed)
         noise = noise.to(pixel_values.device, pixel_values.dtype)
-        outputs = self.model(pixel_values=pixel_values, vae_noise=noise)
-        return {
-            "image_scores": outputs.image_scores,
-            "anomaly_maps": outputs.anomaly_maps,
-            "original_size": model_inputs["original_size"],
+        chunks = [
+            self.model(pixel_values=pixel_values[start : start + TILE_BATCH_SIZE],
+                       vae_noise=noise[start : start + TILE_BATCH_SIZE])
+            for start in range(0, len(pixel_values), TILE_BATCH_SIZE)
+        ]  # fmt: skip
+        outputs = {
+            name: torch.cat([getattr(chunk, name) for chunk in chunks])
+            for name in ("image_scores", "anomaly_maps", "patch_scores", "global_scores")
         }
+        outputs["original_size"] = model_inputs["original_size"]
+        if "tiles" in model_inputs:
+            outputs["tiles"] = model_inputs["tiles"]
+        return outputs
 
     def postprocess(
         self,
@@ -167,14 +201,19 @@ class AnomalyDetectionPipeline(Pipeline):
         config = self.model.config
         threshold = threshold if threshold is not None else config.pixel_threshold
         image_threshold = image_threshold if image_threshold is not None else config.image_threshold
+        tiles = model_outputs.get("tiles")
         (result,) = self.processor.post_process_anomaly_detection(
             CoPSAnomalyDetectionOutput(
                 image_scores=model_outputs["image_scores"].reshape(-1),
                 anomaly_maps=model_outputs["anomaly_maps"].reshape(-1, *model_outputs["anomaly_maps"].shape[-2:]),
+                patch_scores=model_outputs["patch_scores"].reshape(-1, model_outputs["patch_scores"].shape[-1]),
+                global_scores=model_outputs["global_scores"].reshape(-1),
             ),
             target_sizes=[tuple(model_outputs["original_size"].reshape(-1).tolist())],
             threshold=threshold,
             image_threshold=image_threshold,
+            tiles=None if tiles is None else [tiles],
+            image_score_beta=config.image_score_beta,
         )
         result["anomaly_map"] = result["anomaly_map"].numpy().astype(np.float32)
         if "mask" in result:

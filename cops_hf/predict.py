@@ -131,6 +131,8 @@ def write_predictions(
     alpha: float = DEFAULT_ALPHA,
     on_row: Callable[[dict[str, str]], None] | None = None,
     progress: bool = True,
+    tile_size: int | None = None,
+    tile_overlap: float = 0.25,
 ) -> PredictionSummary:
     """Score `images` with `detector` (an "anomaly-detection" pipeline) and write one row per image as it is scored.
 
@@ -142,6 +144,8 @@ def write_predictions(
         colormap_name, alpha: colormap and opacity of the overlays.
         on_row: called with each row once it is written (the CLI prints it).
         progress: show a tqdm bar.
+        tile_size, tile_overlap: score by overlapping tiles of `tile_size` original pixels, stitched back to the
+            image's full resolution (the pipeline's `tile_size`; `batch_size` must then be 1).
     """
     from tqdm.auto import tqdm
 
@@ -160,6 +164,7 @@ def write_predictions(
     options = {"batch_size": batch_size, "skip_invalid": skip_invalid}
     options.update({"threshold": threshold} if threshold is not None else {})
     options.update({"image_threshold": image_threshold} if image_threshold is not None else {})
+    options.update({"tile_size": tile_size, "tile_overlap": tile_overlap} if tile_size is not None else {})
     with (
         open(summary.table_path, "w", newline="") as handle,
         tqdm(total=len(images), unit="image", disable=not progress) as bar,

@@ -55,12 +55,105 @@ def check_threshold(value: Any, name: str = "threshold") -> float:
     return float(value)
 
 
+def check_tiling(tile_size: Any, tile_overlap: Any) -> tuple[int | None, float]:
+    """`(tile_size, tile_overlap)` checked: `tile_size` None (no tiling) or a positive int; overlap in [0, 1)."""
+    if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer))
+                                  or tile_size < 1):  # fmt: skip
+        raise ValueError(f"tile_size must be a positive number of pixels (or None for no tiling), got {tile_size!r}.")
+    is_number = isinstance(tile_overlap, (int, float, np.integer, np.floating)) and not isinstance(tile_overlap, bool)
+    if not is_number or not 0.0 <= tile_overlap < 1.0:
+        raise ValueError(f"tile_overlap must be a fraction of the tile in [0, 1), got {tile_overlap!r}.")
+    return (None if tile_size is None else int(tile_size)), float(tile_overlap)
+
+
+def _tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of `tile` pixels covering `length` pixels, consecutive tiles overlapping by at least
+    `overlap` of a tile; the last tile ends at the edge."""
+    if tile >= length:
+        return [0]
+    stride = max(1, round(tile * (1.0 - overlap)))
+    count = math.ceil((length - tile) / stride) + 1
+    return [min(index * stride, length - tile) for index in range(count)]
+
+
+def tile_boxes(height: int, width: int, tile_size: int, tile_overlap: float) -> list[tuple[int, int, int, int]]:
+    """The `(top, left, height, width)` boxes of the tiles of a `height x width` image, row by row.
+
+    A tile is `tile_size` pixels square, clipped to the image: an image no larger than a tile is one box, the whole
+    image (then tiling changes nothing).
+    """
+    tile_height, tile_width = min(tile_size, height), min(tile_size, width)
+    return [
+        (top, left, tile_height, tile_width)
+        for top in _tile_starts(height, tile_height, tile_overlap)
+        for left in _tile_starts(width, tile_width, tile_overlap)
+    ]
+
+
+def _blend_ramp(start: int, length: int, total: int, ramp: int) -> torch.Tensor:
+    """Weights `[length]` of one tile along one axis: rising over `ramp` pixels from an edge shared with another
+    tile, flat (1) towards the image's own edges. Always positive."""
+    positions = torch.arange(length, dtype=torch.float32) + 0.5
+    weights = torch.ones(length)
+    if start > 0:
+        weights = torch.minimum(weights, positions / ramp)
+    if start + length < total:
+        weights = torch.minimum(weights, (length - positions + 1.0) / ramp)
+    return weights
+
+
+def stitch_tiles(
+    tile_maps: torch.Tensor, boxes: Sequence[Sequence[int]], mode: str = "bilinear", ramp: int | None = None
+) -> torch.Tensor:
+    """Blend per-tile maps back into one map of the whole image.
+
+    Args:
+        tile_maps: `[T, h, w]` maps, one per box, at any resolution (each is resized to its box).
+        boxes: `(top, left, height, width)` of each tile in the image (from `tile_boxes`).
+        mode: interpolation of a tile map to its box ("bilinear" for anomaly maps, "nearest" for patch scores).
+        ramp: width in pixels of the linear cross-fade where tiles overlap (default: the overlap of the first two
+            tiles along each axis, at least 1).
+
+    Returns:
+        `[H, W]` float32: at each pixel the weighted mean of the tiles covering it.
+    """
+    height = max(top + size for top, _, size, _ in boxes)
+    width = max(left + size for _, left, _, size in boxes)
+    ramps = ramp or _overlap_ramp(boxes)
+    total = torch.zeros(height, width)
+    weight_sum = torch.zeros(height, width)
+    for tile_map, (top, left, box_height, box_width) in zip(tile_maps.float(), boxes, strict=True):
+        options = {"align_corners": False} if mode == "bilinear" else {}
+        resized = F.interpolate(tile_map[None, None], size=(box_height, box_width), mode=mode, **options)[0, 0]
+        weights = torch.outer(
+            _blend_ramp(top, box_height, height, ramps[0]), _blend_ramp(left, box_width, width, ramps[1])
+        )  # [h, w]
+        total[top : top + box_height, left : left + box_width] += resized * weights
+        weight_sum[top : top + box_height, left : left + box_width] += weights
+    return total / weight_sum
+
+
+def _overlap_ramp(boxes: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """Cross-fade widths (rows, columns): how much the first tile overlaps the next one along each axis."""
+    top, left, box_height, box_width = boxes[0]
+    next_top = min((other[0] for other in boxes if other[0] > top), default=None)
+    next_left = min((other[1] for other in boxes if other[1] > left), default=None)
+    rows = top + box_height - next_top if next_top is not None else 1
+    columns = left + box_width - next_left if next_left is not None else 1
+    return max(1, rows), max(1, columns)
+
+
 class CoPSImageProcessor(BaseImageProcessor):
     r"""Turns images (and optional masks) into CoPS inputs, exactly as the reference preprocesses them.
 
     Args:
         size (`int`): square side in pixels (518 for the official checkpoints).
         image_mean, image_std (`list[float]`): CLIP normalization.
+        tile_size (`int`, *optional*): score large images by tiles of this many ORIGINAL pixels (each tile is then
+            resized to `size` like a whole image), e.g. 518 for 2,000-5,000 px inspection images where a thin defect
+            would vanish in one 518 px resize. `None` (default): the whole image, resized.
+        tile_overlap (`float`): fraction of a tile shared with its neighbour (default 0.25); the overlaps are
+            cross-faded when `post_process_anomaly_detection` stitches the maps.
     """
 
     model_input_names = ["pixel_values"]
@@ -70,12 +163,15 @@ class CoPSImageProcessor(BaseImageProcessor):
         size: int = 518,
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.size = int(size)
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
+        self.tile_size, self.tile_overlap = check_tiling(tile_size, tile_overlap)
 
     def __call__(self, images: ImageLike | Sequence[ImageLike], **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, **kwargs)
@@ -99,6 +195,8 @@ class CoPSImageProcessor(BaseImageProcessor):
         images: ImageLike | Sequence[ImageLike],
         masks: ImageLike | Sequence[ImageLike | None] | None = None,
         return_tensors: str | None = "pt",
+        tile_size: int | None | str = "default",
+        tile_overlap: float | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Preprocess a batch.
@@ -110,21 +208,34 @@ class CoPSImageProcessor(BaseImageProcessor):
                 with a warning that names it.
             return_tensors: "pt" (torch tensors, the default) or "np" (numpy arrays) for `pixel_values` and
                 `masks`.
+            tile_size, tile_overlap: tiling for this call (default: the processor's `tile_size`/`tile_overlap`;
+                `tile_size=None` turns it off).
 
         Returns:
             `BatchFeature` with `pixel_values` `[B, 3, size, size]`, `original_sizes` (list of `(height, width)`)
-            and, when masks are given, `masks` `[B, size, size]`.
+            and, when masks are given, `masks` `[B, size, size]`. With tiling, `pixel_values` holds every tile of
+            every image, image after image (`[sum of tiles, 3, size, size]`), and `tiles` lists each image's boxes
+            `(top, left, height, width)` for `post_process_anomaly_detection(outputs, tiles=...)`; masks stay one
+            per image.
         """
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or 'np'.")
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
         if not image_list:
             raise ImageLoadError("No images were given.")
+        tile_size = self.tile_size if tile_size == "default" else tile_size
+        tile_size, tile_overlap = check_tiling(tile_size, self.tile_overlap if tile_overlap is None else tile_overlap)
         loaded = [load_image(item, index) for index, item in enumerate(image_list)]
-        data: dict[str, Any] = {
-            "pixel_values": torch.stack([self.preprocess_image(image) for image in loaded]),
-            "original_sizes": [(image.height, image.width) for image in loaded],
-        }
+        data: dict[str, Any] = {"original_sizes": [(image.height, image.width) for image in loaded]}
+        if tile_size is None:
+            data["pixel_values"] = torch.stack([self.preprocess_image(image) for image in loaded])
+        else:
+            data["tiles"] = [tile_boxes(image.height, image.width, tile_size, tile_overlap) for image in loaded]
+            data["pixel_values"] = torch.stack([
+                self.preprocess_image(image.crop((left, top, left + width, top + height)))
+                for image, boxes in zip(loaded, data["tiles"], strict=True)
+                for top, left, height, width in boxes
+            ])  # fmt: skip
         if masks is not None:
             mask_list = list(masks) if isinstance(masks, (list, tuple)) else [masks]
             if len(mask_list) != len(loaded):
@@ -201,21 +312,26 @@ class CoPSProcessor(ProcessorMixin):
         class_names: str | Sequence[str] | None = None,
         text: str | list[str] | None = None,
         return_tensors: str = "pt",
+        tile_size: int | None | str = "default",
+        tile_overlap: float | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Preprocess images (and masks); tokenize `text` if given; pass `class_names` through.
 
-        `return_tensors` ("pt" or "np") applies to the image and mask arrays and to the token ids.
+        `return_tensors` ("pt" or "np") applies to the image and mask arrays and to the token ids. `tile_size` and
+        `tile_overlap` override the image processor's tiling for this call (see [`CoPSImageProcessor.preprocess`]).
         """
         if images is None and text is None:
             raise ValueError("Pass images (and optionally masks / class_names) or text.")
         features = BatchFeature()
         if images is not None:
-            features = self.image_processor(images, masks=masks, return_tensors=return_tensors)
+            features = self.image_processor(
+                images, masks=masks, return_tensors=return_tensors, tile_size=tile_size, tile_overlap=tile_overlap
+            )
             if class_names is not None:
                 names = [class_names] if isinstance(class_names, str) else list(class_names)
-                if len(names) != len(features["pixel_values"]):
-                    raise ValueError(f"Got {len(names)} class names for {len(features['pixel_values'])} images.")
+                if len(names) != len(features["original_sizes"]):
+                    raise ValueError(f"Got {len(names)} class names for {len(features['original_sizes'])} images.")
                 features["class_names"] = names
         if text is not None:
             features.update(self.tokenizer(text, return_tensors=return_tensors, padding=True))
@@ -236,16 +352,26 @@ class CoPSProcessor(ProcessorMixin):
         target_sizes: Sequence[tuple[int, int]] | None = None,
         threshold: float | None = None,
         image_threshold: float | None = None,
+        tiles: Sequence[Sequence[Sequence[int]]] | None = None,
+        image_score_beta: float | None = None,
     ) -> list[dict[str, Any]]:
         """Per image: `score`, `anomaly_map` at the original size and, with thresholds, `mask` and `label`.
 
         Args:
-            outputs: a `CoPSAnomalyDetectionOutput` (needs `image_scores` and `anomaly_maps`).
+            outputs: a `CoPSAnomalyDetectionOutput` (needs `image_scores` and `anomaly_maps`; with `tiles` also
+                `patch_scores` and `global_scores`).
             target_sizes: `(height, width)` per image, e.g. the processor's `original_sizes`; maps are resized
                 bilinearly. `None` uses `outputs.original_sizes` when the model was given them, else keeps the
-                model resolution.
+                resolution of the maps (with `tiles`: the original size the boxes cover, or the model's for an image
+                of one tile).
             threshold: pixel threshold on the map: adds a boolean `mask`.
             image_threshold: threshold on the score: adds `label` ("anomalous" / "normal").
+            tiles: each image's tile boxes, as the processor returned them with `tile_size`; `outputs` then holds
+                one row per tile, image after image. An image of several tiles gets its map stitched (see
+                `stitch_tiles`) and its score by the model's rule applied to the stitched result: `image_score_beta`
+                times the highest class-token probability of its tiles, plus `1 - image_score_beta` times the
+                maximum of the stitched patch-score map. An image of one tile keeps the model's own score and map.
+            image_score_beta: the model's `config.image_score_beta`; needed with `tiles`.
 
         The decision rule, here and in calibration: a value `>=` its threshold is anomalous (calibrated thresholds
         are attained values, e.g. the lowest anomalous score kept by the F1-optimal choice).
@@ -255,6 +381,8 @@ class CoPSProcessor(ProcessorMixin):
         threshold = None if threshold is None else check_threshold(threshold, "threshold")
         image_threshold = None if image_threshold is None else check_threshold(image_threshold, "image_threshold")
         maps = outputs.anomaly_maps.detach().float().cpu()
+        if tiles is not None:
+            scores, maps = self._stitch(outputs, scores, maps, tiles, image_score_beta)
         if target_sizes is None:
             target_sizes = getattr(outputs, "original_sizes", None)
         if target_sizes is not None and len(target_sizes) != len(scores):
@@ -273,6 +401,35 @@ class CoPSProcessor(ProcessorMixin):
             results.append(result)
         return results
 
+    @staticmethod
+    def _stitch(
+        outputs: Any,
+        scores: torch.Tensor,
+        maps: torch.Tensor,
+        tiles: Sequence[Sequence[Sequence[int]]],
+        image_score_beta: float | None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per image, the score and the map of its tiles' rows (see `post_process_anomaly_detection`)."""
+        if sum(len(boxes) for boxes in tiles) != len(scores):
+            raise ValueError(f"Got {len(scores)} tile outputs for {sum(len(boxes) for boxes in tiles)} tile boxes.")
+        if image_score_beta is None:
+            raise ValueError("Stitching tiles needs image_score_beta (the model's config.image_score_beta).")
+        image_scores, image_maps, start = [], [], 0
+        for boxes in tiles:
+            rows = slice(start, start + len(boxes))
+            start += len(boxes)
+            if len(boxes) == 1:  # the whole image in one tile: the model's own result, unchanged
+                image_scores.append(scores[rows][0])
+                image_maps.append(maps[rows][0])
+                continue
+            patch_scores = outputs.patch_scores[rows].detach().float().cpu()  # [T, N]
+            side = math.isqrt(patch_scores.shape[-1])
+            patch_map = stitch_tiles(patch_scores.view(-1, side, side), boxes, mode="nearest")  # [H, W]
+            global_part = outputs.global_scores[rows].detach().float().cpu().amax()
+            image_scores.append(image_score_beta * global_part + (1.0 - image_score_beta) * patch_map.amax())
+            image_maps.append(stitch_tiles(maps[rows], boxes))
+        return image_scores, image_maps
+
 
 __all__ = [
     "CoPSImageProcessor",
@@ -281,6 +438,9 @@ __all__ = [
     "check_finite_scores",
     "check_threshold",
     "packaged_tokenizer",
+    "check_tiling",
     "prompt_suffix_token_ids",
     "prompt_template",
+    "stitch_tiles",
+    "tile_boxes",
 ]

@@ -75,6 +75,8 @@ def evaluate_dataset(
     skip_invalid: bool = False,
     colormap_name: str = DEFAULT_COLORMAP,
     alpha: float = DEFAULT_ALPHA,
+    tile_size: int | None = None,
+    tile_overlap: float = 0.25,
 ) -> EvaluationResult | None:
     """Evaluate `model` on `data_root/meta.json` and (on the main process) write the report files.
 
@@ -92,6 +94,9 @@ def evaluate_dataset(
             with `accelerate launch` / `torchrun`).
         skip_invalid: drop invalid meta.json records (missing or unreadable files, duplicates, ...) with a
             warning instead of refusing the dataset.
+        tile_size, tile_overlap: score each image by tiles of `tile_size` original pixels (see `predict_images`);
+            pixel metrics are computed on the stitched maps resized to the model's input size. Recorded in the
+            protocol.
 
     Returns:
         The result on the main process; `None` on the other processes.
@@ -120,6 +125,8 @@ def evaluate_dataset(
             batch_size=batch_size,
             seed=seed,
             show_progress=accelerator.is_local_main_process,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
         )
         shard_results = [
             {"index": shard[prediction.index]["index"], "pred_score": prediction.pred_score}
@@ -133,6 +140,7 @@ def evaluate_dataset(
     ordered = [by_index[row["index"]] for row in rows]
     protocol = {name: getattr(model.config, name) for name in PROTOCOL_FIELDS}
     protocol.update({"test_preset": test_preset, "seed": seed, "split": split, "pixel_level": pixel_level})
+    protocol.update({"tile_size": tile_size, "tile_overlap": tile_overlap if tile_size is not None else None})
 
     grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row, result in zip(rows, ordered, strict=True):
