@@ -71,7 +71,7 @@ def _tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     `overlap` of a tile; the last tile ends at the edge."""
     if tile >= length:
         return [0]
-    stride = max(1, round(tile * (1.0 - overlap)))
+    stride = max(1, math.floor(tile * (1.0 - overlap)))  # floor: the overlap is at least the fraction
     count = math.ceil((length - tile) / stride) + 1
     return [min(index * stride, length - tile) for index in range(count)]
 

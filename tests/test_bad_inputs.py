@@ -203,6 +203,21 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
     *[(f"predict-batch-size-{value}", _predict("{model}", "{image}", extra=("--batch-size", value)), 2,
        f"cops-hf predict: error: argument --batch-size: must be an integer >= 1, got '{value}'")
       for value in ("0", "-1", "1.5")],
+    # predict and evaluate: tiling flags, refused before any work
+    *[(f"{command}-tile-{value}", [*head, "--tile", value], 2,
+       f"cops-hf {command}: error: argument --tile: must be an integer >= 1, got '{value}'")
+      for command, head in (("predict", _predict("{model}", "{image}")),
+                            ("evaluate", ["evaluate", "--model", "{model}", "--data", "{data}", *OUT]))
+      for value in ("0", "-518", "abc")],
+    *[(f"{command}-tile-overlap-{value}", [*head, "--tile", "98", "--tile-overlap", value], 2,
+       f"cops-hf {command}: error: argument --tile-overlap: must be a fraction in [0, 1), got '{value}'")
+      for command, head in (("predict", _predict("{model}", "{image}")),
+                            ("evaluate", ["evaluate", "--model", "{model}", "--data", "{data}", *OUT]))
+      for value in ("1.5", "1", "-0.1", "nan", "abc")],
+    ("predict-tile-overlap-without-tile", _predict("{model}", "{image}", extra=("--tile-overlap", "0.5")), 2,
+     "cops-hf predict: error: --tile-overlap applies to tiles: give --tile too (e.g. --tile 518)"),
+    ("predict-tile-with-batch-size", _predict("{model}", "{image}", extra=("--tile", "98", "--batch-size", "2")), 2,
+     "cops-hf predict: error: --tile scores each image's tiles as one batch: leave out --batch-size"),
     # predict: model folders
     ("predict-missing-model", _predict("{tmp}/no/such/model", "{image}"), 2,
      "cops-hf predict: error: Model folder '{tmp}/no/such/model' does not exist (nor is it a Hub id, "
