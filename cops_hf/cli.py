@@ -434,6 +434,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the final model already in --output")
     parser.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding worker processes")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument(
+        "--report-to", choices=["none", "tensorboard", "wandb", "mlflow", "all"], default="none",
+        help="experiment tracker for losses, learning rate, throughput and the final evaluation (default none: "
+        "train_log.jsonl only; TensorBoard writes to OUTPUT/runs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--eval-data", metavar="ROOT", help="evaluate the trained model on this dataset's test split (metrics to "
+        "OUTPUT/eval and to the tracker)",
+    )  # fmt: skip
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -462,6 +471,8 @@ def _run_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         dataloader_num_workers=args.num_workers,
         use_cpu=args.cpu,
+        report_to=args.report_to,
+        eval_data=args.eval_data,
     )
     dataset = load_training_dataset(args.data, split=args.split)
     num_anomalous = sum(dataset["gt_label"])
@@ -474,6 +485,8 @@ def _run_train(args: argparse.Namespace) -> int:
         first, last = result.history[0], result.history[-1]
         print(f"loss {first['loss']:.4f} (epoch {first['epoch']}) -> {last['loss']:.4f} (epoch {last['epoch']})")
     print(f"Saved the trained model and processor to {result.output_dir}")
+    if result.evaluation is not None:
+        print(result.evaluation.report.format_table())
     return 0
 
 

@@ -279,6 +279,9 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
     *[(f"train-lr-{value}", ["train", "--random-clip", "tiny", "--data", "{data}", *OUT, "--lr", value], 2,
        "cops-hf train: error: Invalid TrainingConfig: learning_rate must be finite and > 0, and adam_betas in [0, 1).")
       for value in ("nan", "inf", "0", "-1")],
+    ("train-report-to-nonsense", ["train", "--random-clip", "tiny", "--data", "{data}", *OUT, "--report-to",
+                                  "nonsense"], 2,
+     "cops-hf train: error: argument --report-to: invalid choice: 'nonsense' (choose from "),  # quoting: per Python
     ("train-missing-data", ["train", "--random-clip", "tiny", "--data", "{tmp}/nowhere", *OUT], 2,
      "cops-hf train: error: No meta.json at {tmp}/nowhere/meta.json."),
     # export

@@ -317,3 +317,34 @@ def test_demo_trains_and_scores_unseen_images(tmp_path: Path) -> None:
     assert [row["gt_label"] for row in result.test_scores] == [0, 1, 0, 1, 0, 1]
     assert all(0.0 <= row["score"] <= 1.0 for row in result.test_scores)
     assert {row["cls_name"] for row in result.test_scores} <= {"checker", "ring"}
+
+
+def test_tensorboard_tracker_logs_each_epoch_and_the_final_evaluation(
+    train_set: datasets.Dataset, synthetic_root: Path, tmp_path: Path
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(train_set, tmp_path, report_to="tensorboard", eval_data=synthetic_root)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    scalars = {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    steps = [record["step"] for record in result.history]
+    for name in ("loss", *LOSS_TERMS, "images_per_second", "epoch"):
+        logged = scalars[f"train/{name}"]
+        assert [step for step, _ in logged] == steps
+        assert [value for _, value in logged] == pytest.approx([record[name] for record in result.history], rel=1e-6)
+    assert [value for _, value in scalars["train/learning_rate"]] == pytest.approx([1e-3, 1e-3])
+    report = result.evaluation.report
+    assert report.mean and all(value is not None for value in report.mean.values())
+    for name, value in report.mean.items():
+        assert scalars[f"eval/{name}"] == [(steps[-1], pytest.approx(value, rel=1e-6))]
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_no_tracker_by_default_and_unknown_trackers_are_refused(
+    four_epoch_run: TrainingResult, tmp_path: Path
+) -> None:
+    assert not (four_epoch_run.output_dir / "runs").exists()
+    with pytest.raises(ValueError, match="report_to='nonsense' must be one of none, tensorboard, wandb, mlflow, all"):
+        TrainingConfig(output_dir=tmp_path, report_to="nonsense")

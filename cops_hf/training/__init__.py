@@ -26,7 +26,7 @@ and `trainer` (`CoPSTrainer`, `train_cops`). Everything is importable from `cops
 
 from ..testing_utils import RANDOM_CLIP_CONFIGS, random_clip_model
 from .checkpointing import CHECKPOINTS_DIRNAME, CLIP_PREFIX, cops_state_dict, list_checkpoints
-from .config import MIXED_PRECISION_MODES, TrainingConfig
+from .config import MIXED_PRECISION_MODES, REPORT_TO_CHOICES, TrainingConfig
 from .data import TrainingSamples, collate_samples, epoch_batches, load_training_dataset
 from .feature_cache import VisionFeatureCache
 from .trainer import (
@@ -45,6 +45,7 @@ __all__ = [
     "LOSS_TERMS",
     "MIXED_PRECISION_MODES",
     "RANDOM_CLIP_CONFIGS",
+    "REPORT_TO_CHOICES",
     "TRAIN_LOG_FILENAME",
     "CoPSTrainer",
     "TrainingConfig",

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 MIXED_PRECISION_MODES = ("no", "bf16", "fp16")
 
+REPORT_TO_CHOICES = ("none", "tensorboard", "wandb", "mlflow", "all")
+"""Experiment trackers a run can log to (through Accelerate's trackers); "all" is every one installed."""
+
 
 @dataclass
 class TrainingConfig:
@@ -36,6 +39,13 @@ class TrainingConfig:
         progress_bar: show a tqdm bar with the running loss terms (main process only).
         use_cpu: train on the CPU even when an accelerator (GPU) is present. Without one, the CPU is used anyway,
             and several processes (`torchrun --nproc_per_node N`) train together over gloo.
+        report_to: experiment tracker(s), one of `REPORT_TO_CHOICES`, through Accelerate's trackers: each epoch
+            logs the loss and its terms, the learning rate and the throughput; an evaluation after training
+            (`eval_data`) logs its metrics at the end. TensorBoard writes under `output_dir/runs/`. Default "none":
+            `train_log.jsonl` is always written, and the other trackers need an account or a server (W&B, MLflow)
+            and would send data off the machine unasked.
+        eval_data: dataset root (meta.json) to evaluate the final model on after training (its test split); the
+            metrics go to `output_dir/eval/` and to the trackers.
     """
 
     output_dir: str | os.PathLike[str]
@@ -54,6 +64,8 @@ class TrainingConfig:
     dataloader_num_workers: int = 0
     progress_bar: bool = True
     use_cpu: bool = False
+    report_to: str = "none"
+    eval_data: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
@@ -68,8 +80,10 @@ class TrainingConfig:
             problems.append("keep_checkpoints must be >= 1, dataloader_num_workers and seed >= 0")
         if self.cache_dir is not None and not self.cache_vision_features:
             problems.append("cache_dir is set but cache_vision_features is False")
+        if self.report_to not in REPORT_TO_CHOICES:
+            problems.append(f"report_to={self.report_to!r} must be one of {', '.join(REPORT_TO_CHOICES)}")
         if problems:
             raise ValueError("Invalid TrainingConfig: " + "; ".join(problems) + ".")
 
 
-__all__ = ["MIXED_PRECISION_MODES", "TrainingConfig"]
+__all__ = ["MIXED_PRECISION_MODES", "REPORT_TO_CHOICES", "TrainingConfig"]

@@ -17,7 +17,7 @@ from typing import Any
 import datasets
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPModel
@@ -46,6 +46,21 @@ from .feature_cache import VisionFeatureCache, vision_fingerprint
 logger = logging.getLogger(__name__)
 
 TRAIN_LOG_FILENAME = "train_log.jsonl"
+TRACKER_PROJECT = "cops-hf"
+"""Project (run) name given to the trackers; TensorBoard writes to `output_dir/runs/cops-hf/`."""
+TRACKER_LOGGING_DIR = "runs"
+
+
+def check_tracker_installed(report_to: str) -> None:
+    """Raise `ValueError` naming the package to install when the tracker `report_to` cannot be imported."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
+    if report_to in available and not available[report_to]():
+        raise ValueError(
+            f"report_to={report_to!r} needs the {report_to} package: pip install {report_to}, or choose another "
+            "tracker (or none)."
+        )
 _FINAL_STAGING_PREFIX = ".final-"  # staging folder of the final model, renamed file by file into output_dir
 
 
@@ -58,12 +73,14 @@ class TrainingResult:
         output_dir: folder holding the final model, processor, checkpoints and `train_log.jsonl`.
         history: one record per epoch run in this call (the lines appended to `train_log.jsonl`).
         resumed_from_epoch: the checkpoint epoch this run continued from (0 for a fresh run).
+        evaluation: the `EvaluationResult` of `TrainingConfig.eval_data` (main process), else None.
     """
 
     model: CoPSForAnomalyDetection
     output_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_epoch: int = 0
+    evaluation: Any = None
 
 
 def cops_model_for_training(
@@ -127,12 +144,18 @@ class CoPSTrainer:
         # What the model is trained on, saved with its config and written on every train_log.jsonl line.
         model.config.train_dataset = train_dataset.info.dataset_name
         model.config.train_split = None if train_dataset.split is None else str(train_dataset.split)
+        self.log_with = None if config.report_to == "none" else config.report_to
+        check_tracker_installed(config.report_to)
         self.accelerator = Accelerator(
             # Accelerate forms a multi-process CPU group (gloo) only when told to use the CPU.
             cpu=config.use_cpu or not torch.accelerator.is_available(),
             mixed_precision=config.mixed_precision,
             # Image-level data (no masks) leaves the prototype extractor without gradients.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not self.samples.uses_masks)],
+            log_with=self.log_with,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / TRACKER_LOGGING_DIR)
+            ),
         )
         register_cops_weights_hooks(self.accelerator)
         self.global_step = 0
@@ -166,6 +189,8 @@ class CoPSTrainer:
         optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, betas=config.adam_betas)
         self.wrapped_model, self.optimizer = accelerator.prepare(self.model, optimizer)
         start_epoch = self._resume() if config.resume else 0
+        if self.log_with is not None:
+            accelerator.init_trackers(TRACKER_PROJECT, config=self._tracked_hyperparameters())
         if start_epoch == 0 and accelerator.is_main_process:
             self._truncate_log(0)  # lines of an earlier attempt that died before its first checkpoint
         cache = None
@@ -183,10 +208,52 @@ class CoPSTrainer:
                 with open(self.output_dir / TRAIN_LOG_FILENAME, "a") as log:
                     log.write(json.dumps(record) + "\n")
             self._save_checkpoint(epoch)
+            if self.log_with is not None:
+                accelerator.log(self._tracked_epoch(record), step=self.global_step)
 
         self.model.eval()
         self._save_final()
-        return TrainingResult(self.model, self.output_dir, history, start_epoch)
+        evaluation = self._evaluate() if config.eval_data is not None else None
+        if self.log_with is not None:
+            accelerator.end_training()
+        return TrainingResult(self.model, self.output_dir, history, start_epoch, evaluation)
+
+    # -- trackers and evaluation ----------------------------------------------------------------------------
+
+    def _tracked_hyperparameters(self) -> dict[str, Any]:
+        """The run's settings as trackers take them (numbers and strings only)."""
+        config = self.config
+        values = {
+            "num_epochs": config.num_epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+            "adam_beta1": config.adam_betas[0], "adam_beta2": config.adam_betas[1],
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "mixed_precision": config.mixed_precision, "seed": config.seed,
+            "num_processes": self.accelerator.num_processes, "image_size": self.model.config.image_size,
+            "train_dataset": self.model.config.train_dataset, "train_preset": self.model.config.train_preset,
+        }  # fmt: skip
+        return {name: "none" if value is None else value for name, value in values.items()}
+
+    def _tracked_epoch(self, record: dict[str, Any]) -> dict[str, float]:
+        """An epoch's `train_log.jsonl` record as tracker scalars (`train/...`)."""
+        scalars = {f"train/{name}": record[name] for name in ("loss", *LOSS_TERMS, "images_per_second", "epoch")}
+        scalars["train/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        return scalars
+
+    def _evaluate(self) -> Any:
+        """Evaluate the final model on `config.eval_data` (its test split); log the metrics to the trackers."""
+        from ..evaluation.evaluator import evaluate_dataset
+
+        result = evaluate_dataset(
+            self.model, self.processor, self.config.eval_data, output_dir=self.output_dir / "eval",
+            accelerator=self.accelerator,
+        )  # fmt: skip
+        if result is not None and self.log_with is not None:
+            scalars = {f"eval/{name}": value for name, value in result.report.mean.items() if value is not None}
+            for category, values in result.report.per_category.items():
+                known = {name: value for name, value in values.items() if value is not None}
+                scalars.update({f"eval/{category}/{name}": value for name, value in known.items()})
+            self.accelerator.log(scalars, step=self.global_step)
+        return result
 
     # -- epochs ---------------------------------------------------------------------------------------------
 
