@@ -138,6 +138,7 @@ def test_convert_official_then_rerun_offline_from_the_cache(
         weights = load_file(str(tmp_path / folder / "model.safetensors"))
         assert set(weights) == set(expected)
         for name, tensor in expected.items():
+            # Exact: conversion copies tensors; no arithmetic runs.
             assert torch.equal(weights[name], tensor), (folder, name)
         model = CoPSForAnomalyDetection.from_pretrained(tmp_path / folder)
         assert model.config.test_preset == "general"
@@ -254,6 +255,7 @@ def test_a_killed_download_resumes_with_a_range_request(official: OfficialHosts,
     (checkpoint,) = _files_under(official.assets)
     assert checkpoint.name == "epoch_10.pth" and checkpoint.read_bytes() == content
     expected = _manual_conversion(official).state_dict()
+    # Exact: conversion copies tensors; no arithmetic runs.
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in expected.items())
 
 
@@ -292,6 +294,7 @@ def test_clip_in_its_three_forms_gives_identical_models(
     for name in ("folder", "hub"):
         weights = load_file(str(outputs[name] / "model.safetensors"))
         assert set(weights) == set(reference)
+        # Exact: conversion copies tensors; no arithmetic runs.
         assert all(torch.equal(weights[key], tensor) for key, tensor in reference.items()), name
         config = CoPSForAnomalyDetection.from_pretrained(outputs[name]).config.to_diff_dict()
         recorded = {"_name_or_path": None, "clip_model_id": None}
@@ -301,4 +304,5 @@ def test_clip_in_its_three_forms_gives_identical_models(
     # Training starts from the same CLIP whichever form names it.
     clips = [cops_model_for_training(clip).clip.state_dict() for clip in (archive, folder, "someone/tiny-clip")]
     for other in clips[1:]:
+        # Exact: each form loads the same stored tensors.
         assert all(torch.equal(other[key], tensor) for key, tensor in clips[0].items())

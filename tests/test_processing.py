@@ -60,6 +60,7 @@ def test_paths_pil_and_arrays_agree_and_sizes_are_kept(processor, tmp_path):
     path = tmp_path / "image.png"
     Image.fromarray(array).save(path)
     features = processor(images=[str(path), Image.fromarray(array), array], class_names=["a", "b", "c"])
+    # Exact: the three forms decode to the same uint8 pixels, then run the same preprocessing.
     assert torch.equal(features["pixel_values"][0], features["pixel_values"][1])
     assert torch.equal(features["pixel_values"][0], features["pixel_values"][2])
     assert features["original_sizes"] == [(45, 70)] * 3
@@ -137,6 +138,7 @@ def test_return_tensors_numpy_or_torch(processor):
     as_numpy = processor(images=image, masks=mask, return_tensors="np")
     as_torch = processor(images=image, masks=mask)
     assert isinstance(as_numpy["pixel_values"], np.ndarray) and isinstance(as_numpy["masks"], np.ndarray)
+    # Exact: one preprocessing run, converted to numpy without arithmetic.
     np.testing.assert_array_equal(as_numpy["pixel_values"], as_torch["pixel_values"].numpy())
     np.testing.assert_array_equal(as_numpy["masks"], as_torch["masks"].numpy())
     assert as_numpy["original_sizes"] == [(20, 30)]
@@ -150,4 +152,5 @@ def test_save_and_load(processor, tmp_path):
         assert isinstance(loaded, CoPSProcessor)
         assert loaded.image_processor.size == 56
         image = Image.new("RGB", (30, 30), (9, 99, 199))
+        # Exact: the same preprocessing settings on the same image.
         assert torch.equal(loaded(images=image)["pixel_values"], processor(images=image)["pixel_values"])
