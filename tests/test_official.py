@@ -27,6 +27,7 @@ from cops_hf.data.meta import META_DATASET_KEY, make_record
 from cops_hf.official import (
     BASE_URL_ENV,
     OFFICIAL_CLIP,
+    OFFICIAL_IMAGE_SIZE,
     OfficialReleaseError,
     git_blob_sha1,
     load_official,
@@ -150,14 +151,14 @@ def test_convert_official_then_rerun_offline_from_the_cache(
     assert [request for request in official.files.requests if request[0] == "GET"] == [("GET", VISA_PATH, None)]
 
 
-def test_from_official_mvtec_matches_the_reference_and_records_its_preset(official: OfficialHosts) -> None:
-    model = CoPSForAnomalyDetection.from_official("mvtec", blob_sha1=official.mvtec_sha1, image_size=IMAGE_SIZE)
+def test_load_official_mvtec_matches_the_reference_and_records_its_preset(official: OfficialHosts) -> None:
+    model, processor = load_official("mvtec", blob_sha1=official.mvtec_sha1, image_size=IMAGE_SIZE)
     config = model.config
     assert config.test_preset == "visa"
     assert (config.test_kernel_size, config.distance_alpha, config.image_score_beta) == (3, 0.35, 1.0)
     assert (config.train_kernel_size, config.use_recon_loss) == (3, True)
     assert config.source_checkpoint.endswith(f"{MVTEC_PATH}@{official.mvtec_sha1}")
-    assert CoPSProcessor.from_official("mvtec").image_processor.size == 518
+    assert processor.image_processor.size == IMAGE_SIZE and OFFICIAL_IMAGE_SIZE == 518  # the release's default
     # Same weights as converting the files by hand; outputs as the reference computed them (general preset there).
     general = model.config.with_preset(test_dataset="general")
     _, tensors = load_fixture(FIXTURE_NAMES[0])

@@ -127,7 +127,7 @@ def test_tokenizer_gives_the_prompt_template(processor):
     assert processor.prompt_template_ids(14) == [49406] + [343] * 14 + [269, 49407]
     assert processor.prompt_suffix_token_ids() == [269]
     clip = CLIPConfig(text_config={"num_hidden_layers": 2}, vision_config={"num_hidden_layers": 2})
-    built = CoPSConfig.from_clip_config(clip, image_size=224, prototype_attention_heads=8)  # ids from the tokenizer
+    built = CoPSConfig.from_clip_config(clip, image_size=224, prototype_attention_heads=8)  # the config's constant
     assert built.prompt_suffix_token_ids == processor.prompt_suffix_token_ids() == CoPSConfig().prompt_suffix_token_ids
     assert processor(text="a photo of a cat")["input_ids"][0].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert processor(text="a cat", return_tensors="np")["input_ids"].tolist() == [[49406, 320, 2368, 49407]]
