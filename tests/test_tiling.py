@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from transformers import pipeline
 
 from cops_hf.cli import main
+from cops_hf.data import make_synthetic_dataset
 from cops_hf.evaluation.inference import predict_images
 from cops_hf.processing_cops import CoPSImageProcessor, CoPSProcessor, check_tiling, stitch_tiles, tile_boxes
 
@@ -135,3 +137,19 @@ def test_predict_cli_writes_tiled_scores(model, processor, large_image, tmp_path
     expected = detector(large_image, tile_size=SIZE, tile_overlap=0.25)["score"]
     (row,) = csv.DictReader(open(tmp_path / "tiled" / "scores.csv"))
     assert float(row["score"]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_evaluate_cli_with_tiles_records_them_and_one_tile_keeps_the_metrics(model, processor, tmp_path):
+    root = make_synthetic_dataset(tmp_path / "data", images_per_category=4, image_size=120)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    common = ["evaluate", "--model", str(tmp_path / "model"), "--data", str(root), "--num-visualizations", "0"]
+    reports = {}
+    runs = {"plain": [], "one": ["--tile", "1000"], "tiled": ["--tile", "98", "--tile-overlap", "0.5"]}
+    for name, flags in runs.items():
+        assert main([*common, "--output", str(tmp_path / name), *flags]) == 0
+        reports[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    # One tile per image: the same forward on the same pixels, so the same metrics.
+    assert reports["one"]["mean"] == reports["plain"]["mean"]
+    assert (reports["tiled"]["protocol"]["tile_size"], reports["tiled"]["protocol"]["tile_overlap"]) == (98, 0.5)
+    assert reports["plain"]["protocol"]["tile_size"] is None
