@@ -26,6 +26,12 @@ GT_MASK = "gt_mask"
 ERROR = "error"
 
 
+def dataset_key(name: str) -> str:
+    """The canonical spelling of a dataset or preset name: case, surrounding spaces, "-" and " " versus "_" do not
+    matter ("MVTec-AD" -> "mvtec_ad"). Aliases are resolved by `cops_hf.data.registry`, the one dataset registry."""
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
 def decision_label(score: float, image_threshold: float) -> str:
     """The decision for an image score: `ANOMALOUS` when `score >= image_threshold`, else `NORMAL`.
 
@@ -46,5 +52,6 @@ __all__ = [
     "PRED_LABEL",
     "PRED_MASK",
     "PRED_SCORE",
+    "dataset_key",
     "decision_label",
 ]

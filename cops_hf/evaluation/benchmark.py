@@ -17,7 +17,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from ..data import BENCHMARKS, DataError, benchmark_name, meta_json_path, prepare_dataset
+from ..data import DataError, meta_json_path, prepare_dataset
+from ..data.registry import REGISTRY, SUITES, benchmark_name
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
 from .evaluator import evaluate_dataset
@@ -25,11 +26,6 @@ from .report import METRIC_DISPLAY_NAMES, METRIC_NAMES, format_percent, render_t
 
 logger = logging.getLogger(__name__)
 
-SUITES = {
-    "industrial": [name for name, info in BENCHMARKS.items() if info.domain == "industrial"],
-    "medical": [name for name, info in BENCHMARKS.items() if info.domain == "medical"],
-    "all": list(BENCHMARKS),
-}
 # The benchmark table's column titles (the old name of `METRIC_DISPLAY_NAMES`).
 TABLE_COLUMNS = METRIC_DISPLAY_NAMES
 
@@ -116,7 +112,7 @@ def run_benchmark(
             accelerator.wait_for_everyone()
         model.config = base_config
         evaluation = evaluate_dataset(
-            model, processor, roots[name], test_preset=name, batch_size=batch_size, seed=seed,
+            model, processor, roots[name], test_preset=REGISTRY[name].test_preset, batch_size=batch_size, seed=seed,
             output_dir=Path(output_dir) / name if output_dir is not None else None,
             num_visualizations=num_visualizations, accelerator=accelerator,
         )  # fmt: skip
