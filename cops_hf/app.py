@@ -28,7 +28,7 @@ from PIL import Image
 
 from .file_utils import staged_folder
 from .image_utils import ImageLoadError, load_image
-from .schema import decision_label
+from .schema import ERROR, IMAGE_PATH, PRED_LABEL, PRED_SCORE, decision_label
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP, render_prediction
 
 APP_TITLE = "CoPS zero-shot anomaly detection"
@@ -39,7 +39,7 @@ EXAMPLE_CATEGORIES = (("ring", "blob"), ("checker", "scratch"), ("bolt", None), 
 UNCALIBRATED_THRESHOLD = 0.5
 """Where a threshold slider starts when the model holds no calibrated value."""
 
-BATCH_COLUMNS = ["image", "score", "label", "error"]
+BATCH_COLUMNS = [IMAGE_PATH, PRED_SCORE, PRED_LABEL, ERROR]  # the path column holds the upload's file name
 
 
 def _gradio() -> Any:
@@ -177,9 +177,9 @@ class AnomalyApp:
         """The picture, score and label of the last inspected image under new slider values."""
         if state is None:
             return None, "", "", None
-        score = float(state.result["score"])
+        score = float(state.result[PRED_SCORE])
         label = decision_label(score, image_threshold)
-        result = {**state.result, "label": label}
+        result = {**state.result, PRED_LABEL: label}
         picture = render_prediction(
             state.image, result, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
             title=state.title, colormap_name=colormap_name, alpha=alpha,
@@ -215,10 +215,10 @@ class AnomalyApp:
                 rows.append([Path(path).name, None, "", str(error)])
                 continue
             result = detector(image)
-            score = float(result["score"])
+            score = float(result[PRED_SCORE])
             label = decision_label(score, image_threshold)
             picture = render_prediction(
-                image, {**result, "label": label}, image_threshold=image_threshold,
+                image, {**result, PRED_LABEL: label}, image_threshold=image_threshold,
                 pixel_threshold=pixel_threshold, title=Path(path).name, alpha=alpha,
             )  # fmt: skip
             overlay_path = output / f"{index:04d}_{Path(path).stem}.png"

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import __version__
 from .data.registry import GENERAL_PRESET, REGISTRY, SUITES, aliases_text, resolve_test_preset
 from .devices import DTYPE_NAMES
+from .schema import ERROR, GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_LABEL, PRED_SCORE
 
 Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 """name, one-line help, adds the arguments, runs the command."""
@@ -159,7 +160,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 def _print_row(row: dict[str, str]) -> None:
     print(
-        f"{row['image']}\t" + (f"error: {row['error']}" if row["error"] else f"score={row['score']}\t{row['label']}")
+        f"{row[IMAGE_PATH]}\t"
+        + (f"error: {row[ERROR]}" if row[ERROR] else f"{PRED_SCORE}={row[PRED_SCORE]}\t{row[PRED_LABEL]}")
     )
 
 
@@ -227,26 +229,17 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import load_meta_dataset
-    from .evaluation.calibration import calibrate_thresholds
+    from .evaluation.calibration import calibrate_on, calibration_set
     from .hub import save_detector
-    from .predict import expand_image_sources, load_model_and_processor
+    from .predict import load_model_and_processor
 
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
-    labels = masks = None
-    if args.data:
-        dataset = load_meta_dataset(args.data, split=args.split)
-        images, labels = dataset["image_path"], dataset["gt_label"]
-        masks = [path or None for path in dataset["mask_path"]]
-    else:
-        images = expand_image_sources(args.normal)
-    thresholds = calibrate_thresholds(
-        model, processor, images, labels, masks, quantile=args.quantile, batch_size=args.batch_size
-    )
+    source = calibration_set(normal=args.normal, data=args.data, split=args.split)
+    thresholds = calibrate_on(model, processor, source, quantile=args.quantile, batch_size=args.batch_size)
     save_detector(model.to(device="cpu", dtype=torch.float32), processor, args.output, overwrite=args.overwrite)
     print(
         f"image_threshold={thresholds.image_threshold:.6f} pixel_threshold={thresholds.pixel_threshold:.6f} "
-        f"({thresholds.method}, {len(images)} images); saved to {args.output}"
+        f"({thresholds.method}, {len(source.images)} images); saved to {args.output}"
     )
     return 0
 
@@ -444,8 +437,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         )
     print("\nScores of unseen test images (random CLIP: mechanics, not accuracy):")
     for row in result.test_scores:
-        label = "anomalous" if row["gt_label"] else "normal"
-        print(f"  {row['score']:.4f}  {label:<9}  {row['cls_name']:<8}  {row['image_path']}")
+        label = LABEL_NAMES[int(row[GT_LABEL])]
+        print(f"  {row[PRED_SCORE]:.4f}  {label:<9}  {row['cls_name']:<8}  {row[IMAGE_PATH]}")
     print("\nZero-shot metrics on the unseen test categories (%):")
     print(result.evaluation.report.format_table())
     print(f"\nModel, processor and train_log.jsonl in {result.training.output_dir}")

@@ -25,7 +25,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ProcessorMixin
 
 from .image_utils import ImageLike, ImageLoadError, describe_input, load_image, load_mask
-from .schema import decision_label
+from .schema import ANOMALY_MAP, PRED_LABEL, PRED_MASK, PRED_SCORE, Prediction, decision_label
 
 logger = logging.getLogger(__name__)
 
@@ -227,15 +227,18 @@ class CoPSProcessor(ProcessorMixin):
         threshold: float | None = None,
         image_threshold: float | None = None,
     ) -> list[dict[str, Any]]:
-        """Per image: `score`, `anomaly_map` at the original size and, with thresholds, `mask` and `label`.
+        """Per image: `pred_score`, `anomaly_map` at the original size and, with thresholds, `pred_mask`, `pred_label`.
+
+        The keys are `cops_hf.schema`'s; the former `score`, `mask` and `label` still read, with a
+        `DeprecationWarning`, for one release.
 
         Args:
             outputs: a `CoPSAnomalyDetectionOutput` (needs `image_scores` and `anomaly_maps`).
             target_sizes: `(height, width)` per image, e.g. the processor's `original_sizes`; maps are resized
                 bilinearly. `None` uses `outputs.original_sizes` when the model was given them, else keeps the
                 model resolution.
-            threshold: pixel threshold on the map: adds a boolean `mask`.
-            image_threshold: threshold on the score: adds `label` ("anomalous" / "normal").
+            threshold: pixel threshold on the map: adds a boolean `pred_mask`.
+            image_threshold: threshold on the score: adds `pred_label` ("anomalous" / "normal").
 
         The decision rule, here and in calibration: a value `>=` its threshold is anomalous (calibrated thresholds
         are attained values, e.g. the lowest anomalous score kept by the F1-optimal choice).
@@ -255,11 +258,11 @@ class CoPSProcessor(ProcessorMixin):
                 anomaly_map = F.interpolate(
                     anomaly_map[None, None], size=tuple(target_sizes[index]), mode="bilinear", align_corners=False
                 )[0, 0]
-            result: dict[str, Any] = {"score": float(score), "anomaly_map": anomaly_map}
+            result = Prediction({PRED_SCORE: float(score), ANOMALY_MAP: anomaly_map})
             if threshold is not None:
-                result["mask"] = anomaly_map >= threshold
+                result[PRED_MASK] = anomaly_map >= threshold
             if image_threshold is not None:
-                result["label"] = decision_label(float(score), image_threshold)
+                result[PRED_LABEL] = decision_label(float(score), image_threshold)
             results.append(result)
         return results
 

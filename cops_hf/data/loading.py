@@ -30,6 +30,7 @@ from typing import Any
 import datasets
 
 from ..image_utils import ImageLoadError, open_image_file
+from ..schema import LABEL_NAMES
 from .meta import SPLITS, DataError, DataProblem, meta_dataset_name, meta_json_path, read_meta_json, record_problems
 
 __all__ = [
@@ -51,7 +52,7 @@ META_FEATURES = datasets.Features(
     {
         "image": datasets.Image(),
         "mask": datasets.Image(mode="L"),
-        "gt_label": datasets.ClassLabel(names=["normal", "anomalous"]),
+        "gt_label": datasets.ClassLabel(names=list(LABEL_NAMES)),
         "cls_name": datasets.Value("string"),
         "specie_name": datasets.Value("string"),
         "image_path": datasets.Value("string"),

@@ -24,7 +24,7 @@ from ..data.registry import resolve_test_preset
 from ..image_utils import load_image
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
-from ..schema import dataset_key
+from ..schema import GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_SCORE, dataset_key
 from ..visualization import (
     DEFAULT_ALPHA,
     DEFAULT_COLORMAP,
@@ -253,7 +253,7 @@ def _write_outputs(
     files[1].write_text(json.dumps({**result.report.to_dict(), "protocol": result.protocol}, indent=2))
     with open(files[2], "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image_path", "category", "gt_label", "pred_score"])
+        writer.writerow([IMAGE_PATH, "category", GT_LABEL, PRED_SCORE])
         for path, category, label, score in zip(
             result.image_paths, result.categories, result.image_labels, result.image_scores, strict=True
         ):
@@ -311,7 +311,7 @@ def _write_visualizations(
         (directory / name).mkdir(parents=True, exist_ok=True)
         for position in sorted(set(chosen.tolist())):
             row = category_rows[position]
-            truth = "anomalous" if record.image_labels[position] else "normal"
+            truth = LABEL_NAMES[int(record.image_labels[position])]
             panel = comparison_panel(
                 load_image(row["image_path"]), record.anomaly_maps[position], record.gt_masks[position],
                 scale=scale, score=float(record.image_scores[position]),
