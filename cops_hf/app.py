@@ -61,6 +61,7 @@ class AppModel:
 
     @classmethod
     def from_detector(cls, name: str, detector: Any) -> AppModel:
+        """An app model named `name` around a pipeline, starting at the thresholds its config records."""
         config = detector.model.config
         return cls(name, detector, config.image_threshold, config.pixel_threshold)
 
@@ -72,8 +73,10 @@ def load_app_models(
     device: str | None = None,
     dtype: str | None = None,
 ) -> list[AppModel]:
-    """Pipelines for model folders or Hub ids (named after the folder or id) and official detectors ("visa",
-    "mvtec", downloaded and converted by `cops_hf.official.load_official`)."""
+    """Pipelines for model folders, Hub ids and official detectors, named after the folder or id.
+
+    Official detectors ("visa", "mvtec") are downloaded and converted by `cops_hf.official.load_official`.
+    """
     from transformers import pipeline
 
     from .devices import resolve_device, resolve_dtype
@@ -234,8 +237,11 @@ class AnomalyApp:
 
 
 def _in_page_errors(handler: Any, num_outputs: int) -> Any:
-    """Wrap an event handler: a `ValueError` clears its outputs and shows the message in the page's status line
-    (the last output), and the app keeps serving."""
+    """Wrap an event handler so that a `ValueError` becomes a message in the page.
+
+    The error clears the handler's outputs and shows in the page's status line (the last output); the app keeps
+    serving.
+    """
 
     def handle(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
         try:
@@ -363,8 +369,10 @@ SPACE_REQUIREMENTS = [
 def write_space(
     folder: str | os.PathLike[str], models: Sequence[str], title: str = APP_TITLE, *, overwrite: bool = False
 ) -> Path:
-    """Write the app as a Hugging Face Space folder: `app.py`, `requirements.txt`, the card (`README.md`) and a
-    copy of the cops_hf package, so the Space runs without installing it. Upload it with
+    """Write the app as a Hugging Face Space folder.
+
+    The folder holds `app.py`, `requirements.txt`, the card (`README.md`) and a copy of the cops_hf package, so the
+    Space runs without installing it; it is written whole or not at all. Upload it with
     ``hf upload --repo-type space NAMESPACE/SPACE FOLDER``.
 
     Args:

@@ -40,21 +40,21 @@ def _style(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+    """Argparse type: an integer >= 1."""
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
 
 
 def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
+    """Argparse type: an integer >= 0."""
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return int(text)
 
 
 def _threshold(text: str) -> float:
-    """argparse type: a finite number in [0, 1] (scores and anomaly maps are probabilities)."""
+    """Argparse type: a finite number in [0, 1] (scores and anomaly maps are probabilities)."""
     from .processing_cops import check_threshold
 
     try:

@@ -92,7 +92,7 @@ def config_field_problems(fields: dict[str, Any]) -> list[str]:
 
 
 class CoPSConfig(PretrainedConfig):
-    r"""Configuration of [`CoPSForAnomalyDetection`].
+    r"""Configuration of `CoPSForAnomalyDetection`.
 
     Args:
         text_config (`dict` or `CLIPTextConfig`, *optional*): CLIP text tower. Defaults to ViT-L/14's.

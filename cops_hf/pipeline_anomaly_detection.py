@@ -140,6 +140,7 @@ class AnomalyDetectionPipeline(Pipeline):
             yield from self._call_list(chunk, True, kwargs)
 
     def preprocess(self, image: ImageLike, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """Read one image (`load_image`) and turn it into the model's inputs, with its original size."""
         features = self.processor(images=load_image(image, timeout=timeout))
         return {
             "pixel_values": features["pixel_values"].to(self.dtype or torch.float32),
@@ -166,6 +167,7 @@ class AnomalyDetectionPipeline(Pipeline):
         threshold: float | None = None,
         image_threshold: float | None = None,
     ) -> dict[str, Any]:
+        """One image's result (`RESULT_KEYS`), at the thresholds given or else those the config records."""
         config = self.model.config
         threshold = threshold if threshold is not None else config.pixel_threshold
         image_threshold = image_threshold if image_threshold is not None else config.image_threshold

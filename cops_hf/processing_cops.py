@@ -34,7 +34,7 @@ class NonFiniteScoreError(ValueError):
 
 
 def check_finite_scores(image_scores: torch.Tensor, images: list | None = None) -> None:
-    """Raise [`NonFiniteScoreError`] naming the first image whose score is NaN or infinite (`images` names them)."""
+    """Raise `NonFiniteScoreError` naming the first image whose score is NaN or infinite (`images` names them)."""
     finite = torch.isfinite(image_scores.detach())
     if bool(finite.all()):
         return
@@ -78,6 +78,7 @@ class CoPSImageProcessor(BaseImageProcessor):
         self.image_std = list(image_std)
 
     def __call__(self, images: ImageLike | Sequence[ImageLike], **kwargs: Any) -> BatchFeature:
+        """Same as `preprocess`."""
         return self.preprocess(images, **kwargs)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
@@ -160,8 +161,10 @@ def prompt_template(num_context_tokens: int) -> str:
 
 
 def prompt_suffix_token_ids(tokenizer: CLIPTokenizer | None = None) -> list[int]:
-    """The ids the tokenizer gives to the template's text after its placeholders ("."), without start and end
-    tokens; the packaged CLIP tokenizer when `tokenizer` is None."""
+    """The ids the tokenizer gives to the template's text after its placeholders (".").
+
+    Start and end tokens are left out; `tokenizer` defaults to the packaged CLIP tokenizer.
+    """
     tokenizer = tokenizer or packaged_tokenizer()
     with_suffix = tokenizer(prompt_template(1))["input_ids"]
     placeholder_only = tokenizer(prompt_template(1)[:-1])["input_ids"]
@@ -169,7 +172,7 @@ def prompt_suffix_token_ids(tokenizer: CLIPTokenizer | None = None) -> list[int]
 
 
 class CoPSProcessor(ProcessorMixin):
-    r"""CoPS processor: [`CoPSImageProcessor`] for images and masks plus a CLIP tokenizer.
+    r"""CoPS processor: `CoPSImageProcessor` for images and masks plus a CLIP tokenizer.
 
     Class names are carried through untouched (for per-category metrics). The tokenizer gives the prompt
     template's token ids (`"X X ... X."`): `CoPSConfig.from_clip_config` takes the suffix ids from it. CoPS itself
@@ -216,8 +219,10 @@ class CoPSProcessor(ProcessorMixin):
         return self.tokenizer(prompt_template(num_context_tokens))["input_ids"]
 
     def prompt_suffix_token_ids(self) -> list[int]:
-        """Token ids between the template's placeholders and its end token (those of "."): what
-        `CoPSConfig.prompt_suffix_token_ids` holds."""
+        """Token ids between the template's placeholders and its end token (those of ".").
+
+        `CoPSConfig.prompt_suffix_token_ids` holds them (`PROMPT_SUFFIX_TOKEN_IDS`).
+        """
         return prompt_suffix_token_ids(self.tokenizer)
 
     def post_process_anomaly_detection(

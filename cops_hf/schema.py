@@ -57,12 +57,16 @@ class Prediction(dict):
         return dict.__contains__(self, self._key(key))
 
     def get(self, key: Any, default: Any = None) -> Any:
+        """`dict.get`, reading a deprecated key under its schema name (with a warning)."""
         return dict.get(self, self._key(key), default)
 
 
 def dataset_key(name: str) -> str:
-    """The canonical spelling of a dataset or preset name: case, surrounding spaces, "-" and " " versus "_" do not
-    matter ("MVTec-AD" -> "mvtec_ad"). Aliases are resolved by `cops_hf.data.registry`, the one dataset registry."""
+    """The canonical spelling of a dataset or preset name ("MVTec-AD" -> "mvtec_ad").
+
+    Case, surrounding spaces, and "-" or " " versus "_" do not matter. Aliases are resolved by
+    `cops_hf.data.registry`, the one dataset registry.
+    """
     return name.strip().lower().replace("-", "_").replace(" ", "_")
 
 

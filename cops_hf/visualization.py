@@ -95,9 +95,11 @@ class ColourScale:
         pixel_threshold: float | None = None,
         span_of: str = "this map's range",
     ) -> ColourScale:
-        """Anchored to `pixel_threshold` (the bar spans `threshold ± min(threshold, 1 - threshold)`, so the threshold
-        is its middle) when given, else the min-max range of `anomaly_maps` (one map or several), described by
-        `span_of` in the caption."""
+        """The colour scale of one map or several.
+
+        Anchored to `pixel_threshold` when given (the bar spans `threshold ± min(threshold, 1 - threshold)`, so the
+        threshold is its middle), else the min-max range of `anomaly_maps`, described by `span_of` in the caption.
+        """
         if pixel_threshold is not None:
             half = min(pixel_threshold, 1.0 - pixel_threshold) or 0.5
             return cls(pixel_threshold - half, pixel_threshold + half, pixel_threshold)
@@ -363,8 +365,11 @@ def plot_curve_pair(
     path: str | Path,
     kind: str = "roc",
 ) -> Path:
-    """Write side-by-side ROC or PR plots, one per level, e.g. `{"image-level ROC": (curves, values),
-    "pixel-level ROC": (curves, values)}` (see `plot_curves` for the curves and values)."""
+    """Write side-by-side ROC or PR plots, one per level.
+
+    E.g. `{"image-level ROC": (curves, values), "pixel-level ROC": (curves, values)}`; see `plot_curves` for the
+    curves and values.
+    """
     if kind not in ("roc", "pr"):
         raise ValueError(f"unknown curve kind {kind!r}; use 'roc' or 'pr'")
     figure = Figure(figsize=(5 * len(levels), 5), dpi=_DPI, facecolor="white", layout="constrained")

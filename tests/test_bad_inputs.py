@@ -181,7 +181,8 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
      "cops-hf convert: error: argument --image-size: must be an integer >= 1, got 'abc'"),
     # predict: images
     ("predict-folder-without-images", _predict("{model}", "{root}/weights"), 2,
-     "cops-hf predict: error: {root}/weights: folder holds no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp)"),
+     "cops-hf predict: error: {root}/weights: folder holds no image files "
+     "(.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp)"),
     ("predict-missing-image", _predict("{model}", "{tmp}/gone.png"), 2,
      "cops-hf predict: error: {tmp}/gone.png: no such file or folder; pass image files, folders or glob patterns"),
     ("predict-text-image", _predict("{model}", "{text}"), 2,
@@ -251,7 +252,8 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
     ("calibrate-quantile", ["calibrate", "--model", "{model}", "--normal", "{image}", *OUT, "--quantile", "1.5"], 2,
      "cops-hf calibrate: error: quantile must lie in (0, 1), got 1.5."),
     ("calibrate-no-images", ["calibrate", "--model", "{model}", "--normal", "{root}/weights", *OUT], 2,
-     "cops-hf calibrate: error: {root}/weights: folder holds no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp)"),
+     "cops-hf calibrate: error: {root}/weights: folder holds no image files "
+     "(.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp)"),
     ("calibrate-bomb", ["calibrate", "--model", "{model}", "--normal", "{image}", "{bomb}", *OUT], 2,
      f"cops-hf calibrate: error: Image file '{{bomb}}' declares more than {2 * PIL_LIMIT} pixels"),
     ("calibrate-missing-image", ["calibrate", "--model", "{model}", "--normal", "{tmp}/gone.png", *OUT], 2,

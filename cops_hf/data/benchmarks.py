@@ -2,7 +2,7 @@
 
 Industrial (pixel-level): MVTec AD, VisA, BTAD, MPDD, DTD-Synthetic. Medical image-level: HeadCT, BrainMRI, Br35H.
 Medical pixel-level: ISIC, CVC-ColonDB, CVC-ClinicDB, Kvasir, Endo. The expected folder layouts (the ones the CoPS
-and AnomalyCLIP preparation scripts read) are given in each builder's docstring. Use :func:`prepare_dataset`::
+and AnomalyCLIP preparation scripts read) are given in each builder's docstring. Use `prepare_dataset`::
 
     prepare_dataset("btad", "/data/BTAD")          # writes /data/BTAD/meta.json
     prepare_folder_dataset("/data/mine", "good", "bad", "ground_truth")   # a user's own images

@@ -39,6 +39,7 @@ class BenchmarkResult:
     missing: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (what `benchmark.json` holds)."""
         return {"metrics": self.metrics, "protocols": self.protocols, "missing": self.missing}
 
     def _table_cells(self) -> tuple[list[str], list[list[str]]]:
@@ -50,8 +51,10 @@ class BenchmarkResult:
         return header, rows
 
     def format_table(self, markdown: bool = False) -> str:
-        """Paper-style table in percent with one decimal, "-" where a metric does not exist; the datasets not
-        found are listed below it."""
+        """Paper-style table in percent with one decimal, "-" where a metric does not exist.
+
+        The datasets not found are listed below it.
+        """
         table = render_table(*self._table_cells(), markdown=markdown)
         if self.missing:
             table += "\n\nnot found: " + ", ".join(f"{name} ({why})" for name, why in self.missing.items())
