@@ -26,6 +26,7 @@ from . import __version__
 from .image_utils import ImageLike
 from .modeling_cops import CoPSAnomalyDetectionOutput, CoPSForAnomalyDetection
 from .processing_cops import CoPSImageProcessor, CoPSProcessor, check_finite_scores
+from .schema import ANOMALY_MAP, PRED_MASK
 
 ONNX_METADATA_KEY = "cops_config"
 INPUT_NAME = "pixel_values"
@@ -81,9 +82,9 @@ def export_metadata(
 def _write_metadata(
     path: Path, metadata: dict[str, Any], output_shapes: dict[str, tuple[str | int, ...]] | None = None
 ) -> None:
-    """Store `metadata` in the graph at `path`; `output_shapes` (name -> dims, a str a named dynamic axis) replace
-    the declared shapes of those outputs.
+    """Store `metadata` in the graph at `path` and replace the declared shapes of the outputs in `output_shapes`.
 
+    `output_shapes` maps an output name to its dims (a str is a named dynamic axis).
     The exporter's shape inference gets the map's spatial axes wrong (it declares `[batch, batch, ...dim_2]`
     through the reflect-padding gathers of the Gaussian blur), so the export states them.
     """
@@ -124,7 +125,7 @@ def export_onnx(
         image_processor: the preprocessing whose normalization is recorded in the metadata (default: CLIP's).
 
     Returns:
-        The path written. Load it with [`CoPSOnnxDetector`].
+        The path written. Load it with `CoPSOnnxDetector`.
     """
     opset = opset or DEFAULT_OPSET
     if opset not in SUPPORTED_OPSETS:
@@ -175,11 +176,11 @@ def quantize_onnx_int8(source: str | os.PathLike, output: str | os.PathLike) -> 
 
 
 class CoPSOnnxDetector:
-    """Runs an exported CoPS graph with onnxruntime; outputs match [`CoPSForAnomalyDetection`] with the same noise.
+    """Runs an exported CoPS graph with onnxruntime; outputs match `CoPSForAnomalyDetection` with the same noise.
 
     Args:
-        path: the `.onnx` file written by [`export_onnx`] (or `cops-hf export --format onnx`).
-        processor: preprocessing for `images`; by default a [`CoPSProcessor`] with the size and normalization
+        path: the `.onnx` file written by `export_onnx` (or `cops-hf export --format onnx`).
+        processor: preprocessing for `images`; by default a `CoPSProcessor` with the size and normalization
             recorded in the graph's metadata.
         providers: onnxruntime execution providers (default CPU).
         session_options: onnxruntime session options (threads, optimization level).
@@ -227,7 +228,7 @@ class CoPSOnnxDetector:
 
         Args:
             inputs: one image (a path, a PIL image, a numpy array or a tensor) or a list of them, as the pipeline
-                takes them: one result dict for one image, a list for a list (see [`detect`]).
+                takes them: one result dict for one image, a list for a list (see `detect`).
             pixel_values: `[B, 3, H, W]` from the processor (keyword only): returns the raw outputs.
             images: raw images (keyword only): preprocessed, then as `pixel_values`.
             threshold, image_threshold: with `inputs`, the pixel and score thresholds (default: the graph's
@@ -235,7 +236,7 @@ class CoPSOnnxDetector:
 
         Returns:
             With `inputs`, the pipeline's result dicts. With `pixel_values` or `images`, a
-            [`CoPSAnomalyDetectionOutput`] with `image_scores` `[B]` and `anomaly_maps` `[B, H, W]` (torch tensors),
+            `CoPSAnomalyDetectionOutput` with `image_scores` `[B]` and `anomaly_maps` `[B, H, W]` (torch tensors),
             ready for `processor.post_process_anomaly_detection`.
 
         Raises:
@@ -248,9 +249,9 @@ class CoPSOnnxDetector:
             single = not isinstance(inputs, (list, tuple))
             results = self.detect(inputs, threshold=threshold, image_threshold=image_threshold)
             for result in results:
-                result["anomaly_map"] = result["anomaly_map"].numpy().astype(np.float32)
-                if "mask" in result:
-                    result["mask"] = result["mask"].numpy()
+                result[ANOMALY_MAP] = result[ANOMALY_MAP].numpy().astype(np.float32)
+                if PRED_MASK in result:
+                    result[PRED_MASK] = result[PRED_MASK].numpy()
             return results[0] if single else results
         image_list = None
         if images is not None:
@@ -281,9 +282,11 @@ class CoPSOnnxDetector:
         threshold: float | None = None,
         image_threshold: float | None = None,
     ) -> list[dict[str, Any]]:
-        """Per image: `score` and `anomaly_map` (torch tensor) at the original size, plus `label`/`mask` when a
-        threshold is given or the graph's metadata holds a calibrated one (see
-        [`CoPSProcessor.post_process_anomaly_detection`])."""
+        """Per image: `pred_score` and `anomaly_map` (torch tensor) at the original size.
+
+        `pred_label`/`pred_mask` are added when a threshold is given or the graph's metadata holds a calibrated one
+        (see `CoPSProcessor.post_process_anomaly_detection`).
+        """
         image_list = images if isinstance(images, (list, tuple)) else [images]
         inputs = self.processor(images=image_list)
         outputs = self._run(inputs["pixel_values"], image_list)

@@ -25,7 +25,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ProcessorMixin
 
 from .image_utils import ImageLike, ImageLoadError, describe_input, load_image, load_mask
-from .schema import decision_label
+from .schema import ANOMALY_MAP, PRED_LABEL, PRED_MASK, PRED_SCORE, Prediction, decision_label
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class NonFiniteScoreError(ValueError):
 
 
 def check_finite_scores(image_scores: torch.Tensor, images: list | None = None) -> None:
-    """Raise [`NonFiniteScoreError`] naming the first image whose score is NaN or infinite (`images` names them)."""
+    """Raise `NonFiniteScoreError` naming the first image whose score is NaN or infinite (`images` names them)."""
     finite = torch.isfinite(image_scores.detach())
     if bool(finite.all()):
         return
@@ -67,8 +67,10 @@ def check_tiling(tile_size: Any, tile_overlap: Any) -> tuple[int | None, float]:
 
 
 def _tile_starts(length: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of tiles of `tile` pixels covering `length` pixels, consecutive tiles overlapping by at least
-    `overlap` of a tile; the last tile ends at the edge."""
+    """Start offsets of tiles of `tile` pixels covering `length` pixels.
+
+    Consecutive tiles overlap by at least `overlap` of a tile; the last tile ends at the edge.
+    """
     if tile >= length:
         return [0]
     stride = max(1, math.floor(tile * (1.0 - overlap)))  # floor: the overlap is at least the fraction
@@ -91,8 +93,10 @@ def tile_boxes(height: int, width: int, tile_size: int, tile_overlap: float) -> 
 
 
 def _blend_ramp(start: int, length: int, total: int, ramp: int) -> torch.Tensor:
-    """Weights `[length]` of one tile along one axis: rising over `ramp` pixels from an edge shared with another
-    tile, flat (1) towards the image's own edges. Always positive."""
+    """Weights `[length]` of one tile along one axis, always positive.
+
+    They rise over `ramp` pixels from an edge shared with another tile and stay flat (1) towards the image's edges.
+    """
     positions = torch.arange(length, dtype=torch.float32) + 0.5
     weights = torch.ones(length)
     if start > 0:
@@ -174,6 +178,7 @@ class CoPSImageProcessor(BaseImageProcessor):
         self.tile_size, self.tile_overlap = check_tiling(tile_size, tile_overlap)
 
     def __call__(self, images: ImageLike | Sequence[ImageLike], **kwargs: Any) -> BatchFeature:
+        """Same as `preprocess`."""
         return self.preprocess(images, **kwargs)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
@@ -271,8 +276,10 @@ def prompt_template(num_context_tokens: int) -> str:
 
 
 def prompt_suffix_token_ids(tokenizer: CLIPTokenizer | None = None) -> list[int]:
-    """The ids the tokenizer gives to the template's text after its placeholders ("."), without start and end
-    tokens; the packaged CLIP tokenizer when `tokenizer` is None."""
+    """The ids the tokenizer gives to the template's text after its placeholders (".").
+
+    Start and end tokens are left out; `tokenizer` defaults to the packaged CLIP tokenizer.
+    """
     tokenizer = tokenizer or packaged_tokenizer()
     with_suffix = tokenizer(prompt_template(1))["input_ids"]
     placeholder_only = tokenizer(prompt_template(1)[:-1])["input_ids"]
@@ -280,7 +287,7 @@ def prompt_suffix_token_ids(tokenizer: CLIPTokenizer | None = None) -> list[int]
 
 
 class CoPSProcessor(ProcessorMixin):
-    r"""CoPS processor: [`CoPSImageProcessor`] for images and masks plus a CLIP tokenizer.
+    r"""CoPS processor: `CoPSImageProcessor` for images and masks plus a CLIP tokenizer.
 
     Class names are carried through untouched (for per-category metrics). The tokenizer gives the prompt
     template's token ids (`"X X ... X."`): `CoPSConfig.from_clip_config` takes the suffix ids from it. CoPS itself
@@ -309,7 +316,7 @@ class CoPSProcessor(ProcessorMixin):
         """Preprocess images (and masks); tokenize `text` if given; pass `class_names` through.
 
         `return_tensors` ("pt" or "np") applies to the image and mask arrays and to the token ids. `tile_size` and
-        `tile_overlap` override the image processor's tiling for this call (see [`CoPSImageProcessor.preprocess`]).
+        `tile_overlap` override the image processor's tiling for this call (see `CoPSImageProcessor.preprocess`).
         """
         if images is None and text is None:
             raise ValueError("Pass images (and optionally masks / class_names) or text.")
@@ -332,8 +339,10 @@ class CoPSProcessor(ProcessorMixin):
         return self.tokenizer(prompt_template(num_context_tokens))["input_ids"]
 
     def prompt_suffix_token_ids(self) -> list[int]:
-        """Token ids between the template's placeholders and its end token (those of "."): what
-        `CoPSConfig.prompt_suffix_token_ids` holds."""
+        """Token ids between the template's placeholders and its end token (those of ".").
+
+        `CoPSConfig.prompt_suffix_token_ids` holds them (`PROMPT_SUFFIX_TOKEN_IDS`).
+        """
         return prompt_suffix_token_ids(self.tokenizer)
 
     def post_process_anomaly_detection(
@@ -345,7 +354,10 @@ class CoPSProcessor(ProcessorMixin):
         tiles: Sequence[Sequence[Sequence[int]]] | None = None,
         image_score_beta: float | None = None,
     ) -> list[dict[str, Any]]:
-        """Per image: `score`, `anomaly_map` at the original size and, with thresholds, `mask` and `label`.
+        """Per image: `pred_score`, `anomaly_map` at the original size and, with thresholds, `pred_mask`, `pred_label`.
+
+        The keys are `cops_hf.schema`'s; the former `score`, `mask` and `label` still read, with a
+        `DeprecationWarning`, for one release.
 
         Args:
             outputs: a `CoPSAnomalyDetectionOutput` (needs `image_scores` and `anomaly_maps`; with `tiles` also
@@ -354,8 +366,8 @@ class CoPSProcessor(ProcessorMixin):
                 bilinearly. `None` uses `outputs.original_sizes` when the model was given them, else keeps the
                 resolution of the maps (with `tiles`: the original size the boxes cover, or the model's for an image
                 of one tile).
-            threshold: pixel threshold on the map: adds a boolean `mask`.
-            image_threshold: threshold on the score: adds `label` ("anomalous" / "normal").
+            threshold: pixel threshold on the map: adds a boolean `pred_mask`.
+            image_threshold: threshold on the score: adds `pred_label` ("anomalous" / "normal").
             tiles: each image's tile boxes, as the processor returned them with `tile_size`; `outputs` then holds
                 one row per tile, image after image. An image of several tiles gets its map stitched (see
                 `stitch_tiles`) and its score by the model's rule applied to the stitched result: `image_score_beta`
@@ -383,11 +395,11 @@ class CoPSProcessor(ProcessorMixin):
                 anomaly_map = F.interpolate(
                     anomaly_map[None, None], size=tuple(target_sizes[index]), mode="bilinear", align_corners=False
                 )[0, 0]
-            result: dict[str, Any] = {"score": float(score), "anomaly_map": anomaly_map}
+            result = Prediction({PRED_SCORE: float(score), ANOMALY_MAP: anomaly_map})
             if threshold is not None:
-                result["mask"] = anomaly_map >= threshold
+                result[PRED_MASK] = anomaly_map >= threshold
             if image_threshold is not None:
-                result["label"] = decision_label(float(score), image_threshold)
+                result[PRED_LABEL] = decision_label(float(score), image_threshold)
             results.append(result)
         return results
 

@@ -17,6 +17,7 @@ from PIL import Image
 from cops_hf.cli import main
 from cops_hf.export import ONNX_METADATA_KEY, CoPSOnnxDetector, export_onnx, fixed_vae_noise
 from cops_hf.processing_cops import CoPSProcessor, NonFiniteScoreError
+from cops_hf.schema import ANOMALY_MAP, PRED_LABEL, PRED_MASK, PRED_SCORE
 
 from .tiny_models import tiny_model
 
@@ -136,11 +137,11 @@ def test_detector_is_called_like_the_pipeline_with_paths_pil_images_and_arrays(e
     pixel_values = detector.processor(images=[Image.fromarray(array) for array in arrays])["pixel_values"]
     with torch.no_grad():
         expected = model(pixel_values, vae_noise=fixed_vae_noise(model, VAE_SAMPLES, SEED).expand(3, -1, -1))
-    assert [result["score"] for result in results] == pytest.approx(expected.image_scores.tolist(), abs=1e-4)
-    assert [result["anomaly_map"].shape for result in results] == [(120, 90), (64, 80), (70, 70)]
-    assert all(result["anomaly_map"].dtype == np.float32 for result in results)
-    assert results[0]["mask"].dtype == np.bool_ and results[0]["label"] in ("normal", "anomalous")
-    assert isinstance(single, dict) and single["score"] == pytest.approx(results[0]["score"], abs=1e-6)
+    assert [result[PRED_SCORE] for result in results] == pytest.approx(expected.image_scores.tolist(), abs=1e-4)
+    assert [result[ANOMALY_MAP].shape for result in results] == [(120, 90), (64, 80), (70, 70)]
+    assert all(result[ANOMALY_MAP].dtype == np.float32 for result in results)
+    assert results[0][PRED_MASK].dtype == np.bool_ and results[0][PRED_LABEL] in ("normal", "anomalous")
+    assert isinstance(single, dict) and single[PRED_SCORE] == pytest.approx(results[0][PRED_SCORE], abs=1e-6)
 
 
 def test_detector_refuses_non_finite_scores(tmp_path):

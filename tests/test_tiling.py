@@ -15,6 +15,7 @@ from cops_hf.cli import main
 from cops_hf.data import make_synthetic_dataset
 from cops_hf.evaluation.inference import predict_images
 from cops_hf.processing_cops import CoPSImageProcessor, CoPSProcessor, check_tiling, stitch_tiles, tile_boxes
+from cops_hf.schema import ANOMALY_MAP, PRED_SCORE
 
 from .tiny_models import tiny_model
 
@@ -74,14 +75,14 @@ def test_one_tile_covering_the_image_equals_untiled_inference(model, processor, 
     detector = pipeline("anomaly-detection", model=model, processor=processor)
     plain, tiled = detector(large_image), detector(large_image, tile_size=300, tile_overlap=0.5)
     # One tile is the whole image: the same pixels through the same code path, identical by construction.
-    assert plain["score"] == tiled["score"]
-    assert np.array_equal(plain["anomaly_map"], tiled["anomaly_map"])
+    assert plain[PRED_SCORE] == tiled[PRED_SCORE]
+    assert np.array_equal(plain[ANOMALY_MAP], tiled[ANOMALY_MAP])
 
 
 def test_tiled_pipeline_stitches_full_resolution_maps_and_scores_by_the_model_rule(model, processor, large_image):
     detector = pipeline("anomaly-detection", model=model, processor=processor)
     result = detector(large_image, tile_size=SIZE, tile_overlap=0.25)
-    assert result["anomaly_map"].shape == (150, 260) and result["anomaly_map"].dtype == np.float32
+    assert result[ANOMALY_MAP].shape == (150, 260) and result[ANOMALY_MAP].dtype == np.float32
 
     boxes = tile_boxes(150, 260, SIZE, 0.25)
     crops = [large_image.crop((left, top, left + w, top + h)) for top, left, h, w in boxes]
@@ -93,8 +94,8 @@ def test_tiled_pipeline_stitches_full_resolution_maps_and_scores_by_the_model_ru
     patch_map = stitch_tiles(outputs.patch_scores.view(-1, side, side), boxes, mode="nearest")
     beta = model.config.image_score_beta
     expected_score = beta * outputs.global_scores.max() + (1 - beta) * patch_map.max()
-    np.testing.assert_allclose(result["anomaly_map"], expected_map.numpy(), atol=1e-5, rtol=0)
-    assert result["score"] == pytest.approx(float(expected_score), abs=1e-5)
+    np.testing.assert_allclose(result[ANOMALY_MAP], expected_map.numpy(), atol=1e-5, rtol=0)
+    assert result[PRED_SCORE] == pytest.approx(float(expected_score), abs=1e-5)
     # Each tile's own fused score is the model's rule on that tile.
     torch.testing.assert_close(
         outputs.image_scores, beta * outputs.global_scores + (1 - beta) * outputs.patch_scores.amax(-1)
@@ -134,7 +135,7 @@ def test_predict_cli_writes_tiled_scores(model, processor, large_image, tmp_path
     assert main([*common, "--output", str(tmp_path / "plain")]) == 0
     assert main([*common, "--output", str(tmp_path / "tiled"), "--tile", "98", "--tile-overlap", "0.25"]) == 0
     detector = pipeline("anomaly-detection", model=model, processor=processor)
-    expected = detector(large_image, tile_size=SIZE, tile_overlap=0.25)["score"]
+    expected = detector(large_image, tile_size=SIZE, tile_overlap=0.25)[PRED_SCORE]
     (row,) = csv.DictReader(open(tmp_path / "tiled" / "scores.csv"))
     assert float(row["score"]) == pytest.approx(expected, abs=1e-5)
 

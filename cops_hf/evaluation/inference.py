@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ..image_utils import ImageLike
 from ..modeling_cops import CoPSAnomalyDetectionOutput, CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor, check_finite_scores
+from ..schema import ANOMALY_MAP, PRED_SCORE
 
 
 @dataclass
@@ -88,8 +89,8 @@ def predict_images(
                 outputs, target_sizes=[size] * len(batch_images), tiles=tiles,
                 image_score_beta=model.config.image_score_beta,
             )  # fmt: skip
-            scores = [result["score"] for result in results]
-            maps = np.stack([result["anomaly_map"].numpy() for result in results])
+            scores = [result[PRED_SCORE] for result in results]
+            maps = np.stack([result[ANOMALY_MAP].numpy() for result in results])
         for offset, (score, anomaly_map) in enumerate(zip(scores, maps, strict=True)):
             gt_mask = features["masks"][offset].numpy().astype(np.uint8) if batch_masks is not None else None
             yield ImagePrediction(start + offset, score, anomaly_map, gt_mask)
