@@ -396,6 +396,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the final model already in --output")
     parser.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding worker processes")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument(
+        "--synthesize", action="store_true",
+        help="add a synthetic anomalous copy of every normal image each epoch (blob, scratch, cut-paste, foreign "
+        "patch): trains on normal images only, or mixes into a labelled --split (default split: the first with "
+        "normal images)",
+    )  # fmt: skip
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -424,12 +430,15 @@ def _run_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         dataloader_num_workers=args.num_workers,
         use_cpu=args.cpu,
+        synthesize=args.synthesize,
     )
-    dataset = load_training_dataset(args.data, split=args.split)
+    dataset = load_training_dataset(args.data, split=args.split, synthesize=args.synthesize)
     num_anomalous = sum(dataset["gt_label"])
+    num_normal = len(dataset) - num_anomalous
+    synthetic = f", plus {num_normal} synthetic anomalous copies per epoch" if args.synthesize else ""
     print(
-        f"Training on split '{dataset.split}' of {args.data}: {len(dataset) - num_anomalous} normal and "
-        f"{num_anomalous} anomalous images"
+        f"Training on split '{dataset.split}' of {args.data}: {num_normal} normal and {num_anomalous} anomalous "
+        f"images{synthetic}"
     )
     result = train_cops(model, processor_for(model), dataset, config)
     if result.history:
@@ -542,7 +551,8 @@ SUBCOMMANDS: list[Subcommand] = [
 EXAMPLES = {
     "demo": "  cops-hf demo --output cops-demo",
     "train": "  cops-hf train --clip openai/clip-vit-large-patch14-336 --data /data/VisA --preset visa --output run\n"
-    "  accelerate launch -m cops_hf.cli train --clip ... --data ... --output ...   (several GPUs)",
+    "  accelerate launch -m cops_hf.cli train --clip ... --data ... --output ...   (several GPUs)\n"
+    "  cops-hf train --clip ... --data my_parts --synthesize --output run   (normal images only)",
     "convert": "  cops-hf convert --official visa --output cops\n"
     "  cops-hf convert --clip ViT-L-14-336px.pt --checkpoint epoch_10.pth --output cops",
     "predict": "  cops-hf predict --model cops part.png --output out\n"

@@ -126,6 +126,9 @@ class CoPSConfig(PretrainedConfig):
         train_preset (`str`, *optional*): the `TRAIN_DATASET_PRESETS` entry the training fields were set from.
         train_dataset, train_split (`str`, *optional*): what the model was trained on, recorded by the trainer: the
             benchmark name meta.json records (else the dataset folder) and the meta.json split.
+        train_real_images, train_synthetic_images (`int`, *optional*): images per epoch of that training, recorded by
+            the trainer: real ones from the split, and synthetic anomalous copies of its normal images (normal-only
+            adaptation, `TrainingConfig.synthesize`; 0 otherwise).
         source_checkpoint (`str`, *optional*): the published checkpoint the CoPS weights were converted from, as
             "repository/path@git blob sha1".
     """
@@ -167,6 +170,8 @@ class CoPSConfig(PretrainedConfig):
     train_preset: str | None = None
     train_dataset: str | None = None
     train_split: str | None = None
+    train_real_images: int | None = None
+    train_synthetic_images: int | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.feature_layers is None:

@@ -36,6 +36,7 @@ from .loading import (
     labelled_split,
     load_meta_dataset,
     load_meta_dataset_with_report,
+    normal_split,
     split_label_counts,
     validate_meta_dataset,
 )
@@ -61,6 +62,7 @@ from .synthetic import (
     SYNTHETIC_CATEGORIES,
     TEXTURE_CATEGORIES,
     SyntheticSample,
+    apply_defect,
     make_synthetic_dataset,
     render_synthetic_sample,
 )
@@ -90,6 +92,7 @@ __all__ = [
     "DataProblem",
     "SyntheticSample",
     "ValidationReport",
+    "apply_defect",
     "build_folder_meta",
     "build_mvtec_meta",
     "build_visa_meta",
@@ -97,6 +100,7 @@ __all__ = [
     "folder_records",
     "has_masks",
     "labelled_split",
+    "normal_split",
     "list_image_files",
     "load_meta_dataset",
     "load_meta_dataset_with_report",
