@@ -9,14 +9,12 @@ named presets (`TEST_DATASET_PRESETS`, `TRAIN_DATASET_PRESETS`) applied with `Co
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import os
 from typing import Any, ClassVar
 
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
-from transformers.pipelines import PIPELINE_REGISTRY
 
 # CLIP ViT-L/14@336px, the tower CoPS is published with ("openai/clip-vit-large-patch14-336").
 VIT_L14_336_TEXT = {
@@ -35,6 +33,10 @@ VIT_L14_336_VISION = {
     "patch_size": 14,
     "projection_dim": 768,
 }
+
+# Token ids that follow the context in the prompt template "X ... X.": the "." of CLIP's BPE vocabulary. A constant of
+# CLIP's vocabulary (tests/test_configuration.py checks it against the tokenizer), so no config needs a tokenizer.
+PROMPT_SUFFIX_TOKEN_IDS: tuple[int, ...] = (269,)
 
 # Test-time switches of the reference, per test dataset. Every dataset but VisA uses the general values.
 _GENERAL_TEST = {"test_kernel_size": 5, "distance_alpha": 0.26, "image_score_beta": 0.9}
@@ -67,6 +69,10 @@ _FIELD_KINDS = {
     "str": ("a string", lambda value: isinstance(value, str)),
     "None": ("null", lambda value: value is None),
     "list[int]": ("a list of integers", lambda value: isinstance(value, list) and all(map(_is_int, value))),
+    "list[str]": (
+        "a list of strings",
+        lambda value: isinstance(value, list) and all(isinstance(item, str) for item in value),
+    ),
 }
 
 
@@ -114,8 +120,8 @@ class CoPSConfig(PretrainedConfig):
         use_recon_loss (`bool`): add the VAE reconstruction term to the training loss.
         prototype_attention_heads (`int`): heads of the prototype extractor's cross-attention (D % heads == 0).
         prompt_suffix_token_ids (`list[int]`): token ids that follow the context in the prompt template
-            "X ... X." (the "." of CLIP's BPE vocabulary, 269, as the tokenizer gives it: see
-            `CoPSProcessor.prompt_suffix_token_ids`); start/end ids come from `text_config`.
+            "X ... X." (`PROMPT_SUFFIX_TOKEN_IDS`: the "." of CLIP's BPE vocabulary, 269); start/end ids come from
+            `text_config`.
         image_threshold, pixel_threshold (`float`, *optional*): calibrated decision thresholds on image scores and
             anomaly maps, used by the pipeline to emit labels and masks.
         test_preset (`str`, *optional*): the `TEST_DATASET_PRESETS` entry the test-time fields were last set from
@@ -131,6 +137,18 @@ class CoPSConfig(PretrainedConfig):
             adaptation, `TrainingConfig.synthesize`; 0 otherwise).
         source_checkpoint (`str`, *optional*): the published checkpoint the CoPS weights were converted from, as
             "repository/path@git blob sha1".
+        reference_weight (`float`): weight w of the few-shot reference map when references are set:
+            `anomaly_map = (1 - w) * zero_shot_map + w * reference_map` and
+            `score = (1 - w) * zero_shot_score + w * max(reference_map)` (WinCLIP+'s average at w = 0.5). The
+            default was chosen by an ablation on synthetic data (benchmarks/README.md). Unused without references.
+        reference_memory_limit (`int`): most memory rows (patch features) kept per feature layer; a larger memory
+            is subsampled to it by a greedy k-center coreset (PatchCore's), which bounds the search cost.
+        reference_memory_size (`int`): rows per feature layer of the stored memory (the `reference_memory` buffer
+            is `[len(feature_layers), reference_memory_size, projection_dim]`); set by `set_references`, 0 without
+            references.
+        reference_count (`int`): number of normal reference images the memory was built from (0: zero-shot).
+        reference_sources (`list[str]`, *optional*): names of the reference images (file names, never absolute
+            local paths), for the model card.
     """
 
     model_type = "cops"
@@ -172,12 +190,25 @@ class CoPSConfig(PretrainedConfig):
     train_split: str | None = None
     train_real_images: int | None = None
     train_synthetic_images: int | None = None
+    reference_weight: float = 0.5
+    reference_memory_limit: int = 16384
+    reference_memory_size: int = 0
+    reference_count: int = 0
+    reference_sources: list[str] | None = None
+
+    served_pipeline_tasks: ClassVar[set[str]] = set()
+    """Pipeline tasks this process serves with registered classes (filled by `cops_hf.register_with_transformers`).
+
+    A folder saved with remote code names its pipeline in `custom_pipelines`, for users without cops_hf; for these
+    tasks the entry is dropped on loading, or transformers would demand `trust_remote_code=True` to run the copy
+    of a pipeline that is already installed.
+    """
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.feature_layers is None:
             self.feature_layers = [24]
         if self.prompt_suffix_token_ids is None:
-            self.prompt_suffix_token_ids = [269]
+            self.prompt_suffix_token_ids = list(PROMPT_SUFFIX_TOKEN_IDS)
         super().__post_init__(**kwargs)
         self._forget_pipelines_served_here()
         self.validate()
@@ -200,18 +231,11 @@ class CoPSConfig(PretrainedConfig):
         return config_dict, unused_kwargs
 
     def _forget_pipelines_served_here(self) -> None:
-        """Drop the `custom_pipelines` entries of tasks this process already serves with a registered pipeline.
-
-        A repository pushed with remote code names its "anomaly-detection" pipeline file in `custom_pipelines`, for
-        users without cops_hf. Where cops_hf is imported, the task is registered, and transformers would otherwise
-        refuse `pipeline("anomaly-detection", model=repo_id)` without `trust_remote_code=True`.
-        """
+        """Drop the `custom_pipelines` entries of the tasks in `served_pipeline_tasks`."""
         custom_pipelines = getattr(self, "custom_pipelines", None)
         if not custom_pipelines:
             return
-        remaining = {
-            task: info for task, info in custom_pipelines.items() if task not in PIPELINE_REGISTRY.supported_tasks
-        }
+        remaining = {task: info for task, info in custom_pipelines.items() if task not in self.served_pipeline_tasks}
         if remaining:
             self.custom_pipelines = remaining
         else:
@@ -280,6 +304,20 @@ class CoPSConfig(PretrainedConfig):
                 problems.append(f"{name}={kernel} must be a positive odd integer")
         if not 0.0 <= self.distance_alpha <= 1.0 or not 0.0 <= self.image_score_beta <= 1.0:
             problems.append("distance_alpha and image_score_beta must lie in [0, 1]")
+        if not 0.0 <= self.reference_weight <= 1.0:
+            problems.append(f"reference_weight={self.reference_weight} must lie in [0, 1]")
+        if self.reference_memory_limit < 1 or self.reference_memory_size < 0 or self.reference_count < 0:
+            problems.append("reference_memory_limit must be >= 1, reference_memory_size and reference_count >= 0")
+        if (self.reference_count == 0) != (self.reference_memory_size == 0):
+            problems.append(
+                f"reference_count={self.reference_count} and reference_memory_size={self.reference_memory_size} "
+                "must be both 0 (no references) or both positive; set references with model.set_references"
+            )
+        if self.reference_sources is not None and len(self.reference_sources) != self.reference_count:
+            problems.append(
+                f"reference_sources names {len(self.reference_sources)} images but reference_count is "
+                f"{self.reference_count}"
+            )
         if self.temperature <= 0 or self.gaussian_sigma < 0 or self.vae_samples < 1:
             problems.append("temperature must be > 0, gaussian_sigma >= 0 and vae_samples >= 1")
         sequence_length = 2 + self.num_prompt_tokens + len(self.prompt_suffix_token_ids)
@@ -303,8 +341,7 @@ class CoPSConfig(PretrainedConfig):
 
         Fields left out (or `None`) that depend on the CLIP's depth are derived from it: `dpam_layers` (every
         vision layer), `feature_layers` (the last vision layer) and `deep_prompt_depth` (8, the reference's, capped
-        below the text tower's depth); `prompt_suffix_token_ids` come from tokenizing the prompt template with
-        CLIP's tokenizer. Explicit `fields` win over the presets' values.
+        below the text tower's depth). Explicit `fields` win over the presets' values.
 
         Args:
             clip_config: the `CLIPConfig` of the frozen CLIP.
@@ -317,7 +354,6 @@ class CoPSConfig(PretrainedConfig):
             "dpam_layers": num_vision_layers,
             "feature_layers": [num_vision_layers],
             "deep_prompt_depth": min(8, clip_config.text_config.num_hidden_layers - 1),
-            "prompt_suffix_token_ids": list(_template_suffix_token_ids()),
         }
         for name, value in derived.items():
             if fields.get(name) is None:
@@ -345,14 +381,6 @@ class CoPSConfig(PretrainedConfig):
             setattr(updated, field, value)
         updated.validate()
         return updated
-
-
-@functools.cache
-def _template_suffix_token_ids() -> tuple[int, ...]:
-    """The prompt template's suffix ids from the packaged CLIP tokenizer (tokenized once per process)."""
-    from .processing_cops import prompt_suffix_token_ids
-
-    return tuple(prompt_suffix_token_ids())
 
 
 def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
@@ -388,6 +416,7 @@ def check_model_type(model_type: str | None, source: str) -> None:
 
 
 __all__ = [
+    "PROMPT_SUFFIX_TOKEN_IDS",
     "CoPSConfig",
     "TEST_DATASET_PRESETS",
     "TRAIN_DATASET_PRESETS",
