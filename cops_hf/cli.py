@@ -11,9 +11,13 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .devices import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from .evaluation.fewshot import FewShotResult
 
 Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 """name, one-line help, adds the arguments, runs the command."""
@@ -175,9 +179,29 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=_non_negative_int, default=8, help="Overlays per category.")
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
+    _add_shots_arguments(parser)
     _add_style_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
+
+
+def _add_shots_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shots", type=_non_negative_int, default=0,
+        help="K normal references per category, drawn from its train split (else from the test normals, then left "
+        "out of scoring); 0 (default): zero-shot",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shot-seeds", type=_non_negative_int, nargs="+", metavar="S",
+        help="seeds of the reference draws, one evaluation each, averaged with their std (default: 0)",
+    )  # fmt: skip
+
+
+def _shot_options(args: argparse.Namespace) -> dict[str, object]:
+    """`shots` and `shot_seeds` for the API; refuses seeds without shots."""
+    if args.shot_seeds and not args.shots:
+        raise ValueError("--shot-seeds needs --shots K (K >= 1): seeds draw few-shot references")
+    return {"shots": args.shots, "shot_seeds": args.shot_seeds or [0]} if args.shots else {}
 
 
 def _add_cpu_alias(parser: argparse.ArgumentParser) -> None:
@@ -194,8 +218,10 @@ def _accelerator_on(device: object):
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .data import meta_dataset_name
     from .evaluation.evaluator import evaluate_dataset
+    from .evaluation.fewshot import evaluate_few_shot
     from .predict import load_model_and_processor
 
+    shots = _shot_options(args)
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     # The test data decides, as in the reference; a model's recorded preset (an official release's intended one)
     # serves data that records no dataset.
@@ -207,17 +233,28 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     else:
         preset, source = model.config.test_preset, "the preset the model's config records"
     print(f"Test preset: {preset} ({source})" if preset else "Test preset: none recorded, the model's config as is")
-    result = evaluate_dataset(
+    evaluate = evaluate_few_shot if shots else evaluate_dataset
+    result = evaluate(
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
         num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device),
-        skip_invalid=args.skip_invalid, **_style(args),
+        skip_invalid=args.skip_invalid, **shots, **_style(args),
     )  # fmt: skip
     if result is not None:
+        if shots:
+            _print_few_shot_notes(result)
         print(result.report.format_table())
         print(f"Protocol: {result.protocol}")
         print(f"Wrote {len(result.files)} files to {args.output}")
     return 0
+
+
+def _print_few_shot_notes(result: FewShotResult) -> None:
+    seeds = ", ".join(map(str, result.shot_seeds))
+    print(f"{result.shots}-shot, mean over seeds {seeds} (std in metrics.json):")
+    for category, split in result.reference_split.items():
+        if split != "train":
+            print(f"  {category}: references drawn from the {split} normals, left out of scoring")
 
 
 def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -307,6 +344,7 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    _add_shots_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
 
@@ -315,10 +353,11 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     from .evaluation.benchmark import run_benchmark
     from .predict import load_model_and_processor
 
+    shots = _shot_options(args)
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     result = run_benchmark(
         model, processor, args.data_root, suite=args.suite, output_dir=args.output, batch_size=args.batch_size,
-        seed=args.seed, accelerator=_accelerator_on(model.device),
+        seed=args.seed, accelerator=_accelerator_on(model.device), **shots,
     )  # fmt: skip
     if result is None:
         return 0
@@ -557,7 +596,8 @@ EXAMPLES = {
     "  cops-hf convert --clip ViT-L-14-336px.pt --checkpoint epoch_10.pth --output cops",
     "predict": "  cops-hf predict --model cops part.png --output out\n"
     "  cops-hf predict --model cops photos/ 'more/**/*.jpg' --output out --format json --device cuda",
-    "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec",
+    "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec\n"
+    "  cops-hf evaluate --model cops --data /data/mvtec --shots 4 --shot-seeds 0 1 2 --output eval-4shot",
     "calibrate": "  cops-hf calibrate --model cops --normal good_parts/ --output cops-calibrated\n"
     "  cops-hf calibrate --model cops --data /data/mvtec --output cops-calibrated",
     "data": "  cops-hf data prepare mvtec /data/mvtec\n  cops-hf data validate /data/mvtec",

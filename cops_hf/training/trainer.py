@@ -216,10 +216,7 @@ class CoPSTrainer:
     def _cached_batches(
         self, batches: list[list[int]], cache: VisionFeatureCache, vision_model: CoPSForAnomalyDetection
     ) -> Iterator[dict]:
-        """Batches of cached vision outputs and masks; only synthetic images (new every epoch) are decoded.
-
-        A batch's real images come first, then its synthetic ones (the same images as the decoded batch).
-        """
+        """Batches of cached vision outputs and masks; only synthetic images (new every epoch) are decoded."""
         for indices in batches:
             real = self._real_indices(indices)
             synthetic = [index for index in indices if index not in real]
@@ -230,17 +227,19 @@ class CoPSTrainer:
                 parts.append(
                     (CoPSVisionOutput(outputs.image_embeds.cpu(), outputs.patch_embeds.cpu()), decoded["masks"])
                 )
+            # Back to the batch's order (the VAE noise is drawn per row, so the order matters).
+            order = torch.tensor([(real + synthetic).index(index) for index in indices])
             vision_outputs = CoPSVisionOutput(
-                image_embeds=torch.cat([part[0].image_embeds for part in parts]),
-                patch_embeds=torch.cat([part[0].patch_embeds for part in parts]),
+                image_embeds=torch.cat([part[0].image_embeds for part in parts])[order],
+                patch_embeds=torch.cat([part[0].patch_embeds for part in parts])[order],
             )
             batch = {
-                "indices": torch.tensor(real + synthetic),
+                "indices": torch.tensor(indices),
                 "vision_outputs": vision_outputs,
-                "labels": torch.tensor([self.samples.labels[index] for index in real + synthetic]),
+                "labels": torch.tensor([self.samples.labels[index] for index in indices]),
             }
             if parts[0][1] is not None:
-                batch["masks"] = torch.cat([part[1] for part in parts])
+                batch["masks"] = torch.cat([part[1] for part in parts])[order]
             yield batch
 
     def _store_real(
