@@ -28,8 +28,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedModel
@@ -39,6 +37,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
 from .configuration_cops import CoPSConfig
+from .hub_errors import check_model_source
 from .losses import cops_objective
 
 NORMAL, ANOMALOUS = 0, 1
@@ -65,28 +64,11 @@ class IncompleteCheckpointError(OSError):
     """A saved model lacks weights or its weight file cannot be read; loading it would give random weights."""
 
 
-def missing_model_source_message(name_or_path: str | os.PathLike) -> str | None:
-    """What is wrong when `name_or_path` is neither an existing path nor a Hub id (None when it is one of them)."""
-    if os.path.exists(name_or_path):
-        return None
-    try:
-        validate_repo_id(str(name_or_path))
-    except HFValidationError:
-        return f"Model folder '{name_or_path}' does not exist (nor is it a Hub id, namespace/name): check the path."
-    return None
-
-
 def remote_pipeline_entry(pipeline_class: type) -> dict[str, Any]:
     """The `custom_pipelines` entry that makes `pipeline(task, trust_remote_code=True)` load `pipeline_class` from
     the code file saved beside a model (its module's file name, then the class name)."""
     module = pipeline_class.__module__.rsplit(".", 1)[-1]
     return {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"], "type": "image"}
-
-
-def check_model_source(name_or_path: str | os.PathLike) -> None:
-    """Raise `OSError` saying the folder does not exist when `name_or_path` is neither a local path nor a Hub id."""
-    if message := missing_model_source_message(name_or_path):
-        raise OSError(message)
 
 
 @dataclass
@@ -1015,7 +997,5 @@ __all__ = [
     "CoPSPreTrainedModel",
     "CoPSVisionOutput",
     "IncompleteCheckpointError",
-    "check_model_source",
-    "missing_model_source_message",
     "remote_pipeline_entry",
 ]
