@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from ..data import DEFECT_TYPES, apply_defect, labelled_split, load_meta_dataset, normal_split, split_label_counts
 from ..processing_cops import CoPSImageProcessor
+from ..schema import ANOMALOUS, NORMAL
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class TrainingSamples(Dataset):
                 "puts defects on normal images; add good images (`cops-hf data prepare folder ROOT --normal good`)."
             )
         if not synthesize and (num_anomalous == 0 or num_anomalous == len(self.labels)):
-            missing_kind = "anomalous" if num_anomalous == 0 else "normal"
+            missing_kind = ANOMALOUS if num_anomalous == 0 else NORMAL
             raise ValueError(
                 f"The training split has no {missing_kind} sample ({len(self.labels)} images, {num_anomalous} "
                 "anomalous). CoPS learns to tell normal from anomalous: train on an auxiliary set with both, "
