@@ -256,7 +256,7 @@ class CoPSOnnxDetector:
         image_list = None
         if images is not None:
             image_list = images if isinstance(images, (list, tuple)) else [images]
-            pixel_values = self.processor(images=image_list)["pixel_values"]
+            pixel_values = self.processor(images=image_list, tile_size=None)["pixel_values"]
         return self._run(pixel_values, image_list)
 
     def _run(
@@ -288,7 +288,7 @@ class CoPSOnnxDetector:
         (see `CoPSProcessor.post_process_anomaly_detection`).
         """
         image_list = images if isinstance(images, (list, tuple)) else [images]
-        inputs = self.processor(images=image_list)
+        inputs = self.processor(images=image_list, tile_size=None)
         outputs = self._run(inputs["pixel_values"], image_list)
         return self.processor.post_process_anomaly_detection(
             outputs,

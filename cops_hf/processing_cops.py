@@ -66,6 +66,19 @@ def check_tiling(tile_size: Any, tile_overlap: Any) -> tuple[int | None, float]:
     return (None if tile_size is None else int(tile_size)), float(tile_overlap)
 
 
+def check_tiles_without_references(model: Any) -> None:
+    """Refuse tiled scoring for a model holding few-shot references (`model.num_references > 0`).
+
+    Stitching re-fuses each image's score from its tiles' zero-shot parts; the reference-map part is not stitched
+    yet, so such a score would silently drop it.
+    """
+    if getattr(model, "num_references", 0):
+        raise ValueError(
+            f"Tiled scoring does not support a model holding references yet ({model.num_references} set): score "
+            "without tile_size (--tile), or clear the references (model.clear_references())."
+        )
+
+
 def _tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     """Start offsets of tiles of `tile` pixels covering `length` pixels.
 
@@ -440,6 +453,7 @@ __all__ = [
     "check_finite_scores",
     "check_threshold",
     "packaged_tokenizer",
+    "check_tiles_without_references",
     "check_tiling",
     "prompt_suffix_token_ids",
     "prompt_template",

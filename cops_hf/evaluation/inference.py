@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..image_utils import ImageLike
 from ..modeling_cops import CoPSAnomalyDetectionOutput, CoPSForAnomalyDetection
-from ..processing_cops import CoPSProcessor, check_finite_scores
+from ..processing_cops import CoPSProcessor, check_finite_scores, check_tiles_without_references
 from ..schema import ANOMALY_MAP, PRED_SCORE
 
 
@@ -77,6 +77,8 @@ def predict_images(
             for name in ("image_scores", "anomaly_maps", "patch_scores", "global_scores")
         })  # fmt: skip
         tiles = features.get("tiles")
+        if tiles is not None:
+            check_tiles_without_references(model)
         owners = batch_images if tiles is None else [
             image for image, boxes in zip(batch_images, tiles, strict=True) for _ in boxes
         ]  # the image each row belongs to, to name it

@@ -46,6 +46,11 @@ class TrainingConfig:
             and would send data off the machine unasked.
         eval_data: dataset root (meta.json) to evaluate the final model on after training (its test split); the
             metrics go to `output_dir/eval/` and to the trackers.
+        synthesize: normal-only adaptation: every epoch, each normal image of the split also appears as a
+            synthetic anomalous copy (blob, scratch, cut-paste or foreign-patch defect with its exact mask, seeded
+            by `(seed, epoch, index)`, so runs reproduce and resume exactly). A split of normal images only is then
+            enough; the real anomalous images of a labelled split are kept (mixing). Synthetic images are never
+            served from the feature cache.
     """
 
     output_dir: str | os.PathLike[str]
@@ -66,6 +71,7 @@ class TrainingConfig:
     use_cpu: bool = False
     report_to: str = "none"
     eval_data: str | os.PathLike[str] | None = None
+    synthesize: bool = False
 
     def __post_init__(self) -> None:
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
