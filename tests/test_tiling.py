@@ -154,3 +154,12 @@ def test_evaluate_cli_with_tiles_records_them_and_one_tile_keeps_the_metrics(mod
     assert reports["one"]["mean"] == reports["plain"]["mean"]
     assert (reports["tiled"]["protocol"]["tile_size"], reports["tiled"]["protocol"]["tile_overlap"]) == (98, 0.5)
     assert reports["plain"]["protocol"]["tile_size"] is None
+
+
+def test_tiles_are_refused_for_a_model_holding_references(processor, large_image):
+    model = tiny_model(seed=5)
+    model.set_references(processor(images=[large_image])["pixel_values"])
+    detector = pipeline("anomaly-detection", model=model, processor=processor)
+    with pytest.raises(ValueError, match="Tiled scoring does not support a model holding references yet"):
+        detector(large_image, tile_size=SIZE)
+    assert detector(large_image, tile_size=1000)[PRED_SCORE] == detector(large_image)[PRED_SCORE]

@@ -77,7 +77,7 @@ def predict_images(
             for name in ("image_scores", "anomaly_maps", "patch_scores", "global_scores")
         })  # fmt: skip
         tiles = features.get("tiles")
-        if tiles is not None:
+        if tiles is not None and any(len(boxes) > 1 for boxes in tiles):  # one tile is the untiled path
             check_tiles_without_references(model)
         owners = batch_images if tiles is None else [
             image for image, boxes in zip(batch_images, tiles, strict=True) for _ in boxes
