@@ -15,7 +15,6 @@ Needs the optional extra: ``pip install cops-hf[app]``.
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 
 from PIL import Image
 
+from .file_utils import bounded_filename, csv_writer
 from .image_utils import ImageLoadError, load_image
 from .schema import decision_label
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP, render_prediction
@@ -220,13 +220,13 @@ class AnomalyApp:
                 image, {**result, "label": label}, image_threshold=image_threshold,
                 pixel_threshold=pixel_threshold, title=Path(path).name, alpha=alpha,
             )  # fmt: skip
-            overlay_path = output / f"{index:04d}_{Path(path).stem}.png"
+            overlay_path = output / bounded_filename(f"{index:04d}_{Path(path).stem}", ".png")
             picture.save(overlay_path)
             gallery.append((str(overlay_path), f"{Path(path).name}: {score:.4f} {label}"))
             rows.append([Path(path).name, round(score, 6), label, ""])
         csv_path = output / "scores.csv"
         with open(csv_path, "w", newline="") as handle:
-            writer = csv.writer(handle)
+            writer = csv_writer(handle)
             writer.writerow(BATCH_COLUMNS)
             writer.writerows(rows)
         return gallery, rows, str(csv_path)

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -73,8 +73,9 @@ def _over_pixel_limit() -> str:
 
 
 @contextmanager
-def open_image_file(path: str | os.PathLike, what: str) -> Iterator[Image.Image]:
-    """`PIL.Image.open(path)` (header read, pixels not yet decoded) refusing images over the pixel limit.
+def open_image_file(path: str | os.PathLike | IO[bytes], what: str) -> Iterator[Image.Image]:
+    """`PIL.Image.open(path)` (a path or a binary file; header read, pixels not yet decoded) refusing images over
+    the pixel limit.
 
     Errors while opening, and while decoding inside the block, become one-line `ImageLoadError`s starting with
     `what` (e.g. "Image file 'a.png'").
@@ -138,31 +139,75 @@ def _rescale_to_8bit(values: np.ndarray) -> Image.Image:
 URL_TIMEOUT = 30.0
 """Seconds an image URL may take to answer (see `load_image`)."""
 
+MAX_URL_BYTES = 64 << 20
+"""Default cap on the bytes an image URL may send (64 MiB); `COPS_HF_MAX_URL_BYTES` replaces it."""
+
+MAX_URL_BYTES_ENV = "COPS_HF_MAX_URL_BYTES"
+"""Environment variable with the byte cap of image URLs (see `url_byte_limit`)."""
+
+
+def url_byte_limit() -> int:
+    """The most bytes an image URL may send: `COPS_HF_MAX_URL_BYTES` when set, else `MAX_URL_BYTES`."""
+    value = os.environ.get(MAX_URL_BYTES_ENV, "").strip()
+    if not value:
+        return MAX_URL_BYTES
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{MAX_URL_BYTES_ENV} must be a positive number of bytes, got {value!r}.")
+    return int(value)
+
+
+def _http_only_opener() -> Any:
+    """A urllib opener whose redirects may lead to http(s) URLs only (urllib alone also follows them to ftp)."""
+    from urllib.error import URLError
+    from urllib.parse import urlsplit
+    from urllib.request import HTTPRedirectHandler, build_opener
+
+    class HttpOnlyRedirects(HTTPRedirectHandler):
+        def redirect_request(self, request, fp, code, message, headers, new_url):  # noqa: ANN001, ANN201
+            if urlsplit(new_url).scheme.lower() not in ("http", "https"):
+                raise URLError(f"redirect to '{new_url}' refused: only http(s) redirects are followed")
+            return super().redirect_request(request, fp, code, message, headers, new_url)
+
+    return build_opener(HttpOnlyRedirects)
+
 
 def _download_image(url: str, timeout: float | None) -> Image.Image:
-    """The image at an http(s) URL, read fully into memory."""
+    """The image at an http(s) URL: at most `url_byte_limit()` bytes, redirects to http(s) only, and the pixel
+    limit files get."""
     from urllib.error import URLError
-    from urllib.request import urlopen
 
+    limit = url_byte_limit()
+    too_big = f"Image URL '{url}' sends more than {limit} bytes, over the cap of {MAX_URL_BYTES_ENV}; raise it if "
     try:
-        with urlopen(url, timeout=URL_TIMEOUT if timeout is None else timeout) as response:
-            content = response.read()
+        with _http_only_opener().open(url, timeout=URL_TIMEOUT if timeout is None else timeout) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise ImageLoadError(too_big + "the image is genuine.")
+            content = response.read(limit + 1)
     except (URLError, OSError, ValueError) as error:
+        if isinstance(error, ImageLoadError):
+            raise
         reason = getattr(error, "reason", error)
         raise ImageLoadError(f"Image URL '{url}' cannot be downloaded ({reason}); check the address.") from error
-    try:
-        with Image.open(io.BytesIO(content)) as opened:
-            opened.load()
-            return opened.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageLoadError(f"Image URL '{url}' did not return a readable image ({error}).") from error
+    if len(content) > limit:
+        raise ImageLoadError(too_big + "the image is genuine.")
+    with open_image_file(io.BytesIO(content), f"Image URL '{url}'") as opened:
+        opened.load()
+        return opened.copy()
+
+
+def _refuse_non_finite(image: Image.Image, what: str) -> Image.Image:
+    """`image`, unless it is a float image with NaN or infinite pixels (min-max scaling would blacken it)."""
+    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+        raise ImageLoadError(f"{what} holds NaN or infinite pixel values; it is not a valid image.")
+    return image
 
 
 def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Image.Image:
     """Open a path, URL, PIL image, numpy array or tensor as a PIL image in its own mode, with clear errors."""
     what = describe_input(item, index)
     if isinstance(item, str) and item.startswith(("http://", "https://")):
-        return _download_image(item, timeout)
+        return _refuse_non_finite(_download_image(item, timeout), f"Image URL {what}")
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if path.is_dir():
@@ -171,9 +216,9 @@ def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Im
             raise ImageLoadError(f"Image file {what} does not exist; check the path.")
         with open_image_file(path, f"Image file {what}") as opened:
             opened.load()
-            return opened.copy()
+            return _refuse_non_finite(opened.copy(), f"Image file {what}")
     if isinstance(item, Image.Image):
-        return item
+        return _refuse_non_finite(item, f"Image {what}")
     if isinstance(item, torch.Tensor):
         return _array_to_pil(item.detach().cpu().numpy(), what)
     if isinstance(item, np.ndarray):
@@ -227,6 +272,8 @@ def load_mask(item: ImageLike, index: int = 0) -> np.ndarray:
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS_ENV",
+    "MAX_URL_BYTES",
+    "MAX_URL_BYTES_ENV",
     "URL_TIMEOUT",
     "ImageLike",
     "ImageLoadError",
@@ -237,4 +284,5 @@ __all__ = [
     "load_image",
     "load_mask",
     "open_image_file",
+    "url_byte_limit",
 ]

@@ -6,15 +6,16 @@ time and each row is written (and flushed) as it comes: memory stays flat howeve
 
 from __future__ import annotations
 
-import csv
+import fnmatch
 import glob
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from .file_utils import bounded_filename, csv_dict_writer
 from .image_utils import IMAGE_SUFFIXES, is_image_file
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP
 
@@ -81,7 +82,7 @@ def expand_image_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]
                 raise ValueError(f"{text}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             paths.extend(found)
         elif glob.has_magic(text):
-            matches = sorted(glob.glob(text, recursive=True))
+            matches = _glob_once(text)
             found = [match for match in matches if Path(match).is_file() and _is_image(Path(match))]
             found += [image for match in matches if Path(match).is_dir() for image in _images_under(Path(match))]
             if not found:
@@ -97,13 +98,45 @@ def _is_image(path: Path) -> bool:
 
 
 def _images_under(folder: Path) -> list[str]:
-    return [
-        str(path)
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-        and _is_image(path)
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    ]
+    return sorted(str(path) for path in _walk_once(folder) if path.is_file() and _is_image(path))
+
+
+def _walk_once(folder: Path) -> Iterator[Path]:
+    """Every entry under `folder` but hidden ones, following folder symlinks yet entering each real folder once,
+    so that a symlink loop ends instead of repeating the tree until the kernel's link limit."""
+    visited: set[tuple[int, int]] = set()
+    for directory, folders, files in os.walk(folder, followlinks=True):
+        status = os.stat(directory)
+        if (status.st_dev, status.st_ino) in visited:
+            folders.clear()
+            continue
+        visited.add((status.st_dev, status.st_ino))
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in [*folders, *files]:
+            if not name.startswith("."):
+                yield Path(directory, name)
+
+
+def _glob_once(pattern: str) -> list[str]:
+    """The paths matching a glob `pattern` (`**` for any depth), sorted; `**` walks with `_walk_once`."""
+    if "**" not in pattern:
+        return sorted(glob.glob(pattern))
+    parts = Path(pattern).parts
+    fixed = next(index for index, part in enumerate(parts) if glob.has_magic(part))
+    anchor = Path(*parts[:fixed]) if fixed else Path(".")
+    if not anchor.is_dir():
+        return []
+    found = [path for path in _walk_once(anchor) if _matches(path.relative_to(anchor).parts, parts[fixed:])]
+    return sorted(str(path) if fixed else os.path.relpath(path) for path in found)
+
+
+def _matches(names: Sequence[str], pattern: Sequence[str]) -> bool:
+    """Whether the path components `names` match the glob components `pattern` (`**` matches zero or more)."""
+    if not pattern:
+        return not names
+    if pattern[0] == "**":
+        return any(_matches(names[start:], pattern[1:]) for start in range(len(names) + 1))
+    return bool(names) and fnmatch.fnmatchcase(names[0], pattern[0]) and _matches(names[1:], pattern[1:])
 
 
 @dataclass
@@ -165,33 +198,35 @@ def write_predictions(
         tqdm(total=len(images), unit="image", disable=not progress) as bar,
     ):
         table = _TableWriter(handle, output_format)
-        results = detector((path for path in images), **options)  # a stream: one result alive at a time
-        for index, (path, result) in enumerate(zip(images, results, strict=True)):
-            row = dict.fromkeys(RESULT_COLUMNS, "") | {"image": path}
-            if "error" in result:
-                row["error"] = result["error"]
-                summary.num_failed += 1
-                summary.errors.append(result["error"])
-            else:
-                row["score"] = f"{result['score']:.6f}"
-                row["label"] = result.get("label", "")
-                if overlays:
-                    stem = f"{index:05d}_{Path(path).stem}"
-                    row["overlay"] = f"{stem}_overlay.png"
-                    render_prediction(
-                        load_image(path), result, image_threshold=image_threshold_used,
-                        pixel_threshold=pixel_threshold_used, title=Path(path).name,
-                        colormap_name=colormap_name, alpha=alpha,
-                    ).save(output / row["overlay"])  # fmt: skip
-                    if "mask" in result:
-                        row["mask"] = f"{stem}_mask.png"
-                        _save_mask(result["mask"], output / row["mask"])
-                summary.num_scored += 1
-            table.write(row)
-            bar.update(1)
-            if on_row is not None:
-                on_row(row)
-        table.close()
+        try:
+            results = detector((path for path in images), **options)  # a stream: one result alive at a time
+            for index, (path, result) in enumerate(zip(images, results, strict=True)):
+                row = dict.fromkeys(RESULT_COLUMNS, "") | {"image": path}
+                if "error" in result:
+                    row["error"] = result["error"]
+                    summary.num_failed += 1
+                    summary.errors.append(result["error"])
+                else:
+                    row["score"] = f"{result['score']:.6f}"
+                    row["label"] = result.get("label", "")
+                    if overlays:
+                        stem = f"{index:05d}_{Path(path).stem}"
+                        row["overlay"] = bounded_filename(stem, "_overlay.png")
+                        render_prediction(
+                            load_image(path), result, image_threshold=image_threshold_used,
+                            pixel_threshold=pixel_threshold_used, title=Path(path).name,
+                            colormap_name=colormap_name, alpha=alpha,
+                        ).save(output / row["overlay"])  # fmt: skip
+                        if "mask" in result:
+                            row["mask"] = bounded_filename(stem, "_mask.png")
+                            _save_mask(result["mask"], output / row["mask"])
+                    summary.num_scored += 1
+                table.write(row)
+                bar.update(1)
+                if on_row is not None:
+                    on_row(row)
+        finally:  # an aborted run still leaves a valid table of the rows written so far
+            table.close()
     return summary
 
 
@@ -208,7 +243,7 @@ class _TableWriter:
     def __init__(self, handle: IO[str], output_format: str) -> None:
         self.handle, self.format, self.rows = handle, output_format, 0
         if output_format == "csv":
-            self.csv = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+            self.csv = csv_dict_writer(handle, RESULT_COLUMNS)
             self.csv.writeheader()
         else:
             handle.write("[")

@@ -8,7 +8,6 @@ all anomalous have no image metrics), as in the paper.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from ..data import BENCHMARKS, DataError, benchmark_name, meta_json_path, prepare_dataset
+from ..file_utils import csv_writer
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
 from .evaluator import evaluate_dataset
@@ -138,7 +138,7 @@ def _write_tables(output_dir: Path, result: BenchmarkResult) -> None:
     (output_dir / "benchmark.json").write_text(json.dumps(result.to_dict(), indent=2))
     (output_dir / "benchmark.md").write_text(result.format_table(markdown=True) + "\n")
     with open(output_dir / "benchmark.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv_writer(handle)
         writer.writerow(["dataset", *METRIC_DISPLAY_NAMES.values()])
         for name, values in result.metrics.items():
             writer.writerow(
