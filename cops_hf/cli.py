@@ -37,18 +37,36 @@ def _style(args: argparse.Namespace) -> dict[str, object]:
     return {name: value for name, value in given.items() if value is not None}
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return int(text)
+def _int_in_range(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [`minimum`, `maximum`] (no upper bound when `maximum` is None)."""
+    expected = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+
+    def parse(text: str) -> int:
+        stripped = text.strip()
+        digits = stripped[1:] if stripped.startswith("-") else stripped
+        value = int(stripped) if digits.isdigit() else None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return int(text)
+_positive_int = _int_in_range(1)
+_non_negative_int = _int_in_range(0)
+MAX_NUM_WORKERS = 64
+"""The most image-decoding worker processes `--num-workers` accepts (each is a process holding the dataset)."""
+_num_workers = _int_in_range(0, MAX_NUM_WORKERS)
+_port = _int_in_range(1, 65535)
+
+
+def _sha1(text: str) -> str:
+    """argparse type: a SHA-1, 40 hex digits."""
+    from .file_utils import is_sha1
+
+    if not is_sha1(text):
+        raise argparse.ArgumentTypeError(f"must be a SHA-1 of 40 hex digits, got {text!r}")
+    return text.lower()
 
 
 def _threshold(text: str) -> float:
@@ -82,8 +100,8 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "$COPS_OFFICIAL_BASE_URL, else https://raw.githubusercontent.com/cqylunlun/CoPS/main)."
     )  # fmt: skip
     parser.add_argument(
-        "--checkpoint-sha1", help="With --official: the git blob SHA-1 the checkpoint must have (default: the "
-        "published file's)."
+        "--checkpoint-sha1", type=_sha1, help="With --official: the git blob SHA-1 the checkpoint must have, 40 hex "
+        "digits (default: the published file's)."
     )  # fmt: skip
     parser.add_argument(
         "--no-round-deep-prompts",
@@ -394,7 +412,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="keep the feature cache on disk here instead of in memory")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     parser.add_argument("--overwrite", action="store_true", help="replace the final model already in --output")
-    parser.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding worker processes")
+    parser.add_argument(
+        "--num-workers", type=_num_workers, default=0, help=f"image decoding worker processes (0..{MAX_NUM_WORKERS})"
+    )
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
 
 
@@ -497,7 +517,7 @@ def _add_app_arguments(parser: argparse.ArgumentParser) -> None:
         help="an official CoPS detector, downloaded and converted (repeatable)",
     )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)")
-    parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    parser.add_argument("--port", type=_port, help="port, 1..65535 (default: the first free one from 7860)")
     parser.add_argument(
         "--write-space", metavar="FOLDER",
         help="instead of serving, write the app as a Hugging Face Space folder for the --model Hub ids",

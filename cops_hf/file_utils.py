@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from safetensors import SafetensorError
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -161,8 +164,72 @@ def open_no_follow(path: str | os.PathLike[str], mode: str) -> Iterator[IO[bytes
         yield handle
 
 
+LOCK_FILENAME = ".cops-hf.lock"
+"""The file that marks a folder as being written by one process; it holds that process's PID."""
+
+
+class FolderLockedError(ValueError):
+    """Another live process holds a folder's `LOCK_FILENAME`."""
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def acquire_folder_lock(folder: str | os.PathLike[str], what: str = "run") -> Path:
+    """Mark `folder` (created if needed) as written by this process: `LOCK_FILENAME` with this process's PID.
+
+    A lock left by a process that no longer runs (killed, crashed) is taken over, with a warning.
+
+    Args:
+        what: what holds the lock, for the message (e.g. "cops-hf train").
+
+    Returns:
+        The lock file, for `release_folder_lock`.
+
+    Raises:
+        FolderLockedError: a live process holds the lock; the message names its PID and the lock file.
+    """
+    lock = Path(folder) / LOCK_FILENAME
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):  # a stale lock is replaced once; losing that race to a live process is a refusal
+        try:
+            descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # fails on anything there
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(str(os.getpid()))
+            return lock
+        except FileExistsError:
+            text = lock.read_text(errors="replace").strip() if lock.is_file() else ""
+            if text.isdigit() and int(text) != os.getpid() and _process_is_alive(int(text)):
+                raise FolderLockedError(
+                    f"{folder} is being written by another {what} (PID {text}): wait for it to end, or choose another "
+                    f"output folder; if no such process runs, delete {lock}."
+                ) from None
+            logger.warning("Taking over %s: the process that wrote it (%s) no longer runs.", lock, text or "no PID")
+            lock.unlink(missing_ok=True)
+    raise FolderLockedError(f"{folder} is being locked by another {what} at the same moment; try again.")
+
+
+def release_folder_lock(lock: Path) -> None:
+    """Remove a lock `acquire_folder_lock` took, if it still holds this process's PID."""
+    try:
+        if lock.read_text().strip() == str(os.getpid()):
+            lock.unlink()
+    except OSError:
+        pass  # already gone
+
+
 __all__ = [
     "FORMULA_TRIGGERS",
+    "LOCK_FILENAME",
+    "FolderLockedError",
+    "acquire_folder_lock",
     "MAX_FILENAME_BYTES",
     "atomic_write",
     "bounded_filename",
@@ -172,4 +239,5 @@ __all__ = [
     "is_sha1",
     "open_no_follow",
     "read_json_file",
+    "release_folder_lock",
 ]
