@@ -267,7 +267,7 @@ def _request_into(url: str, handle: Any, filename: str) -> None:
         total = offset + int(length) if length.isdigit() else None
         bar = {"total": total, "initial": offset, "unit": "B", "unit_scale": True, "desc": filename}
         with tqdm(**bar, disable=None) as progress:  # None: no bar when stderr is not a terminal
-            for chunk in response.iter_bytes(chunk_size=constants.DOWNLOAD_CHUNK_SIZE):
+            for chunk in response.iter_bytes():  # as they arrive: a dropped connection keeps what came
                 handle.write(chunk)
                 progress.update(len(chunk))
     if total is not None and handle.tell() != total:
