@@ -519,3 +519,18 @@ def test_predict_and_evaluate_csvs_hold_no_formulas(model_dir, tmp_path, monkeyp
     assert "'=1+1" in [row[0] for row in metrics] and "=1+1" not in sum(metrics, [])
     assert {row["category"] for row in predictions} == {"'=1+1"}
     assert all(not row["image_path"].startswith(FORMULA_TRIGGERS) for row in predictions)
+
+
+def test_the_app_batch_csv_holds_no_formulas(model_dir, tmp_path):
+    from transformers import pipeline
+
+    from cops_hf.app import AnomalyApp, AppModel
+
+    detector = pipeline("anomaly-detection", model=str(model_dir))
+    upload = write_image(tmp_path / "uploads" / '=HYPERLINK("http:evil","x").png', size=(16, 16))
+    logic = AnomalyApp([AppModel.from_detector("tiny", detector)])
+
+    _, rows, csv_path = logic.score_batch([str(upload)], "tiny", 0.5, 0.5, tmp_path / "batch")
+
+    (saved,) = list(csv.DictReader(open(csv_path)))
+    assert saved["image"] == "'" + upload.name and float(saved["score"]) == pytest.approx(rows[0][1], abs=1e-6)
