@@ -38,7 +38,7 @@ from huggingface_hub.utils import WeakFileLock, get_session, hf_raise_for_status
 
 from .conversion import VIT_L14_336_HUB_ID, convert_original_checkpoint
 from .file_utils import is_sha1, open_no_follow
-from .hub import CoPSHubError, friendly_hub_errors
+from .hub_errors import CoPSHubError, friendly_hub_errors
 from .modeling_cops import CoPSForAnomalyDetection
 from .processing_cops import CoPSProcessor
 
