@@ -6,11 +6,13 @@ The one home of image reading: the processor, the data loaders, predict, the app
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import io
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -74,8 +76,7 @@ def _over_pixel_limit() -> str:
 
 @contextmanager
 def open_image_file(path: str | os.PathLike | IO[bytes], what: str) -> Iterator[Image.Image]:
-    """`PIL.Image.open(path)` (a path or a binary file; header read, pixels not yet decoded) refusing images over
-    the pixel limit.
+    """`PIL.Image.open(path)` of a path or binary file (header read, pixels not yet decoded), within the pixel limit.
 
     Errors while opening, and while decoding inside the block, become one-line `ImageLoadError`s starting with
     `what` (e.g. "Image file 'a.png'").
@@ -172,8 +173,10 @@ def _http_only_opener() -> Any:
 
 
 def _download_image(url: str, timeout: float | None) -> Image.Image:
-    """The image at an http(s) URL: at most `url_byte_limit()` bytes, redirects to http(s) only, and the pixel
-    limit files get."""
+    """The image at an http(s) URL, within `url_byte_limit()` bytes and the pixel limit files get.
+
+    Redirects are followed to http(s) URLs only.
+    """
     from urllib.error import URLError
 
     limit = url_byte_limit()
@@ -269,6 +272,83 @@ def load_mask(item: ImageLike, index: int = 0) -> np.ndarray:
     return colour
 
 
+def expand_image_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Image paths from files, folders (searched recursively, sorted, hidden entries skipped) and glob patterns.
+
+    Raises:
+        ValueError: a source that is neither an existing file, nor a folder, nor a pattern matching files; or a
+            folder or pattern without any image file (by suffix).
+    """
+    paths: list[str] = []
+    for source in sources:
+        text = os.fspath(source)
+        if Path(text).is_file():
+            paths.append(text)
+        elif Path(text).is_dir():
+            found = _images_under(Path(text))
+            if not found:
+                raise ValueError(f"{text}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths.extend(found)
+        elif glob.has_magic(text):
+            matches = _glob_once(text)
+            found = [match for match in matches if Path(match).is_file() and _is_image(Path(match))]
+            found += [image for match in matches if Path(match).is_dir() for image in _images_under(Path(match))]
+            if not found:
+                raise ValueError(f"{text}: the pattern matches no image files")
+            paths.extend(found)
+        else:
+            raise ValueError(f"{text}: no such file or folder; pass image files, folders or glob patterns")
+    return paths
+
+
+def _is_image(path: Path) -> bool:
+    return is_image_file(path) and not path.name.startswith(".")
+
+
+def _images_under(folder: Path) -> list[str]:
+    return sorted(str(path) for path in _walk_once(folder) if path.is_file() and _is_image(path))
+
+
+def _walk_once(folder: Path) -> Iterator[Path]:
+    """Every entry under `folder` but hidden ones, following folder symlinks yet entering each real folder once.
+
+    A symlink loop thus ends, instead of repeating the tree until the kernel's link limit.
+    """
+    visited: set[tuple[int, int]] = set()
+    for directory, folders, files in os.walk(folder, followlinks=True):
+        status = os.stat(directory)
+        if (status.st_dev, status.st_ino) in visited:
+            folders.clear()
+            continue
+        visited.add((status.st_dev, status.st_ino))
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in [*folders, *files]:
+            if not name.startswith("."):
+                yield Path(directory, name)
+
+
+def _glob_once(pattern: str) -> list[str]:
+    """The paths matching a glob `pattern` (`**` for any depth), sorted; `**` walks with `_walk_once`."""
+    if "**" not in pattern:
+        return sorted(glob.glob(pattern))
+    parts = Path(pattern).parts
+    fixed = next(index for index, part in enumerate(parts) if glob.has_magic(part))
+    anchor = Path(*parts[:fixed]) if fixed else Path(".")
+    if not anchor.is_dir():
+        return []
+    found = [path for path in _walk_once(anchor) if _matches(path.relative_to(anchor).parts, parts[fixed:])]
+    return sorted(str(path) if fixed else os.path.relpath(path) for path in found)
+
+
+def _matches(names: Sequence[str], pattern: Sequence[str]) -> bool:
+    """Whether the path components `names` match the glob components `pattern` (`**` matches zero or more)."""
+    if not pattern:
+        return not names
+    if pattern[0] == "**":
+        return any(_matches(names[start:], pattern[1:]) for start in range(len(names) + 1))
+    return bool(names) and fnmatch.fnmatchcase(names[0], pattern[0]) and _matches(names[1:], pattern[1:])
+
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS_ENV",
@@ -279,6 +359,7 @@ __all__ = [
     "ImageLoadError",
     "apply_pixel_limit_from_environment",
     "describe_input",
+    "expand_image_sources",
     "image_size_problem",
     "is_image_file",
     "load_image",

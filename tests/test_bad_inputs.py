@@ -23,8 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from cops_hf.cli import main
 from cops_hf.data import make_record, write_meta_json
-from cops_hf.image_utils import IMAGE_SUFFIXES, ImageLoadError, load_image, load_mask
-from cops_hf.predict import expand_image_sources
+from cops_hf.image_utils import IMAGE_SUFFIXES, ImageLoadError, expand_image_sources, load_image, load_mask
 from cops_hf.processing_cops import CoPSProcessor
 from tests.data_fakes import write_image, write_mask
 from tests.tiny_models import tiny_model
@@ -546,12 +545,12 @@ def test_an_image_name_near_255_bytes_gets_a_short_overlay_name(files, tmp_path)
     assert _run([part.format(tmp=tmp_path) for part in argv]) == 0
 
     rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
-    assert [Path(row["image"]).name for row in rows] == sorted(long_names)
-    written = [row[column] for row in rows for column in ("overlay", "mask")]
+    assert [Path(row["image_path"]).name for row in rows] == sorted(long_names)
+    written = [row[column] for row in rows for column in ("overlay", "pred_mask")]
     assert len(set(written)) == 4 and all(len(name.encode()) <= 255 for name in written)
     assert all((tmp_path / "out" / name).is_file() for name in written)
     for index, row in enumerate(rows):
-        assert row["overlay"].startswith(f"{index:05d}_éé") and row["mask"].startswith(f"{index:05d}_éé")
+        assert row["overlay"].startswith(f"{index:05d}_éé") and row["pred_mask"].startswith(f"{index:05d}_éé")
 
 
 def test_scores_json_stays_valid_when_the_run_aborts(files, tmp_path, capsys):
@@ -561,7 +560,7 @@ def test_scores_json_stays_valid_when_the_run_aborts(files, tmp_path, capsys):
 
     assert _error_line(capsys).startswith(f"cops-hf predict: error: Image file '{files['truncated']}' cannot be read")
     rows = json.loads((tmp_path / "out" / "scores.json").read_text())
-    assert [row["image"] for row in rows] == [str(files["image"])] and 0.0 <= rows[0]["score"] <= 1.0
+    assert [row["image_path"] for row in rows] == [str(files["image"])] and 0.0 <= rows[0]["pred_score"] <= 1.0
 
 
 def test_symlink_loops_in_a_folder_visit_each_real_folder_once(files, tmp_path):

@@ -509,8 +509,8 @@ def test_predict_and_evaluate_csvs_hold_no_formulas(model_dir, tmp_path, monkeyp
     assert main(["predict", "--model", str(model_dir), "--output", "out", "--no-overlays", "--",
                  "=cmd.png", "@a.png", "+b.png", "-c.png"]) == 0  # fmt: skip
     rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
-    assert [row["image"] for row in rows] == ["'=cmd.png", "'@a.png", "'+b.png", "'-c.png"]
-    assert all(0.0 <= float(row["score"]) <= 1.0 for row in rows)
+    assert [row["image_path"] for row in rows] == ["'=cmd.png", "'@a.png", "'+b.png", "'-c.png"]
+    assert all(0.0 <= float(row["pred_score"]) <= 1.0 for row in rows)
 
     data = _dataset(tmp_path / "data", category="=1+1")
     assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "--output", "evaluation",
@@ -534,4 +534,4 @@ def test_the_app_batch_csv_holds_no_formulas(model_dir, tmp_path):
     _, rows, csv_path = logic.score_batch([str(upload)], "tiny", 0.5, 0.5, tmp_path / "batch")
 
     (saved,) = list(csv.DictReader(open(csv_path)))
-    assert saved["image"] == "'" + upload.name and float(saved["score"]) == pytest.approx(rows[0][1], abs=1e-6)
+    assert saved["image_path"] == "'" + upload.name and float(saved["pred_score"]) == pytest.approx(rows[0][1], abs=1e-6)

@@ -119,8 +119,10 @@ class VisionFeatureCache:
 def vision_fingerprint(
     model: CoPSForAnomalyDetection, dataset: datasets.Dataset, mixed_precision: str, num_processes: int
 ) -> str:
-    """Hash of what the cached features depend on: data files (path, size and modification time of each, so that
-    images replaced in place are seen), vision tower (config and weights), precision."""
+    """Hash of what the cached features depend on: data files, vision tower (config and weights), precision.
+
+    Each data file counts with its path, size and modification time, so that images replaced in place are seen.
+    """
     config = model.config
     digest = hashlib.sha256()
     vision_fields = {
