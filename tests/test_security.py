@@ -534,4 +534,5 @@ def test_the_app_batch_csv_holds_no_formulas(model_dir, tmp_path):
     _, rows, csv_path = logic.score_batch([str(upload)], "tiny", 0.5, 0.5, tmp_path / "batch")
 
     (saved,) = list(csv.DictReader(open(csv_path)))
-    assert saved["image_path"] == "'" + upload.name and float(saved["pred_score"]) == pytest.approx(rows[0][1], abs=1e-6)
+    assert saved["image_path"] == "'" + upload.name
+    assert float(saved["pred_score"]) == pytest.approx(rows[0][1], abs=1e-6)
