@@ -199,8 +199,16 @@ def _download_image(url: str, timeout: float | None) -> Image.Image:
         return opened.copy()
 
 
-def _refuse_non_finite(image: Image.Image, what: str) -> Image.Image:
-    """`image`, unless it is a float image with NaN or infinite pixels (min-max scaling would blacken it)."""
+def refuse_non_finite_pixels(image: Image.Image, what: str) -> Image.Image:
+    """`image`, unless it is a float image with NaN or infinite pixels (min-max scaling would blacken it).
+
+    Args:
+        image: a decoded PIL image.
+        what: how the message names it, e.g. "Image file 'a.tif'".
+
+    Raises:
+        ImageLoadError: a NaN or infinite pixel.
+    """
     if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
         raise ImageLoadError(f"{what} holds NaN or infinite pixel values; it is not a valid image.")
     return image
@@ -210,7 +218,7 @@ def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Im
     """Open a path, URL, PIL image, numpy array or tensor as a PIL image in its own mode, with clear errors."""
     what = describe_input(item, index)
     if isinstance(item, str) and item.startswith(("http://", "https://")):
-        return _refuse_non_finite(_download_image(item, timeout), f"Image URL {what}")
+        return refuse_non_finite_pixels(_download_image(item, timeout), f"Image URL {what}")
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if path.is_dir():
@@ -219,9 +227,9 @@ def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Im
             raise ImageLoadError(f"Image file {what} does not exist; check the path.")
         with open_image_file(path, f"Image file {what}") as opened:
             opened.load()
-            return _refuse_non_finite(opened.copy(), f"Image file {what}")
+            return refuse_non_finite_pixels(opened.copy(), f"Image file {what}")
     if isinstance(item, Image.Image):
-        return _refuse_non_finite(item, f"Image {what}")
+        return refuse_non_finite_pixels(item, f"Image {what}")
     if isinstance(item, torch.Tensor):
         return _array_to_pil(item.detach().cpu().numpy(), what)
     if isinstance(item, np.ndarray):
@@ -365,5 +373,6 @@ __all__ = [
     "load_image",
     "load_mask",
     "open_image_file",
+    "refuse_non_finite_pixels",
     "url_byte_limit",
 ]

@@ -46,6 +46,15 @@ def write_png_header(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def write_float_tiff(path: Path, bad_value: float) -> Path:
+    """A 16x16 float TIFF with one `bad_value` pixel (NaN, inf): min-max scaling would turn the whole image black."""
+    pixels = np.linspace(0.0, 1.0, 256, dtype=np.float32).reshape(16, 16)
+    pixels[3, 5] = bad_value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode="F").save(path)
+    return path
+
+
 def _save_model(directory: Path, model: torch.nn.Module) -> Path:
     model.save_pretrained(directory)
     CoPSProcessor.for_image_size(model.config.image_size).save_pretrained(directory)
@@ -101,10 +110,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     paths["bomb"] = write_png_header(root / "images" / "bomb.png", 30000, 30000)  # over twice PIL's limit
     paths["big"] = write_png_header(root / "images" / "big.png", 10000, 10000)  # over the limit, under twice it
     for name, value in (("nan_tiff", np.nan), ("inf_tiff", np.inf), ("minus_inf_tiff", -np.inf)):
-        pixels = np.linspace(0.0, 1.0, 256, dtype=np.float32).reshape(16, 16)
-        pixels[3, 5] = value  # one bad pixel: min-max scaling would turn the whole image black
-        paths[name] = root / "images" / f"{name}.tif"
-        Image.fromarray(pixels, mode="F").save(paths[name])
+        paths[name] = write_float_tiff(root / "images" / f"{name}.tif", value)
     paths["text_pt"] = root / "weights" / "text.pt"
     paths["text_pt"].parent.mkdir()
     paths["text_pt"].write_text("hello")
@@ -414,6 +420,24 @@ def test_invalid_records_are_listed_refused_and_skippable(files, tmp_path, capsy
     assert _run([*evaluate, "--skip-invalid"]) == 0
     predictions = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert len(predictions) == 1 + 4  # header + the four valid records, each once
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_non_finite_pixels_in_a_dataset_are_listed_and_refused(files, tmp_path, capsys, value):
+    root = _dataset(tmp_path / "data", [_record("bottle/float.tif")])
+    write_float_tiff(root / "bottle" / "float.tif", value)
+
+    assert _run(["data", "validate", str(root)]) == 1  # validate decodes every image
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"  - {root}/bottle/float.tif: image holds NaN or infinite pixel values; it is not a valid image "
+        "[test/bottle[4]]"
+    )
+    evaluate = ["evaluate", "--model", str(files["model"]), "--data", str(root), "--output", str(tmp_path / "out")]
+    assert _run(evaluate) == 2  # refused while scoring, naming the file
+    assert _error_line(capsys) == (
+        f"cops-hf evaluate: error: Image file '{root}/bottle/float.tif' holds NaN or infinite pixel values; it is not "
+        "a valid image."
+    )
 
 
 def test_category_names_are_refused_by_every_reader(files, tmp_path, capsys):
