@@ -289,8 +289,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device),
         skip_invalid=args.skip_invalid, **shots, **_style(args),
     )  # fmt: skip
-    if shots and result is not None:
+    if result is None:  # not the main process of a sharded run
+        return 0
+    if shots:
         _print_few_shot_notes(result)
+    else:
+        print(result.report.format_table())
+        print(f"Protocol: {result.protocol}")
+        print(f"Wrote {len(result.files)} files to {args.output}")
     return 0
 
 
