@@ -128,7 +128,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["csv", "json"], default="csv", help="table of scores (default csv)")
     parser.add_argument("--threshold", type=_threshold, help="pixel threshold (default: the model's calibrated one)")
     parser.add_argument("--image-threshold", type=_threshold, help="score threshold (default: the calibrated one)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1)
+    parser.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (default: 1)")
     parser.add_argument("--no-overlays", action="store_true", help="write the table only")
     parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
     _add_style_arguments(parser)
@@ -163,7 +163,7 @@ def _print_row(row: dict[str, str]) -> None:
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Model directory or Hub id.")
     parser.add_argument("--data", required=True, help="Dataset root holding meta.json.")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="meta.json split to evaluate (default: test).")
     parser.add_argument("--categories", nargs="+", help="Only these categories (default: all).")
     parser.add_argument(
         "--preset",
@@ -171,7 +171,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "(written by `cops-hf data prepare`), else the model's config as saved.",
     )
     parser.add_argument("--output", required=True, help="Directory for metrics.csv/json, plots and overlays.")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=_non_negative_int, default=8, help="Overlays per category.")
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
@@ -226,8 +226,12 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--normal", nargs="+", help="Normal images (files or folders): quantile thresholds.")
     source.add_argument("--data", help="Labelled dataset root (meta.json): F1-optimal thresholds.")
     parser.add_argument("--split", default="test", help="Split of --data to calibrate on.")
-    parser.add_argument("--quantile", type=float, default=0.99)
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument(
+        "--quantile", type=float, default=0.99,
+        help="with --normal: the thresholds are this quantile of the normal images' scores and pixels "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--output", required=True, help="Directory to save the model (thresholds in its config).")
     _add_device_arguments(parser)
 
@@ -300,13 +304,16 @@ def _run_data(args: argparse.Namespace) -> int:
 
 def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Model directory or Hub id.")
-    parser.add_argument("--suite", choices=["industrial", "medical", "all"], default="all")
+    parser.add_argument(
+        "--suite", choices=["industrial", "medical", "all"], default="all",
+        help="which of the paper's benchmarks to run: industrial, medical or all (default: all)",
+    )  # fmt: skip
     parser.add_argument(
         "--data-root", required=True, help="Folder with one sub-folder per dataset (mvtec/, visa/...)."
     )
     parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="class-token noise seed (default: 0)")
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
 
@@ -384,12 +391,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output folder (checkpoints, log, final model)")
     parser.add_argument("--preset", help="training dataset preset: visa, mvtec or general")
     parser.add_argument("--image-size", type=_positive_int, help="input size in pixels (default 518)")
-    parser.add_argument("--epochs", type=_positive_int, default=10)
+    parser.add_argument("--epochs", type=_positive_int, default=10, help="passes over the data (default: 10)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per process and step")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     parser.add_argument("--grad-accum", type=_positive_int, default=1, help="batches per optimizer step")
     parser.add_argument("--mixed-precision", default="no", help="no, bf16 or fp16 (default no)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the initialisation, shuffling and noise (default: 0)"
+    )
     parser.add_argument("--no-cache", action="store_true", help="recompute the frozen vision features every epoch")
     parser.add_argument("--cache-dir", help="keep the feature cache on disk here instead of in memory")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
@@ -441,12 +450,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="cops-demo", help="folder for the data and the run")
-    parser.add_argument("--epochs", type=_positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=_positive_int, default=8, help="training epochs (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the CLIP and training (default: 0)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import format_test_scores, run_demo
 
     result = run_demo(args.output, num_epochs=args.epochs, seed=args.seed)
     print("epoch  loss      cls     seg     gather  scatter")
@@ -456,9 +465,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             f"{record['gather']:.4f}  {record['scatter']:.4f}"
         )
     print("\nScores of unseen test images (random CLIP: mechanics, not accuracy):")
-    for row in result.test_scores:
-        label = "anomalous" if row["gt_label"] else "normal"
-        print(f"  {row['score']:.4f}  {label:<9}  {row['cls_name']:<8}  {row['image_path']}")
+    print(format_test_scores(result.test_scores))
     print("\nZero-shot metrics on the unseen test categories (%):")
     print(result.evaluation.report.format_table())
     print(f"\nModel, processor and train_log.jsonl in {result.training.output_dir}")

@@ -82,4 +82,14 @@ def run_demo(
     return DemoResult(training=training, data_dir=data_dir, test_scores=test_scores, evaluation=evaluation)
 
 
-__all__ = ["DemoResult", "run_demo"]
+def format_test_scores(test_scores: list[dict]) -> str:
+    """The demo's table of test scores under a heading row; the "truth" column is the image's ground truth (the
+    demo's random model is not calibrated, so it makes no decision)."""
+    lines = [f"  {'score':<6}  {'truth':<9}  {'category':<8}  image"]
+    for row in test_scores:
+        truth = "anomalous" if row["gt_label"] else "normal"
+        lines.append(f"  {row['score']:.4f}  {truth:<9}  {row['cls_name']:<8}  {row['image_path']}")
+    return "\n".join(lines)
+
+
+__all__ = ["DemoResult", "format_test_scores", "run_demo"]
