@@ -33,7 +33,6 @@ from huggingface_hub import (
     get_token,
     is_offline_mode,
 )
-from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -44,6 +43,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 from transformers import PretrainedConfig
 
 from .configuration_cops import CoPSConfig
