@@ -507,8 +507,12 @@ def _add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
     parser.add_argument(
         "--write-space", metavar="FOLDER",
-        help="instead of serving, write the app as a Hugging Face Space folder for the --model Hub ids",
+        help="instead of serving, write the app as a Hugging Face Space folder: --model folders are copied into "
+        "it, --model Hub ids are loaded by the Space",
     )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true", help="with --write-space: write into a folder that is not empty"
+    )
     _add_device_arguments(parser)
 
 
@@ -516,7 +520,8 @@ def _run_app(args: argparse.Namespace) -> int:
     from .app import launch_app, load_app_models, write_space
 
     if args.write_space:
-        print(f"Wrote the Space to {write_space(args.write_space, args.model)}; upload it with "
+        space = write_space(args.write_space, args.model, overwrite=args.overwrite)
+        print(f"Wrote the Space to {space}; upload it with "
               f"`hf upload --repo-type space NAMESPACE/NAME {args.write_space}`")  # fmt: skip
         return 0
     models = load_app_models(args.model, args.official, device=args.device, dtype=args.dtype)
