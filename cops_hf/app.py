@@ -34,6 +34,7 @@ from typing import Any
 
 from PIL import Image
 
+from .file_utils import staged_folder
 from .image_utils import ImageLoadError, load_image
 from .schema import decision_label
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP, render_prediction
@@ -497,6 +498,7 @@ def _space_model(model: str, folder: Path, taken: set[str]) -> tuple[str, bool]:
     from huggingface_hub.utils import validate_repo_id
 
     if Path(model).is_dir():
+        from .hub import save_detector
         from .predict import load_model_and_processor
 
         name = Path(model).resolve().name
@@ -504,11 +506,9 @@ def _space_model(model: str, folder: Path, taken: set[str]) -> tuple[str, bool]:
             name = f"{name}-{len(taken)}"
         taken.add(name)
         trained, processor = load_model_and_processor(model, device="cpu")
-        destination = folder / SPACE_MODELS_FOLDER / name
-        # Saved with the model's own save_pretrained (weights, config, code files and any reference memory), so
-        # the Space carries what the model needs and nothing else (no checkpoints or logs of a training folder).
-        trained.save_pretrained(destination)
-        processor.save_pretrained(destination)
+        # Saved as every detector folder is (weights, config, code files and any reference memory), so the Space
+        # carries what the model needs and nothing else (no checkpoints or logs of a training folder).
+        save_detector(trained, processor, folder / SPACE_MODELS_FOLDER / name)
         return f"{SPACE_MODELS_FOLDER}/{name}", True
     try:
         validate_repo_id(model)
@@ -531,25 +531,29 @@ def write_space(
     Args:
         models: model folders (saved into the Space) or Hub ids of CoPS models the Space offers (the first one is
             selected).
-        overwrite: write into a folder that is not empty (its `cops_hf` and `models` folders are replaced).
+        overwrite: replace a folder that is not empty (the new Space is staged and renamed into place).
 
     Raises:
         ValueError: a model that is neither a folder nor a valid Hub id, or a non-empty folder without `overwrite`.
     """
-    import gradio
-
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
+    target = Path(folder)
+    if target.exists() and any(target.iterdir()) and not overwrite:
         raise ValueError(
-            f"{folder} is not empty; choose a new folder or pass --overwrite (overwrite=True in Python) to replace "
-            "its files"
+            f"{target} is not empty; choose a new folder or pass --overwrite (overwrite=True in Python) to replace "
+            "it"
         )
     if not models:
         raise ValueError("a Space needs at least one model: --model FOLDER or --model namespace/name")
-    folder.mkdir(parents=True, exist_ok=True)
+    with staged_folder(target) as staging:  # written whole or not at all, as a detector folder is
+        _write_space_files(staging, models, title)
+    return target
+
+
+def _write_space_files(folder: Path, models: Sequence[str], title: str) -> None:
+    """The files of `write_space`, written into the (empty) `folder`."""
+    import gradio
+
     package = Path(__file__).parent
-    for stale in (folder / package.name, folder / SPACE_MODELS_FOLDER):
-        shutil.rmtree(stale, ignore_errors=True)
     taken: set[str] = set()
     placed = [_space_model(model, folder, taken) for model in models]
     shutil.copytree(package, folder / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -593,7 +597,6 @@ def write_space(
         "where the anomaly is; the Batch tab scores many images and gives a CSV.\n\n"
         f"Models:\n{model_lines}\n"
     )
-    return folder
 
 
 __all__ = [
