@@ -7,7 +7,9 @@ paper) and two tabs:
   map, the score and the decision. The threshold sliders start ticked at the model's calibrated values, and
   unticked (unset) for an uncalibrated model: then there is no decision and no outline until a threshold is
   chosen, and the colours span the map's own range (the shared rule of `cops_hf.visualization`). The opacity
-  slider and the thresholds redraw the picture without running the model again.
+  slider and the thresholds redraw the picture without running the model again. Normal references (good parts,
+  optional) make the model few-shot for that image (`detector.set_references`): the map is drawn with them, and
+  the zero-shot map without them beside it.
 * **Batch**: several images or a whole folder -> a gallery of whole overlays, a table and a CSV file to download,
   with a progress bar.
 
@@ -27,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,11 +135,19 @@ def write_example_images(folder: str | os.PathLike[str], image_size: int = 256, 
 
 @dataclass
 class Inspection:
-    """What the Inspect tab keeps between events, so that sliders redraw without running the model."""
+    """What the Inspect tab keeps between events, so that sliders redraw without running the model.
+
+    Attributes:
+        result: the pipeline's result (with the uploaded normal references, when there are some).
+        zero_shot_result: the result without the references; `None` when none were uploaded.
+        num_references: how many references `result` used.
+    """
 
     image: Image.Image
     result: dict[str, Any]
     title: str
+    zero_shot_result: dict[str, Any] | None = None
+    num_references: int = 0
 
 
 def _read_upload(path: str) -> Image.Image:
@@ -165,6 +176,33 @@ class AnomalyApp:
         if not models:
             raise ValueError("the app needs at least one model")
         self.models = {model.name: model for model in models}
+        self._model_lock = threading.Lock()  # references change the shared model: one scoring at a time
+
+    def _score_with_references(self, model_name: str, image: Image.Image, references: Sequence[str]) -> tuple:
+        """`(result with the references, result without them, number of references)` for one image. The model's
+        memory holds the references only while this image is scored, so other visitors' results stay zero-shot.
+
+        Raises:
+            ValueError: a model that ships references of its own, or no readable reference.
+        """
+        detector = self.models[model_name].detector
+        if detector.model.num_references:
+            raise ValueError(
+                f"{model_name} already holds {detector.model.num_references} normal references of its own; serve "
+                "its zero-shot version to try other references here."
+            )
+        pictures = []
+        for path in references:
+            try:
+                pictures.append(_read_upload(path))
+            except ValueError as error:
+                raise ValueError(f"Normal reference {error}") from None
+        zero_shot = detector(image)
+        try:
+            count = detector.set_references(pictures)
+            return detector(image), zero_shot, count
+        finally:
+            detector.model.clear_references()
 
     def initial_thresholds(self, model_name: str) -> tuple[float | None, float | None]:
         """Where the image and pixel threshold boxes start for a model: its calibrated values, else empty."""
@@ -204,17 +242,28 @@ class AnomalyApp:
         pixel_threshold: float | None = None,
         alpha: float = DEFAULT_ALPHA,
         colormap_name: str = DEFAULT_COLORMAP,
-    ) -> tuple[Image.Image, Image.Image, str, str, Inspection]:
-        """Score one image: `(the picture, annotated anomaly map, score text, decision, state for redrawing)`.
+        references: Sequence[str] | None = None,
+    ) -> tuple[Image.Image, Image.Image, str, str, Image.Image | None, Inspection]:
+        """Score one image: `(the picture, annotated anomaly map, score text, decision, the map without the normal
+        references or None, state for redrawing)`.
+
+        Args:
+            references: paths of normal images of the same kind of part (few-shot: the model's
+                `set_references`); the map and score use them, and the zero-shot map is drawn beside for
+                comparison.
 
         Raises:
-            ValueError: no image, or an unreadable one (the page shows the message).
+            ValueError: no image, or an unreadable one or reference (the page shows the message).
         """
         if not image_path:
             raise ValueError("Upload an image first (PNG, JPEG, BMP, TIFF, ...).")
         image = _read_upload(image_path)
-        result = self.models[model_name].detector(image)
-        state = Inspection(image=image, result=result, title=Path(image_path).name)
+        with self._model_lock:
+            if references:
+                result, zero_shot, count = self._score_with_references(model_name, image, references)
+            else:
+                result, zero_shot, count = self.models[model_name].detector(image), None, 0
+        state = Inspection(image, result, Path(image_path).name, zero_shot, count)
         return (image, *self.redraw(state, image_threshold, pixel_threshold, alpha, colormap_name))
 
     def redraw(
@@ -224,18 +273,29 @@ class AnomalyApp:
         pixel_threshold: float | None = None,
         alpha: float = DEFAULT_ALPHA,
         colormap_name: str = DEFAULT_COLORMAP,
-    ) -> tuple[Image.Image | None, str, str, Inspection | None]:
-        """The anomaly map, score and decision of the last inspected image under new threshold / opacity values."""
+    ) -> tuple[Image.Image | None, str, str, Image.Image | None, Inspection | None]:
+        """The anomaly map, score, decision and zero-shot map (with references only) of the last inspected image
+        under new threshold / opacity values."""
         if state is None:
-            return None, "", "", None
+            return None, "", "", None, None
         image_threshold, pixel_threshold = _threshold(image_threshold), _threshold(pixel_threshold)
-        score = float(state.result["score"])
-        label = decision_label(score, image_threshold) if image_threshold is not None else None
-        picture = render_prediction(
-            state.image, {**state.result, "label": label}, image_threshold=image_threshold,
-            pixel_threshold=pixel_threshold, title=state.title, colormap_name=colormap_name, alpha=alpha,
-        )  # fmt: skip
-        return picture, f"{score:.4f}", label or NO_DECISION, state
+
+        def draw(result: dict[str, Any], title: str) -> tuple[Image.Image, float, str | None]:
+            score = float(result["score"])
+            label = decision_label(score, image_threshold) if image_threshold is not None else None
+            picture = render_prediction(
+                state.image, {**result, "label": label}, image_threshold=image_threshold,
+                pixel_threshold=pixel_threshold, title=title, colormap_name=colormap_name, alpha=alpha,
+            )  # fmt: skip
+            return picture, score, label
+
+        if state.zero_shot_result is None:
+            picture, score, label = draw(state.result, state.title)
+            return picture, f"{score:.4f}", label or NO_DECISION, None, state
+        picture, score, label = draw(state.result, f"{state.title}, with {state.num_references} normal references")
+        zero_shot, zero_shot_score, _ = draw(state.zero_shot_result, f"{state.title}, zero-shot")
+        score_text = f"{score:.4f} (zero-shot {zero_shot_score:.4f})"
+        return picture, score_text, label or NO_DECISION, zero_shot, state
 
     def score_batch(
         self,
@@ -267,7 +327,8 @@ class AnomalyApp:
             except ValueError as error:
                 rows.append([Path(path).name, None, "", str(error)])
                 continue
-            result = detector(image)
+            with self._model_lock:
+                result = detector(image)
             score = float(result["score"])
             label = decision_label(score, image_threshold) if image_threshold is not None else None
             picture = render_prediction(
@@ -364,6 +425,10 @@ def build_app(models: Sequence[AppModel], examples_dir: str | os.PathLike[str] |
                     upload = gradio.File(
                         file_count="single", label="Image file (PNG, JPEG, BMP, TIFF, ...)", elem_id="cops-upload"
                     )
+                    references = gradio.File(
+                        file_count="multiple", label="Normal references (optional): good parts of the same kind",
+                        elem_id="cops-references",
+                    )  # fmt: skip
                     status = gradio.Markdown(label="Message", elem_id="cops-status")
                     preview = gradio.Image(
                         label="Your picture", type="pil", format="png", interactive=False, height=300,
@@ -378,6 +443,10 @@ def build_app(models: Sequence[AppModel], examples_dir: str | os.PathLike[str] |
                     with gradio.Row():
                         score = gradio.Textbox(label="Score", elem_id="cops-score", interactive=False)
                         label = gradio.Textbox(label="Decision", elem_id="cops-label", interactive=False)
+                    zero_shot = gradio.Image(
+                        label="Without the normal references (zero-shot)", format="png", height=360,
+                        elem_id="cops-zero-shot",
+                    )  # fmt: skip
             state = gradio.State(None)
         with gradio.Tab("Batch"):
             with gradio.Row():
@@ -392,14 +461,16 @@ def build_app(models: Sequence[AppModel], examples_dir: str | os.PathLike[str] |
             batch_status = gradio.Markdown(label="Message")
 
         thresholds = [decide, image_threshold, outline, pixel_threshold]
-        inspect_inputs = [upload, model_choice, *thresholds, alpha]
-        inspect_outputs = [preview, picture, score, label, state, status]
+        inspect_inputs = [upload, model_choice, *thresholds, alpha, references]
+        inspect_outputs = [preview, picture, score, label, zero_shot, state, status]
 
-        def inspect_image(image_path, model_name, decide, image_threshold, outline, pixel_threshold, alpha):
+        def inspect_image(
+            image_path, model_name, decide, image_threshold, outline, pixel_threshold, alpha, references=None
+        ):
             return logic.inspect(image_path, model_name, _chosen(decide, image_threshold),
-                                 _chosen(outline, pixel_threshold), alpha)  # fmt: skip
+                                 _chosen(outline, pixel_threshold), alpha, references=references)  # fmt: skip
 
-        inspect = _in_page_errors(inspect_image, 5)
+        inspect = _in_page_errors(inspect_image, 6)
         upload.change(inspect, inspect_inputs, inspect_outputs, show_progress="full", api_name="inspect")
 
         def pick_example(event):
@@ -409,7 +480,7 @@ def build_app(models: Sequence[AppModel], examples_dir: str | os.PathLike[str] |
         example_gallery.select(pick_example, None, upload, api_visibility="private")
 
         def inspect_again(image_path, *options):
-            return inspect(image_path, *options) if image_path else (None, None, "", "", None, "")
+            return inspect(image_path, *options) if image_path else (None, None, "", "", None, None, "")
 
         def model_settings(model_name):
             return *threshold_controls(model_name), logic.about(model_name)
@@ -417,13 +488,14 @@ def build_app(models: Sequence[AppModel], examples_dir: str | os.PathLike[str] |
         model_choice.change(
             model_settings, model_choice, [*thresholds, about], api_visibility="private"
         ).then(inspect_again, inspect_inputs, inspect_outputs, api_visibility="private")
+        references.change(inspect_again, inspect_inputs, inspect_outputs, api_visibility="private")
 
         def redraw(state, decide, image_threshold, outline, pixel_threshold, alpha):
             return logic.redraw(state, _chosen(decide, image_threshold), _chosen(outline, pixel_threshold), alpha)
 
         gradio.on(
             [decide.input, outline.input, image_threshold.release, pixel_threshold.release, alpha.release],
-            redraw, [state, *thresholds, alpha], inspect_outputs[1:5], api_name="redraw",
+            redraw, [state, *thresholds, alpha], inspect_outputs[1:6], api_name="redraw",
         )  # fmt: skip
 
         def score_batch(

@@ -86,7 +86,8 @@ def examples(tmp_path_factory):
 def test_inspect_matches_the_pipeline_and_sliders_redraw(app_models, examples):
     logic = AnomalyApp(app_models)
     assert logic.initial_thresholds("calibrated-tiny") == (0.3, 0.45)  # sliders start at the calibrated values
-    preview, picture, score, label, state = logic.inspect(examples[0], "calibrated-tiny", 0.3, 0.45)
+    preview, picture, score, label, zero_shot, state = logic.inspect(examples[0], "calibrated-tiny", 0.3, 0.45)
+    assert zero_shot is None  # no references: one map
     assert preview.size == Image.open(examples[0]).size  # the uploaded picture, shown beside the map
     expected = app_models[0].detector(examples[0])["score"]
     assert float(score) == pytest.approx(expected, abs=1e-4)
@@ -102,7 +103,7 @@ def test_uncalibrated_model_has_no_decision_and_colours_span_its_map(app_models,
     start empty: no decision, no outline, and the colours span the map's own range (the rule `predict` uses)."""
     logic = AnomalyApp(app_models)
     assert logic.initial_thresholds("uncalibrated-tiny") == (None, None)
-    _, picture, score, label, state = logic.inspect(str(grey_part), "uncalibrated-tiny", None, None, alpha=1.0)
+    _, picture, score, label, _, state = logic.inspect(str(grey_part), "uncalibrated-tiny", None, None, alpha=1.0)
     assert label == NO_DECISION and float(score) == pytest.approx(
         app_models[0].detector(str(grey_part))["score"], abs=1e-4
     )
@@ -141,6 +142,38 @@ def test_page_names_its_endpoints_shows_whole_thumbnails_and_caps_uploads(app_mo
         assert small.status_code == 200 and large.status_code == 413
     finally:
         blocks.close()
+
+
+def test_normal_references_redraw_the_map_with_and_without_them(app_models, examples, tmp_path):
+    """Issue 18's upload box: the map and score use the uploaded good parts (the pipeline's `set_references`), the
+    zero-shot map is drawn beside, and the served model is zero-shot again afterwards."""
+    from cops_hf.data.synthetic import render_synthetic_sample
+
+    references = []
+    for index in range(2):
+        path = tmp_path / f"good_{index}.png"
+        Image.fromarray(render_synthetic_sample("ring", 10 + index, image_size=256, defect_type=None).image).save(path)
+        references.append(str(path))
+    detector = app_models[0].detector
+    zero_shot_score = detector(examples[0])["score"]
+    detector.set_references(references)
+    few_shot_score = detector(examples[0])["score"]
+    detector.model.clear_references()
+    assert abs(few_shot_score - zero_shot_score) > 1e-4  # the references change the answer
+
+    logic = AnomalyApp(app_models)
+    _, picture, score, label, zero_shot, state = logic.inspect(
+        examples[0], "uncalibrated-tiny", None, None, references=references
+    )
+    assert score == f"{few_shot_score:.4f} (zero-shot {zero_shot_score:.4f})" and label == NO_DECISION
+    assert zero_shot is not None and zero_shot.tobytes() != picture.tobytes() and state.num_references == 2
+    assert detector.model.num_references == 0  # other visitors keep the zero-shot model
+    assert logic.redraw(state, 0.0, None)[3] is not None  # the sliders redraw both maps
+    broken = tmp_path / "bad reference.png"
+    broken.write_text("no image")
+    with pytest.raises(ValueError, match="Normal reference 'bad reference.png' is not a readable image"):
+        logic.inspect(examples[0], "uncalibrated-tiny", references=[references[0], str(broken)])
+    assert detector.model.num_references == 0
 
 
 def test_bad_uploads_give_readable_errors(app_models, examples, tmp_path):
@@ -224,7 +257,7 @@ def test_written_space_starts_and_answers(model_folders, grey_part, tmp_path):
             except OSError:
                 time.sleep(0.5)
         assert client is not None, "the Space did not answer within 5 minutes"
-        _, _, score, label, _ = client.predict(
+        _, _, score, label, _, _ = client.predict(
             handle_file(str(grey_part)), "uncalibrated-tiny", False, 0.5, False, 0.5, 0.5, api_name="/inspect"
         )
         expected = tiny_model_detector(model_folders[0])(str(grey_part))["score"]
@@ -317,7 +350,7 @@ def test_browser_upload_shows_the_picture_its_map_and_the_api_answers(app_models
         assert not driver.find_element(By.ID, "cops-status").text.strip()
 
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        _, _, score, label, message = client.predict(
+        _, _, score, label, _, message = client.predict(
             handle_file(examples[0]), "calibrated-tiny", True, 0.3, True, 0.45, 0.5, api_name="/inspect"
         )
         calibrated_score = app_models[1].detector(examples[0])["score"]
