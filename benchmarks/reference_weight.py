@@ -43,7 +43,9 @@ def demo_model(seed: int = 0, image_size: int = 112, num_epochs: int = 8) -> CoP
         return train_cops(model, processor_for(model), load_meta_dataset(data_dir, split="train"), config).model
 
 
-def category_images(category: str, count: int, size: int, seed: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+def category_images(
+    category: str, count: int, size: int, seed: int
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """`count` test images of `category` (half with a defect), their `[count, size, size]` masks and labels."""
     samples = [
         render_synthetic_sample(
