@@ -132,15 +132,36 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (default: 1)")
     parser.add_argument("--no-overlays", action="store_true", help="write the table only")
     parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
+    _add_references_argument(parser)
     _add_style_arguments(parser)
     _add_device_arguments(parser)
+
+
+def _add_references_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--references", action="append", metavar="GOOD", help="normal reference images of the same part (few-shot): "
+        "a file, folder or glob pattern; repeat the flag for more. Maps and scores then fuse the distance to them.",
+    )  # fmt: skip
+
+
+def _reference_paths(args: argparse.Namespace) -> list[str]:
+    """The image files `--references` names (files, folders, globs), or a `ValueError` naming the flag."""
+    from .predict import expand_image_sources
+
+    try:
+        return expand_image_sources(args.references)
+    except ValueError as error:
+        raise ValueError(f"--references {error}") from error
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from .predict import expand_image_sources, load_detector, write_predictions
 
     images = expand_image_sources(args.images)
+    references = _reference_paths(args) if args.references else None
     detector = load_detector(args.model, device=args.device, dtype=args.dtype)
+    if references:
+        detector.set_references(references)
     summary = write_predictions(
         detector, images, args.output, output_format=args.format, batch_size=args.batch_size,
         skip_invalid=args.skip_invalid, threshold=args.threshold, image_threshold=args.image_threshold,
@@ -152,6 +173,37 @@ def _run_predict(args: argparse.Namespace) -> int:
     if summary.num_scored == 0:
         print(f"cops-hf predict: error: no image could be scored ({summary.errors[0]})", file=sys.stderr)
         return 2
+    return 0
+
+
+def _add_references_command_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    parser.add_argument(
+        "--images", required=True, nargs="+", metavar="GOOD",
+        help="normal reference images: files, folders (searched recursively) or glob patterns",
+    )  # fmt: skip
+    parser.add_argument("--output", required=True, help="folder for the referenced model (model + processor)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already saved in --output")
+    _add_device_arguments(parser)
+
+
+def _run_references(args: argparse.Namespace) -> int:
+    from .predict import expand_image_sources, load_detector
+
+    try:
+        references = expand_image_sources(args.images)
+    except ValueError as error:
+        raise ValueError(f"--images {error}") from error
+    output = Path(args.output)
+    if (output / "config.json").exists() and not args.overwrite:
+        raise ValueError(f"--output {output} already holds a model; pass --overwrite to replace it")
+    detector = load_detector(args.model, device=args.device, dtype=args.dtype)
+    count = detector.set_references(references)
+    detector.model.save_pretrained(output)
+    detector.processor.save_pretrained(output)
+    if args.verbosity >= 0:
+        limit = detector.model.config.reference_memory_size
+        print(f"Saved the model with {count} normal reference(s) ({limit} memory patches per layer) to {output}")
     return 0
 
 
@@ -470,6 +522,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(format_test_scores(result.test_scores))
     print("\nZero-shot metrics on the unseen test categories (%):")
     print(result.evaluation.report.format_table())
+    if result.few_shot is not None:
+        print(f"\nZero-shot / {result.shots}-shot ({result.shots} normal references per category) (%):")
+        print(result.comparison_table())
     print(f"\nModel, processor and train_log.jsonl in {result.training.output_dir}")
     print(f"Tables, ROC/PR plots and heatmap overlays in {Path(result.training.output_dir) / 'evaluation'}")
     return 0
@@ -543,6 +598,12 @@ SUBCOMMANDS: list[Subcommand] = [
     ("train", "Train CoPS on the labelled images of an auxiliary dataset.", _add_train_arguments, _run_train),
     ("convert", "Get an official CoPS detector, or convert CLIP + CoPS files.", _add_convert_arguments, _run_convert),
     ("predict", "Score images; write heatmap overlays and a CSV.", _add_predict_arguments, _run_predict),
+    (
+        "references",
+        "Save a model with a memory of normal reference images (few-shot).",
+        _add_references_command_arguments,
+        _run_references,
+    ),
     ("evaluate", "Evaluate on a meta.json dataset: metrics, plots.", _add_evaluate_arguments, _run_evaluate),
     ("calibrate", "Calibrate and store decision thresholds.", _add_calibrate_arguments, _run_calibrate),
     ("data", "Prepare (meta.json) or validate a dataset.", _add_data_arguments, _run_data),
@@ -560,7 +621,10 @@ EXAMPLES = {
     "convert": "  cops-hf convert --official visa --output cops\n"
     "  cops-hf convert --clip ViT-L-14-336px.pt --checkpoint epoch_10.pth --output cops",
     "predict": "  cops-hf predict --model cops part.png --output out\n"
-    "  cops-hf predict --model cops photos/ 'more/**/*.jpg' --output out --format json --device cuda",
+    "  cops-hf predict --model cops photos/ 'more/**/*.jpg' --output out --format json --device cuda\n"
+    "  cops-hf predict --model cops --references good_parts/ new_parts/ --output out   (few-shot)",
+    "references": "  cops-hf references --model cops --images good_parts/ --output cops-referenced\n"
+    "  cops-hf predict --model cops-referenced new_parts/ --output out",
     "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec",
     "calibrate": "  cops-hf calibrate --model cops --normal good_parts/ --output cops-calibrated\n"
     "  cops-hf calibrate --model cops --data /data/mvtec --output cops-calibrated",

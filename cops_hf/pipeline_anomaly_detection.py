@@ -98,10 +98,13 @@ class AnomalyDetectionPipeline(Pipeline):
 
         def batches() -> Iterator[torch.Tensor]:
             for start in range(0, len(items), batch_size):
-                loaded = [
-                    load_image(item, start + offset, timeout)
-                    for offset, item in enumerate(items[start : start + batch_size])
-                ]
+                try:
+                    loaded = [
+                        load_image(item, start + offset, timeout)
+                        for offset, item in enumerate(items[start : start + batch_size])
+                    ]
+                except ImageLoadError as error:
+                    raise ImageLoadError(f"Reference images: {error}") from error
                 yield self.processor(images=loaded)["pixel_values"].to(parameter.device, parameter.dtype)
 
         self.model.set_references(
