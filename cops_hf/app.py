@@ -39,7 +39,7 @@ from PIL import Image
 
 from .file_utils import staged_folder
 from .image_utils import ImageLoadError, load_image
-from .schema import decision_label
+from .schema import ERROR, IMAGE_PATH, PRED_LABEL, PRED_SCORE, decision_label
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP, render_prediction
 
 APP_TITLE = "CoPS zero-shot anomaly detection"
@@ -56,7 +56,7 @@ MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 NO_DECISION = "no decision: set an image threshold"
 """The decision box's text while no image threshold is known."""
 
-BATCH_COLUMNS = ["image", "score", "label", "error"]
+BATCH_COLUMNS = [IMAGE_PATH, PRED_SCORE, PRED_LABEL, ERROR]  # the path column holds the upload's file name
 
 
 def _gradio() -> Any:
@@ -69,8 +69,15 @@ def _gradio() -> Any:
 
 @dataclass
 class AppModel:
-    """A model the app serves: its name in the dropdown, its pipeline, its calibrated thresholds and where it came
-    from (a folder, a Hub id or an official release, for the "about" box)."""
+    """A model the app serves.
+
+    Attributes:
+        name: its name in the dropdown.
+        detector: its "anomaly-detection" pipeline.
+        image_threshold, pixel_threshold: its calibrated thresholds (`None`: not calibrated).
+        source: where it came from (a folder, a Hub id or an official release), for the "about" box.
+        preset: the test preset its config records.
+    """
 
     name: str
     detector: Any
@@ -81,11 +88,22 @@ class AppModel:
 
     @classmethod
     def from_detector(cls, name: str, detector: Any, source: str = "") -> AppModel:
+        """An app model named `name` around a pipeline, starting at the thresholds its config records.
+
+        Args:
+            name: the model's name in the dropdown.
+            detector: its "anomaly-detection" pipeline.
+            source: where it came from (a folder, a Hub id), for the "about" box; default `name`.
+
+        Returns:
+            The app model.
+        """
         config = detector.model.config
         return cls(name, detector, config.image_threshold, config.pixel_threshold, source or name, config.test_preset)
 
     @property
     def calibrated(self) -> bool:
+        """Whether the model holds a calibrated image threshold."""
         return self.image_threshold is not None
 
 
@@ -96,8 +114,10 @@ def load_app_models(
     device: str | None = None,
     dtype: str | None = None,
 ) -> list[AppModel]:
-    """Pipelines for model folders or Hub ids (named after the folder or id) and official detectors ("visa",
-    "mvtec", downloaded and converted by `cops_hf.official.load_official`)."""
+    """Pipelines for model folders, Hub ids and official detectors, named after the folder or id.
+
+    Official detectors ("visa", "mvtec") are downloaded and converted by `cops_hf.official.load_official`.
+    """
     from transformers import pipeline
 
     from .devices import resolve_device, resolve_dtype
@@ -179,8 +199,13 @@ class AnomalyApp:
         self._model_lock = threading.Lock()  # references change the shared model: one scoring at a time
 
     def _score_with_references(self, model_name: str, image: Image.Image, references: Sequence[str]) -> tuple:
-        """`(result with the references, result without them, number of references)` for one image. The model's
-        memory holds the references only while this image is scored, so other visitors' results stay zero-shot.
+        """Score one image with and without normal references.
+
+        The model's memory holds the references only while this image is scored, so other visitors' results stay
+        zero-shot.
+
+        Returns:
+            `(result with the references, result without them, number of references)`.
 
         Raises:
             ValueError: a model that ships references of its own, or no readable reference.
@@ -210,8 +235,14 @@ class AnomalyApp:
         return model.image_threshold, model.pixel_threshold
 
     def about(self, model_name: str) -> str:
-        """The "about" box (markdown): the model's source, preset and calibration state, how to calibrate it, and
-        the paper."""
+        """The "about" box (markdown) of a model.
+
+        Args:
+            model_name: the model's name in the dropdown.
+
+        Returns:
+            Its source, preset and calibration state, how to calibrate it, and the paper.
+        """
         model = self.models[model_name]
         lines = [
             f"**Model** `{model.name}` from {model.source or model.name}; "
@@ -244,8 +275,11 @@ class AnomalyApp:
         colormap_name: str = DEFAULT_COLORMAP,
         references: Sequence[str] | None = None,
     ) -> tuple[Image.Image, Image.Image, str, str, Image.Image | None, Inspection]:
-        """Score one image: `(the picture, annotated anomaly map, score text, decision, the map without the normal
-        references or None, state for redrawing)`.
+        """Score one image.
+
+        Returns:
+            `(the picture, annotated anomaly map, score text, decision, the map without the normal references or
+            None, state for redrawing)`.
 
         Args:
             references: paths of normal images of the same kind of part (few-shot: the model's
@@ -274,17 +308,20 @@ class AnomalyApp:
         alpha: float = DEFAULT_ALPHA,
         colormap_name: str = DEFAULT_COLORMAP,
     ) -> tuple[Image.Image | None, str, str, Image.Image | None, Inspection | None]:
-        """The anomaly map, score, decision and zero-shot map (with references only) of the last inspected image
-        under new threshold / opacity values."""
+        """Redraw the last inspected image under new threshold / opacity values.
+
+        Returns:
+            `(anomaly map, score text, decision, zero-shot map (with references only), state)`.
+        """
         if state is None:
             return None, "", "", None, None
         image_threshold, pixel_threshold = _threshold(image_threshold), _threshold(pixel_threshold)
 
         def draw(result: dict[str, Any], title: str) -> tuple[Image.Image, float, str | None]:
-            score = float(result["score"])
+            score = float(result[PRED_SCORE])
             label = decision_label(score, image_threshold) if image_threshold is not None else None
             picture = render_prediction(
-                state.image, {**result, "label": label}, image_threshold=image_threshold,
+                state.image, {**result, PRED_LABEL: label}, image_threshold=image_threshold,
                 pixel_threshold=pixel_threshold, title=title, colormap_name=colormap_name, alpha=alpha,
             )  # fmt: skip
             return picture, score, label
@@ -329,10 +366,10 @@ class AnomalyApp:
                 continue
             with self._model_lock:
                 result = detector(image)
-            score = float(result["score"])
+            score = float(result[PRED_SCORE])
             label = decision_label(score, image_threshold) if image_threshold is not None else None
             picture = render_prediction(
-                image, {**result, "label": label}, image_threshold=image_threshold,
+                image, {**result, PRED_LABEL: label}, image_threshold=image_threshold,
                 pixel_threshold=pixel_threshold, title=Path(path).name, alpha=alpha,
             )  # fmt: skip
             overlay_path = output / f"{index:04d}_{Path(path).stem}.png"
@@ -349,9 +386,11 @@ class AnomalyApp:
 
 
 def _in_page_errors(handler: Callable[..., tuple[Any, ...]], num_outputs: int) -> Callable[..., tuple[Any, ...]]:
-    """Wrap an event handler: a `ValueError` clears its outputs and shows the message in the page's status line
-    (the last output), and the app keeps serving. The wrapper keeps the handler's signature, so the API page
-    names its parameters."""
+    """Wrap an event handler so that a `ValueError` becomes a message in the page.
+
+    The error clears the handler's outputs and shows in the page's status line (the last output); the app keeps
+    serving. The wrapper keeps the handler's signature, so the API page names its parameters.
+    """
 
     @functools.wraps(handler)
     def handle(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -385,8 +424,10 @@ def build_app(models: Sequence[AppModel], examples_dir: str | os.PathLike[str] |
     names = list(logic.models)
 
     def threshold_controls(model_name):
-        """(decide?, image threshold slider, outline?, pixel threshold slider) for a model: ticked at its
-        calibrated values, unticked for an uncalibrated one."""
+        """Return (decide?, image threshold, outline?, pixel threshold) for a model.
+
+        The boxes are ticked at a calibrated model's values, unticked for an uncalibrated one.
+        """
         image_value, pixel_value = logic.initial_thresholds(model_name)
         return (image_value is not None, SLIDER_START if image_value is None else image_value,
                 pixel_value is not None, SLIDER_START if pixel_value is None else pixel_value)  # fmt: skip
@@ -536,9 +577,14 @@ def launch_app(
 
 
 def space_requirements() -> list[str]:
-    """The Space's `requirements.txt` lines: the package's own dependencies and its `app` extra, read from the
-    source tree's pyproject.toml when this package runs from one (it is the newest), else from the installed
-    distribution's metadata."""
+    """The Space's `requirements.txt` lines: the package's own dependencies and its `app` extra.
+
+    They are read from the source tree's pyproject.toml when this package runs from one (it is the newest), else
+    from the installed distribution's metadata.
+
+    Returns:
+        One requirement per line, e.g. ``transformers>=5.24,<6``.
+    """
     pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
     try:
         import tomllib
@@ -564,8 +610,11 @@ SPACE_MODELS_FOLDER = "models"
 
 
 def _space_model(model: str, folder: Path, taken: set[str]) -> tuple[str, bool]:
-    """Where a Space finds `model`: a local model folder is saved into `folder/models/NAME` (`(that relative path,
-    True)`); a Hub id is checked and kept (`(model, False)`)."""
+    """Place `model` in a Space: a local model folder is saved into `folder/models/NAME`, a Hub id is checked.
+
+    Returns:
+        `(path relative to the Space, True)` for a folder, `(model, False)` for a Hub id.
+    """
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -595,9 +644,11 @@ def _space_model(model: str, folder: Path, taken: set[str]) -> tuple[str, bool]:
 def write_space(
     folder: str | os.PathLike[str], models: Sequence[str], title: str = APP_TITLE, *, overwrite: bool = False
 ) -> Path:
-    """Write the app as a Hugging Face Space folder: `app.py`, `requirements.txt` (the package's own dependencies,
-    see `space_requirements`), the card (`README.md`), a copy of the cops_hf package, so the Space runs without
-    installing it, and a copy of each local model under `models/`. Upload it with
+    """Write the app as a Hugging Face Space folder.
+
+    The folder holds `app.py`, `requirements.txt` (the package's own dependencies, see `space_requirements`), the
+    card (`README.md`), a copy of the cops_hf package, so the Space runs without installing it, and a copy of each
+    local model under `models/`; it is written whole or not at all. Upload it with
     ``hf upload --repo-type space NAMESPACE/SPACE FOLDER``.
 
     Args:

@@ -1,6 +1,6 @@
 """Sharing CoPS checkpoints on the Hugging Face Hub: pushing, the model card, and clear messages when the Hub says no.
 
-A repository written by :func:`push_cops_to_hub` loads in two ways:
+A repository written by `push_cops_to_hub` loads in two ways:
 
 * with cops_hf installed: ``CoPSForAnomalyDetection.from_pretrained(repo_id)`` or
   ``pipeline("anomaly-detection", model=repo_id)`` after ``import cops_hf``;
@@ -8,7 +8,7 @@ A repository written by :func:`push_cops_to_hub` loads in two ways:
   trust_remote_code=True)`` or ``pipeline("anomaly-detection", model=repo_id, trust_remote_code=True)``.
 
 Any ``save_pretrained`` folder carries the code files too (see the package docstring), so ``model.push_to_hub``
-and ``processor.push_to_hub`` give repositories that load in both ways as well; :func:`push_cops_to_hub` adds the
+and ``processor.push_to_hub`` give repositories that load in both ways as well; `push_cops_to_hub` adds the
 model card.
 """
 
@@ -35,7 +35,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import PretrainedConfig
 
 from .configuration_cops import CoPSConfig
-from .data.benchmarks import benchmark_name
+from .data.registry import benchmark_name
 from .file_utils import named_write_failures, staged_folder
 from .hub_errors import CoPSHubError, friendly_hub_errors, hub_error_message
 from .modeling_cops import CoPSForAnomalyDetection
@@ -43,7 +43,7 @@ from .pipeline_anomaly_detection import TASK
 from .processing_cops import CoPSProcessor
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "assets" / "MODEL_CARD.md"
-"""Jinja template of the model card, filled by :func:`render_model_card` through ``ModelCard.from_template``."""
+"""Jinja template of the model card, filled by `render_model_card` through ``ModelCard.from_template``."""
 
 PIPELINE_TAG = "image-segmentation"
 """Hub task of CoPS checkpoints: they output a per-pixel anomaly map (plus an image-level score)."""
@@ -55,9 +55,18 @@ _ACCESS_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
 
 def public_dataset_name(name: str | None) -> str | None:
-    """`name` if it may be published in a card's `datasets:`: one of the paper's benchmarks (any spelling
-    `cops_hf.data.benchmark_name` knows, kept as given) or a Hub dataset id (``namespace/name`` that is not a local
-    folder); `None` for anything else, such as the path of a local training folder."""
+    """The training dataset's name as a card may publish it in `datasets:`, or `None`.
+
+    Published are the paper's benchmarks (any spelling `cops_hf.data.benchmark_name` knows, kept as given) and Hub
+    dataset ids (``namespace/name`` that is not a local folder); anything else, such as the path of a local
+    training folder, gives `None`.
+
+    Args:
+        name: what the config records (`train_dataset`).
+
+    Returns:
+        `name`, or `None` when it must not be published.
+    """
     if not name or not isinstance(name, str):
         return None
     try:

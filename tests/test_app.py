@@ -89,7 +89,7 @@ def test_inspect_matches_the_pipeline_and_sliders_redraw(app_models, examples):
     preview, picture, score, label, zero_shot, state = logic.inspect(examples[0], "calibrated-tiny", 0.3, 0.45)
     assert zero_shot is None  # no references: one map
     assert preview.size == Image.open(examples[0]).size  # the uploaded picture, shown beside the map
-    expected = app_models[0].detector(examples[0])["score"]
+    expected = app_models[0].detector(examples[0])["pred_score"]
     assert float(score) == pytest.approx(expected, abs=1e-4)
     assert label == ("anomalous" if expected >= 0.3 else "normal")
     lower, higher = (logic.redraw(state, threshold, 0.45)[2] for threshold in (expected - 0.01, expected + 0.01))
@@ -105,7 +105,7 @@ def test_uncalibrated_model_has_no_decision_and_colours_span_its_map(app_models,
     assert logic.initial_thresholds("uncalibrated-tiny") == (None, None)
     _, picture, score, label, _, state = logic.inspect(str(grey_part), "uncalibrated-tiny", None, None, alpha=1.0)
     assert label == NO_DECISION and float(score) == pytest.approx(
-        app_models[0].detector(str(grey_part))["score"], abs=1e-4
+        app_models[0].detector(str(grey_part))["pred_score"], abs=1e-4
     )
     assert _map_colours(picture) > 40
     fixed_scale = logic.redraw(state, 0.5, 0.5, alpha=1.0)[0]  # the old start: a scale from 0 to 1
@@ -155,9 +155,9 @@ def test_normal_references_redraw_the_map_with_and_without_them(app_models, exam
         Image.fromarray(render_synthetic_sample("ring", 10 + index, image_size=256, defect_type=None).image).save(path)
         references.append(str(path))
     detector = app_models[0].detector
-    zero_shot_score = detector(examples[0])["score"]
+    zero_shot_score = detector(examples[0])["pred_score"]
     detector.set_references(references)
-    few_shot_score = detector(examples[0])["score"]
+    few_shot_score = detector(examples[0])["pred_score"]
     detector.model.clear_references()
     assert abs(few_shot_score - zero_shot_score) > 1e-4  # the references change the answer
 
@@ -190,7 +190,7 @@ def test_bad_uploads_give_readable_errors(app_models, examples, tmp_path):
                                                               Path(examples[1]).name]  # fmt: skip
     assert "photo.png" in rows[1][3] and rows[1][1] is None
     saved = list(csv.DictReader(open(csv_path)))
-    assert float(saved[2]["score"]) == pytest.approx(app_models[0].detector(examples[1])["score"], abs=1e-5)
+    assert float(saved[2]["pred_score"]) == pytest.approx(app_models[0].detector(examples[1])["pred_score"], abs=1e-5)
 
 
 def test_space_folder(tmp_path, model_folders):
@@ -260,7 +260,7 @@ def test_written_space_starts_and_answers(model_folders, grey_part, tmp_path):
         _, _, score, label, _, _ = client.predict(
             handle_file(str(grey_part)), "uncalibrated-tiny", False, 0.5, False, 0.5, 0.5, api_name="/inspect"
         )
-        expected = tiny_model_detector(model_folders[0])(str(grey_part))["score"]
+        expected = tiny_model_detector(model_folders[0])(str(grey_part))["pred_score"]
         assert float(score) == pytest.approx(expected, abs=1e-4) and label == NO_DECISION
         # The README's gradio_client example, run as written against this Space (its URL, picture and model).
         readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -318,7 +318,7 @@ def test_browser_upload_shows_the_picture_its_map_and_the_api_answers(app_models
         shutil.copy(grey_part, part)
         upload(part)
         wait.until(lambda page: shown("cops-score"))
-        expected = app_models[0].detector(str(part))["score"]
+        expected = app_models[0].detector(str(part))["pred_score"]
         assert float(shown("cops-score")) == pytest.approx(expected, abs=1e-4)
         assert shown("cops-label") == NO_DECISION
         wait.until(lambda page: page.find_elements(By.CSS_SELECTOR, "#cops-overlay img"))
@@ -345,7 +345,7 @@ def test_browser_upload_shows_the_picture_its_map_and_the_api_answers(app_models
 
         driver.find_elements(By.CSS_SELECTOR, "#cops-examples img")[1].click()  # the app kept serving
         wait.until(lambda page: shown("cops-score"))
-        example_score = app_models[0].detector(examples[1])["score"]
+        example_score = app_models[0].detector(examples[1])["pred_score"]
         assert float(shown("cops-score")) == pytest.approx(example_score, abs=1e-4)
         assert not driver.find_element(By.ID, "cops-status").text.strip()
 
@@ -353,7 +353,7 @@ def test_browser_upload_shows_the_picture_its_map_and_the_api_answers(app_models
         _, _, score, label, _, message = client.predict(
             handle_file(examples[0]), "calibrated-tiny", True, 0.3, True, 0.45, 0.5, api_name="/inspect"
         )
-        calibrated_score = app_models[1].detector(examples[0])["score"]
+        calibrated_score = app_models[1].detector(examples[0])["pred_score"]
         assert float(score) == pytest.approx(calibrated_score, abs=1e-4) and not message
         assert label == ("anomalous" if calibrated_score >= 0.3 else "normal")
     finally:

@@ -135,7 +135,7 @@ def test_demo_score_table_has_a_heading():
     from cops_hf.demo import format_test_scores
 
     lines = format_test_scores(
-        [{"score": 0.0123, "gt_label": 1, "cls_name": "ring", "image_path": "data/ring/1.png"}]
+        [{"pred_score": 0.0123, "gt_label": 1, "cls_name": "ring", "image_path": "data/ring/1.png"}]
     ).splitlines()
     assert lines[0].split() == ["score", "truth", "category", "image"]
     assert lines[1].split() == ["0.0123", "anomalous", "ring", "data/ring/1.png"]
