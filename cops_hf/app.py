@@ -466,10 +466,6 @@ def build_app(models: Sequence[AppModel], examples_dir: str | os.PathLike[str] |
                     upload = gradio.File(
                         file_count="single", label="Image file (PNG, JPEG, BMP, TIFF, ...)", elem_id="cops-upload"
                     )
-                    references = gradio.File(
-                        file_count="multiple", label="Normal references (optional): good parts of the same kind",
-                        elem_id="cops-references",
-                    )  # fmt: skip
                     status = gradio.Markdown(label="Message", elem_id="cops-status")
                     preview = gradio.Image(
                         label="Your picture", type="pil", format="png", interactive=False, height=300,
@@ -478,6 +474,10 @@ def build_app(models: Sequence[AppModel], examples_dir: str | os.PathLike[str] |
                     example_gallery = gradio.Gallery(
                         examples, label="Synthetic examples: click one", columns=4, height=160,
                         allow_preview=False, elem_id="cops-examples",
+                    )  # fmt: skip
+                    references = gradio.File(
+                        file_count="multiple", label="Normal references (optional): good parts of the same kind",
+                        elem_id="cops-references",
                     )  # fmt: skip
                 with gradio.Column(scale=3):
                     picture = gradio.Image(label="Anomaly map", format="png", elem_id="cops-overlay", height=460)
