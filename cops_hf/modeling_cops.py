@@ -939,8 +939,11 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         return F.interpolate(patch_values.unflatten(-1, grid), size=size, mode="nearest")
 
     def _pixel_maps(self, layer_values: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-        """Per-patch values of each layer `[B, F, N]` to one `[B, H, W]` map: nearest upsampling, mean over the
-        layers, Gaussian smoothing (the zero-shot and the reference maps both go through here)."""
+        """Per-patch values of each layer `[B, F, N]` to one `[B, H, W]` map.
+
+        Nearest upsampling, mean over the layers, Gaussian smoothing (the zero-shot and the reference maps both go
+        through here).
+        """
         layer_maps = self._upsample_patches(layer_values, grid, size)  # [B, F, H, W]
         return gaussian_blur(layer_maps.mean(dim=1), self.config.gaussian_sigma)
 

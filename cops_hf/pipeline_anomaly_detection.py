@@ -231,8 +231,11 @@ class AnomalyDetectionPipeline(Pipeline):
 
 
 def reference_label(image: ImageLike, index: int) -> str:
-    """The name a reference is recorded under in the model config: its path or URL, else the PIL file name, else
-    "reference <index>" (the model keeps only the file name of an absolute path)."""
+    """The name a reference is recorded under in the model config.
+
+    Its path or URL, else the PIL file name, else "reference <index>" (the model keeps only the file name of an
+    absolute path).
+    """
     if isinstance(image, (str, os.PathLike)):
         return os.fspath(image)
     filename = getattr(image, "filename", "")
