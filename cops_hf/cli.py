@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .data.registry import GENERAL_PRESET, REGISTRY, SUITES, aliases_text, resolve_test_preset
 from .devices import DTYPE_NAMES
-from .schema import ERROR, GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_LABEL, PRED_SCORE
+from .schema import ERROR, IMAGE_PATH, PRED_LABEL, PRED_SCORE
 
 if TYPE_CHECKING:
     from .evaluation.fewshot import FewShotResult
@@ -75,18 +75,36 @@ def _overlap(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    """Argparse type: an integer >= 1."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return int(text)
+def _int_in_range(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """Argparse type: an integer in [`minimum`, `maximum`] (no upper bound when `maximum` is None)."""
+    expected = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+
+    def parse(text: str) -> int:
+        stripped = text.strip()
+        digits = stripped[1:] if stripped.startswith("-") else stripped
+        value = int(stripped) if digits.isdigit() else None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    """Argparse type: an integer >= 0."""
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return int(text)
+_positive_int = _int_in_range(1)
+_non_negative_int = _int_in_range(0)
+MAX_NUM_WORKERS = 64
+"""The most image-decoding worker processes `--num-workers` accepts (each is a process holding the dataset)."""
+_num_workers = _int_in_range(0, MAX_NUM_WORKERS)
+_port = _int_in_range(1, 65535)
+
+
+def _sha1(text: str) -> str:
+    """Argparse type: a SHA-1, 40 hex digits."""
+    from .file_utils import is_sha1
+
+    if not is_sha1(text):
+        raise argparse.ArgumentTypeError(f"must be a SHA-1 of 40 hex digits, got {text!r}")
+    return text.lower()
 
 
 def _threshold(text: str) -> float:
@@ -121,8 +139,8 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "$COPS_OFFICIAL_BASE_URL, else https://raw.githubusercontent.com/cqylunlun/CoPS/main)."
     )  # fmt: skip
     parser.add_argument(
-        "--checkpoint-sha1", help="With --official: the git blob SHA-1 the checkpoint must have (default: the "
-        "published file's)."
+        "--checkpoint-sha1", type=_sha1, help="With --official: the git blob SHA-1 the checkpoint must have, 40 hex "
+        "digits (default: the published file's)."
     )  # fmt: skip
     parser.add_argument(
         "--no-round-deep-prompts",
@@ -168,7 +186,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["csv", "json"], default="csv", help="table of scores (default csv)")
     parser.add_argument("--threshold", type=_threshold, help="pixel threshold (default: the model's calibrated one)")
     parser.add_argument("--image-threshold", type=_threshold, help="score threshold (default: the calibrated one)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1)
+    parser.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (default: 1)")
     parser.add_argument("--no-overlays", action="store_true", help="write the table only")
     parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
     _add_tiling_arguments(parser)
@@ -260,7 +278,7 @@ def _print_row(row: dict[str, str]) -> None:
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Model directory or Hub id.")
     parser.add_argument("--data", required=True, help="Dataset root holding meta.json.")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="meta.json split to evaluate (default: test).")
     parser.add_argument("--categories", nargs="+", help="Only these categories (default: all).")
     parser.add_argument(
         "--preset",
@@ -269,7 +287,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "preset the model's config records, else the config as saved.",
     )
     parser.add_argument("--output", required=True, help="Directory for metrics.csv/json, plots and overlays.")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=_non_negative_int, default=8, help="Overlays per category.")
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
@@ -329,8 +347,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device),
         skip_invalid=args.skip_invalid, **shots, **tiling, **_style(args),
     )  # fmt: skip
-    if shots and result is not None:
+    if result is None:  # not the main process of a sharded run
+        return 0
+    if shots:
         _print_few_shot_notes(result)
+    else:
+        print(result.report.format_table())
+        print(f"Protocol: {result.protocol}")
+        print(f"Wrote {len(result.files)} files to {args.output}")
     return 0
 
 
@@ -349,8 +373,12 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--normal", nargs="+", help="Normal images (files or folders): quantile thresholds.")
     source.add_argument("--data", help="Labelled dataset root (meta.json): F1-optimal thresholds.")
     parser.add_argument("--split", default="test", help="Split of --data to calibrate on.")
-    parser.add_argument("--quantile", type=float, default=0.99)
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument(
+        "--quantile", type=float, default=0.99,
+        help="with --normal: the thresholds are this quantile of the normal images' scores and pixels "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--output", required=True, help="Folder to save the model (thresholds in its config).")
     parser.add_argument("--overwrite", action="store_true", help="Replace a model folder already at --output.")
     _add_device_arguments(parser)
@@ -415,8 +443,8 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-root", required=True, help="Folder with one sub-folder per dataset (mvtec/, visa/...)."
     )
     parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="class-token noise seed (default: 0)")
     _add_shots_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
@@ -496,17 +524,21 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output folder (checkpoints, log, final model)")
     parser.add_argument("--preset", help="training dataset preset: visa, mvtec or general")
     parser.add_argument("--image-size", type=_positive_int, help="input size in pixels (default 518)")
-    parser.add_argument("--epochs", type=_positive_int, default=10)
+    parser.add_argument("--epochs", type=_positive_int, default=10, help="passes over the data (default: 10)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per process and step")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     parser.add_argument("--grad-accum", type=_positive_int, default=1, help="batches per optimizer step")
     parser.add_argument("--mixed-precision", default="no", help="no, bf16 or fp16 (default no)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the initialisation, shuffling and noise (default: 0)"
+    )
     parser.add_argument("--no-cache", action="store_true", help="recompute the frozen vision features every epoch")
     parser.add_argument("--cache-dir", help="keep the feature cache on disk here instead of in memory")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     parser.add_argument("--overwrite", action="store_true", help="replace the final model already in --output")
-    parser.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding worker processes")
+    parser.add_argument(
+        "--num-workers", type=_num_workers, default=0, help=f"image decoding worker processes (0..{MAX_NUM_WORKERS})"
+    )
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.add_argument(
         "--report-to", choices=["none", "tensorboard", "wandb", "mlflow", "all"], default="none",
@@ -575,12 +607,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="cops-demo", help="folder for the data and the run")
-    parser.add_argument("--epochs", type=_positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=_positive_int, default=8, help="training epochs (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the CLIP and training (default: 0)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import format_test_scores, run_demo
 
     result = run_demo(args.output, num_epochs=args.epochs, seed=args.seed)
     print("epoch  loss      cls     seg     gather  scatter")
@@ -590,9 +622,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             f"{record['gather']:.4f}  {record['scatter']:.4f}"
         )
     print("\nScores of unseen test images (random CLIP: mechanics, not accuracy):")
-    for row in result.test_scores:
-        label = LABEL_NAMES[int(row[GT_LABEL])]
-        print(f"  {row[PRED_SCORE]:.4f}  {label:<9}  {row['cls_name']:<8}  {row[IMAGE_PATH]}")
+    print(format_test_scores(result.test_scores))
     print("\nZero-shot metrics on the unseen test categories (%):")
     print(result.evaluation.report.format_table())
     if result.few_shot is not None:
@@ -634,11 +664,15 @@ def _add_app_arguments(parser: argparse.ArgumentParser) -> None:
         help="an official CoPS detector, downloaded and converted (repeatable)",
     )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)")
-    parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    parser.add_argument("--port", type=_port, help="port, 1..65535 (default: the first free one from 7860)")
     parser.add_argument(
         "--write-space", metavar="FOLDER",
-        help="instead of serving, write the app as a Hugging Face Space folder for the --model Hub ids",
+        help="instead of serving, write the app as a Hugging Face Space folder: --model folders are copied into "
+        "it, --model Hub ids are loaded by the Space",
     )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true", help="with --write-space: write into a folder that is not empty"
+    )
     _add_device_arguments(parser)
 
 
@@ -646,7 +680,8 @@ def _run_app(args: argparse.Namespace) -> int:
     from .app import launch_app, load_app_models, write_space
 
     if args.write_space:
-        print(f"Wrote the Space to {write_space(args.write_space, args.model)}; upload it with "
+        space = write_space(args.write_space, args.model, overwrite=args.overwrite)
+        print(f"Wrote the Space to {space}; upload it with "
               f"`hf upload --repo-type space NAMESPACE/NAME {args.write_space}`")  # fmt: skip
         return 0
     models = load_app_models(args.model, args.official, device=args.device, dtype=args.dtype)

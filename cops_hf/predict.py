@@ -6,7 +6,6 @@ time and each row is written (and flushed) as it comes: memory stays flat howeve
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from .file_utils import bounded_filename, csv_dict_writer
 from .image_utils import expand_image_sources
 from .schema import DEPRECATED_RESULT_KEYS, ERROR, IMAGE_PATH, PRED_LABEL, PRED_MASK, PRED_SCORE
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP
@@ -134,33 +134,35 @@ def write_predictions(
         tqdm(total=len(images), unit="image", disable=not progress) as bar,
     ):
         table = _TableWriter(handle, output_format)
-        results = detector((path for path in images), **options)  # a stream: one result alive at a time
-        for index, (path, result) in enumerate(zip(images, results, strict=True)):
-            row = dict.fromkeys(RESULT_COLUMNS, "") | {IMAGE_PATH: path}
-            if ERROR in result:
-                row[ERROR] = result[ERROR]
-                summary.num_failed += 1
-                summary.errors.append(result[ERROR])
-            else:
-                row[PRED_SCORE] = f"{result[PRED_SCORE]:.6f}"
-                row[PRED_LABEL] = result.get(PRED_LABEL, "")
-                if overlays:
-                    stem = f"{index:05d}_{Path(path).stem}"
-                    row["overlay"] = f"{stem}_overlay.png"
-                    render_prediction(
-                        load_image(path), result, image_threshold=image_threshold_used,
-                        pixel_threshold=pixel_threshold_used, title=Path(path).name,
-                        colormap_name=colormap_name, alpha=alpha,
-                    ).save(output / row["overlay"])  # fmt: skip
-                    if PRED_MASK in result:
-                        row[PRED_MASK] = f"{stem}_mask.png"
-                        _save_mask(result[PRED_MASK], output / row[PRED_MASK])
-                summary.num_scored += 1
-            table.write(row | {old: row[DEPRECATED_RESULT_KEYS[old]] for old in DEPRECATED_COLUMNS})
-            bar.update(1)
-            if on_row is not None:
-                on_row(row)
-        table.close()
+        try:
+            results = detector((path for path in images), **options)  # a stream: one result alive at a time
+            for index, (path, result) in enumerate(zip(images, results, strict=True)):
+                row = dict.fromkeys(RESULT_COLUMNS, "") | {IMAGE_PATH: path}
+                if ERROR in result:
+                    row[ERROR] = result[ERROR]
+                    summary.num_failed += 1
+                    summary.errors.append(result[ERROR])
+                else:
+                    row[PRED_SCORE] = f"{result[PRED_SCORE]:.6f}"
+                    row[PRED_LABEL] = result.get(PRED_LABEL, "")
+                    if overlays:
+                        stem = f"{index:05d}_{Path(path).stem}"
+                        row["overlay"] = bounded_filename(stem, "_overlay.png")
+                        render_prediction(
+                            load_image(path), result, image_threshold=image_threshold_used,
+                            pixel_threshold=pixel_threshold_used, title=Path(path).name,
+                            colormap_name=colormap_name, alpha=alpha,
+                        ).save(output / row["overlay"])  # fmt: skip
+                        if PRED_MASK in result:
+                            row[PRED_MASK] = bounded_filename(stem, "_mask.png")
+                            _save_mask(result[PRED_MASK], output / row[PRED_MASK])
+                    summary.num_scored += 1
+                table.write(row | {old: row[DEPRECATED_RESULT_KEYS[old]] for old in DEPRECATED_COLUMNS})
+                bar.update(1)
+                if on_row is not None:
+                    on_row(row)
+        finally:  # an aborted run still leaves a valid table of the rows written so far
+            table.close()
     return summary
 
 
@@ -180,7 +182,7 @@ class _TableWriter:
     def __init__(self, handle: IO[str], output_format: str) -> None:
         self.handle, self.format, self.rows = handle, output_format, 0
         if output_format == "csv":
-            self.csv = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS)
+            self.csv = csv_dict_writer(handle, TABLE_COLUMNS)
             self.csv.writeheader()
         else:
             handle.write("[")
