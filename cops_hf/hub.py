@@ -53,6 +53,12 @@ from .processing_cops import CoPSProcessor
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "assets" / "MODEL_CARD.md"
 """Jinja template of the model card, filled by :func:`render_model_card` through ``ModelCard.from_template``."""
 
+ENDPOINT_HANDLER_TEMPLATE = Path(__file__).parent / "assets" / "endpoint_handler.py"
+"""The Inference Endpoints custom handler every saved detector carries as ``handler.py``."""
+
+ENDPOINT_HANDLER_NAME = "handler.py"
+"""The file name Hugging Face Inference Endpoints looks for in a repository with a custom handler."""
+
 PIPELINE_TAG = "image-segmentation"
 """Hub task of CoPS checkpoints: they output a per-pixel anomaly map (plus an image-level score)."""
 
@@ -280,6 +286,26 @@ def _exception_chain(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def write_endpoint_handler(folder: str | os.PathLike) -> Path:
+    """Write ``handler.py`` into a saved detector's ``folder``, so it deploys on Hugging Face Inference Endpoints.
+
+    The handler (``EndpointHandler``, the Inference Endpoints custom-handler convention) loads the folder with
+    ``trust_remote_code=True`` and answers the JSON ``cops-hf serve`` gives on ``POST /predict``.
+
+    Args:
+        folder: an existing model folder (``save_pretrained`` output).
+
+    Returns:
+        The path of the handler written (atomically).
+    """
+    from .file_utils import atomic_write
+
+    target = Path(folder) / ENDPOINT_HANDLER_NAME
+    with atomic_write(target) as temporary:
+        temporary.write_text(ENDPOINT_HANDLER_TEMPLATE.read_text())
+    return target
+
+
 def save_for_hub(
     model: CoPSForAnomalyDetection, save_directory: str | os.PathLike, *, processor: CoPSProcessor | None = None
 ) -> list[Path]:
@@ -288,7 +314,8 @@ def save_for_hub(
     They are what ``model.save_pretrained`` and ``processor.save_pretrained`` write: the weights
     (``model.safetensors``), the configuration with an ``auto_map`` and the ``custom_pipelines`` entry of the
     "anomaly-detection" task, the processor files, and the code files that let transformers load all of them with
-    ``trust_remote_code=True`` where cops_hf is not installed.
+    ``trust_remote_code=True`` where cops_hf is not installed, and ``handler.py`` for Inference Endpoints
+    (:func:`write_endpoint_handler`).
 
     Args:
         model: the CoPS model to save.
@@ -301,6 +328,7 @@ def save_for_hub(
     processor = processor or CoPSProcessor.for_image_size(model.config.image_size)
     model.save_pretrained(save_directory)
     processor.save_pretrained(save_directory)
+    write_endpoint_handler(save_directory)
     return sorted(Path(save_directory).iterdir())
 
 

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -73,8 +73,10 @@ def _over_pixel_limit() -> str:
 
 
 @contextmanager
-def open_image_file(path: str | os.PathLike, what: str) -> Iterator[Image.Image]:
+def open_image_file(path: str | os.PathLike | IO[bytes], what: str) -> Iterator[Image.Image]:
     """`PIL.Image.open(path)` (header read, pixels not yet decoded) refusing images over the pixel limit.
+
+    `path` may also be a binary file object (e.g. `io.BytesIO` of an upload).
 
     Errors while opening, and while decoding inside the block, become one-line `ImageLoadError`s starting with
     `what` (e.g. "Image file 'a.png'").
@@ -139,30 +141,46 @@ URL_TIMEOUT = 30.0
 """Seconds an image URL may take to answer (see `load_image`)."""
 
 
-def _download_image(url: str, timeout: float | None) -> Image.Image:
-    """The image at an http(s) URL, read fully into memory."""
+class ImageTooLargeError(ImageLoadError):
+    """An encoded image (an upload, a download) is over the byte limit it was given; refused before decoding."""
+
+
+def load_image_bytes(content: bytes, what: str, max_bytes: int | None = None) -> Image.Image:
+    """Decode an encoded image (PNG, JPEG, ...) held in memory, refusing it before decoding when it is too big.
+
+    Args:
+        what: how messages name the image, e.g. "Upload 'part.png'".
+        max_bytes: refuse encoded images longer than this (`ImageTooLargeError`); `None` for no limit. The pixel
+            limit (decompression bombs, see `image_size_problem`) applies in any case, read from the header.
+    """
+    if max_bytes is not None and len(content) > max_bytes:
+        raise ImageTooLargeError(f"{what} is {len(content)} bytes, over the limit of {max_bytes} bytes.")
+    with open_image_file(io.BytesIO(content), what) as opened:
+        opened.load()
+        return opened.copy()
+
+
+def _download_image(url: str, timeout: float | None, max_bytes: int | None = None) -> Image.Image:
+    """The image at an http(s) URL, read into memory (at most `max_bytes` bytes when given)."""
     from urllib.error import URLError
     from urllib.request import urlopen
 
     try:
         with urlopen(url, timeout=URL_TIMEOUT if timeout is None else timeout) as response:
-            content = response.read()
+            content = response.read() if max_bytes is None else response.read(max_bytes + 1)
     except (URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
         raise ImageLoadError(f"Image URL '{url}' cannot be downloaded ({reason}); check the address.") from error
-    try:
-        with Image.open(io.BytesIO(content)) as opened:
-            opened.load()
-            return opened.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageLoadError(f"Image URL '{url}' did not return a readable image ({error}).") from error
+    return load_image_bytes(content, f"Image URL '{url}'", max_bytes)
 
 
-def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Image.Image:
+def _open_image(
+    item: ImageLike, index: int, timeout: float | None = None, max_bytes: int | None = None
+) -> Image.Image:
     """Open a path, URL, PIL image, numpy array or tensor as a PIL image in its own mode, with clear errors."""
     what = describe_input(item, index)
     if isinstance(item, str) and item.startswith(("http://", "https://")):
-        return _download_image(item, timeout)
+        return _download_image(item, timeout, max_bytes)
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if path.is_dir():
@@ -181,7 +199,9 @@ def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Im
     raise ImageLoadError(f"{what}: expected a path, PIL image, numpy array or tensor.")
 
 
-def load_image(item: ImageLike, index: int = 0, timeout: float | None = None) -> Image.Image:
+def load_image(
+    item: ImageLike, index: int = 0, timeout: float | None = None, max_bytes: int | None = None
+) -> Image.Image:
     """Open a path, http(s) URL, PIL image, numpy array or tensor as a PIL image (mode kept), with clear errors.
 
     High-bit-depth single-channel images (16-bit, 32-bit, float) are min-max scaled to 8 bits.
@@ -189,8 +209,9 @@ def load_image(item: ImageLike, index: int = 0, timeout: float | None = None) ->
     Args:
         index: position of `item` in its batch, for messages about unnamed inputs.
         timeout: seconds a URL may take to answer (default `URL_TIMEOUT`).
+        max_bytes: the most bytes a URL's answer may have (`ImageTooLargeError` beyond); default no limit.
     """
-    image = _open_image(item, index, timeout)
+    image = _open_image(item, index, timeout, max_bytes)
     if image.mode in _HIGH_BIT_DEPTH_MODES:
         image = _rescale_to_8bit(np.asarray(image, dtype=np.float64))
     return image
@@ -230,11 +251,13 @@ __all__ = [
     "URL_TIMEOUT",
     "ImageLike",
     "ImageLoadError",
+    "ImageTooLargeError",
     "apply_pixel_limit_from_environment",
     "describe_input",
     "image_size_problem",
     "is_image_file",
     "load_image",
+    "load_image_bytes",
     "load_mask",
     "open_image_file",
 ]
