@@ -125,7 +125,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder or Hub id")
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("--output", required=True, help="folder for scores.csv/json, overlays and masks (PNG)")
-    parser.add_argument("--format", choices=["csv", "json"], default="csv", help="table of scores (default csv)")
+    parser.add_argument("--format", choices=["csv", "json"], help="table of scores (default csv)")
     parser.add_argument("--threshold", type=_threshold, help="pixel threshold (default: the model's calibrated one)")
     parser.add_argument("--image-threshold", type=_threshold, help="score threshold (default: the calibrated one)")
     parser.add_argument("--batch-size", type=_positive_int, default=1)
@@ -133,24 +133,68 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
     _add_style_arguments(parser)
     _add_device_arguments(parser)
+    ray = parser.add_argument_group(
+        "Ray Data (--engine ray)", 'score an archive on a Ray cluster into resumable Parquet shards (pip install '
+        '"cops-hf[ray]"); unreadable images become rows with an error, no overlays are drawn'
+    )  # fmt: skip
+    ray.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default) or ray")
+    ray.add_argument("--address", help='Ray cluster to join, e.g. "auto" (default: a new local Ray instance)')
+    ray.add_argument("--num-workers", type=_positive_int, help="scoring actors (default: one per GPU, else cores/4)")
+    ray.add_argument("--shard-size", type=_positive_int, default=1024, help="images per Parquet shard (default 1024)")
+    ray.add_argument("--maps", action="store_true", help="also write each anomaly map as maps/*.npy")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from .predict import expand_image_sources, load_detector, write_predictions
+    if args.engine == "ray":
+        return _run_predict_on_ray(args)
+    ray_only = _given_flags(args, ["address", "num_workers", "maps"])
+    if ray_only:
+        raise ValueError(f"{ray_only[0]} applies to --engine ray only")
+    from accelerate import PartialState
+
+    from .predict import expand_image_sources, load_detector, write_predictions_sharded
 
     images = expand_image_sources(args.images)
-    detector = load_detector(args.model, device=args.device, dtype=args.dtype)
-    summary = write_predictions(
-        detector, images, args.output, output_format=args.format, batch_size=args.batch_size,
+    state = PartialState(cpu=args.device == "cpu")
+    # Under accelerate launch / torchrun, every process takes its own device unless one is named.
+    device = args.device if args.device or state.num_processes == 1 else str(state.device)
+    detector = load_detector(args.model, device=device, dtype=args.dtype)
+    summary = write_predictions_sharded(
+        detector, images, args.output, output_format=args.format or "csv", state=state, batch_size=args.batch_size,
         skip_invalid=args.skip_invalid, threshold=args.threshold, image_threshold=args.image_threshold,
         overlays=not args.no_overlays, progress=args.verbosity >= 0,
         on_row=_print_row if args.verbosity > 0 else None, **_style(args),
     )  # fmt: skip
+    if summary is None:  # not the main process: the main one merged the table and reports
+        return 0
     if args.verbosity >= 0:
         print(f"Scored {summary.num_scored} image(s), {summary.num_failed} unreadable; wrote {summary.table_path}")
     if summary.num_scored == 0:
         print(f"cops-hf predict: error: no image could be scored ({summary.errors[0]})", file=sys.stderr)
         return 2
+    return 0
+
+
+def _given_flags(args: argparse.Namespace, names: list[str]) -> list[str]:
+    """The flags among `names` (argument destinations) given on the command line (not `None` or `False`)."""
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) not in (None, False)]
+
+
+def _run_predict_on_ray(args: argparse.Namespace) -> int:
+    local_only = _given_flags(args, ["format", "threshold", "no_overlays", "skip_invalid", "colormap", "alpha"])
+    if local_only:
+        raise ValueError(f"{local_only[0]} applies to --engine local only; --engine ray writes Parquet shards")
+    from .distributed import score_images
+
+    summary = score_images(
+        args.model, args.images, args.output, shard_size=args.shard_size, batch_size=args.batch_size,
+        num_workers=args.num_workers, device=args.device, dtype=args.dtype, image_threshold=args.image_threshold,
+        anomaly_maps=args.maps, address=args.address,
+    )  # fmt: skip
+    if args.verbosity >= 0:
+        print(f"Scored {summary.num_scored} image(s), {summary.num_failed} unreadable, skipped "
+              f"{summary.skipped_shards} finished shard(s); wrote {len(summary.shard_paths)} shard(s) to "
+              f"{summary.output_dir}")  # fmt: skip
     return 0
 
 
@@ -546,7 +590,9 @@ EXAMPLES = {
     "convert": "  cops-hf convert --official visa --output cops\n"
     "  cops-hf convert --clip ViT-L-14-336px.pt --checkpoint epoch_10.pth --output cops",
     "predict": "  cops-hf predict --model cops part.png --output out\n"
-    "  cops-hf predict --model cops photos/ 'more/**/*.jpg' --output out --format json --device cuda",
+    "  cops-hf predict --model cops photos/ 'more/**/*.jpg' --output out --format json --device cuda\n"
+    "  accelerate launch -m cops_hf.cli predict --model cops photos/ --output out   (one box, several GPUs)\n"
+    "  cops-hf predict --engine ray --address auto --model /shared/cops 's3://line/2025/**/*.png' --output shards",
     "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec",
     "calibrate": "  cops-hf calibrate --model cops --normal good_parts/ --output cops-calibrated\n"
     "  cops-hf calibrate --model cops --data /data/mvtec --output cops-calibrated",
