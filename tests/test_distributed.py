@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from cops_hf.cli import main
-from cops_hf.distributed import MANIFEST_NAME, score_images
+from cops_hf.distributed import score_images
 from cops_hf.predict import load_detector
 
 from .tiny_models import tiny_model
@@ -71,46 +72,54 @@ def _assert_rows_match(table: dict[str, list], paths: list[str], reference: list
             assert table["error"][index] == ""
 
 
+@pytest.fixture(scope="module")
+def ray_output(local_ray: None, archive: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shards (of 2 images) and maps `cops-hf predict --engine ray` writes for the archive."""
+    root, _ = archive
+    output = tmp_path_factory.mktemp("ray") / "shards"
+    code = main(["predict", "--engine", "ray", "--model", str(root / "model"), str(root / "images"), "--output",
+                 str(output), "--shard-size", "2", "--batch-size", "2", "--maps", "-q"])  # fmt: skip
+    assert code == 0
+    return output
+
+
 def test_cli_ray_engine_matches_single_process_predict(
-    local_ray: None, archive: tuple[Path, list[str]], single_process_scores: list[dict], tmp_path: Path
+    ray_output: Path, archive: tuple[Path, list[str]], single_process_scores: list[dict]
 ) -> None:
     from cops_hf.distributed import read_shards
 
-    root, paths = archive
-    output = tmp_path / "shards"
-    code = main(["predict", "--engine", "ray", "--model", str(root / "model"), str(root / "images"), "--output",
-                 str(output), "--shard-size", "3", "--batch-size", "2", "--maps", "-q"])  # fmt: skip
-    assert code == 0
-    assert sorted(path.name for path in output.glob("*.parquet")) == [f"shard-0000{k}.parquet" for k in range(3)]
-    table = read_shards(output).to_pydict()
+    _, paths = archive
+    assert sorted(path.name for path in ray_output.glob("*.parquet")) == [f"shard-0000{k}.parquet" for k in range(4)]
+    table = read_shards(ray_output).to_pydict()
     _assert_rows_match(table, paths, single_process_scores)
     for index, expected in enumerate(single_process_scores):
         if index != BROKEN:  # the map at the image's size, as the pipeline gives it
-            np.testing.assert_allclose(np.load(output / table["anomaly_map"][index]), expected["anomaly_map"],
+            np.testing.assert_allclose(np.load(ray_output / table["anomaly_map"][index]), expected["anomaly_map"],
                                        atol=1e-6)  # fmt: skip
 
 
 def test_rerun_skips_finished_shards_and_refuses_other_inputs(
-    local_ray: None, archive: tuple[Path, list[str]], single_process_scores: list[dict], tmp_path: Path
+    ray_output: Path, archive: tuple[Path, list[str]], single_process_scores: list[dict], tmp_path: Path
 ) -> None:
     from cops_hf.distributed import read_shards
 
     root, paths = archive
     output = tmp_path / "shards"
-    first = score_images(root / "model", [str(root / "images" / "*.png")], output, shard_size=2, batch_size=2)
-    assert (first.num_scored, first.num_failed, first.skipped_shards) == (NUM_IMAGES - 1, 1, 0)
+    shutil.copytree(ray_output, output)
     # A run killed after its first shards: the later ones were never written (shards are written atomically).
-    finished = {path: path.stat().st_mtime_ns for path in first.shard_paths[:2]}
-    for path in first.shard_paths[2:]:
+    shard_paths = sorted(output.glob("*.parquet"))
+    finished = {path: path.stat().st_mtime_ns for path in shard_paths[:2]}
+    for path in shard_paths[2:]:
         path.unlink()
-    resumed = score_images(root / "model", [str(root / "images" / "*.png")], output, shard_size=2, batch_size=2)
+    resumed = score_images(root / "model", [str(root / "images")], output, shard_size=2, batch_size=2,
+                           anomaly_maps=True)  # fmt: skip
     assert (resumed.skipped_shards, resumed.num_scored, resumed.num_failed) == (2, NUM_IMAGES - 4, 0)
-    assert {path: path.stat().st_mtime_ns for path in first.shard_paths[:2]} == finished  # not rescored
+    assert resumed.shard_paths == shard_paths
+    assert {path: path.stat().st_mtime_ns for path in shard_paths[:2]} == finished  # not rescored
     _assert_rows_match(read_shards(output).to_pydict(), paths, single_process_scores)
 
     with pytest.raises(ValueError, match=r"holds shards of another run \(shard_size differ\)"):
-        score_images(root / "model", [str(root / "images")], output, shard_size=3)
-    assert (output / MANIFEST_NAME).is_file()
+        score_images(root / "model", [str(root / "images")], output, shard_size=3, anomaly_maps=True)
 
 
 def test_fsspec_urls_expand_like_paths(archive: tuple[Path, list[str]]) -> None:
