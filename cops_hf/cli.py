@@ -563,6 +563,48 @@ def _run_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)")
+    parser.add_argument("--port", type=_port, default=8000, help="port, 1-65535 (default 8000)")
+    parser.add_argument("--max-batch-size", type=_positive_int, default=16, help="images per forward (default 16)")
+    parser.add_argument("--batch-wait-ms", type=_non_negative_int, default=10,
+                        help="longest wait for more images before a batch is scored (default 10 ms)")  # fmt: skip
+    parser.add_argument("--max-body-mb", type=_positive_int, default=32, help="largest request body (default 32 MiB)")
+    parser.add_argument("--allow-urls", action="store_true", help="let JSON requests name image URLs to fetch")
+    parser.add_argument("--num-replicas", type=_positive_int, default=1, help="model replicas (default 1)")
+    parser.add_argument("--address", help='Ray cluster to join, e.g. "auto" (default: a new local Ray instance)')
+    _add_device_arguments(parser)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .serve import ServeLimits, serve_detector
+
+    body_bytes = args.max_body_mb * 2**20
+    limits = ServeLimits(max_body_bytes=body_bytes, max_image_bytes=body_bytes,
+                         max_image_pixels=Image.MAX_IMAGE_PIXELS, allow_urls=args.allow_urls)  # fmt: skip
+    url = f"http://{args.host}:{args.port}"
+
+    def announce() -> None:
+        print(f"Serving {args.model} on {url} (POST /predict, GET /health, /ready, /docs; Ctrl+C stops)", flush=True)
+
+    serve_detector(
+        args.model, host=args.host, port=args.port, address=args.address, on_ready=[announce], device=args.device,
+        dtype=args.dtype, limits=limits, max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000, num_replicas=args.num_replicas,
+    )  # fmt: skip
+    return 0
+
+
 SUBCOMMANDS: list[Subcommand] = [
     (
         "demo",
@@ -580,6 +622,7 @@ SUBCOMMANDS: list[Subcommand] = [
     ("push", "Upload a model, its processor, code and card to the Hub.", _add_push_arguments, _run_push),
     ("export", "Export the whole inference to one ONNX graph.", _add_export_arguments, _run_export),
     ("app", "Serve the Gradio demo: upload images, see heatmaps and scores.", _add_app_arguments, _run_app),
+    ("serve", "Serve a detector over HTTP with dynamic batching (Ray Serve).", _add_serve_arguments, _run_serve),
 ]
 
 
@@ -602,6 +645,8 @@ EXAMPLES = {
     "export": "  cops-hf export --model cops --output cops.onnx --int8",
     "app": "  cops-hf app --model cops --model cops-calibrated --port 7860\n  cops-hf app --official visa\n"
     "  cops-hf app --model my-org/cops-visa --write-space space/",
+    "serve": "  cops-hf serve --model cops --port 8000\n"
+    "  curl -F file=@part.png -F anomaly_map=png http://127.0.0.1:8000/predict",
 }
 """A few command lines per subcommand, shown at the end of its --help."""
 
