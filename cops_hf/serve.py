@@ -266,9 +266,11 @@ def serve_detector(
     """
     import ray
 
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # Ctrl+C, or a service manager stopping the server
-        signal.signal(stop_signal, _stop)
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    # Ctrl+C, or a service manager stopping the server: a clean shutdown (set after ray.init, whose own SIGTERM
+    # handler would abort the process).
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _stop)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(model_name, **options), name="cops-hf", route_prefix="/")
