@@ -26,6 +26,7 @@ from typing import Any
 
 from PIL import Image
 
+from .file_utils import staged_folder
 from .image_utils import ImageLoadError, load_image
 from .schema import decision_label
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP, render_prediction
@@ -369,14 +370,20 @@ def write_space(
     Args:
         models: Hub ids of the CoPS models the Space offers (the first one is selected).
     """
-    import gradio
-
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise ValueError(f"{folder} is not empty; choose a new folder or pass overwrite=True")
+    target = Path(folder)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"{target} is not empty; choose a new folder or pass overwrite=True")
     if not models:
         raise ValueError("a Space needs at least one model id")
-    folder.mkdir(parents=True, exist_ok=True)
+    with staged_folder(target) as staging:  # written whole or not at all, as a detector folder is
+        _write_space_files(staging, models, title)
+    return target
+
+
+def _write_space_files(folder: Path, models: Sequence[str], title: str) -> None:
+    """The files of `write_space`, written into the (empty) `folder`."""
+    import gradio
+
     package = Path(__file__).parent
     shutil.copytree(package, folder / package.name, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
@@ -407,7 +414,6 @@ def write_space(
         "is; the Batch tab scores many images and gives a CSV.\n\n"
         f"Models:\n{model_lines}\n"
     )
-    return folder
 
 
 __all__ = [

@@ -71,7 +71,8 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "(with --official, default openai/clip-vit-large-patch14-336)."
     )  # fmt: skip
     parser.add_argument("--checkpoint", help="Reference CoPS checkpoint (e.g. epoch_10.pth); omit for fresh modules.")
-    parser.add_argument("--output", required=True, help="Directory for save_pretrained (model + processor).")
+    parser.add_argument("--output", required=True, help="Folder for the detector (model + processor).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a model folder already at --output.")
     parser.add_argument("--image-size", type=_positive_int, default=518, help="Input size in pixels (default 518).")
     parser.add_argument("--test-preset", help="Test-dataset preset (e.g. visa, mvtec), see TEST_DATASET_PRESETS.")
     parser.add_argument("--train-preset", help="Training-dataset preset (visa or mvtec).")
@@ -94,6 +95,7 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .conversion import convert_original_checkpoint
+    from .hub import save_detector
     from .official import load_official
     from .processing_cops import CoPSProcessor
 
@@ -115,8 +117,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise ValueError("give --official visa|mvtec, or --clip (and --checkpoint) to convert local files")
     if args.test_preset or args.train_preset:
         model.config = model.config.with_preset(args.test_preset, args.train_preset)
-    model.save_pretrained(args.output)
-    processor.save_pretrained(args.output)
+    save_detector(model, processor, args.output, overwrite=args.overwrite)
     print(f"Saved CoPS model and processor to {args.output}")
     return 0
 
@@ -272,7 +273,8 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="Split of --data to calibrate on.")
     parser.add_argument("--quantile", type=float, default=0.99)
     parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--output", required=True, help="Directory to save the model (thresholds in its config).")
+    parser.add_argument("--output", required=True, help="Folder to save the model (thresholds in its config).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a model folder already at --output.")
     _add_device_arguments(parser)
 
 
@@ -281,6 +283,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     from .data import load_meta_dataset
     from .evaluation.calibration import calibrate_thresholds
+    from .hub import save_detector
     from .predict import expand_image_sources, load_model_and_processor
 
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
@@ -294,8 +297,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     thresholds = calibrate_thresholds(
         model, processor, images, labels, masks, quantile=args.quantile, batch_size=args.batch_size
     )
-    model.to(device="cpu", dtype=torch.float32).save_pretrained(args.output)
-    processor.save_pretrained(args.output)
+    save_detector(model.to(device="cpu", dtype=torch.float32), processor, args.output, overwrite=args.overwrite)
     print(
         f"image_threshold={thresholds.image_threshold:.6f} pixel_threshold={thresholds.pixel_threshold:.6f} "
         f"({thresholds.method}, {len(images)} images); saved to {args.output}"
@@ -686,8 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _is_input_error(error: Exception) -> bool:
     """Whether `error` reports bad input (a one-line message) rather than a bug (a traceback)."""
-    hub = sys.modules.get(f"{__package__}.hub")
-    return isinstance(error, (ValueError, OSError)) or (hub is not None and isinstance(error, hub.CoPSHubError))
+    hub_errors = sys.modules.get(f"{__package__}.hub_errors")
+    hub_error = hub_errors is not None and isinstance(error, hub_errors.CoPSHubError)
+    return isinstance(error, (ValueError, OSError)) or hub_error
 
 
 def main(argv: Sequence[str] | None = None) -> int:

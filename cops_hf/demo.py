@@ -14,7 +14,7 @@ from typing import Any
 
 from .data import load_meta_dataset, make_synthetic_dataset
 from .evaluation.evaluator import EvaluationResult, evaluate_dataset
-from .testing_utils import random_clip_model
+from .random_towers import random_clip_model
 from .training import TrainingConfig, TrainingResult, cops_model_for_training, processor_for, train_cops
 
 

@@ -38,7 +38,7 @@ from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import WeakFileLock
 
 from .conversion import VIT_L14_336_HUB_ID, convert_original_checkpoint
-from .hub import CoPSHubError, friendly_hub_errors
+from .hub_errors import CoPSHubError, friendly_hub_errors
 from .modeling_cops import CoPSForAnomalyDetection
 from .processing_cops import CoPSProcessor
 

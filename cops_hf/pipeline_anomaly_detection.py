@@ -353,7 +353,7 @@ def response_json(
 
 NO_DEFAULT_MODEL_MESSAGE = (
     f'pipeline("{TASK}") needs a CoPS model: run `cops-hf convert --official visa --output cops-visa` and pass '
-    f'model="cops-visa", or pass model=CoPSForAnomalyDetection.from_official("visa").'
+    f'model="cops-visa", or pass model=cops_hf.official.load_official("visa")[0].'
 )
 
 
@@ -377,13 +377,6 @@ class _NoDefaultModel(Mapping):
         return 1
 
 
-def remote_code_pipelines() -> dict[str, dict[str, Any]]:
-    """The `custom_pipelines` entry a saved configuration gets, so that `pipeline(TASK, model=...,
-    trust_remote_code=True)` finds this pipeline in the code files saved beside the model."""
-    module = AnomalyDetectionPipeline.__module__.rsplit(".", 1)[-1]
-    return {TASK: {"impl": f"{module}.{AnomalyDetectionPipeline.__name__}", "pt": ["AutoModel"], "type": "image"}}
-
-
 def register_pipeline() -> None:
     """Register the "anomaly-detection" task with transformers' pipeline registry."""
     PIPELINE_REGISTRY.register_pipeline(
@@ -404,7 +397,6 @@ __all__ = [
     "parse_request",
     "prediction_json",
     "register_pipeline",
-    "remote_code_pipelines",
     "request_parameters",
     "response_json",
 ]

@@ -41,7 +41,7 @@ def load_model_and_processor(
         the model's input size.
     """
     from .devices import resolve_device, resolve_dtype
-    from .hub import friendly_hub_errors
+    from .hub_errors import friendly_hub_errors
     from .modeling_cops import CoPSForAnomalyDetection
 
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)

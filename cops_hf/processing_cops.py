@@ -184,16 +184,6 @@ class CoPSProcessor(ProcessorMixin):
         """The default processor for a model whose input is `image_size` pixels (`config.image_size`)."""
         return cls(CoPSImageProcessor(size=image_size))
 
-    @classmethod
-    def from_official(cls, release: str = "visa") -> CoPSProcessor:
-        """The processor of the official detector `release` (see `CoPSForAnomalyDetection.from_official`)."""
-        try:  # absolute and guarded: the code files saved next to a model for trust_remote_code stay self-contained
-            from cops_hf.official import OFFICIAL_IMAGE_SIZE, official_release
-        except ImportError as error:
-            raise ImportError("from_official needs the cops-hf package installed") from error
-        official_release(release)
-        return cls.for_image_size(OFFICIAL_IMAGE_SIZE)
-
     def __call__(
         self,
         images: ImageLike | Sequence[ImageLike] | None = None,

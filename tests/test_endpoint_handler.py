@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import pipeline
 
 import cops_hf  # noqa: F401  (registers the pipeline for the in-process reference results)
-from cops_hf.hub import ENDPOINT_HANDLER_NAME, save_for_hub, write_endpoint_handler
+from cops_hf.hub import ENDPOINT_HANDLER_NAME, save_detector, write_endpoint_handler
 from cops_hf.pipeline_anomaly_detection import response_json
 
 from .test_hub_integration import _run_python
@@ -37,7 +37,7 @@ def test_write_endpoint_handler_writes_the_packaged_handler(tmp_path: Path) -> N
 def test_handler_answers_served_json_without_cops_hf(tmp_path: Path) -> None:
     model = tiny_model(seed=0, image_threshold=0.5)
     folder = tmp_path / "detector"
-    assert folder / ENDPOINT_HANDLER_NAME in save_for_hub(model, folder)
+    assert (save_detector(model, None, folder) / ENDPOINT_HANDLER_NAME).is_file()
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(60, 70, 3), (98, 98, 3)]]
     request = {"inputs": [_png_base64(image) for image in images], "parameters": {"anomaly_map": "array"}}

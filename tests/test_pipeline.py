@@ -102,6 +102,7 @@ def test_thresholds_from_arguments_and_config(detector, images):
 
 def test_seed_controls_the_class_token_noise(detector, images):
     arrays, _ = images
+    # Exact: the same image and seed, alone in its batch, through the same code path.
     assert detector(arrays[0], seed=3)["score"] == pytest.approx(detector(arrays[0], seed=3)["score"], abs=0)
     assert detector(arrays[0], seed=3)["score"] != detector(arrays[0], seed=4)["score"]
 
