@@ -145,19 +145,28 @@ class ImageTooLargeError(ImageLoadError):
     """An encoded image (an upload, a download) is over the byte limit it was given; refused before decoding."""
 
 
-def load_image_bytes(content: bytes, what: str, max_bytes: int | None = None) -> Image.Image:
+def load_image_bytes(
+    content: bytes, what: str, max_bytes: int | None = None, unreadable: str = "is not a readable image"
+) -> Image.Image:
     """Decode an encoded image (PNG, JPEG, ...) held in memory, refusing it before decoding when it is too big.
 
     Args:
         what: how messages name the image, e.g. "Upload 'part.png'".
         max_bytes: refuse encoded images longer than this (`ImageTooLargeError`); `None` for no limit. The pixel
             limit (decompression bombs, see `image_size_problem`) applies in any case, read from the header.
+        unreadable: what the message says after `what` when the bytes are no image, or a truncated one.
     """
     if max_bytes is not None and len(content) > max_bytes:
         raise ImageTooLargeError(f"{what} is {len(content)} bytes, over the limit of {max_bytes} bytes.")
-    with open_image_file(io.BytesIO(content), what) as opened:
-        opened.load()
-        return opened.copy()
+    try:
+        with open_image_file(io.BytesIO(content), what) as opened:
+            opened.load()
+            return opened.copy()
+    except ImageLoadError as error:
+        cause = error.__cause__
+        if cause is None or isinstance(cause, Image.DecompressionBombError):  # over the pixel limit: said already
+            raise
+        raise ImageLoadError(f"{what} {unreadable} (not an image file, or a truncated one).") from cause
 
 
 def _download_image(url: str, timeout: float | None, max_bytes: int | None = None) -> Image.Image:
@@ -171,7 +180,7 @@ def _download_image(url: str, timeout: float | None, max_bytes: int | None = Non
     except (URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
         raise ImageLoadError(f"Image URL '{url}' cannot be downloaded ({reason}); check the address.") from error
-    return load_image_bytes(content, f"Image URL '{url}'", max_bytes)
+    return load_image_bytes(content, f"Image URL '{url}'", max_bytes, unreadable="did not return a readable image")
 
 
 def _open_image(
