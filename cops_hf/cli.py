@@ -132,6 +132,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=1)
     parser.add_argument("--no-overlays", action="store_true", help="write the table only")
     parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
+    _add_references_argument(parser)
     _add_style_arguments(parser)
     _add_device_arguments(parser)
     ray = parser.add_argument_group(
@@ -145,6 +146,23 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--maps", action="store_true", help="also write each anomaly map as maps/*.npy")
 
 
+def _add_references_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--references", action="append", metavar="GOOD", help="normal reference images of the same part (few-shot): "
+        "a file, folder or glob pattern; repeat the flag for more. Maps and scores then fuse the distance to them.",
+    )  # fmt: skip
+
+
+def _reference_paths(args: argparse.Namespace) -> list[str]:
+    """The image files `--references` names (files, folders, globs), or a `ValueError` naming the flag."""
+    from .predict import expand_image_sources
+
+    try:
+        return expand_image_sources(args.references)
+    except ValueError as error:
+        raise ValueError(f"--references {error}") from error
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         return _run_predict_on_ray(args)
@@ -156,10 +174,13 @@ def _run_predict(args: argparse.Namespace) -> int:
     from .predict import expand_image_sources, load_detector, write_predictions_sharded
 
     images = expand_image_sources(args.images)
+    references = _reference_paths(args) if args.references else None
     state = PartialState(cpu=args.device == "cpu")
     # Under accelerate launch / torchrun, every process takes its own device unless one is named.
     device = args.device if args.device or state.num_processes == 1 else str(state.device)
     detector = load_detector(args.model, device=device, dtype=args.dtype)
+    if references:
+        detector.set_references(references)
     summary = write_predictions_sharded(
         detector, images, args.output, output_format=args.format or "csv", state=state, batch_size=args.batch_size,
         skip_invalid=args.skip_invalid, threshold=args.threshold, image_threshold=args.image_threshold,
@@ -182,9 +203,14 @@ def _given_flags(args: argparse.Namespace, names: list[str]) -> list[str]:
 
 
 def _run_predict_on_ray(args: argparse.Namespace) -> int:
-    local_only = _given_flags(args, ["format", "threshold", "no_overlays", "skip_invalid", "colormap", "alpha"])
+    local_only = _given_flags(
+        args, ["format", "threshold", "no_overlays", "skip_invalid", "colormap", "alpha", "references"]
+    )
     if local_only:
-        raise ValueError(f"{local_only[0]} applies to --engine local only; --engine ray writes Parquet shards")
+        raise ValueError(
+            f"{local_only[0]} applies to --engine local only; --engine ray writes Parquet shards (for few-shot, save "
+            "a referenced model with `cops-hf references` and score that)"
+        )
     from .distributed import score_images
 
     summary = score_images(
@@ -196,6 +222,37 @@ def _run_predict_on_ray(args: argparse.Namespace) -> int:
         print(f"Scored {summary.num_scored} image(s), {summary.num_failed} unreadable, skipped "
               f"{summary.skipped_shards} finished shard(s); wrote {len(summary.shard_paths)} shard(s) to "
               f"{summary.output_dir}")  # fmt: skip
+    return 0
+
+
+def _add_references_command_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    parser.add_argument(
+        "--images", required=True, nargs="+", metavar="GOOD",
+        help="normal reference images: files, folders (searched recursively) or glob patterns",
+    )  # fmt: skip
+    parser.add_argument("--output", required=True, help="folder for the referenced model (model + processor)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already saved in --output")
+    _add_device_arguments(parser)
+
+
+def _run_references(args: argparse.Namespace) -> int:
+    from .predict import expand_image_sources, load_detector
+
+    try:
+        references = expand_image_sources(args.images)
+    except ValueError as error:
+        raise ValueError(f"--images {error}") from error
+    output = Path(args.output)
+    if (output / "config.json").exists() and not args.overwrite:
+        raise ValueError(f"--output {output} already holds a model; pass --overwrite to replace it")
+    detector = load_detector(args.model, device=args.device, dtype=args.dtype)
+    count = detector.set_references(references)
+    detector.model.save_pretrained(output)
+    detector.processor.save_pretrained(output)
+    if args.verbosity >= 0:
+        limit = detector.model.config.reference_memory_size
+        print(f"Saved the model with {count} normal reference(s) ({limit} memory patches per layer) to {output}")
     return 0
 
 
@@ -507,6 +564,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"  {row['score']:.4f}  {label:<9}  {row['cls_name']:<8}  {row['image_path']}")
     print("\nZero-shot metrics on the unseen test categories (%):")
     print(result.evaluation.report.format_table())
+    if result.few_shot is not None:
+        print(f"\nZero-shot / {result.shots}-shot ({result.shots} normal references per category) (%):")
+        print(result.comparison_table())
     print(f"\nModel, processor and train_log.jsonl in {result.training.output_dir}")
     print(f"Tables, ROC/PR plots and heatmap overlays in {Path(result.training.output_dir) / 'evaluation'}")
     return 0
@@ -583,6 +643,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-urls", action="store_true", help="let JSON requests name image URLs to fetch")
     parser.add_argument("--num-replicas", type=_positive_int, default=1, help="model replicas (default 1)")
     parser.add_argument("--address", help='Ray cluster to join, e.g. "auto" (default: a new local Ray instance)')
+    _add_references_argument(parser)
     _add_device_arguments(parser)
 
 
@@ -603,6 +664,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         args.model, host=args.host, port=args.port, address=args.address, on_ready=[announce], device=args.device,
         dtype=args.dtype, limits=limits, max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_ms / 1000, num_replicas=args.num_replicas,
+        references=[str(Path(path).resolve()) for path in _reference_paths(args)] if args.references else None,
     )  # fmt: skip
     return 0
 
@@ -617,6 +679,12 @@ SUBCOMMANDS: list[Subcommand] = [
     ("train", "Train CoPS on the labelled images of an auxiliary dataset.", _add_train_arguments, _run_train),
     ("convert", "Get an official CoPS detector, or convert CLIP + CoPS files.", _add_convert_arguments, _run_convert),
     ("predict", "Score images; write heatmap overlays and a CSV.", _add_predict_arguments, _run_predict),
+    (
+        "references",
+        "Save a model with a memory of normal reference images (few-shot).",
+        _add_references_command_arguments,
+        _run_references,
+    ),
     ("evaluate", "Evaluate on a meta.json dataset: metrics, plots.", _add_evaluate_arguments, _run_evaluate),
     ("calibrate", "Calibrate and store decision thresholds.", _add_calibrate_arguments, _run_calibrate),
     ("data", "Prepare (meta.json) or validate a dataset.", _add_data_arguments, _run_data),
@@ -637,7 +705,10 @@ EXAMPLES = {
     "predict": "  cops-hf predict --model cops part.png --output out\n"
     "  cops-hf predict --model cops photos/ 'more/**/*.jpg' --output out --format json --device cuda\n"
     "  accelerate launch -m cops_hf.cli predict --model cops photos/ --output out   (one box, several GPUs)\n"
-    "  cops-hf predict --engine ray --address auto --model /shared/cops 's3://line/2025/**/*.png' --output shards",
+    "  cops-hf predict --engine ray --address auto --model /shared/cops 's3://line/2025/**/*.png' --output shards\n"
+    "  cops-hf predict --model cops --references good_parts/ new_parts/ --output out   (few-shot)",
+    "references": "  cops-hf references --model cops --images good_parts/ --output cops-referenced\n"
+    "  cops-hf predict --model cops-referenced new_parts/ --output out",
     "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec",
     "calibrate": "  cops-hf calibrate --model cops --normal good_parts/ --output cops-calibrated\n"
     "  cops-hf calibrate --model cops --data /data/mvtec --output cops-calibrated",
@@ -647,7 +718,7 @@ EXAMPLES = {
     "export": "  cops-hf export --model cops --output cops.onnx --int8",
     "app": "  cops-hf app --model cops --model cops-calibrated --port 7860\n  cops-hf app --official visa\n"
     "  cops-hf app --model my-org/cops-visa --write-space space/",
-    "serve": "  cops-hf serve --model cops --port 8000\n"
+    "serve": "  cops-hf serve --model cops --port 8000 --references good_parts/\n"
     "  curl -F file=@part.png -F anomaly_map=png http://127.0.0.1:8000/predict",
 }
 """A few command lines per subcommand, shown at the end of its --help."""

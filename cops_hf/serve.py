@@ -130,6 +130,8 @@ class DetectorDeployment:
         limits: what a request may send.
         max_batch_size: most images scored in one forward pass.
         batch_wait_timeout_s: longest wait for more images before a batch is scored.
+        references: normal reference images (paths the replica can read) for few-shot scoring; `None` keeps the
+            model's own memory (zero-shot unless it was saved with references).
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class DetectorDeployment:
         limits: ServeLimits | None = None,
         max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.01,
+        references: list[str] | None = None,
     ) -> None:
         from PIL import Image
 
@@ -150,6 +153,8 @@ class DetectorDeployment:
             Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
         self.model_name, self.limits = model_name, limits
         self.detector = load_detector(model_name, device=device, dtype=dtype)
+        if references:
+            self.detector.set_references(references)
         self._score.set_max_batch_size(max_batch_size)
         self._score.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -163,7 +168,8 @@ class DetectorDeployment:
         """The model is loaded and scoring."""
         config = self.detector.model.config
         return {"ready": True, "model": self.model_name, "image_size": config.image_size,
-                "image_threshold": config.image_threshold, "pixel_threshold": config.pixel_threshold}  # fmt: skip
+                "num_references": self.detector.model.num_references, "image_threshold": config.image_threshold,
+                "pixel_threshold": config.pixel_threshold}  # fmt: skip
 
     @app.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
@@ -233,13 +239,14 @@ def build_app(
     max_batch_size: int = 16,
     batch_wait_timeout_s: float = 0.01,
     num_replicas: int = 1,
+    references: list[str] | None = None,
 ) -> Any:
     """The Ray Serve application of a detector (run it with `serve.run(app)`); see `DetectorDeployment`."""
     from PIL import Image
 
     limits = limits or ServeLimits(max_image_pixels=Image.MAX_IMAGE_PIXELS)
     return DetectorDeployment.options(num_replicas=num_replicas).bind(
-        os.fspath(model_name), device, dtype, limits, max_batch_size, batch_wait_timeout_s
+        os.fspath(model_name), device, dtype, limits, max_batch_size, batch_wait_timeout_s, references
     )
 
 

@@ -58,13 +58,28 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir: Path) -> Iterator[str]:
-    """`cops-hf serve` on a free loopback port (default host), with small limits; stopped with SIGTERM after."""
+def references(model_dir: Path) -> list[str]:
+    """Two normal reference images (few-shot) beside the model."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for index in range(2):
+        path = model_dir.parent / "good" / f"good{index}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (70, 70, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, references: list[str]) -> Iterator[str]:
+    """`cops-hf serve --references GOOD_FOLDER` on a free loopback port (default host), with small limits; stopped
+    with SIGTERM after."""
     port = _free_port()
     environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), "OMP_NUM_THREADS": "1",
                    "COPS_HF_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS)}  # fmt: skip
     command = [sys.executable, "-m", "cops_hf.cli", "serve", "--model", str(model_dir), "--port", str(port),
-               "--max-body-mb", str(MAX_BODY_MB), "--max-batch-size", "8"]  # fmt: skip
+               "--max-body-mb", str(MAX_BODY_MB), "--max-batch-size", "8", "--references",
+               str(Path(references[0]).parent)]  # fmt: skip
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -87,9 +102,10 @@ def server(model_dir: Path) -> Iterator[str]:
 
 
 def test_json_and_multipart_predictions_agree_with_the_pipeline(
-    server: str, model_dir: Path, images: list[np.ndarray]
+    server: str, model_dir: Path, references: list[str], images: list[np.ndarray]
 ) -> None:
     detector = pipeline("anomaly-detection", model=str(model_dir))
+    assert detector.set_references(references) == 2  # as the server's --references did
     expected = detector([Image.fromarray(image) for image in images])
     request = {"inputs": [base64.b64encode(_png(image)).decode() for image in images],
                "parameters": {"anomaly_map": "png"}}  # fmt: skip
@@ -116,6 +132,7 @@ def test_health_ready_and_openapi(server: str) -> None:
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{server}/ready").json()
     assert ready["ready"] is True and ready["image_size"] == 98 and ready["image_threshold"] == 0.5
+    assert ready["num_references"] == 2
     schema = httpx.get(f"{server}/openapi.json").json()
     assert {"/predict", "/health", "/ready"} <= set(schema["paths"])
     assert "swagger" in httpx.get(f"{server}/docs").text.lower()
