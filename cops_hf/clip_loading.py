@@ -97,7 +97,7 @@ def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tup
 class _TorchScriptDataUnpickler(pickle.Unpickler):
     """Reads a TorchScript archive's `data.pkl`: tensors and plain containers only (pickle's "restricting globals").
 
-    Every `__torch__.*` class becomes a [`_ScriptedObject`] holding its pickled state, so no `__setstate__` or
+    Every `__torch__.*` class becomes a `_ScriptedObject` holding its pickled state, so no `__setstate__` or
     scripted method of the archive runs; any other global (`os.system`, `builtins.eval`, ...) is refused.
     """
 
@@ -202,7 +202,7 @@ def load_weights_file(path: str | os.PathLike, what: str) -> object:
 def load_openai_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read an OpenAI CLIP file: a TorchScript archive (as OpenAI ships) or a plain state-dict checkpoint.
 
-    TorchScript archives are read by [`read_torchscript_tensors`], which runs none of the archive's code; plain
+    TorchScript archives are read by `read_torchscript_tensors`, which runs none of the archive's code; plain
     checkpoints are loaded with `weights_only=True`.
     """
     path = Path(path)

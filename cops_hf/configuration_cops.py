@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .schema import dataset_key
+
 # CLIP ViT-L/14@336px, the tower CoPS is published with ("openai/clip-vit-large-patch14-336").
 VIT_L14_336_TEXT = {
     "hidden_size": 768,
@@ -94,7 +96,7 @@ def config_field_problems(fields: dict[str, Any]) -> list[str]:
 
 
 class CoPSConfig(PretrainedConfig):
-    r"""Configuration of [`CoPSForAnomalyDetection`].
+    r"""Configuration of `CoPSForAnomalyDetection`.
 
     Args:
         text_config (`dict` or `CLIPTextConfig`, *optional*): CLIP text tower. Defaults to ViT-L/14's.
@@ -383,12 +385,13 @@ def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
 
     Args:
         kind: "test" (`TEST_DATASET_PRESETS`) or "train" (`TRAIN_DATASET_PRESETS`).
-        name: the dataset name; case, surrounding spaces and "-" versus "_" do not matter ("VisA", "dtd-synthetic").
+        name: the canonical dataset name (see `cops_hf.schema.dataset_key`: "VisA", "dtd-synthetic" work too);
+            aliases such as "mvtec_ad" are resolved by `cops_hf.data.registry.resolve_test_preset`.
     """
     if name is None:
         return {}
     table = TEST_DATASET_PRESETS if kind == "test" else TRAIN_DATASET_PRESETS
-    key = name.strip().lower().replace("-", "_")
+    key = dataset_key(name)
     if key not in table:
         label = "test" if kind == "test" else "training"
         raise ValueError(f"Unknown {label} dataset preset {name!r}; choose one of {sorted(table)}.")

@@ -145,10 +145,10 @@ def convert_original_checkpoint(
     round_deep_prompts: bool = True,
     **cops_fields,
 ) -> CoPSForAnomalyDetection:
-    """Build a [`CoPSForAnomalyDetection`] from the official release files.
+    """Build a `CoPSForAnomalyDetection` from the official release files.
 
     Args:
-        clip: the CLIP, in any form [`load_clip_model`] takes: an OpenAI `.pt` file (TorchScript archive or
+        clip: the CLIP, in any form `load_clip_model` takes: an OpenAI `.pt` file (TorchScript archive or
             checkpoint) or state dict, a transformers CLIP folder, a Hub id or a `CLIPModel`.
         cops: reference CoPS checkpoint path or its `prompt_learner` state dict; `None` gives fresh CoPS modules.
         clip_config: overrides the CLIP configuration read off OpenAI weights' shapes (e.g. head counts that are

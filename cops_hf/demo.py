@@ -16,6 +16,7 @@ from .data import load_meta_dataset, make_synthetic_dataset, render_synthetic_sa
 from .evaluation.evaluator import EvaluationResult, evaluate_dataset
 from .evaluation.report import METRIC_DISPLAY_NAMES, ZSADReport, format_percent, render_table
 from .random_towers import random_clip_model
+from .schema import GT_LABEL, IMAGE_PATH, PRED_SCORE, Prediction
 from .training import TrainingConfig, TrainingResult, cops_model_for_training, processor_for, train_cops
 
 DATA_IMAGE_SIZE = 64
@@ -98,12 +99,12 @@ def run_demo(
     anomalous = [index for index, label in enumerate(labels) if label == 1]
     chosen = [index for pair in zip(normal, anomalous, strict=False) for index in pair][:num_test_images]
     test_scores = [
-        {
-            "image_path": evaluation.image_paths[index],
+        Prediction({
+            IMAGE_PATH: evaluation.image_paths[index],
             "cls_name": evaluation.categories[index],
-            "gt_label": labels[index],
-            "score": float(evaluation.image_scores[index]),
-        }
+            GT_LABEL: labels[index],
+            PRED_SCORE: float(evaluation.image_scores[index]),
+        })
         for index in chosen
     ]
     few_shot = None

@@ -178,6 +178,7 @@ class ImageScorer:
         self.seed = seed
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Score a decoded batch; rows with an `error` pass through unscored (null score, no label)."""
         import numpy as np
         import torch
 
@@ -199,11 +200,11 @@ class ImageScorer:
                 target_sizes=sizes if self.maps_dir is not None else None,
             )
             for row, result in zip(valid, results, strict=True):
-                scores[row] = result["score"]
+                scores[row] = result[PRED_SCORE]
                 if self.image_threshold is not None:
-                    labels[row] = decision_label(result["score"], self.image_threshold)
+                    labels[row] = decision_label(result[PRED_SCORE], self.image_threshold)
                 if self.maps_dir is not None:
-                    map_files[row] = self._save_map(batch, row, result["anomaly_map"])
+                    map_files[row] = self._save_map(batch, row, result[ANOMALY_MAP])
         keep = ("index", "shard", IMAGE_PATH, ERROR)
         return {name: batch[name] for name in keep} | {
             PRED_SCORE: scores, PRED_LABEL: np.array(labels), ANOMALY_MAP: np.array(map_files)

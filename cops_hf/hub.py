@@ -1,6 +1,6 @@
 """Sharing CoPS checkpoints on the Hugging Face Hub: pushing, the model card, and clear messages when the Hub says no.
 
-A repository written by :func:`push_cops_to_hub` loads in two ways:
+A repository written by `push_cops_to_hub` loads in two ways:
 
 * with cops_hf installed: ``CoPSForAnomalyDetection.from_pretrained(repo_id)`` or
   ``pipeline("anomaly-detection", model=repo_id)`` after ``import cops_hf``;
@@ -8,7 +8,7 @@ A repository written by :func:`push_cops_to_hub` loads in two ways:
   trust_remote_code=True)`` or ``pipeline("anomaly-detection", model=repo_id, trust_remote_code=True)``.
 
 Any ``save_pretrained`` folder carries the code files too (see the package docstring), so ``model.push_to_hub``
-and ``processor.push_to_hub`` give repositories that load in both ways as well; :func:`push_cops_to_hub` adds the
+and ``processor.push_to_hub`` give repositories that load in both ways as well; `push_cops_to_hub` adds the
 model card.
 """
 
@@ -40,7 +40,7 @@ from .pipeline_anomaly_detection import TASK
 from .processing_cops import CoPSProcessor
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "assets" / "MODEL_CARD.md"
-"""Jinja template of the model card, filled by :func:`render_model_card` through ``ModelCard.from_template``."""
+"""Jinja template of the model card, filled by `render_model_card` through ``ModelCard.from_template``."""
 
 ENDPOINT_HANDLER_TEMPLATE = Path(__file__).parent / "assets" / "endpoint_handler.py"
 """The Inference Endpoints custom handler every saved detector carries as ``handler.py``."""

@@ -101,7 +101,7 @@ def hub_error_message(error: BaseException, repo_id: str) -> str | None:
 
 @contextmanager
 def friendly_hub_errors(repo_id: str) -> Iterator[None]:
-    """Turn Hub failures about ``repo_id`` inside the block into :class:`CoPSHubError` with a clear message.
+    """Turn Hub failures about ``repo_id`` inside the block into `CoPSHubError` with a clear message.
 
     Other exceptions pass through unchanged.
     """

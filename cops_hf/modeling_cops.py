@@ -65,15 +65,17 @@ class IncompleteCheckpointError(OSError):
 
 
 def remote_pipeline_entry(pipeline_class: type) -> dict[str, Any]:
-    """The `custom_pipelines` entry that makes `pipeline(task, trust_remote_code=True)` load `pipeline_class` from
-    the code file saved beside a model (its module's file name, then the class name)."""
+    """The `custom_pipelines` entry that makes `pipeline(task, trust_remote_code=True)` load `pipeline_class`.
+
+    It names the code file saved beside a model (its module's file name), then the class name.
+    """
     module = pipeline_class.__module__.rsplit(".", 1)[-1]
     return {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"], "type": "image"}
 
 
 @dataclass
 class CoPSAnomalyDetectionOutput(ModelOutput):
-    """Outputs of [`CoPSForAnomalyDetection`].
+    """Outputs of `CoPSForAnomalyDetection`.
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
@@ -819,7 +821,7 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         r"""Score images, or compute the training loss when `labels` are given.
 
         Args:
-            pixel_values: `[B, 3, H, W]` from [`CoPSProcessor`]; H, W multiples of the patch size.
+            pixel_values: `[B, 3, H, W]` from `CoPSProcessor`; H, W multiples of the patch size.
             labels: `[B]` image labels (1 = anomalous). Given, the forward follows the training path: posterior
                 class-token sample, training kernel, detached prototypes for the text features, and the loss.
             masks: `[B, H, W]` binary ground-truth masks for the segmentation and prototype terms. Without masks
@@ -827,9 +829,9 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
             vae_noise: noise for reproducible runs: `[B, S, D]` prior samples at inference (S may differ from
                 `config.vae_samples`), `[B, 1, D]` reparameterization noise with labels. Drawn from torch's
                 generator when omitted.
-            vision_outputs: precomputed [`CoPSVisionOutput`] (e.g. cached by the trainer) instead of pixel_values.
-            return_dict: return a [`CoPSAnomalyDetectionOutput`] (default) or a tuple.
-            original_sizes: `(height, width)` per image as [`CoPSProcessor`] returns them, so that
+            vision_outputs: precomputed `CoPSVisionOutput` (e.g. cached by the trainer) instead of pixel_values.
+            return_dict: return a `CoPSAnomalyDetectionOutput` (default) or a tuple.
+            original_sizes: `(height, width)` per image as `CoPSProcessor` returns them, so that
                 `model(**processor(images=...))` works; not used by the computation, only carried to the output
                 for `post_process_anomaly_detection`.
         """
@@ -937,8 +939,11 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         return F.interpolate(patch_values.unflatten(-1, grid), size=size, mode="nearest")
 
     def _pixel_maps(self, layer_values: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-        """Per-patch values of each layer `[B, F, N]` to one `[B, H, W]` map: nearest upsampling, mean over the
-        layers, Gaussian smoothing (the zero-shot and the reference maps both go through here)."""
+        """Per-patch values of each layer `[B, F, N]` to one `[B, H, W]` map.
+
+        Nearest upsampling, mean over the layers, Gaussian smoothing (the zero-shot and the reference maps both go
+        through here).
+        """
         layer_maps = self._upsample_patches(layer_values, grid, size)  # [B, F, H, W]
         return gaussian_blur(layer_maps.mean(dim=1), self.config.gaussian_sigma)
 

@@ -67,8 +67,8 @@ def _assert_rows_match(table: dict[str, list], paths: list[str], reference: list
             assert score is None and "part3.png" in table["error"][index] and "cannot be read" in table["error"][index]
             assert table["pred_label"][index] is None
         else:
-            assert score == pytest.approx(expected["score"], abs=1e-6)
-            assert table["pred_label"][index] == expected["label"]
+            assert score == pytest.approx(expected["pred_score"], abs=1e-6)
+            assert table["pred_label"][index] == expected["pred_label"]
             assert table["error"][index] == ""
 
 
@@ -146,11 +146,11 @@ def test_torchrun_two_processes_merge_one_csv_in_input_order(
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert f"Scored {NUM_IMAGES - 1} image(s), 1 unreadable" in completed.stdout
     rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
-    assert [row["image"] for row in rows] == paths
+    assert [row["image_path"] for row in rows] == paths
     for index, (row, expected) in enumerate(zip(rows, single_process_scores, strict=True)):
         if index == BROKEN:
             assert "part3.png" in row["error"] and not row["overlay"]
         else:  # the CSV keeps 6 decimals
-            assert float(row["score"]) == pytest.approx(expected["score"], abs=1e-6)
+            assert float(row["pred_score"]) == pytest.approx(expected["pred_score"], abs=1e-6)
             assert row["overlay"] == f"{index:05d}_part{index}_overlay.png" and (tmp_path / row["overlay"]).is_file()
     assert not list(tmp_path.glob(".scores-process*"))  # shard tables merged and removed

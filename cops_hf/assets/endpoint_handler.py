@@ -25,6 +25,7 @@ class EndpointHandler:
         self.contract = sys.modules[type(self.detector).__module__]  # the pipeline module: request and response
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Score the images of one request (`{"inputs": ..., "parameters": ...}`) and answer served JSON."""
         started = time.perf_counter()
         request = self.contract.parse_request(data)
         results = self.detector(request.images, **request.pipeline_kwargs)

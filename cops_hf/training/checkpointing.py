@@ -114,8 +114,10 @@ def trainer_state(
     num_samples: int,
     fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What `trainer_state.json` records: the position in the run, the settings it must resume with and the
-    `run_fingerprint` of what it trains."""
+    """What `trainer_state.json` records.
+
+    That is the position in the run, the settings it must resume with and the `run_fingerprint` of what it trains.
+    """
     settings = {name: getattr(config, name) for name in RESUME_INVARIANTS}
     settings["adam_betas"] = list(settings["adam_betas"])
     return {
