@@ -11,11 +11,15 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .data.registry import GENERAL_PRESET, REGISTRY, SUITES, aliases_text, resolve_test_preset
 from .devices import DTYPE_NAMES
 from .schema import ERROR, GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_LABEL, PRED_SCORE
+
+if TYPE_CHECKING:
+    from .evaluation.fewshot import FewShotResult
 
 Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 """name, one-line help, adds the arguments, runs the command."""
@@ -282,9 +286,29 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=_non_negative_int, default=8, help="Overlays per category.")
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
+    _add_shots_arguments(parser)
     _add_style_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
+
+
+def _add_shots_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shots", type=_non_negative_int, default=0,
+        help="K normal references per category, drawn from its train split (else from the test normals, then left "
+        "out of scoring); 0 (default): zero-shot",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shot-seeds", type=_non_negative_int, nargs="+", metavar="S",
+        help="seeds of the reference draws, one evaluation each, averaged with their std (default: 0)",
+    )  # fmt: skip
+
+
+def _shot_options(args: argparse.Namespace) -> dict[str, object]:
+    """`shots` and `shot_seeds` for the API; refuses seeds without shots."""
+    if args.shot_seeds and not args.shots:
+        raise ValueError("--shot-seeds needs --shots K (K >= 1): seeds draw few-shot references")
+    return {"shots": args.shots, "shot_seeds": args.shot_seeds or [0]} if args.shots else {}
 
 
 def _add_cpu_alias(parser: argparse.ArgumentParser) -> None:
@@ -300,18 +324,38 @@ def _accelerator_on(device: object):
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluator import AUTO_PRESET, choose_test_preset, evaluate_dataset
+    from .evaluation.fewshot import evaluate_few_shot
     from .predict import load_model_and_processor
 
+    shots = _shot_options(args)
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     preset = choose_test_preset(args.preset or AUTO_PRESET, model, args.data, source="--preset")
     print(preset.describe())
-    evaluate_dataset(
+    evaluate = evaluate_few_shot if shots else evaluate_dataset
+    result = evaluate(
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset.name,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
         num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device),
-        skip_invalid=args.skip_invalid, **_style(args),
+        skip_invalid=args.skip_invalid, **shots, **_style(args),
     )  # fmt: skip
+    if result is None:  # not the main process of a sharded run
+        return 0
+    if shots:
+        _print_few_shot_notes(result)
+    else:
+        print(result.report.format_table())
+        print(f"Protocol: {result.protocol}")
+        print(f"Wrote {len(result.files)} files to {args.output}")
     return 0
+
+
+def _print_few_shot_notes(result: FewShotResult) -> None:
+    """Where the references came from: the test normals they took are not scored."""
+    seeds = ", ".join(map(str, result.shot_seeds))
+    print(f"{result.shots}-shot, mean over seeds {seeds} (std in metrics.json):")
+    for category, split in result.reference_split.items():
+        if split != "train":
+            print(f"  {category}: references drawn from the {split} normals, left out of scoring")
 
 
 def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -388,6 +432,7 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    _add_shots_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
 
@@ -396,10 +441,11 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     from .evaluation.benchmark import run_benchmark
     from .predict import load_model_and_processor
 
+    shots = _shot_options(args)
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     result = run_benchmark(
         model, processor, args.data_root, suite=args.suite, output_dir=args.output, batch_size=args.batch_size,
-        seed=args.seed, accelerator=_accelerator_on(model.device),
+        seed=args.seed, accelerator=_accelerator_on(model.device), **shots,
     )  # fmt: skip
     if result is None:
         return 0
@@ -477,6 +523,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the final model already in --output")
     parser.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding worker processes")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument(
+        "--synthesize", action="store_true",
+        help="add a synthetic anomalous copy of every normal image each epoch (blob, scratch, cut-paste, foreign "
+        "patch): trains on normal images only, or mixes into a labelled --split (default split: the first with "
+        "normal images)",
+    )  # fmt: skip
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -505,12 +557,15 @@ def _run_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         dataloader_num_workers=args.num_workers,
         use_cpu=args.cpu,
+        synthesize=args.synthesize,
     )
-    dataset = load_training_dataset(args.data, split=args.split)
+    dataset = load_training_dataset(args.data, split=args.split, synthesize=args.synthesize)
     num_anomalous = sum(dataset["gt_label"])
+    num_normal = len(dataset) - num_anomalous
+    synthetic = f", plus {num_normal} synthetic anomalous copies per epoch" if args.synthesize else ""
     print(
-        f"Training on split '{dataset.split}' of {args.data}: {len(dataset) - num_anomalous} normal and "
-        f"{num_anomalous} anomalous images"
+        f"Training on split '{dataset.split}' of {args.data}: {num_normal} normal and {num_anomalous} anomalous "
+        f"images{synthetic}"
     )
     result = train_cops(model, processor_for(model), dataset, config)
     if result.history:
@@ -677,7 +732,8 @@ SUBCOMMANDS: list[Subcommand] = [
 EXAMPLES = {
     "demo": "  cops-hf demo --output cops-demo",
     "train": "  cops-hf train --clip openai/clip-vit-large-patch14-336 --data /data/VisA --preset visa --output run\n"
-    "  accelerate launch -m cops_hf.cli train --clip ... --data ... --output ...   (several GPUs)",
+    "  accelerate launch -m cops_hf.cli train --clip ... --data ... --output ...   (several GPUs)\n"
+    "  cops-hf train --clip ... --data my_parts --synthesize --output run   (normal images only)",
     "convert": "  cops-hf convert --official visa --output cops\n"
     "  cops-hf convert --clip ViT-L-14-336px.pt --checkpoint epoch_10.pth --output cops",
     "predict": "  cops-hf predict --model cops part.png --output out\n"
@@ -687,7 +743,8 @@ EXAMPLES = {
     "  cops-hf predict --model cops --references good_parts/ new_parts/ --output out   (few-shot)",
     "references": "  cops-hf references --model cops --images good_parts/ --output cops-referenced\n"
     "  cops-hf predict --model cops-referenced new_parts/ --output out",
-    "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec",
+    "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec\n"
+    "  cops-hf evaluate --model cops --data /data/mvtec --shots 4 --shot-seeds 0 1 2 --output eval-4shot",
     "calibrate": "  cops-hf calibrate --model cops --normal good_parts/ --output cops-calibrated\n"
     "  cops-hf calibrate --model cops --data /data/mvtec --output cops-calibrated",
     "data": "  cops-hf data prepare mvtec /data/mvtec\n  cops-hf data validate /data/mvtec",

@@ -134,6 +134,9 @@ class CoPSConfig(PretrainedConfig):
         train_preset (`str`, *optional*): the `TRAIN_DATASET_PRESETS` entry the training fields were set from.
         train_dataset, train_split (`str`, *optional*): what the model was trained on, recorded by the trainer: the
             benchmark name meta.json records (else the dataset folder) and the meta.json split.
+        train_real_images, train_synthetic_images (`int`, *optional*): images per epoch of that training, recorded by
+            the trainer: real ones from the split, and synthetic anomalous copies of its normal images (normal-only
+            adaptation, `TrainingConfig.synthesize`; 0 otherwise).
         source_checkpoint (`str`, *optional*): the published checkpoint the CoPS weights were converted from, as
             "repository/path@git blob sha1".
         reference_weight (`float`): weight w of the few-shot reference map when references are set:
@@ -187,6 +190,8 @@ class CoPSConfig(PretrainedConfig):
     train_preset: str | None = None
     train_dataset: str | None = None
     train_split: str | None = None
+    train_real_images: int | None = None
+    train_synthetic_images: int | None = None
     reference_weight: float = 0.5
     reference_memory_limit: int = 16384
     reference_memory_size: int = 0
