@@ -172,20 +172,48 @@ def _http_only_opener() -> Any:
     return build_opener(HttpOnlyRedirects)
 
 
-def _download_image(url: str, timeout: float | None) -> Image.Image:
-    """The image at an http(s) URL, within `url_byte_limit()` bytes and the pixel limit files get.
+class ImageTooLargeError(ImageLoadError):
+    """An encoded image (an upload, a download) is over the byte limit it was given; refused before decoding."""
 
-    Redirects are followed to http(s) URLs only.
+
+def load_image_bytes(
+    content: bytes, what: str, max_bytes: int | None = None, unreadable: str = "is not a readable image"
+) -> Image.Image:
+    """Decode an encoded image (PNG, JPEG, ...) held in memory, refusing it before decoding when it is too big.
+
+    Args:
+        what: how messages name the image, e.g. "Upload 'part.png'".
+        max_bytes: refuse encoded images longer than this (`ImageTooLargeError`); `None` for no limit. The pixel
+            limit (decompression bombs, see `image_size_problem`) applies in any case, read from the header.
+        unreadable: what the message says after `what` when the bytes are no image, or a truncated one.
+    """
+    if max_bytes is not None and len(content) > max_bytes:
+        raise ImageTooLargeError(f"{what} is {len(content)} bytes, over the limit of {max_bytes} bytes.")
+    try:
+        with open_image_file(io.BytesIO(content), what) as opened:
+            opened.load()
+            return opened.copy()
+    except ImageLoadError as error:
+        cause = error.__cause__
+        if cause is None or isinstance(cause, Image.DecompressionBombError):  # over the pixel limit: said already
+            raise
+        raise ImageLoadError(f"{what} {unreadable} (not an image file, or a truncated one).") from cause
+
+
+def _download_image(url: str, timeout: float | None, max_bytes: int | None = None) -> Image.Image:
+    """The image at an http(s) URL, within the byte cap and the pixel limit files get.
+
+    The cap is `url_byte_limit()`, or `max_bytes` when smaller. Redirects are followed to http(s) URLs only.
     """
     from urllib.error import URLError
 
-    limit = url_byte_limit()
+    limit = url_byte_limit() if max_bytes is None else min(max_bytes, url_byte_limit())
     too_big = f"Image URL '{url}' sends more than {limit} bytes, over the cap of {MAX_URL_BYTES_ENV}; raise it if "
     try:
         with _http_only_opener().open(url, timeout=URL_TIMEOUT if timeout is None else timeout) as response:
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > limit:
-                raise ImageLoadError(too_big + "the image is genuine.")
+                raise ImageTooLargeError(too_big + "the image is genuine.")
             content = response.read(limit + 1)
     except (URLError, OSError, ValueError) as error:
         if isinstance(error, ImageLoadError):
@@ -193,10 +221,8 @@ def _download_image(url: str, timeout: float | None) -> Image.Image:
         reason = getattr(error, "reason", error)
         raise ImageLoadError(f"Image URL '{url}' cannot be downloaded ({reason}); check the address.") from error
     if len(content) > limit:
-        raise ImageLoadError(too_big + "the image is genuine.")
-    with open_image_file(io.BytesIO(content), f"Image URL '{url}'") as opened:
-        opened.load()
-        return opened.copy()
+        raise ImageTooLargeError(too_big + "the image is genuine.")
+    return load_image_bytes(content, f"Image URL '{url}'", unreadable="did not return a readable image")
 
 
 def refuse_non_finite_pixels(image: Image.Image, what: str) -> Image.Image:
@@ -214,11 +240,13 @@ def refuse_non_finite_pixels(image: Image.Image, what: str) -> Image.Image:
     return image
 
 
-def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Image.Image:
+def _open_image(
+    item: ImageLike, index: int, timeout: float | None = None, max_bytes: int | None = None
+) -> Image.Image:
     """Open a path, URL, PIL image, numpy array or tensor as a PIL image in its own mode, with clear errors."""
     what = describe_input(item, index)
     if isinstance(item, str) and item.startswith(("http://", "https://")):
-        return refuse_non_finite_pixels(_download_image(item, timeout), f"Image URL {what}")
+        return refuse_non_finite_pixels(_download_image(item, timeout, max_bytes), f"Image URL {what}")
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if path.is_dir():
@@ -237,7 +265,9 @@ def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Im
     raise ImageLoadError(f"{what}: expected a path, PIL image, numpy array or tensor.")
 
 
-def load_image(item: ImageLike, index: int = 0, timeout: float | None = None) -> Image.Image:
+def load_image(
+    item: ImageLike, index: int = 0, timeout: float | None = None, max_bytes: int | None = None
+) -> Image.Image:
     """Open a path, http(s) URL, PIL image, numpy array or tensor as a PIL image (mode kept), with clear errors.
 
     High-bit-depth single-channel images (16-bit, 32-bit, float) are min-max scaled to 8 bits.
@@ -245,8 +275,9 @@ def load_image(item: ImageLike, index: int = 0, timeout: float | None = None) ->
     Args:
         index: position of `item` in its batch, for messages about unnamed inputs.
         timeout: seconds a URL may take to answer (default `URL_TIMEOUT`).
+        max_bytes: the most bytes a URL's answer may have (`ImageTooLargeError` beyond); default no limit.
     """
-    image = _open_image(item, index, timeout)
+    image = _open_image(item, index, timeout, max_bytes)
     if image.mode in _HIGH_BIT_DEPTH_MODES:
         image = _rescale_to_8bit(np.asarray(image, dtype=np.float64))
     return image
@@ -365,12 +396,14 @@ __all__ = [
     "URL_TIMEOUT",
     "ImageLike",
     "ImageLoadError",
+    "ImageTooLargeError",
     "apply_pixel_limit_from_environment",
     "describe_input",
     "expand_image_sources",
     "image_size_problem",
     "is_image_file",
     "load_image",
+    "load_image_bytes",
     "load_mask",
     "open_image_file",
     "refuse_non_finite_pixels",

@@ -6,6 +6,7 @@ time and each row is written (and flushed) as it comes: memory stays flat howeve
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -50,16 +51,21 @@ def load_model_and_processor(
     from .devices import resolve_device, resolve_dtype
     from .hub_errors import friendly_hub_errors
     from .modeling_cops import CoPSForAnomalyDetection
-    from .processing_cops import CoPSProcessor
 
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     with friendly_hub_errors(os.fspath(model_name)):
         model = CoPSForAnomalyDetection.from_pretrained(model_name, dtype=torch_dtype)
+    return model.to(torch_device).eval(), load_processor(model_name, model.config.image_size)
+
+
+def load_processor(model_name: str | os.PathLike[str], image_size: int) -> Any:
+    """The `CoPSProcessor` saved with a model, else the default one at the model's `image_size`."""
+    from .processing_cops import CoPSProcessor
+
     try:
-        processor = CoPSProcessor.from_pretrained(model_name)
+        return CoPSProcessor.from_pretrained(model_name)
     except (OSError, ValueError):
-        processor = CoPSProcessor.for_image_size(model.config.image_size)
-    return model.to(torch_device).eval(), processor
+        return CoPSProcessor.for_image_size(image_size)
 
 
 def load_detector(model_name: str | os.PathLike[str], *, device: str | None = None, dtype: str | None = None) -> Any:
@@ -97,6 +103,8 @@ def write_predictions(
     progress: bool = True,
     tile_size: int | None = None,
     tile_overlap: float = 0.25,
+    first_index: int = 0,
+    table_name: str | None = None,
 ) -> PredictionSummary:
     """Score `images` with `detector` (an "anomaly-detection" pipeline) and write one row per image as it is scored.
 
@@ -110,6 +118,8 @@ def write_predictions(
         progress: show a tqdm bar.
         tile_size, tile_overlap: score by overlapping tiles of `tile_size` original pixels, stitched back to the
             image's full resolution (the pipeline's `tile_size`; `batch_size` must then be 1).
+        first_index: number of the first image in the overlay and mask file names (a shard's offset).
+        table_name: file name of the table (default `scores.csv` / `scores.json`).
     """
     from tqdm.auto import tqdm
 
@@ -124,7 +134,7 @@ def write_predictions(
     pixel_threshold_used = threshold if threshold is not None else config.pixel_threshold
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    summary = PredictionSummary(table_path=output / f"scores.{output_format}")
+    summary = PredictionSummary(table_path=output / (table_name or f"scores.{output_format}"))
     options = {"batch_size": batch_size, "skip_invalid": skip_invalid}
     options.update({"threshold": threshold} if threshold is not None else {})
     options.update({"image_threshold": image_threshold} if image_threshold is not None else {})
@@ -136,7 +146,7 @@ def write_predictions(
         table = _TableWriter(handle, output_format)
         try:
             results = detector((path for path in images), **options)  # a stream: one result alive at a time
-            for index, (path, result) in enumerate(zip(images, results, strict=True)):
+            for index, (path, result) in enumerate(zip(images, results, strict=True), start=first_index):
                 row = dict.fromkeys(RESULT_COLUMNS, "") | {IMAGE_PATH: path}
                 if ERROR in result:
                     row[ERROR] = result[ERROR]
@@ -164,6 +174,64 @@ def write_predictions(
         finally:  # an aborted run still leaves a valid table of the rows written so far
             table.close()
     return summary
+
+
+def write_predictions_sharded(
+    detector: Any, images: Sequence[str], output_dir: str | os.PathLike[str], *, output_format: str = "csv",
+    state: Any = None, **options: Any,
+) -> PredictionSummary | None:
+    """`write_predictions` over the processes of `accelerate launch` / `torchrun`: one table, in input order.
+
+    Every process scores a contiguous shard of `images` (overlays and masks numbered as in a single-process run) and
+    writes its rows to a hidden shard table; the main process then merges the shards, in process order, into
+    `scores.csv` / `scores.json` (written atomically) and removes them. In a single process this is
+    `write_predictions`.
+
+    Args:
+        state: the `accelerate.PartialState` (default: the current one).
+        options: the other arguments of `write_predictions`.
+
+    Returns:
+        The summary of the whole run on the main process; `None` on the others.
+    """
+    from accelerate import PartialState
+
+    from .file_utils import atomic_write
+
+    state = state or PartialState()
+    if state.num_processes == 1:
+        return write_predictions(detector, images, output_dir, output_format=output_format, **options)
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+    output = Path(output_dir)
+    with state.split_between_processes(list(range(len(images)))) as indices:
+        write_predictions(
+            detector, [images[index] for index in indices], output, output_format="csv",
+            first_index=indices[0] if indices else 0, table_name=_shard_table_name(state.process_index),
+            **options | {"progress": options.get("progress", True) and state.is_local_main_process},
+        )  # fmt: skip
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    summary = PredictionSummary(table_path=output / f"scores.{output_format}")
+    shard_tables = [output / _shard_table_name(rank) for rank in range(state.num_processes)]
+    with atomic_write(summary.table_path) as temporary, open(temporary, "w", newline="") as handle:
+        table = _TableWriter(handle, output_format)
+        for shard_table in shard_tables:
+            with open(shard_table, newline="") as shard:
+                for row in csv.DictReader(shard):
+                    table.write(row)
+                    summary.num_failed += bool(row[ERROR])
+                    summary.num_scored += not row[ERROR]
+                    summary.errors += [row[ERROR]] if row[ERROR] else []
+        table.close()
+    for shard_table in shard_tables:
+        shard_table.unlink()
+    return summary
+
+
+def _shard_table_name(process_index: int) -> str:
+    return f".scores-process{process_index:03d}.csv"
 
 
 def _save_mask(mask: Any, path: Path) -> None:
@@ -210,5 +278,7 @@ __all__ = [
     "expand_image_sources",
     "load_detector",
     "load_model_and_processor",
+    "load_processor",
     "write_predictions",
+    "write_predictions_sharded",
 ]
