@@ -298,6 +298,7 @@ def _add_references_command_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_references(args: argparse.Namespace) -> int:
+    from .hub import save_detector
     from .predict import expand_image_sources, load_detector
 
     try:
@@ -309,8 +310,7 @@ def _run_references(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {output} already holds a model; pass --overwrite to replace it")
     detector = load_detector(args.model, device=args.device, dtype=args.dtype)
     count = detector.set_references(references)
-    detector.model.save_pretrained(output)
-    detector.processor.save_pretrained(output)
+    save_detector(detector.model, detector.processor, output, overwrite=args.overwrite)
     if args.verbosity >= 0:
         limit = detector.model.config.reference_memory_size
         print(f"Saved the model with {count} normal reference(s) ({limit} memory patches per layer) to {output}")
@@ -738,13 +738,6 @@ def _run_app(args: argparse.Namespace) -> int:
           "(Ctrl+C stops)")  # fmt: skip
     launch_app(models, host=args.host, port=args.port)
     return 0
-
-
-def _port(text: str) -> int:
-    """Argparse type: a TCP port, 1..65535."""
-    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
-    return int(text)
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
