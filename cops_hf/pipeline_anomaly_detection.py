@@ -16,7 +16,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .configuration_cops import check_model_type
 from .image_utils import ImageLike, ImageLoadError, load_image
 from .modeling_cops import CoPSAnomalyDetectionOutput
-from .processing_cops import CoPSProcessor, check_threshold
+from .processing_cops import CoPSProcessor, check_processor_matches_model, check_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class AnomalyDetectionPipeline(Pipeline):
         check_model_type(self.model.config.model_type, self.model.name_or_path or type(self.model).__name__)
         if self.processor is None:
             self.processor = CoPSProcessor.for_image_size(self.model.config.image_size)
+        check_processor_matches_model(self.processor, self.model.config.image_size, self.model.name_or_path or "")
         self.image_processor = self.processor.image_processor  # lets the base class batch pixel_values
 
     def _sanitize_parameters(

@@ -39,11 +39,14 @@ def load_model_and_processor(
     Returns:
         `(CoPSForAnomalyDetection, CoPSProcessor)`; the processor saved with the model, else the default one at
         the model's input size.
+
+    Raises:
+        ValueError: the saved processor resizes to another size than the model's `config.image_size`.
     """
     from .devices import resolve_device, resolve_dtype
     from .hub import friendly_hub_errors
     from .modeling_cops import CoPSForAnomalyDetection
-    from .processing_cops import CoPSProcessor
+    from .processing_cops import CoPSProcessor, check_processor_matches_model
 
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     with friendly_hub_errors(os.fspath(model_name)):
@@ -52,6 +55,7 @@ def load_model_and_processor(
         processor = CoPSProcessor.from_pretrained(model_name)
     except (OSError, ValueError):
         processor = CoPSProcessor.for_image_size(model.config.image_size)
+    check_processor_matches_model(processor, model.config.image_size, f"'{os.fspath(model_name)}'")
     return model.to(torch_device).eval(), processor
 
 

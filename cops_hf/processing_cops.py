@@ -29,6 +29,7 @@ from .schema import decision_label
 
 logger = logging.getLogger(__name__)
 
+
 class NonFiniteScoreError(ValueError):
     """The model produced a NaN or infinite score: its weights are broken, and no decision can be made."""
 
@@ -53,6 +54,30 @@ def check_threshold(value: Any, name: str = "threshold") -> float:
     if not is_number or not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a finite number in [0, 1], got {value!r}.")
     return float(value)
+
+
+def check_processor_matches_model(processor: Any, image_size: int, source: str = "the model") -> None:
+    """Refuse a processor that resizes images to another size than the model's `config.image_size`.
+
+    The model takes any multiple of its patch size, so a mismatch would silently change every score; neither side
+    wins: the pipeline, `predict_images` and `load_model_and_processor` call this before scoring anything.
+
+    Args:
+        processor: a `CoPSProcessor` (or its `CoPSImageProcessor`).
+        image_size: the model's `config.image_size`.
+        source: the model folder or Hub id, for the message.
+
+    Raises:
+        ValueError: the sizes differ (the message gives both and the fix).
+    """
+    image_processor = getattr(processor, "image_processor", processor)
+    size = getattr(image_processor, "size", None)
+    if size is not None and size != image_size:
+        raise ValueError(
+            f"The processor of {source} resizes images to {size} px but the model's config.json says image_size="
+            f"{image_size}: scores would silently change. Use the processor saved with the model, or "
+            f"CoPSProcessor.for_image_size({image_size}) (save both again to fix the folder)."
+        )
 
 
 class CoPSImageProcessor(BaseImageProcessor):
@@ -279,6 +304,7 @@ __all__ = [
     "CoPSProcessor",
     "NonFiniteScoreError",
     "check_finite_scores",
+    "check_processor_matches_model",
     "check_threshold",
     "packaged_tokenizer",
     "prompt_suffix_token_ids",

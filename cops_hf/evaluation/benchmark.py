@@ -86,12 +86,17 @@ def run_benchmark(
     seed: int = 0,
     num_visualizations: int = 4,
     accelerator: Accelerator | None = None,
+    skip_invalid: bool = False,
 ) -> BenchmarkResult | None:
     """Evaluate `model` on each dataset of `suite` found under `data_root` (one folder per dataset).
 
     A folder without meta.json is prepared from its download layout first; datasets absent or not preparable are
     listed in `missing` and skipped. With `output_dir`, each dataset's files go to `output_dir/<name>/` and the
     table to `benchmark.csv`, `benchmark.md` and `benchmark.json` (the JSON the model card embeds).
+
+    Args:
+        skip_invalid: drop each dataset's invalid meta.json records (see `evaluate_dataset`) instead of stopping
+            the whole suite at the first one.
 
     Returns:
         The result on the main process, `None` on the others.
@@ -118,7 +123,7 @@ def run_benchmark(
         evaluation = evaluate_dataset(
             model, processor, roots[name], test_preset=name, batch_size=batch_size, seed=seed,
             output_dir=Path(output_dir) / name if output_dir is not None else None,
-            num_visualizations=num_visualizations, accelerator=accelerator,
+            num_visualizations=num_visualizations, accelerator=accelerator, skip_invalid=skip_invalid,
         )  # fmt: skip
         if evaluation is not None:
             result.metrics[name] = {key: evaluation.report.mean.get(key) for key in METRIC_NAMES}

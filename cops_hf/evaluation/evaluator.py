@@ -91,7 +91,8 @@ def evaluate_dataset(
         accelerator: shards the dataset over its processes; `None` creates one (single process unless launched
             with `accelerate launch` / `torchrun`).
         skip_invalid: drop invalid meta.json records (missing or unreadable files, duplicates, ...) with a
-            warning instead of refusing the dataset.
+            warning instead of refusing the dataset; every image and mask is then decoded once beforehand, so a
+            truncated file is skipped too rather than stopping the run midway.
 
     Returns:
         The result on the main process; `None` on the other processes.
@@ -104,7 +105,9 @@ def evaluate_dataset(
         # A shallow copy shares the weights but not the config: the caller's model.config stays as it is.
         model, config = copy.copy(model), model.config.with_preset(test_dataset=test_preset)
         model.config = config
-    dataset = load_meta_dataset(data_root, split=split, categories=categories, skip_invalid=skip_invalid)
+    dataset = load_meta_dataset(
+        data_root, split=split, categories=categories, skip_invalid=skip_invalid, check_images=skip_invalid
+    )
     pixel_level = has_masks(dataset) or any(path for path in dataset["mask_path"])
     columns = dataset.select_columns(["image_path", "mask_path", "gt_label", "cls_name"]).to_dict()
     rows = [
