@@ -85,6 +85,31 @@ def files(tmp_path_factory) -> dict[str, Path]:
     paths["string_size_model"] = _edit_config(model, root / "string_size_model", image_size="abc")
     paths["nan_threshold_model"] = _edit_config(model, root / "nan_threshold_model", image_threshold=float("nan"))
     paths["big_threshold_model"] = _edit_config(model, root / "big_threshold_model", pixel_threshold=2.0)
+    for name, fields in {
+        "text_list_model": {"text_config": [1, 2]},
+        "vae_huge_model": {"vae_samples": 10**12},
+        "suffix_huge_model": {"prompt_suffix_token_ids": [10**12]},
+        "suffix_oov_model": {"prompt_suffix_token_ids": [49408]},
+    }.items():
+        paths[name] = _edit_config(model, root / name, **fields)
+    config = json.loads((model / "config.json").read_text())
+    for name, tower, field, value in (("text_string_model", "text_config", "hidden_size", "48"),
+                                      ("vision_string_model", "vision_config", "num_hidden_layers", "3"),
+                                      ("eos_oov_model", "text_config", "eos_token_id", 10**6)):  # fmt: skip
+        paths[name] = _edit_config(model, root / name, **{tower: {**config[tower], field: value}})
+    shutil.copytree(model, root / "deep_config_model")
+    (root / "deep_config_model" / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    paths["deep_config_model"] = root / "deep_config_model"
+    shutil.copytree(model, root / "no_config_model")
+    (root / "no_config_model" / "config.json").unlink()
+    paths["no_config_model"] = root / "no_config_model"
+    shutil.copytree(model, root / "wrong_shape_model")
+    save_file({**tensors, "state_prototypes.normal_queries": torch.zeros(3, 5)},
+              str(root / "wrong_shape_model" / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    paths["wrong_shape_model"] = root / "wrong_shape_model"
+    shutil.copytree(model, root / "other_size_processor_model")
+    CoPSProcessor.for_image_size(112).save_pretrained(root / "other_size_processor_model")
+    paths["other_size_processor_model"] = root / "other_size_processor_model"
     shutil.copytree(model, root / "json_garbage_model")
     (root / "json_garbage_model" / "config.json").write_text("{not json")
     paths["json_garbage_model"] = root / "json_garbage_model"
@@ -118,6 +143,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
         paths[name].write_text(json.dumps(content))
     paths["broken_json"] = root / "broken.json"
     paths["broken_json"].write_text("{")
+    paths["clip_field_json"] = root / "clip_field.json"
+    paths["clip_field_json"].write_text(json.dumps({"text_config": {"hidden_size": "wide"}}))
     return paths
 
 
@@ -135,6 +162,44 @@ def _dataset(root: Path, extra: list[dict] | None = None, category: str = "bottl
     records += extra or []
     write_meta_json(root, {"train": {category: records}, "test": {category: records}})
     return root
+
+
+def _write_raw_meta(root: Path, edit: Callable[[dict], object]) -> Path:
+    """The valid dataset with its meta.json edited by hand (`edit` changes the parsed document in place)."""
+    _dataset(root)
+    meta = json.loads((root / "meta.json").read_text())
+    edit(meta)
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def _nested_meta(root: Path) -> Path:
+    _dataset(root)
+    (root / "meta.json").write_text('{"test": ' * 100_000 + "{}" + "}" * 100_000)
+    return root
+
+
+def _long_category(root: Path) -> Path:
+    """The valid dataset's test records filed under a 300-character category (the images stay in bottle/)."""
+    name = "c" * 300
+
+    def rename(meta: dict) -> None:
+        meta["test"] = {name: [{**record, "cls_name": name} for record in meta["test"]["bottle"]]}
+
+    return _write_raw_meta(root, rename)
+
+
+RAW_DATASETS: dict[str, Callable[[Path], Path]] = {
+    "dataset_object": lambda root: _write_raw_meta(root, lambda meta: meta.update(dataset={"name": "visa"})),
+    "dataset_number": lambda root: _write_raw_meta(root, lambda meta: meta.update(dataset=7)),
+    "nested_meta": _nested_meta,
+    "long_category": _long_category,
+}
+"""Hand-made datasets whose meta.json is refused as a whole (the CLI cases name them as {data_<name>})."""
+
+_LONG_CATEGORY_PROBLEM = (
+    f"split 'test': category {'c' * 40!r}... is 300 bytes long, over the 255 bytes a file or folder name may have"
+)
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -181,7 +246,8 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
      "cops-hf convert: error: argument --image-size: must be an integer >= 1, got 'abc'"),
     # predict: images
     ("predict-folder-without-images", _predict("{model}", "{root}/weights"), 2,
-     "cops-hf predict: error: {root}/weights: folder holds no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp)"),
+     "cops-hf predict: error: {root}/weights: folder holds no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff, "
+     ".webp)"),
     ("predict-missing-image", _predict("{model}", "{tmp}/gone.png"), 2,
      "cops-hf predict: error: {tmp}/gone.png: no such file or folder; pass image files, folders or glob patterns"),
     ("predict-text-image", _predict("{model}", "{text}"), 2,
@@ -251,7 +317,8 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
     ("calibrate-quantile", ["calibrate", "--model", "{model}", "--normal", "{image}", *OUT, "--quantile", "1.5"], 2,
      "cops-hf calibrate: error: quantile must lie in (0, 1), got 1.5."),
     ("calibrate-no-images", ["calibrate", "--model", "{model}", "--normal", "{root}/weights", *OUT], 2,
-     "cops-hf calibrate: error: {root}/weights: folder holds no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp)"),
+     "cops-hf calibrate: error: {root}/weights: folder holds no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff, "
+     ".webp)"),
     ("calibrate-bomb", ["calibrate", "--model", "{model}", "--normal", "{image}", "{bomb}", *OUT], 2,
      f"cops-hf calibrate: error: Image file '{{bomb}}' declares more than {2 * PIL_LIMIT} pixels"),
     ("calibrate-missing-image", ["calibrate", "--model", "{model}", "--normal", "{tmp}/gone.png", *OUT], 2,
@@ -299,6 +366,85 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
      "cops-hf data: error: No meta.json at {tmp}/nowhere/meta.json."),
     ("benchmark-batch-size-0", ["benchmark", "--model", "{model}", "--data-root", "{tmp}", *OUT, "--batch-size", "0"],
      2, "cops-hf benchmark: error: argument --batch-size: must be an integer >= 1, got '0'"),
+    # config.json values of the wrong type or out of range, refused at load (not deep in the forward)
+    *[(f"predict-{name.removesuffix('_model').replace('_', '-')}", _predict(f"{{{name}}}", "{image}"), 2,
+       f"cops-hf predict: error: The config.json of '{{{name}}}' is invalid: {problem}. Fix the file or save the "
+       "model again.")
+      for name, problem in (
+          ("text_list_model", "text_config must be an object of CLIPTextConfig fields, got list"),
+          ("text_string_model", "text_config.hidden_size must be an integer, got '48'"),
+          ("vision_string_model", "vision_config.num_hidden_layers must be an integer, got '3'"),
+          ("vae_huge_model", "vae_samples must be at most 1000, got 1000000000000"),
+          ("suffix_huge_model", "prompt_suffix_token_ids must hold token ids in 0..49407 (the text vocabulary), got "
+                                "[1000000000000]"),
+          ("suffix_oov_model", "prompt_suffix_token_ids must hold token ids in 0..49407 (the text vocabulary), got "
+                               "[49408]"),
+          ("eos_oov_model", "text_config.eos_token_id must hold token ids in 0..49407 (the text vocabulary), got "
+                            "1000000"))],
+    ("evaluate-text-config-list", ["evaluate", "--model", "{text_list_model}", "--data", "{data}", *OUT], 2,
+     "cops-hf evaluate: error: The config.json of '{text_list_model}' is invalid: text_config must be an object"),
+    ("export-vae-huge-config", ["export", "--model", "{vae_huge_model}", "--output", "{tmp}/m.onnx"], 2,
+     "cops-hf export: error: The config.json of '{vae_huge_model}' is invalid: vae_samples must be at most 1000"),
+    ("predict-deep-config", _predict("{deep_config_model}", "{image}"), 2,
+     "cops-hf predict: error: The config.json of '{deep_config_model}' is nested too deeply to be read: it is not a "
+     "model configuration. Fix the file or save the model again."),
+    ("predict-no-config", _predict("{no_config_model}", "{image}"), 2,
+     "cops-hf predict: error: '{no_config_model}' has no config.json, so it is not a saved model: give the folder "
+     "written by save_pretrained or `cops-hf convert` (config.json next to model.safetensors)."),
+    ("export-no-config", ["export", "--model", "{no_config_model}", "--output", "{tmp}/m.onnx"], 2,
+     "cops-hf export: error: '{no_config_model}' has no config.json, so it is not a saved model"),
+    ("predict-wrong-weight-shape", _predict("{wrong_shape_model}", "{image}"), 2,
+     "cops-hf predict: error: The weight 'state_prototypes.normal_queries' of '{wrong_shape_model}' has shape [3, 5] "
+     "but its config.json implies [6, 48] (1 mismatched in all): the weights and the config do not belong "
+     "together. Save or download the model again."),
+    *[(f"{command}-processor-size-mismatch", [command, "--model", "{other_size_processor_model}", *inputs, *OUT], 2,
+       f"cops-hf {command}: error: The processor of '{{other_size_processor_model}}' resizes images to 112 px but the "
+       "model's config.json says image_size=98: scores would silently change. Use the processor saved with the "
+       "model, or CoPSProcessor.for_image_size(98) (save both again to fix the folder).")
+      for command, inputs in (("predict", ["{image}"]), ("evaluate", ["--data", "{data}"]),
+                              ("calibrate", ["--normal", "{image}"]))],
+    # flags out of range, refused before any work
+    *[(f"{command}-batch-size-huge", [command, *inputs, *OUT, "--batch-size", "99999999999999999999"], 2,
+       f"cops-hf {command}: error: argument --batch-size: must be an integer in 1..4096, got '99999999999999999999'; "
+       "a batch that large would not fit in memory")
+      for command, inputs in (("predict", ["--model", "{model}", "{image}"]),
+                              ("evaluate", ["--model", "{model}", "--data", "{data}"]),
+                              ("calibrate", ["--model", "{model}", "--normal", "{image}"]),
+                              ("train", ["--random-clip", "tiny", "--data", "{data}"]))],
+    *[(f"{command}-seed-{value}", [command, *inputs, *OUT, "--seed", value], 2,
+       f"cops-hf {command}: error: argument --seed: must be an integer in 0..4294967295, got '{value}'")
+      for command, inputs in (("evaluate", ["--model", "{model}", "--data", "{data}"]),
+                              ("train", ["--random-clip", "tiny", "--data", "{data}"]),
+                              ("benchmark", ["--model", "{model}", "--data-root", "{tmp}"]))
+      for value in ("4294967296", "-1")],
+    ("demo-seed-huge", ["demo", *OUT, "--seed", "99999999999999999999"], 2,
+     "cops-hf demo: error: argument --seed: must be an integer in 0..4294967295, got '99999999999999999999'"),
+    ("train-random-clip-broken-json", ["train", "--random-clip", "{broken_json}", "--data", "{data}", *OUT], 2,
+     "cops-hf train: error: --random-clip: Random CLIP config '{broken_json}' cannot be read as JSON: Expecting "
+     "property name enclosed in double quotes: line 1 column 2 (char 1)."),
+    ("train-random-clip-list-json", ["train", "--random-clip", "{list_json}", "--data", "{data}", *OUT], 2,
+     "cops-hf train: error: --random-clip: Random CLIP config '{list_json}' must be a JSON object of CLIPConfig "
+     "fields."),
+    ("train-random-clip-bad-field", ["train", "--random-clip", "{clip_field_json}", "--data", "{data}", *OUT], 2,
+     "cops-hf train: error: --random-clip: Random CLIP config '{clip_field_json}' is not a valid CLIPConfig: Field "
+     "'hidden_size' expected int, got str (value: 'wide')"),
+    # meta.json refused as a whole, naming the file and what is wrong
+    *[(f"{command}-dataset-{kind}", [*argv, f"{{data_dataset_{kind}}}", *extra], 2,
+       f"cops-hf {argv[0]}: error: {{data_dataset_{kind}}}/meta.json: field 'dataset' must be a benchmark name (a "
+       f"string such as \"visa\"), got {shown}")
+      for kind, shown in (("object", "\"{{'name': 'visa'}}\""), ("number", "'7'"))
+      for command, argv, extra in (("evaluate", ["evaluate", "--model", "{model}", "--data"], OUT),
+                                   ("validate", ["data", "validate"], []))],
+    *[(f"{command}-nested-meta", [*argv, "{data_nested_meta}", *extra], 2,
+       f"cops-hf {argv[0]}: error: {{data_nested_meta}}/meta.json is not a meta.json: it is nested too deeply to be "
+       "read")
+      for command, argv, extra in (("evaluate", ["evaluate", "--model", "{model}", "--data"], OUT),
+                                   ("validate", ["data", "validate"], []))],
+    *[(f"{command}-long-category", [*argv, "{data_long_category}", *extra], 2,
+       f"cops-hf {argv[0]}: error: {{data_long_category}}/meta.json: {_LONG_CATEGORY_PROBLEM}")
+      for command, argv, extra in (("evaluate", ["evaluate", "--model", "{model}", "--data"], OUT),
+                                   ("calibrate", ["calibrate", "--model", "{model}", "--data"], OUT),
+                                   ("validate", ["data", "validate"], []))],
 ]  # fmt: skip
 
 
@@ -308,6 +454,9 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
 def test_cli_matrix(files, tmp_path, capsys, argv, code, first_line):
     values = {**{name: str(value) for name, value in files.items()}, "tmp": str(tmp_path)}
     values["data"] = str(_dataset(tmp_path / "data"))
+    for name, make in RAW_DATASETS.items():
+        if f"{{data_{name}}}" in " ".join(argv):
+            values[f"data_{name}"] = str(make(tmp_path / name))
 
     assert _run([part.format(**values) for part in argv]) == code
 
