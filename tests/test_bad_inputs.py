@@ -19,9 +19,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from transformers import pipeline
 
+from cops_hf import CoPSConfig, CoPSForAnomalyDetection
 from cops_hf.cli import main
 from cops_hf.data import make_record, write_meta_json
+from cops_hf.evaluation.inference import predict_images
+from cops_hf.file_utils import read_json_file
 from cops_hf.image_utils import ImageLoadError, load_image
 from cops_hf.processing_cops import CoPSProcessor
 from tests.data_fakes import write_image, write_mask
@@ -505,6 +509,16 @@ DATA_CASES: list[tuple[str, Callable[[Path], None], str]] = [
      "{root}/meta.json: field 'specie_name' '../x' is not a plain folder name"),
     ("bad-anomaly", lambda root: _raw_dataset(root, _record("bottle/0.png", anomaly=2)),
      "{root}/meta.json: field 'anomaly' must be 0 or 1, got 2 [test/bottle[4]]"),
+    ("nul-image-path", lambda root: _raw_dataset(root, _record("bottle/a\0b.png")),
+     "{root}/meta.json: field 'img_path' contains a NUL character, which no file name may hold [test/bottle[4]]"),
+    ("nul-mask-path", lambda root: _raw_dataset(root, _record("bottle/1.png", anomaly=1, mask_path="m\0.png")),
+     "{root}/meta.json: field 'mask_path' contains a NUL character, which no file name may hold [test/bottle[4]]"),
+    ("long-name", lambda root: _raw_dataset(root, _record("bottle/" + "x" * 300 + ".png")),
+     "{root}/meta.json: field 'img_path' is too long (311 bytes, longest name 304): file systems allow 255 bytes per "
+     "name and 4096 in all [test/bottle[4]]"),
+    ("long-path", lambda root: _raw_dataset(root, _record("a/" * 2100 + "x.png")),
+     "{root}/meta.json: field 'img_path' is too long (4205 bytes, longest name 5): file systems allow 255 bytes per "
+     "name and 4096 in all [test/bottle[4]]"),
 ]  # fmt: skip
 
 
@@ -530,6 +544,41 @@ def test_invalid_records_are_listed_refused_and_skippable(files, tmp_path, capsy
     assert len(predictions) == 1 + 4  # header + the four valid records, each once
 
 
+def test_evaluate_skip_invalid_skips_a_truncated_image(files, tmp_path, capsys, caplog):
+    root = _dataset(tmp_path / "data")
+    truncated = root / "bottle" / "2.png"
+    write_image(truncated, size=(64, 64), value=90)
+    truncated.write_bytes(truncated.read_bytes()[:-40])  # the header reads, the pixels do not
+    evaluate = ["evaluate", "--model", str(files["model"]), "--data", str(root), "--output", str(tmp_path / "out")]
+
+    assert _run([*evaluate, "--skip-invalid"]) == 0
+
+    predictions = (tmp_path / "out" / "predictions.csv").read_text()
+    assert len(predictions.splitlines()) == 1 + 3 and str(truncated) not in predictions
+    assert "Skipped 1 invalid records" in caplog.text
+
+
+def _benchmark_root(root: Path) -> Path:
+    """A suite folder whose mvtec/ has one record pointing at a missing image."""
+    _dataset(root / "mvtec", [_record("bottle/gone.png")])
+    return root
+
+
+def test_benchmark_skip_invalid_keeps_the_suite_going(files, tmp_path, capsys):
+    root = _benchmark_root(tmp_path / "suite")
+    benchmark = ["benchmark", "--model", str(files["model"]), "--data-root", str(root), "--suite", "industrial",
+                 "--output", str(tmp_path / "out"), "--batch-size", "4"]  # fmt: skip
+
+    assert _run(benchmark) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"cops-hf benchmark: error: {root / 'mvtec' / 'meta.json'} [test]: 1 invalid of 5 records")
+    assert "(CLI: --skip-invalid)" in line  # the option the hint names exists
+    assert _run([*benchmark, "--skip-invalid"]) == 0
+    results = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert "mvtec" in json.dumps(results)
+    assert len((tmp_path / "out" / "mvtec" / "predictions.csv").read_text().splitlines()) == 1 + 4
+
+
 def test_category_names_are_refused_by_every_reader(files, tmp_path, capsys):
     root = tmp_path / "data"
     write_image(root / "x.png", size=(16, 16))
@@ -550,8 +599,6 @@ def test_category_names_are_refused_by_every_reader(files, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def detector(files):
-    from transformers import pipeline
-
     return pipeline("anomaly-detection", model=str(files["model"]))
 
 
@@ -579,6 +626,21 @@ API_CASES: list[tuple[str, Callable[[dict], object], type[Exception], str]] = [
      f"Image file '{{bomb}}' declares more than {2 * PIL_LIMIT} pixels"),
     ("wrong-shape", lambda f: load_image(np.zeros((2, 3, 5, 7))), ImageLoadError,
      "input #0 (ndarray): expected an HxW, HxWx3 or HxWx4 array, got shape [2, 3, 5, 7]."),
+    ("pipeline-processor-size", lambda f: pipeline("anomaly-detection", model=f["detector"].model,
+                                                   processor=CoPSProcessor.for_image_size(112)), ValueError,
+     "The processor of {model} resizes images to 112 px but the model's config.json says image_size=98: scores "
+     "would silently change."),
+    ("predict-images-processor-size", lambda f: list(predict_images(
+        f["detector"].model, CoPSProcessor.for_image_size(112), [str(f["image"])])), ValueError,
+     "The processor of {model} resizes images to 112 px but the model's config.json says image_size=98"),
+    ("config-nested-json", lambda f: CoPSConfig.from_pretrained(f["deep_config_model"]), ValueError,
+     "The config.json of '{deep_config_model}' is nested too deeply to be read"),
+    ("model-without-config", lambda f: CoPSForAnomalyDetection.from_pretrained(f["no_config_model"]), OSError,
+     "'{no_config_model}' has no config.json, so it is not a saved model"),
+    ("config-vae-samples", lambda f: CoPSConfig(vae_samples=5000), ValueError,
+     "Invalid CoPSConfig: vae_samples must be at most 1000, got 5000."),
+    ("read-json-nested", lambda f: read_json_file(f["deep_config_model"] / "config.json", "config"), ValueError,
+     "config '{deep_config_model}/config.json' cannot be read as JSON: it is nested too deeply."),
 ]  # fmt: skip
 
 
