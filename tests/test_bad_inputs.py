@@ -8,8 +8,11 @@ folder per module, 16 px images, and most cases stop before any scoring.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -688,6 +691,41 @@ def test_pixel_limit_can_be_raised(files, tmp_path, capsys, monkeypatch):
     assert _error_line(capsys) == (
         "cops-hf predict: error: COPS_HF_MAX_IMAGE_PIXELS must be a positive number of pixels, got 'lots'."
     )
+
+
+_OUT_OF_MEMORY_SCRIPT = """
+import resource, sys
+from cops_hf.cli import main
+
+def virtual_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+
+limit = virtual_bytes() + 3 * 2**30  # 3 GiB of address space beyond what the imports took: malloc fails past it
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_running_out_of_memory_is_one_line_naming_the_batch_size(files, tmp_path):
+    """A 7000 px input (a genuine config, saved with its processor) needs far more than the 3 GiB the process may
+    take: the allocation failure is reported in one line that says what to lower, in a subprocess whose address
+    space is capped (so the test is safe whatever the machine's memory and overcommit policy)."""
+    model = _save_model(tmp_path / "huge_input", tiny_model(image_size=7000))
+    argv = _predict(str(model), str(files["image"]), str(files["image"]), extra=("--batch-size", "2"))
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+
+    result = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_MEMORY_SCRIPT, *[part.format(tmp=tmp_path) for part in argv]],
+        capture_output=True, text=True, env=environment, timeout=600,
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = next(line for line in result.stderr.splitlines() if line.startswith("cops-hf "))
+    assert line.startswith("cops-hf predict: error: out of memory (")
+    assert line.endswith("): lower --batch-size (now 2) or free memory")
+    assert "Traceback" not in result.stderr
 
 
 def test_refused_flags_write_nothing(tmp_path):
