@@ -73,7 +73,7 @@ def register_with_transformers() -> None:
 
     from .configuration_cops import CoPSConfig
     from .modeling_cops import CoPSForAnomalyDetection
-    from .pipeline_anomaly_detection import register_pipeline
+    from .pipeline_anomaly_detection import TASK, AnomalyDetectionPipeline, register_pipeline
     from .processing_cops import CoPSImageProcessor, CoPSProcessor
 
     AutoConfig.register(CoPSConfig.model_type, CoPSConfig, exist_ok=True)
@@ -81,17 +81,48 @@ def register_with_transformers() -> None:
     AutoImageProcessor.register(CoPSConfig, slow_image_processor_class=CoPSImageProcessor, exist_ok=True)
     AutoProcessor.register(CoPSConfig, CoPSProcessor, exist_ok=True)
     register_pipeline()
+    CoPSConfig.served_pipeline_tasks.add(TASK)
+    CoPSForAnomalyDetection.companion_pipelines[TASK] = AnomalyDetectionPipeline
     CoPSConfig.register_for_auto_class()
     CoPSForAnomalyDetection.register_for_auto_class("AutoModel")
     CoPSImageProcessor.register_for_auto_class("AutoImageProcessor")
     CoPSProcessor.register_for_auto_class("AutoProcessor")
 
 
+class _RegisteringLoader(importlib.abc.Loader):
+    """Wraps the loader of a watched module: runs it, then registers once no watched module is still executing.
+
+    The original loader is left untouched; every other attribute (resources, source) is delegated to it.
+    """
+
+    def __init__(self, loader: importlib.abc.Loader, finder: _RegisterAfterTransformersImport) -> None:
+        self.loader = loader
+        self.finder = finder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.finder.executing += 1
+        try:
+            self.loader.exec_module(module)
+        finally:
+            self.finder.executing -= 1
+        if not self.finder.executing and "transformers" in sys.modules and not _registered:
+            if self.finder in sys.meta_path:
+                sys.meta_path.remove(self.finder)
+            register_with_transformers()
+
+
 class _RegisterAfterTransformersImport(importlib.abc.MetaPathFinder):
     """Calls `register_with_transformers` once transformers is imported and no cops_hf module is mid-import.
 
-    It watches the imports of ``transformers`` and of this package's modules: registration imports cops_hf's
-    modules, which must not happen while one of them is still executing (it would see it half-defined).
+    It watches the imports of ``transformers`` and of this package's modules (their specs get a
+    `_RegisteringLoader`): registration imports cops_hf's modules, which must not happen while one of them is still
+    executing (it would see it half-defined).
     """
 
     def __init__(self) -> None:
@@ -111,21 +142,8 @@ class _RegisterAfterTransformersImport(importlib.abc.MetaPathFinder):
         else:
             return None
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader.exec_module = self._watched(spec.loader.exec_module)
+            spec.loader = _RegisteringLoader(spec.loader, self)
         return spec
-
-    def _watched(self, exec_module: Any) -> Any:
-        def exec_then_register(module: ModuleType) -> None:
-            self.executing += 1
-            try:
-                exec_module(module)
-            finally:
-                self.executing -= 1
-            if not self.executing and "transformers" in sys.modules and not _registered:
-                sys.meta_path.remove(self)
-                register_with_transformers()
-
-        return exec_then_register
 
 
 if "transformers" in sys.modules:

@@ -26,8 +26,9 @@ from typing import Any
 
 from PIL import Image
 
+from .file_utils import staged_folder
 from .image_utils import ImageLoadError, load_image
-from .schema import decision_label
+from .schema import ERROR, IMAGE_PATH, PRED_LABEL, PRED_SCORE, decision_label
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP, render_prediction
 
 APP_TITLE = "CoPS zero-shot anomaly detection"
@@ -38,7 +39,7 @@ EXAMPLE_CATEGORIES = (("ring", "blob"), ("checker", "scratch"), ("bolt", None), 
 UNCALIBRATED_THRESHOLD = 0.5
 """Where a threshold slider starts when the model holds no calibrated value."""
 
-BATCH_COLUMNS = ["image", "score", "label", "error"]
+BATCH_COLUMNS = [IMAGE_PATH, PRED_SCORE, PRED_LABEL, ERROR]  # the path column holds the upload's file name
 
 
 def _gradio() -> Any:
@@ -60,6 +61,7 @@ class AppModel:
 
     @classmethod
     def from_detector(cls, name: str, detector: Any) -> AppModel:
+        """An app model named `name` around a pipeline, starting at the thresholds its config records."""
         config = detector.model.config
         return cls(name, detector, config.image_threshold, config.pixel_threshold)
 
@@ -71,8 +73,10 @@ def load_app_models(
     device: str | None = None,
     dtype: str | None = None,
 ) -> list[AppModel]:
-    """Pipelines for model folders or Hub ids (named after the folder or id) and official detectors ("visa",
-    "mvtec", downloaded and converted by `cops_hf.official.load_official`)."""
+    """Pipelines for model folders, Hub ids and official detectors, named after the folder or id.
+
+    Official detectors ("visa", "mvtec") are downloaded and converted by `cops_hf.official.load_official`.
+    """
     from transformers import pipeline
 
     from .devices import resolve_device, resolve_dtype
@@ -176,9 +180,9 @@ class AnomalyApp:
         """The picture, score and label of the last inspected image under new slider values."""
         if state is None:
             return None, "", "", None
-        score = float(state.result["score"])
+        score = float(state.result[PRED_SCORE])
         label = decision_label(score, image_threshold)
-        result = {**state.result, "label": label}
+        result = {**state.result, PRED_LABEL: label}
         picture = render_prediction(
             state.image, result, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
             title=state.title, colormap_name=colormap_name, alpha=alpha,
@@ -214,10 +218,10 @@ class AnomalyApp:
                 rows.append([Path(path).name, None, "", str(error)])
                 continue
             result = detector(image)
-            score = float(result["score"])
+            score = float(result[PRED_SCORE])
             label = decision_label(score, image_threshold)
             picture = render_prediction(
-                image, {**result, "label": label}, image_threshold=image_threshold,
+                image, {**result, PRED_LABEL: label}, image_threshold=image_threshold,
                 pixel_threshold=pixel_threshold, title=Path(path).name, alpha=alpha,
             )  # fmt: skip
             overlay_path = output / f"{index:04d}_{Path(path).stem}.png"
@@ -233,8 +237,11 @@ class AnomalyApp:
 
 
 def _in_page_errors(handler: Any, num_outputs: int) -> Any:
-    """Wrap an event handler: a `ValueError` clears its outputs and shows the message in the page's status line
-    (the last output), and the app keeps serving."""
+    """Wrap an event handler so that a `ValueError` becomes a message in the page.
+
+    The error clears the handler's outputs and shows in the page's status line (the last output); the app keeps
+    serving.
+    """
 
     def handle(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
         try:
@@ -362,21 +369,29 @@ SPACE_REQUIREMENTS = [
 def write_space(
     folder: str | os.PathLike[str], models: Sequence[str], title: str = APP_TITLE, *, overwrite: bool = False
 ) -> Path:
-    """Write the app as a Hugging Face Space folder: `app.py`, `requirements.txt`, the card (`README.md`) and a
-    copy of the cops_hf package, so the Space runs without installing it. Upload it with
+    """Write the app as a Hugging Face Space folder.
+
+    The folder holds `app.py`, `requirements.txt`, the card (`README.md`) and a copy of the cops_hf package, so the
+    Space runs without installing it; it is written whole or not at all. Upload it with
     ``hf upload --repo-type space NAMESPACE/SPACE FOLDER``.
 
     Args:
         models: Hub ids of the CoPS models the Space offers (the first one is selected).
     """
-    import gradio
-
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise ValueError(f"{folder} is not empty; choose a new folder or pass overwrite=True")
+    target = Path(folder)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"{target} is not empty; choose a new folder or pass overwrite=True")
     if not models:
         raise ValueError("a Space needs at least one model id")
-    folder.mkdir(parents=True, exist_ok=True)
+    with staged_folder(target) as staging:  # written whole or not at all, as a detector folder is
+        _write_space_files(staging, models, title)
+    return target
+
+
+def _write_space_files(folder: Path, models: Sequence[str], title: str) -> None:
+    """The files of `write_space`, written into the (empty) `folder`."""
+    import gradio
+
     package = Path(__file__).parent
     shutil.copytree(package, folder / package.name, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
@@ -407,7 +422,6 @@ def write_space(
         "is; the Batch tab scores many images and gives a CSV.\n\n"
         f"Models:\n{model_lines}\n"
     )
-    return folder
 
 
 __all__ = [

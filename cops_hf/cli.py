@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
+from .data.registry import GENERAL_PRESET, REGISTRY, SUITES, aliases_text, resolve_test_preset
 from .devices import DTYPE_NAMES
+from .schema import ERROR, GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_LABEL, PRED_SCORE
 
 Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 """name, one-line help, adds the arguments, runs the command."""
@@ -38,14 +40,14 @@ def _style(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+    """Argparse type: an integer >= 1."""
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
 
 
 def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
+    """Argparse type: an integer >= 0."""
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return int(text)
@@ -59,14 +61,14 @@ MAX_BATCH_SIZE = 4096
 
 
 def _seed(text: str) -> int:
-    """argparse type: an integer seed in 0..MAX_SEED."""
+    """An integer seed in 0..MAX_SEED (an argparse type)."""
     if not text.strip().isdigit() or int(text) > MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED}, got {text!r}")
     return int(text)
 
 
 def _batch_size(text: str) -> int:
-    """argparse type: an integer in 1..MAX_BATCH_SIZE."""
+    """An integer in 1..MAX_BATCH_SIZE (an argparse type)."""
     if _positive_int(text) > MAX_BATCH_SIZE:
         raise argparse.ArgumentTypeError(
             f"must be an integer in 1..{MAX_BATCH_SIZE}, got {text!r}; a batch that large would not fit in memory"
@@ -75,7 +77,7 @@ def _batch_size(text: str) -> int:
 
 
 def _threshold(text: str) -> float:
-    """argparse type: a finite number in [0, 1] (scores and anomaly maps are probabilities)."""
+    """Argparse type: a finite number in [0, 1] (scores and anomaly maps are probabilities)."""
     from .processing_cops import check_threshold
 
     try:
@@ -94,9 +96,10 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "(with --official, default openai/clip-vit-large-patch14-336)."
     )  # fmt: skip
     parser.add_argument("--checkpoint", help="Reference CoPS checkpoint (e.g. epoch_10.pth); omit for fresh modules.")
-    parser.add_argument("--output", required=True, help="Directory for save_pretrained (model + processor).")
+    parser.add_argument("--output", required=True, help="Folder for the detector (model + processor).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a model folder already at --output.")
     parser.add_argument("--image-size", type=_positive_int, default=518, help="Input size in pixels (default 518).")
-    parser.add_argument("--test-preset", help="Test-dataset preset (e.g. visa, mvtec), see TEST_DATASET_PRESETS.")
+    parser.add_argument("--test-preset", help=f"Test-dataset preset: a dataset ({', '.join(REGISTRY)}) or general.")
     parser.add_argument("--train-preset", help="Training-dataset preset (visa or mvtec).")
     parser.add_argument("--revision", help="Hub revision of the CLIP (branch, tag or commit).")
     parser.add_argument("--cache-dir", help="Cache folder for downloads (default: the Hugging Face cache).")
@@ -117,6 +120,7 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .conversion import convert_original_checkpoint
+    from .hub import save_detector
     from .official import load_official
     from .processing_cops import CoPSProcessor
 
@@ -137,20 +141,11 @@ def _run_convert(args: argparse.Namespace) -> int:
     else:
         raise ValueError("give --official visa|mvtec, or --clip (and --checkpoint) to convert local files")
     if args.test_preset or args.train_preset:
-        model.config = model.config.with_preset(args.test_preset, args.train_preset)
-    _save_model_and_processor(model, processor, args.output, "convert")
+        test_preset = resolve_test_preset(args.test_preset) if args.test_preset else None
+        model.config = model.config.with_preset(test_preset, args.train_preset)
+    save_detector(model, processor, args.output, overwrite=args.overwrite)
     print(f"Saved CoPS model and processor to {args.output}")
     return 0
-
-
-def _save_model_and_processor(model: object, processor: object, output: str, command: str) -> None:
-    """`save_pretrained` of both into `output`; a failed write (full disk, read-only folder) is one `OSError`."""
-    from .file_utils import named_write_failures
-
-    kept = f"{output} may be incomplete: free disk space, then rerun {command}"
-    with named_write_failures(f"the model in {output}", kept):
-        model.save_pretrained(output)
-        processor.save_pretrained(output)
 
 
 def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -188,7 +183,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 def _print_row(row: dict[str, str]) -> None:
     print(
-        f"{row['image']}\t" + (f"error: {row['error']}" if row["error"] else f"score={row['score']}\t{row['label']}")
+        f"{row[IMAGE_PATH]}\t"
+        + (f"error: {row[ERROR]}" if row[ERROR] else f"{PRED_SCORE}={row[PRED_SCORE]}\t{row[PRED_LABEL]}")
     )
 
 
@@ -199,8 +195,9 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--categories", nargs="+", help="Only these categories (default: all).")
     parser.add_argument(
         "--preset",
-        help="Test-time preset of the reference (e.g. visa, mvtec); default: the dataset meta.json records "
-        "(written by `cops-hf data prepare`), else the model's config as saved.",
+        help=f"Test-time preset of the reference: a dataset ({', '.join(REGISTRY)}, or an alias) or "
+        f"{GENERAL_PRESET}; default: the dataset meta.json records (written by `cops-hf data prepare`), else the "
+        "preset the model's config records, else the config as saved.",
     )
     parser.add_argument("--output", required=True, help="Directory for metrics.csv/json, plots and overlays.")
     parser.add_argument("--batch-size", type=_batch_size, default=8)
@@ -224,31 +221,18 @@ def _accelerator_on(device: object):
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .data import meta_dataset_name
-    from .evaluation.evaluator import evaluate_dataset
+    from .evaluation.evaluator import AUTO_PRESET, choose_test_preset, evaluate_dataset
     from .predict import load_model_and_processor
 
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
-    # The test data decides, as in the reference; a model's recorded preset (an official release's intended one)
-    # serves data that records no dataset.
-    data_preset = meta_dataset_name(args.data)
-    if args.preset:
-        preset, source = args.preset, "--preset"
-    elif data_preset:
-        preset, source = data_preset, f"the dataset {args.data}/meta.json records"
-    else:
-        preset, source = model.config.test_preset, "the preset the model's config records"
-    print(f"Test preset: {preset} ({source})" if preset else "Test preset: none recorded, the model's config as is")
-    result = evaluate_dataset(
-        model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset,
+    preset = choose_test_preset(args.preset or AUTO_PRESET, model, args.data, source="--preset")
+    print(preset.describe())
+    evaluate_dataset(
+        model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset.name,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
         num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device),
         skip_invalid=args.skip_invalid, **_style(args),
     )  # fmt: skip
-    if result is not None:
-        print(result.report.format_table())
-        print(f"Protocol: {result.protocol}")
-        print(f"Wrote {len(result.files)} files to {args.output}")
     return 0
 
 
@@ -260,40 +244,27 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="Split of --data to calibrate on.")
     parser.add_argument("--quantile", type=float, default=0.99)
     parser.add_argument("--batch-size", type=_batch_size, default=8)
-    parser.add_argument("--output", required=True, help="Directory to save the model (thresholds in its config).")
+    parser.add_argument("--output", required=True, help="Folder to save the model (thresholds in its config).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a model folder already at --output.")
     _add_device_arguments(parser)
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import load_meta_dataset
-    from .evaluation.calibration import calibrate_thresholds
-    from .predict import expand_image_sources, load_model_and_processor
+    from .evaluation.calibration import calibrate_on, calibration_set
+    from .hub import save_detector
+    from .predict import load_model_and_processor
 
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
-    labels = masks = None
-    if args.data:
-        dataset = load_meta_dataset(args.data, split=args.split)
-        images, labels = dataset["image_path"], dataset["gt_label"]
-        masks = [path or None for path in dataset["mask_path"]]
-    else:
-        images = expand_image_sources(args.normal)
-    thresholds = calibrate_thresholds(
-        model, processor, images, labels, masks, quantile=args.quantile, batch_size=args.batch_size
-    )
-    _save_model_and_processor(model.to(device="cpu", dtype=torch.float32), processor, args.output, "calibrate")
+    source = calibration_set(normal=args.normal, data=args.data, split=args.split)
+    thresholds = calibrate_on(model, processor, source, quantile=args.quantile, batch_size=args.batch_size)
+    save_detector(model.to(device="cpu", dtype=torch.float32), processor, args.output, overwrite=args.overwrite)
     print(
         f"image_threshold={thresholds.image_threshold:.6f} pixel_threshold={thresholds.pixel_threshold:.6f} "
-        f"({thresholds.method}, {len(images)} images); saved to {args.output}"
+        f"({thresholds.method}, {len(source.images)} images); saved to {args.output}"
     )
     return 0
-
-
-# The registry names of cops_hf.data.BENCHMARKS (tests check they agree), here so that --help imports nothing.
-_DATASET_NAMES = (
-    "mvtec, visa, btad, mpdd, dtd_synthetic, headct, brainmri, br35h, isic, cvc_colondb, cvc_clinicdb, kvasir, endo"
-)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -302,7 +273,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "name_or_root",
-        help=f"prepare: dataset name ({_DATASET_NAMES}) or 'folder' for your own images; validate: dataset root.",
+        help=f"prepare: dataset name ({', '.join(REGISTRY)}; aliases {aliases_text()}) or 'folder' for your own "
+        "images; validate: dataset root.",
     )
     parser.add_argument("root", nargs="?", help="prepare: the dataset's download folder.")
     parser.add_argument("--split", default="test", help="validate: split to check.")
@@ -331,7 +303,7 @@ def _run_data(args: argparse.Namespace) -> int:
 
 def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Model directory or Hub id.")
-    parser.add_argument("--suite", choices=["industrial", "medical", "all"], default="all")
+    parser.add_argument("--suite", choices=list(SUITES), default="all", help="Datasets to run (default all).")
     parser.add_argument(
         "--data-root", required=True, help="Folder with one sub-folder per dataset (mvtec/, visa/...)."
     )
@@ -492,8 +464,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         )
     print("\nScores of unseen test images (random CLIP: mechanics, not accuracy):")
     for row in result.test_scores:
-        label = "anomalous" if row["gt_label"] else "normal"
-        print(f"  {row['score']:.4f}  {label:<9}  {row['cls_name']:<8}  {row['image_path']}")
+        label = LABEL_NAMES[int(row[GT_LABEL])]
+        print(f"  {row[PRED_SCORE]:.4f}  {label:<9}  {row['cls_name']:<8}  {row[IMAGE_PATH]}")
     print("\nZero-shot metrics on the unseen test categories (%):")
     print(result.evaluation.report.format_table())
     print(f"\nModel, processor and train_log.jsonl in {result.training.output_dir}")
@@ -630,13 +602,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _is_input_error(error: Exception) -> bool:
     """Whether `error` reports bad input (a one-line message) rather than a bug (a traceback)."""
-    hub = sys.modules.get(f"{__package__}.hub")
-    return isinstance(error, (ValueError, OSError)) or (hub is not None and isinstance(error, hub.CoPSHubError))
+    hub_errors = sys.modules.get(f"{__package__}.hub_errors")
+    hub_error = hub_errors is not None and isinstance(error, hub_errors.CoPSHubError)
+    return isinstance(error, (ValueError, OSError)) or hub_error
 
 
 def _out_of_memory_message(error: BaseException, args: argparse.Namespace) -> str | None:
-    """One line for an allocation failure (MemoryError, torch's "can't allocate memory" or CUDA out of memory),
-    naming `--batch-size` where the command has one; None for any other error."""
+    """One line for an allocation failure, naming `--batch-size` where the command has one; None for other errors.
+
+    Allocation failures are `MemoryError`, torch's "can't allocate memory" and CUDA's "out of memory".
+    """
     text = str(error).strip()
     failed = isinstance(error, MemoryError) or (
         isinstance(error, RuntimeError) and any(sign in text for sign in ("can't allocate memory", "out of memory"))

@@ -9,7 +9,6 @@ named presets (`TEST_DATASET_PRESETS`, `TRAIN_DATASET_PRESETS`) applied with `Co
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import os
 import types
@@ -18,7 +17,8 @@ from typing import Any, ClassVar
 
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
-from transformers.pipelines import PIPELINE_REGISTRY
+
+from .schema import dataset_key
 
 # CLIP ViT-L/14@336px, the tower CoPS is published with ("openai/clip-vit-large-patch14-336").
 VIT_L14_336_TEXT = {
@@ -37,6 +37,10 @@ VIT_L14_336_VISION = {
     "patch_size": 14,
     "projection_dim": 768,
 }
+
+# Token ids that follow the context in the prompt template "X ... X.": the "." of CLIP's BPE vocabulary. A constant of
+# CLIP's vocabulary (tests/test_configuration.py checks it against the tokenizer), so no config needs a tokenizer.
+PROMPT_SUFFIX_TOKEN_IDS: tuple[int, ...] = (269,)
 
 # Test-time switches of the reference, per test dataset. Every dataset but VisA uses the general values.
 _GENERAL_TEST = {"test_kernel_size": 5, "distance_alpha": 0.26, "image_score_beta": 0.9}
@@ -162,7 +166,7 @@ def config_field_problems(fields: dict[str, Any]) -> list[str]:
 
 
 class CoPSConfig(PretrainedConfig):
-    r"""Configuration of [`CoPSForAnomalyDetection`].
+    r"""Configuration of `CoPSForAnomalyDetection`.
 
     Args:
         text_config (`dict` or `CLIPTextConfig`, *optional*): CLIP text tower. Defaults to ViT-L/14's.
@@ -188,8 +192,8 @@ class CoPSConfig(PretrainedConfig):
         use_recon_loss (`bool`): add the VAE reconstruction term to the training loss.
         prototype_attention_heads (`int`): heads of the prototype extractor's cross-attention (D % heads == 0).
         prompt_suffix_token_ids (`list[int]`): token ids that follow the context in the prompt template
-            "X ... X." (the "." of CLIP's BPE vocabulary, 269, as the tokenizer gives it: see
-            `CoPSProcessor.prompt_suffix_token_ids`); start/end ids come from `text_config`.
+            "X ... X." (`PROMPT_SUFFIX_TOKEN_IDS`: the "." of CLIP's BPE vocabulary, 269); start/end ids come from
+            `text_config`.
         image_threshold, pixel_threshold (`float`, *optional*): calibrated decision thresholds on image scores and
             anomaly maps, used by the pipeline to emit labels and masks.
         test_preset (`str`, *optional*): the `TEST_DATASET_PRESETS` entry the test-time fields were last set from
@@ -242,11 +246,19 @@ class CoPSConfig(PretrainedConfig):
     train_dataset: str | None = None
     train_split: str | None = None
 
+    served_pipeline_tasks: ClassVar[set[str]] = set()
+    """Pipeline tasks this process serves with registered classes (filled by `cops_hf.register_with_transformers`).
+
+    A folder saved with remote code names its pipeline in `custom_pipelines`, for users without cops_hf; for these
+    tasks the entry is dropped on loading, or transformers would demand `trust_remote_code=True` to run the copy
+    of a pipeline that is already installed.
+    """
+
     def __post_init__(self, **kwargs: Any) -> None:
         if self.feature_layers is None:
             self.feature_layers = [24]
         if self.prompt_suffix_token_ids is None:
-            self.prompt_suffix_token_ids = [269]
+            self.prompt_suffix_token_ids = list(PROMPT_SUFFIX_TOKEN_IDS)
         super().__post_init__(**kwargs)
         self._forget_pipelines_served_here()
         self.validate()
@@ -280,18 +292,11 @@ class CoPSConfig(PretrainedConfig):
         return config_dict, unused_kwargs
 
     def _forget_pipelines_served_here(self) -> None:
-        """Drop the `custom_pipelines` entries of tasks this process already serves with a registered pipeline.
-
-        A repository pushed with remote code names its "anomaly-detection" pipeline file in `custom_pipelines`, for
-        users without cops_hf. Where cops_hf is imported, the task is registered, and transformers would otherwise
-        refuse `pipeline("anomaly-detection", model=repo_id)` without `trust_remote_code=True`.
-        """
+        """Drop the `custom_pipelines` entries of the tasks in `served_pipeline_tasks`."""
         custom_pipelines = getattr(self, "custom_pipelines", None)
         if not custom_pipelines:
             return
-        remaining = {
-            task: info for task, info in custom_pipelines.items() if task not in PIPELINE_REGISTRY.supported_tasks
-        }
+        remaining = {task: info for task, info in custom_pipelines.items() if task not in self.served_pipeline_tasks}
         if remaining:
             self.custom_pipelines = remaining
         else:
@@ -383,8 +388,7 @@ class CoPSConfig(PretrainedConfig):
 
         Fields left out (or `None`) that depend on the CLIP's depth are derived from it: `dpam_layers` (every
         vision layer), `feature_layers` (the last vision layer) and `deep_prompt_depth` (8, the reference's, capped
-        below the text tower's depth); `prompt_suffix_token_ids` come from tokenizing the prompt template with
-        CLIP's tokenizer. Explicit `fields` win over the presets' values.
+        below the text tower's depth). Explicit `fields` win over the presets' values.
 
         Args:
             clip_config: the `CLIPConfig` of the frozen CLIP.
@@ -397,7 +401,6 @@ class CoPSConfig(PretrainedConfig):
             "dpam_layers": num_vision_layers,
             "feature_layers": [num_vision_layers],
             "deep_prompt_depth": min(8, clip_config.text_config.num_hidden_layers - 1),
-            "prompt_suffix_token_ids": list(_template_suffix_token_ids()),
         }
         for name, value in derived.items():
             if fields.get(name) is None:
@@ -427,25 +430,18 @@ class CoPSConfig(PretrainedConfig):
         return updated
 
 
-@functools.cache
-def _template_suffix_token_ids() -> tuple[int, ...]:
-    """The prompt template's suffix ids from the packaged CLIP tokenizer (tokenized once per process)."""
-    from .processing_cops import prompt_suffix_token_ids
-
-    return tuple(prompt_suffix_token_ids())
-
-
 def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
     """The `CoPSConfig` fields of a dataset preset (empty for `None`), with its name in `test_preset`/`train_preset`.
 
     Args:
         kind: "test" (`TEST_DATASET_PRESETS`) or "train" (`TRAIN_DATASET_PRESETS`).
-        name: the dataset name; case, surrounding spaces and "-" versus "_" do not matter ("VisA", "dtd-synthetic").
+        name: the canonical dataset name (see `cops_hf.schema.dataset_key`: "VisA", "dtd-synthetic" work too);
+            aliases such as "mvtec_ad" are resolved by `cops_hf.data.registry.resolve_test_preset`.
     """
     if name is None:
         return {}
     table = TEST_DATASET_PRESETS if kind == "test" else TRAIN_DATASET_PRESETS
-    key = name.strip().lower().replace("-", "_")
+    key = dataset_key(name)
     if key not in table:
         label = "test" if kind == "test" else "training"
         raise ValueError(f"Unknown {label} dataset preset {name!r}; choose one of {sorted(table)}.")
@@ -469,6 +465,7 @@ def check_model_type(model_type: str | None, source: str) -> None:
 
 __all__ = [
     "MAX_VAE_SAMPLES",
+    "PROMPT_SUFFIX_TOKEN_IDS",
     "CoPSConfig",
     "TEST_DATASET_PRESETS",
     "TRAIN_DATASET_PRESETS",

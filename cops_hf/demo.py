@@ -14,7 +14,8 @@ from typing import Any
 
 from .data import load_meta_dataset, make_synthetic_dataset
 from .evaluation.evaluator import EvaluationResult, evaluate_dataset
-from .testing_utils import random_clip_model
+from .random_towers import random_clip_model
+from .schema import GT_LABEL, IMAGE_PATH, PRED_SCORE, Prediction
 from .training import TrainingConfig, TrainingResult, cops_model_for_training, processor_for, train_cops
 
 
@@ -71,12 +72,12 @@ def run_demo(
     anomalous = [index for index, label in enumerate(labels) if label == 1]
     chosen = [index for pair in zip(normal, anomalous, strict=False) for index in pair][:num_test_images]
     test_scores = [
-        {
-            "image_path": evaluation.image_paths[index],
+        Prediction({
+            IMAGE_PATH: evaluation.image_paths[index],
             "cls_name": evaluation.categories[index],
-            "gt_label": labels[index],
-            "score": float(evaluation.image_scores[index]),
-        }
+            GT_LABEL: labels[index],
+            PRED_SCORE: float(evaluation.image_scores[index]),
+        })
         for index in chosen
     ]
     return DemoResult(training=training, data_dir=data_dir, test_scores=test_scores, evaluation=evaluation)

@@ -24,19 +24,20 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import QuickGELUActivation
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
 from .configuration_cops import CoPSConfig
+from .hub_errors import check_model_source
 from .losses import cops_objective
 
 NORMAL, ANOMALOUS = 0, 1
@@ -63,26 +64,18 @@ class IncompleteCheckpointError(OSError):
     """A saved model lacks weights or its weight file cannot be read; loading it would give random weights."""
 
 
-def missing_model_source_message(name_or_path: str | os.PathLike) -> str | None:
-    """What is wrong when `name_or_path` is neither an existing path nor a Hub id (None when it is one of them)."""
-    if os.path.exists(name_or_path):
-        return None
-    try:
-        validate_repo_id(str(name_or_path))
-    except HFValidationError:
-        return f"Model folder '{name_or_path}' does not exist (nor is it a Hub id, namespace/name): check the path."
-    return None
+def remote_pipeline_entry(pipeline_class: type) -> dict[str, Any]:
+    """The `custom_pipelines` entry that makes `pipeline(task, trust_remote_code=True)` load `pipeline_class`.
 
-
-def check_model_source(name_or_path: str | os.PathLike) -> None:
-    """Raise `OSError` saying the folder does not exist when `name_or_path` is neither a local path nor a Hub id."""
-    if message := missing_model_source_message(name_or_path):
-        raise OSError(message)
+    It names the code file saved beside a model (its module's file name), then the class name.
+    """
+    module = pipeline_class.__module__.rsplit(".", 1)[-1]
+    return {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"], "type": "image"}
 
 
 @dataclass
 class CoPSAnomalyDetectionOutput(ModelOutput):
-    """Outputs of [`CoPSForAnomalyDetection`].
+    """Outputs of `CoPSForAnomalyDetection`.
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
@@ -333,6 +326,14 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
     mode. Saved checkpoints hold the CLIP weights too, so a saved model is self-contained.
     """
 
+    companion_pipelines: ClassVar[dict[str, type]] = {}
+    """Pipeline classes saved with the model, by task (filled by `cops_hf.register_with_transformers`).
+
+    `save_pretrained` copies their code beside the weights and names them in the saved `custom_pipelines`, so the
+    folder serves `pipeline(task, trust_remote_code=True)` where cops_hf is not installed. The model never imports
+    a pipeline: the package wires the two together.
+    """
+
     def __init__(self, config: CoPSConfig) -> None:
         super().__init__(config)
         clip_config = CLIPConfig(
@@ -379,27 +380,6 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         model = cls(config)
         model.clip.load_state_dict(clip.state_dict())
         return model.to(clip.dtype)
-
-    @classmethod
-    def from_official(cls, release: str = "visa", **kwargs) -> CoPSForAnomalyDetection:
-        """The official CoPS detector of the reference release (github cqylunlun/CoPS), ready for inference.
-
-        CLIP ViT-L/14@336px comes from the Hub (`openai/clip-vit-large-patch14-336`: `HF_ENDPOINT`,
-        `HF_HUB_OFFLINE` and the cache apply), the CoPS checkpoint from the reference repository, verified by its
-        git blob SHA-1 and cached. The config records the checkpoint and the test preset it is meant for. The
-        processor to use with it: `CoPSProcessor.from_official(release)`.
-
-        Args:
-            release: `"visa"` (trained on VisA, for testing on other datasets) or `"mvtec"` (trained on MVTec AD,
-                for testing on VisA).
-            **kwargs: see `cops_hf.official.load_official` (`revision`, `cache_dir`, `base_url`, `blob_sha1`,
-                `clip`, `image_size`, ...).
-        """
-        try:  # absolute and guarded: the code files saved next to a model for trust_remote_code stay self-contained
-            from cops_hf.official import load_official
-        except ImportError as error:
-            raise ImportError("from_official needs the cops-hf package installed") from error
-        return load_official(release, **kwargs)[0]
 
     @classmethod
     def from_pretrained(
@@ -451,11 +431,11 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         return (model, loading_info) if wants_loading_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`, with the "anomaly-detection" pipeline in the saved configuration.
+        """`PreTrainedModel.save_pretrained`, with the `companion_pipelines` named in the saved configuration.
 
         Importing cops_hf registers the CoPS classes for the Auto classes, so transformers writes an `auto_map` and
-        copies this file and the modules it imports relatively (the pipeline's among them) next to the weights:
-        with `config.custom_pipelines` the folder, or the repository `push_to_hub` makes of it, loads with
+        copies this file and the modules it imports relatively next to the weights; the companion pipelines' files
+        are copied the same way. The folder, or the repository `push_to_hub` makes of it, then loads with
         `AutoModel` and `pipeline` and `trust_remote_code=True` where cops_hf is not installed. The model's own
         `config` is left unchanged.
 
@@ -463,15 +443,18 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         private temporary file (mode 0600) that it renames into place, so without this `model.safetensors` would be
         the one file of the folder that other users cannot read.
         """
-        from .pipeline_anomaly_detection import remote_code_pipelines
-
         original_config = self.config
         self.config = copy.deepcopy(original_config)
-        self.config.custom_pipelines = remote_code_pipelines()
+        if self.companion_pipelines:
+            self.config.custom_pipelines = {
+                task: remote_pipeline_entry(pipeline) for task, pipeline in self.companion_pipelines.items()
+            }
         try:
             super().save_pretrained(save_directory, *args, **kwargs)
         finally:
             self.config = original_config
+        for pipeline_class in self.companion_pipelines.values():
+            custom_object_save(pipeline_class, save_directory)
         directory = Path(save_directory)
         mode = (directory / "config.json").stat().st_mode & 0o777
         for weights in directory.glob("*.safetensors"):
@@ -684,7 +667,7 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         r"""Score images, or compute the training loss when `labels` are given.
 
         Args:
-            pixel_values: `[B, 3, H, W]` from [`CoPSProcessor`]; H, W multiples of the patch size.
+            pixel_values: `[B, 3, H, W]` from `CoPSProcessor`; H, W multiples of the patch size.
             labels: `[B]` image labels (1 = anomalous). Given, the forward follows the training path: posterior
                 class-token sample, training kernel, detached prototypes for the text features, and the loss.
             masks: `[B, H, W]` binary ground-truth masks for the segmentation and prototype terms. Without masks
@@ -692,9 +675,9 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
             vae_noise: noise for reproducible runs: `[B, S, D]` prior samples at inference (S may differ from
                 `config.vae_samples`), `[B, 1, D]` reparameterization noise with labels. Drawn from torch's
                 generator when omitted.
-            vision_outputs: precomputed [`CoPSVisionOutput`] (e.g. cached by the trainer) instead of pixel_values.
-            return_dict: return a [`CoPSAnomalyDetectionOutput`] (default) or a tuple.
-            original_sizes: `(height, width)` per image as [`CoPSProcessor`] returns them, so that
+            vision_outputs: precomputed `CoPSVisionOutput` (e.g. cached by the trainer) instead of pixel_values.
+            return_dict: return a `CoPSAnomalyDetectionOutput` (default) or a tuple.
+            original_sizes: `(height, width)` per image as `CoPSProcessor` returns them, so that
                 `model(**processor(images=...))` works; not used by the computation, only carried to the output
                 for `post_process_anomaly_detection`.
         """
@@ -841,6 +824,5 @@ __all__ = [
     "CoPSPreTrainedModel",
     "CoPSVisionOutput",
     "IncompleteCheckpointError",
-    "check_model_source",
-    "missing_model_source_message",
+    "remote_pipeline_entry",
 ]

@@ -17,6 +17,7 @@ from .configuration_cops import check_model_type
 from .image_utils import ImageLike, ImageLoadError, load_image
 from .modeling_cops import CoPSAnomalyDetectionOutput
 from .processing_cops import CoPSProcessor, check_processor_matches_model, check_threshold
+from .schema import ANOMALY_MAP, ERROR, IMAGE_PATH, PRED_LABEL, PRED_MASK, PRED_SCORE, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +25,14 @@ TASK = "anomaly-detection"
 
 
 RESULT_KEYS = {
-    "score": "float in [0, 1]: the image's anomaly score",
-    "anomaly_map": "float32 array [height, width] at the image's original size, values in [0, 1]",
-    "label": '"anomalous" if score >= image threshold else "normal"; only when an image threshold is known',
-    "mask": "bool array [height, width], anomaly_map >= pixel threshold; only when a pixel threshold is known",
+    PRED_SCORE: "float in [0, 1]: the image's anomaly score",
+    ANOMALY_MAP: "float32 array [height, width] at the image's original size, values in [0, 1]",
+    PRED_LABEL: '"anomalous" if pred_score >= image threshold else "normal"; only when an image threshold is known',
+    PRED_MASK: "bool array [height, width], anomaly_map >= pixel threshold; only when a pixel threshold is known",
 }
-"""The keys of one image's result, the one place they are documented. With `skip_invalid=True` an unreadable
-input gives `{"image": str(input), "error": message}` instead."""
+"""The keys of one image's result (`cops_hf.schema`'s names), the one place they are documented. The former keys
+`score`, `label` and `mask` still read for one release, with a `DeprecationWarning` (`schema.Prediction`). With
+`skip_invalid=True` an unreadable input gives `{"image_path": str(input), "error": message}` instead."""
 
 
 class AnomalyDetectionPipeline(Pipeline):
@@ -47,7 +49,7 @@ class AnomalyDetectionPipeline(Pipeline):
         image_threshold: threshold on the score (default: `config.image_threshold`).
         seed: seed of each image's VAE class-token noise (default 0), so that a result does not depend on the
             batch an image falls in; `None` draws fresh noise from torch's generator.
-        skip_invalid: with `True`, unreadable images give `{"image": ..., "error": ...}` entries (and a warning)
+        skip_invalid: with `True`, unreadable images give `{"image_path": ..., "error": ...}` entries (and a warning)
             instead of raising; without it the first unreadable image raises an error naming it.
         timeout: seconds an image URL may take to answer.
         batch_size, num_workers: as for every transformers pipeline.
@@ -122,7 +124,7 @@ class AnomalyDetectionPipeline(Pipeline):
             logger.warning("Skipped %d unreadable image(s): %s", len(errors), "; ".join(errors.values()))
         good_results = iter(super().__call__(loaded, **kwargs) if loaded else [])
         return [
-            {"image": str(item), "error": errors[index]} if index in errors else next(good_results)
+            Prediction({IMAGE_PATH: str(item), ERROR: errors[index]}) if index in errors else next(good_results)
             for index, item in enumerate(items)
         ]
 
@@ -139,6 +141,7 @@ class AnomalyDetectionPipeline(Pipeline):
             yield from self._call_list(chunk, True, kwargs)
 
     def preprocess(self, image: ImageLike, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """Read one image (`load_image`) and turn it into the model's inputs, with its original size."""
         features = self.processor(images=load_image(image, timeout=timeout))
         return {
             "pixel_values": features["pixel_values"].to(self.dtype or torch.float32),
@@ -165,6 +168,7 @@ class AnomalyDetectionPipeline(Pipeline):
         threshold: float | None = None,
         image_threshold: float | None = None,
     ) -> dict[str, Any]:
+        """One image's result (`RESULT_KEYS`), at the thresholds given or else those the config records."""
         config = self.model.config
         threshold = threshold if threshold is not None else config.pixel_threshold
         image_threshold = image_threshold if image_threshold is not None else config.image_threshold
@@ -177,15 +181,15 @@ class AnomalyDetectionPipeline(Pipeline):
             threshold=threshold,
             image_threshold=image_threshold,
         )
-        result["anomaly_map"] = result["anomaly_map"].numpy().astype(np.float32)
-        if "mask" in result:
-            result["mask"] = result["mask"].numpy()
+        result[ANOMALY_MAP] = result[ANOMALY_MAP].numpy().astype(np.float32)
+        if PRED_MASK in result:
+            result[PRED_MASK] = result[PRED_MASK].numpy()
         return result
 
 
 NO_DEFAULT_MODEL_MESSAGE = (
     f'pipeline("{TASK}") needs a CoPS model: run `cops-hf convert --official visa --output cops-visa` and pass '
-    f'model="cops-visa", or pass model=CoPSForAnomalyDetection.from_official("visa").'
+    f'model="cops-visa", or pass model=cops_hf.official.load_official("visa")[0].'
 )
 
 
@@ -209,13 +213,6 @@ class _NoDefaultModel(Mapping):
         return 1
 
 
-def remote_code_pipelines() -> dict[str, dict[str, Any]]:
-    """The `custom_pipelines` entry a saved configuration gets, so that `pipeline(TASK, model=...,
-    trust_remote_code=True)` finds this pipeline in the code files saved beside the model."""
-    module = AnomalyDetectionPipeline.__module__.rsplit(".", 1)[-1]
-    return {TASK: {"impl": f"{module}.{AnomalyDetectionPipeline.__name__}", "pt": ["AutoModel"], "type": "image"}}
-
-
 def register_pipeline() -> None:
     """Register the "anomaly-detection" task with transformers' pipeline registry."""
     PIPELINE_REGISTRY.register_pipeline(
@@ -223,4 +220,4 @@ def register_pipeline() -> None:
     )
 
 
-__all__ = ["RESULT_KEYS", "TASK", "AnomalyDetectionPipeline", "register_pipeline", "remote_code_pipelines"]
+__all__ = ["RESULT_KEYS", "TASK", "AnomalyDetectionPipeline", "register_pipeline"]

@@ -26,6 +26,8 @@ from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .schema import ANOMALOUS, ANOMALY_MAP, NORMAL, PRED_LABEL, PRED_SCORE
+
 DEFAULT_COLORMAP = "jet"
 """Colormap of the heatmaps (any matplotlib name: jet, turbo, inferno, viridis, ...)."""
 
@@ -34,7 +36,7 @@ DEFAULT_ALPHA = 0.5
 
 PREDICTED_CONTOUR_COLOUR = "white"
 GROUND_TRUTH_CONTOUR_COLOUR = "#00e000"
-DECISION_COLOURS = {"anomalous": "#c62828", "normal": "#2e7d32"}
+DECISION_COLOURS = {ANOMALOUS: "#c62828", NORMAL: "#2e7d32"}
 
 PANEL_LONG_SIDE = (320, 720)
 """Smallest and largest long side, in pixels, an image is drawn at (its aspect ratio is kept)."""
@@ -93,9 +95,11 @@ class ColourScale:
         pixel_threshold: float | None = None,
         span_of: str = "this map's range",
     ) -> ColourScale:
-        """Anchored to `pixel_threshold` (the bar spans `threshold ± min(threshold, 1 - threshold)`, so the threshold
-        is its middle) when given, else the min-max range of `anomaly_maps` (one map or several), described by
-        `span_of` in the caption."""
+        """The colour scale of one map or several.
+
+        Anchored to `pixel_threshold` when given (the bar spans `threshold ± min(threshold, 1 - threshold)`, so the
+        threshold is its middle), else the min-max range of `anomaly_maps`, described by `span_of` in the caption.
+        """
         if pixel_threshold is not None:
             half = min(pixel_threshold, 1.0 - pixel_threshold) or 0.5
             return cls(pixel_threshold - half, pixel_threshold + half, pixel_threshold)
@@ -168,7 +172,7 @@ def _decision_line(score: float | None, label: str | None, image_threshold: floa
         return "", "black"
     if label is None:
         return f"score {score:.3f}", "black"
-    relation = ">=" if label == "anomalous" else "<"
+    relation = ">=" if label == ANOMALOUS else "<"
     threshold = f" {relation} threshold {image_threshold:.3f}" if image_threshold is not None else ""
     return f"{label.upper()}: score {score:.3f}{threshold}", DECISION_COLOURS.get(label, "black")
 
@@ -271,12 +275,12 @@ def render_prediction(
     colormap_name: str = DEFAULT_COLORMAP,
     alpha: float = DEFAULT_ALPHA,
 ) -> Image.Image:
-    """The annotated overlay of one "anomaly-detection" pipeline result (`score`, `anomaly_map`, `label`)."""
+    """The annotated overlay of one "anomaly-detection" pipeline result (`pred_score`, `anomaly_map`, `pred_label`)."""
     return render_panels(
         image,
-        np.asarray(result["anomaly_map"]),
-        score=float(result["score"]),
-        label=result.get("label"),
+        np.asarray(result[ANOMALY_MAP]),
+        score=float(result[PRED_SCORE]),
+        label=result.get(PRED_LABEL),
         image_threshold=image_threshold,
         pixel_threshold=pixel_threshold,
         title=title,
@@ -361,8 +365,11 @@ def plot_curve_pair(
     path: str | Path,
     kind: str = "roc",
 ) -> Path:
-    """Write side-by-side ROC or PR plots, one per level, e.g. `{"image-level ROC": (curves, values),
-    "pixel-level ROC": (curves, values)}` (see `plot_curves` for the curves and values)."""
+    """Write side-by-side ROC or PR plots, one per level.
+
+    E.g. `{"image-level ROC": (curves, values), "pixel-level ROC": (curves, values)}`; see `plot_curves` for the
+    curves and values.
+    """
     if kind not in ("roc", "pr"):
         raise ValueError(f"unknown curve kind {kind!r}; use 'roc' or 'pr'")
     figure = Figure(figsize=(5 * len(levels), 5), dpi=_DPI, facecolor="white", layout="constrained")

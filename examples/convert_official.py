@@ -9,9 +9,10 @@ repository (verified by its git blob SHA-1); both are cached. The config records
 
 import sys
 
-from cops_hf import CoPSForAnomalyDetection, CoPSProcessor
+from cops_hf.hub import save_detector
+from cops_hf.official import load_official
 
 release, output = sys.argv[1:3]
-CoPSForAnomalyDetection.from_official(release).save_pretrained(output)
-CoPSProcessor.from_official(release).save_pretrained(output)
+model, processor = load_official(release)
+save_detector(model, processor, output)
 print(f"saved to {output}")

@@ -63,7 +63,7 @@ def test_bad_uploads_give_readable_errors(app_models, examples, tmp_path):
                                                               Path(examples[1]).name]  # fmt: skip
     assert "photo.png" in rows[1][3] and rows[1][1] is None
     saved = list(csv.DictReader(open(csv_path)))
-    assert float(saved[2]["score"]) == pytest.approx(app_models[0].detector(examples[1])["score"], abs=1e-5)
+    assert float(saved[2]["pred_score"]) == pytest.approx(app_models[0].detector(examples[1])["score"], abs=1e-5)
 
 
 def test_space_folder(tmp_path):

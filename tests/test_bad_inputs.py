@@ -29,12 +29,14 @@ from cops_hf.cli import main
 from cops_hf.data import make_record, write_meta_json
 from cops_hf.evaluation.inference import predict_images
 from cops_hf.file_utils import read_json_file
-from cops_hf.image_utils import ImageLoadError, load_image
+from cops_hf.image_utils import IMAGE_SUFFIXES, ImageLoadError, load_image
 from cops_hf.processing_cops import CoPSProcessor
 from tests.data_fakes import write_image, write_mask
 from tests.tiny_models import tiny_model
 
 PIL_LIMIT = Image.MAX_IMAGE_PIXELS
+
+SUFFIX_LIST = ", ".join(sorted(IMAGE_SUFFIXES))
 
 
 def write_png_header(path: Path, width: int, height: int) -> Path:
@@ -253,8 +255,7 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
      "cops-hf convert: error: argument --image-size: must be an integer >= 1, got 'abc'"),
     # predict: images
     ("predict-folder-without-images", _predict("{model}", "{root}/weights"), 2,
-     "cops-hf predict: error: {root}/weights: folder holds no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff, "
-     ".webp)"),
+     "cops-hf predict: error: {root}/weights: folder holds no image files (" + SUFFIX_LIST + ")"),
     ("predict-missing-image", _predict("{model}", "{tmp}/gone.png"), 2,
      "cops-hf predict: error: {tmp}/gone.png: no such file or folder; pass image files, folders or glob patterns"),
     ("predict-text-image", _predict("{model}", "{text}"), 2,
@@ -324,8 +325,7 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
     ("calibrate-quantile", ["calibrate", "--model", "{model}", "--normal", "{image}", *OUT, "--quantile", "1.5"], 2,
      "cops-hf calibrate: error: quantile must lie in (0, 1), got 1.5."),
     ("calibrate-no-images", ["calibrate", "--model", "{model}", "--normal", "{root}/weights", *OUT], 2,
-     "cops-hf calibrate: error: {root}/weights: folder holds no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff, "
-     ".webp)"),
+     "cops-hf calibrate: error: {root}/weights: folder holds no image files (" + SUFFIX_LIST + ")"),
     ("calibrate-bomb", ["calibrate", "--model", "{model}", "--normal", "{image}", "{bomb}", *OUT], 2,
      f"cops-hf calibrate: error: Image file '{{bomb}}' declares more than {2 * PIL_LIMIT} pixels"),
     ("calibrate-missing-image", ["calibrate", "--model", "{model}", "--normal", "{tmp}/gone.png", *OUT], 2,

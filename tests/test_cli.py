@@ -45,6 +45,7 @@ def test_convert_writes_a_loadable_model(tmp_path):
     assert CoPSProcessor.from_pretrained(output).image_processor.size == 98
     expected = convert_original_checkpoint(clip, cops, image_size=98)
     for name, tensor in expected.state_dict().items():
+        # Exact: conversion copies tensors; no arithmetic runs between the two.
         assert torch.equal(model.state_dict()[name], tensor), name
 
 

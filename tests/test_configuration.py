@@ -6,7 +6,8 @@ import pytest
 from transformers import CLIPConfig
 
 from cops_hf import CoPSConfig
-from cops_hf.configuration_cops import preset_fields
+from cops_hf.configuration_cops import PROMPT_SUFFIX_TOKEN_IDS, preset_fields
+from cops_hf.processing_cops import packaged_tokenizer, prompt_suffix_token_ids
 from cops_hf.testing_utils import RANDOM_CLIP_CONFIGS, random_clip_config
 
 from .tiny_models import tiny_config
@@ -43,7 +44,7 @@ def test_presets_follow_the_reference_switches():
     assert config.test_kernel_size == 5  # presets return copies
 
 
-def test_preset_names_are_normalised_once() -> None:
+def resolve_test_presets_are_normalised_once() -> None:
     assert preset_fields("test", " VisA ") == preset_fields("test", "visa")
     assert preset_fields("test", "DTD-Synthetic") == preset_fields("test", "dtd_synthetic")
     assert preset_fields("train", None) == {}
@@ -70,3 +71,9 @@ def test_from_clip_config_applies_presets_under_explicit_fields() -> None:
     )
     assert (config.use_recon_loss, config.train_kernel_size) == (False, 7)  # explicit fields win
     assert (config.test_kernel_size, config.distance_alpha, config.image_score_beta) == (3, 0.35, 1.0)
+
+
+def test_prompt_suffix_constant_is_what_clips_tokenizer_gives() -> None:
+    """The config holds the template's suffix ids as a constant (no tokenizer needed); CLIP's BPE gives the same."""
+    assert list(PROMPT_SUFFIX_TOKEN_IDS) == prompt_suffix_token_ids(packaged_tokenizer()) == [269]
+    assert CoPSConfig().prompt_suffix_token_ids == list(PROMPT_SUFFIX_TOKEN_IDS)

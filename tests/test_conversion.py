@@ -115,6 +115,7 @@ def test_fp16_rounded_deep_prompts_match_the_reference_to_round_off(name):
     """Converted as by default (deep prompts rounded like the reference's `.half()`), the match is to 1e-6."""
     model, tensors = converted_model(name, round_deep_prompts=True)
     unrounded = tensors["cops.compound_prompts_text.0"]
+    # Exact: rounding to fp16 and back is a deterministic cast, the same on every CPU.
     assert torch.equal(model.prompt_synthesizer.deep_prompts[0], unrounded.half().float())
     assert not torch.equal(model.prompt_synthesizer.deep_prompts[0], unrounded)
     with torch.no_grad():
@@ -190,6 +191,7 @@ def test_conversion_from_files(tmp_path):
     from_files = convert_original_checkpoint(clip_path, cops_path, clip_config=config, **fixture_fields(meta))
     from_dicts = convert_original_checkpoint(clip, cops, clip_config=config, **fixture_fields(meta))
     for (name, left), (_, right) in zip(from_files.state_dict().items(), from_dicts.state_dict().items(), strict=True):
+        # Exact: both paths copy the same tensors; no arithmetic runs.
         assert torch.equal(left, right), name
 
 

@@ -175,6 +175,7 @@ def test_push_then_pull_in_a_fresh_process_with_revision_pinning(
         _assert_same_outputs({key: pulled[f"{name}.{key}"] for key in expected}, expected)
     assert not torch.allclose(pulled["first.image_scores"], pulled["main.image_scores"])
     expected_pixels = CoPSProcessor(CoPSImageProcessor(size=98))(images=image)["pixel_values"]
+    # Exact: the same preprocessing code on the same image, one image at a time.
     assert torch.equal(pulled["pixel_values"], expected_pixels)
 
 
@@ -264,6 +265,7 @@ def test_installed_cops_hf_wins_over_the_code_copies_in_a_folder(tmp_path: Path)
     assert type(detector) is AnomalyDetectionPipeline and type(detector.processor) is CoPSProcessor
     assert not hasattr(loaded.config, "custom_pipelines")
     for name, tensor in model.state_dict().items():
+        # Exact: weights are stored and read back, never computed.
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
@@ -330,6 +332,7 @@ def test_cli_push_to_a_private_branch(
     assert "model-index" in dev_files["README.md"].decode()
     pulled = CoPSForAnomalyDetection.from_pretrained(f"{USER_NAME}/cli-cops", revision="dev")
     for name, tensor in model.state_dict().items():
+        # Exact: weights are stored and read back, never computed.
         assert torch.equal(pulled.state_dict()[name], tensor), name
     for text in (captured.out, captured.err, caplog.text):
         assert CLIENT_TOKEN not in text

@@ -39,6 +39,7 @@ def test_dice_loss_by_hand() -> None:
 
 
 def test_kl_and_reconstruction_follow_the_reference() -> None:
+    # Exact: KL of a zero mean and zero log-variance is a sum of exact zeros.
     assert kl_divergence(torch.zeros(3, 4), torch.zeros(3, 4)).item() == 0.0
     mean, log_var = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, math.log(2.0)]])
     assert kl_divergence(mean, log_var).item() == pytest.approx(-0.5 * ((1 + 0 - 1 - 1) + (1 + math.log(2) - 2)))

@@ -51,6 +51,7 @@ def test_noise_makes_runs_reproducible(model):
         torch.manual_seed(1)
         drawn_b = model(pixel_values).image_scores
         other = model(pixel_values, vae_noise=torch.randn(1, 10, TEXT_WIDTH))
+    # Exact: the same inputs and noise through the same batch shape in one process.
     assert torch.equal(first.anomaly_maps, second.anomaly_maps)
     assert torch.equal(drawn_a, drawn_b)
     assert not torch.equal(first.image_scores, other.image_scores)
@@ -108,6 +109,7 @@ def test_save_and_load_round_trip(model, tmp_path):
     pixel_values, noise = torch.randn(1, 3, 98, 98), torch.randn(1, 10, TEXT_WIDTH)
     with torch.no_grad():
         expected, actual = model(pixel_values, vae_noise=noise), reloaded(pixel_values, vae_noise=noise)
+    # Exact: reloaded weights are bit copies, and both forwards run the same batch shape.
     assert torch.equal(expected.anomaly_maps, actual.anomaly_maps)
 
 
@@ -123,6 +125,7 @@ def test_from_clip_wraps_pretrained_clip(tmp_path):
     model = CoPSForAnomalyDetection.from_clip(str(tmp_path / "clip"), image_size=98, deep_prompt_depth=3)
     assert model.config.dpam_layers == 3 and model.config.feature_layers == [3]
     for name, tensor in clip.state_dict().items():
+        # Exact: the CLIP weights are copied, never computed.
         assert torch.equal(model.clip.state_dict()[name], tensor), name
 
 

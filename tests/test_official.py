@@ -27,6 +27,7 @@ from cops_hf.data.meta import META_DATASET_KEY, make_record
 from cops_hf.official import (
     BASE_URL_ENV,
     OFFICIAL_CLIP,
+    OFFICIAL_IMAGE_SIZE,
     OfficialReleaseError,
     git_blob_sha1,
     load_official,
@@ -138,6 +139,7 @@ def test_convert_official_then_rerun_offline_from_the_cache(
         weights = load_file(str(tmp_path / folder / "model.safetensors"))
         assert set(weights) == set(expected)
         for name, tensor in expected.items():
+            # Exact: conversion copies tensors; no arithmetic runs.
             assert torch.equal(weights[name], tensor), (folder, name)
         model = CoPSForAnomalyDetection.from_pretrained(tmp_path / folder)
         assert model.config.test_preset == "general"
@@ -149,14 +151,14 @@ def test_convert_official_then_rerun_offline_from_the_cache(
     assert [request for request in official.files.requests if request[0] == "GET"] == [("GET", VISA_PATH, None)]
 
 
-def test_from_official_mvtec_matches_the_reference_and_records_its_preset(official: OfficialHosts) -> None:
-    model = CoPSForAnomalyDetection.from_official("mvtec", blob_sha1=official.mvtec_sha1, image_size=IMAGE_SIZE)
+def test_load_official_mvtec_matches_the_reference_and_records_its_preset(official: OfficialHosts) -> None:
+    model, processor = load_official("mvtec", blob_sha1=official.mvtec_sha1, image_size=IMAGE_SIZE)
     config = model.config
     assert config.test_preset == "visa"
     assert (config.test_kernel_size, config.distance_alpha, config.image_score_beta) == (3, 0.35, 1.0)
     assert (config.train_kernel_size, config.use_recon_loss) == (3, True)
     assert config.source_checkpoint.endswith(f"{MVTEC_PATH}@{official.mvtec_sha1}")
-    assert CoPSProcessor.from_official("mvtec").image_processor.size == 518
+    assert processor.image_processor.size == IMAGE_SIZE and OFFICIAL_IMAGE_SIZE == 518  # the release's default
     # Same weights as converting the files by hand; outputs as the reference computed them (general preset there).
     general = model.config.with_preset(test_dataset="general")
     _, tensors = load_fixture(FIXTURE_NAMES[0])
@@ -254,6 +256,7 @@ def test_a_killed_download_resumes_with_a_range_request(official: OfficialHosts,
     (checkpoint,) = _files_under(official.assets)
     assert checkpoint.name == "epoch_10.pth" and checkpoint.read_bytes() == content
     expected = _manual_conversion(official).state_dict()
+    # Exact: conversion copies tensors; no arithmetic runs.
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in expected.items())
 
 
@@ -292,6 +295,7 @@ def test_clip_in_its_three_forms_gives_identical_models(
     for name in ("folder", "hub"):
         weights = load_file(str(outputs[name] / "model.safetensors"))
         assert set(weights) == set(reference)
+        # Exact: conversion copies tensors; no arithmetic runs.
         assert all(torch.equal(weights[key], tensor) for key, tensor in reference.items()), name
         config = CoPSForAnomalyDetection.from_pretrained(outputs[name]).config.to_diff_dict()
         recorded = {"_name_or_path": None, "clip_model_id": None}
@@ -301,4 +305,5 @@ def test_clip_in_its_three_forms_gives_identical_models(
     # Training starts from the same CLIP whichever form names it.
     clips = [cops_model_for_training(clip).clip.state_dict() for clip in (archive, folder, "someone/tiny-clip")]
     for other in clips[1:]:
+        # Exact: each form loads the same stored tensors.
         assert all(torch.equal(other[key], tensor) for key, tensor in clips[0].items())

@@ -60,6 +60,7 @@ def test_paths_pil_and_arrays_agree_and_sizes_are_kept(processor, tmp_path):
     path = tmp_path / "image.png"
     Image.fromarray(array).save(path)
     features = processor(images=[str(path), Image.fromarray(array), array], class_names=["a", "b", "c"])
+    # Exact: the three forms decode to the same uint8 pixels, then run the same preprocessing.
     assert torch.equal(features["pixel_values"][0], features["pixel_values"][1])
     assert torch.equal(features["pixel_values"][0], features["pixel_values"][2])
     assert features["original_sizes"] == [(45, 70)] * 3
@@ -126,7 +127,7 @@ def test_tokenizer_gives_the_prompt_template(processor):
     assert processor.prompt_template_ids(14) == [49406] + [343] * 14 + [269, 49407]
     assert processor.prompt_suffix_token_ids() == [269]
     clip = CLIPConfig(text_config={"num_hidden_layers": 2}, vision_config={"num_hidden_layers": 2})
-    built = CoPSConfig.from_clip_config(clip, image_size=224, prototype_attention_heads=8)  # ids from the tokenizer
+    built = CoPSConfig.from_clip_config(clip, image_size=224, prototype_attention_heads=8)  # the config's constant
     assert built.prompt_suffix_token_ids == processor.prompt_suffix_token_ids() == CoPSConfig().prompt_suffix_token_ids
     assert processor(text="a photo of a cat")["input_ids"][0].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert processor(text="a cat", return_tensors="np")["input_ids"].tolist() == [[49406, 320, 2368, 49407]]
@@ -137,6 +138,7 @@ def test_return_tensors_numpy_or_torch(processor):
     as_numpy = processor(images=image, masks=mask, return_tensors="np")
     as_torch = processor(images=image, masks=mask)
     assert isinstance(as_numpy["pixel_values"], np.ndarray) and isinstance(as_numpy["masks"], np.ndarray)
+    # Exact: one preprocessing run, converted to numpy without arithmetic.
     np.testing.assert_array_equal(as_numpy["pixel_values"], as_torch["pixel_values"].numpy())
     np.testing.assert_array_equal(as_numpy["masks"], as_torch["masks"].numpy())
     assert as_numpy["original_sizes"] == [(20, 30)]
@@ -150,4 +152,5 @@ def test_save_and_load(processor, tmp_path):
         assert isinstance(loaded, CoPSProcessor)
         assert loaded.image_processor.size == 56
         image = Image.new("RGB", (30, 30), (9, 99, 199))
+        # Exact: the same preprocessing settings on the same image.
         assert torch.equal(loaded(images=image)["pixel_values"], processor(images=image)["pixel_values"])

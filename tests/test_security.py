@@ -131,6 +131,7 @@ def test_scripted_code_is_never_compiled(tmp_path):
 
     assert set(tensors) == set(state)
     for name, tensor in state.items():
+        # Exact: tensors are read back from the archive's bytes, never computed.
         assert tensors[name].dtype == tensor.dtype and torch.equal(tensors[name], tensor)
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from cops_hf.cli import main
 from cops_hf.data import make_synthetic_dataset
+from cops_hf.file_utils import STAGING_PREFIX
 from cops_hf.testing_utils import random_clip_model
 from cops_hf.training import (
     TrainingConfig,
@@ -74,14 +75,15 @@ def test_a_final_model_is_not_overwritten_without_asking(finished_run, data_root
 
 def test_interrupted_saves_are_cleaned_on_the_next_run(finished_run, data_root, tmp_path):
     run = _copy(finished_run, tmp_path)
-    (run / ".final-abc123").mkdir()
-    (run / ".final-abc123" / "model.safetensors").write_bytes(b"\0" * 10)
+    staging = run / f"{STAGING_PREFIX}run-abc123"  # save_detector's staging folder of the final model
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"\0" * 10)
     (run / "checkpoints" / ".epoch-0007.tmp").mkdir()
 
     result = _train(data_root, run, num_epochs=3, resume=True)
 
     assert result.resumed_from_epoch == 2
-    assert not list(run.glob(".final-*")) and not list((run / "checkpoints").glob(".epoch-*"))
+    assert not list(run.glob(f"{STAGING_PREFIX}*")) and not list((run / "checkpoints").glob(".epoch-*"))
 
 
 @pytest.mark.parametrize(
@@ -194,7 +196,7 @@ def test_a_truncated_feature_cache_file_is_recomputed(data_root, tmp_path, caplo
 
 
 @pytest.mark.parametrize("command", ["convert", "calibrate"])
-def test_a_full_disk_while_saving_a_model_is_one_line(small_disk, data_root, tmp_path, capsys, command):
+def test_a_full_disk_while_saving_a_model_is_one_line_and_saves_nothing(small_disk, data_root, tmp_path, capsys, command):
     model_dir = tmp_path / "model"
     if command == "calibrate":
         model = cops_model_for_training(random_clip_model("tiny"), image_size=IMAGE_SIZE)
@@ -214,6 +216,6 @@ def test_a_full_disk_while_saving_a_model_is_one_line(small_disk, data_root, tmp
     assert main([*argv, "--output", str(output)]) == 2
 
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith(f"cops-hf {command}: error: could not write the model in {output} (")
+    assert message.startswith(f"cops-hf {command}: error: could not write {output} (")
     assert "No space left on device" in message or "os error 28" in message
-    assert message.endswith(f"{output} may be incomplete: free disk space, then rerun {command}")
+    assert message.endswith("; nothing was saved") and not output.exists()

@@ -4,7 +4,7 @@ Normal images are procedural textures (``stripes``, ``checker``, ``noise_texture
 a plain background (``disc``, ``ring``, ``bolt``), varied per image. Anomalous images get one DRAEM/CutPaste-style
 defect: a noise-shaped ``blob``, a thin ``scratch``, a ``cutpaste`` patch moved from another region of the image
 (flipped and re-lit), or a ``foreign_patch`` cut from another texture. The mask of an anomalous image is exactly the
-set of pixels that differ from its clean version, which :func:`render_synthetic_sample` also returns.
+set of pixels that differ from its clean version, which `render_synthetic_sample` also returns.
 
 Everything is derived from ``(seed, category, index)``, so the same arguments give byte-identical files.
 """
@@ -57,7 +57,7 @@ class SyntheticSample:
         image: The sample, ``(H, W, 3)`` uint8 RGB.
         clean_image: The same sample before the defect was applied (equal to ``image`` for normal samples).
         mask: ``(H, W)`` bool, True exactly where ``image`` differs from ``clean_image``.
-        defect_type: One of :data:`DEFECT_TYPES`, or None for a normal sample.
+        defect_type: One of `DEFECT_TYPES`, or None for a normal sample.
     """
 
     image: np.ndarray
@@ -365,13 +365,13 @@ def make_synthetic_dataset(
     Layout (MVTec-like): ``root/<category>/<split>/<specie>/<index>.png`` with ``<specie>`` = ``good`` or the defect
     type, and masks ``root/<category>/ground_truth/<specie>/<index>_mask.png`` (0/255) for anomalous images only.
     ``meta["train"]`` holds the training categories (normal and anomalous samples with masks, as CoPS trains on),
-    ``meta["test"]`` the disjoint test categories. Defect types cycle through :data:`DEFECT_TYPES`.
+    ``meta["test"]`` the disjoint test categories. Defect types cycle through `DEFECT_TYPES`.
 
     Args:
         root: Output folder (created; existing files of the same names are overwritten).
         categories: Shortcut: the first half become training, the rest test categories.
-        train_categories: Training categories (default :data:`DEFAULT_TRAIN_CATEGORIES`; may be empty).
-        test_categories: Test categories (default :data:`DEFAULT_TEST_CATEGORIES`; may be empty).
+        train_categories: Training categories (default `DEFAULT_TRAIN_CATEGORIES`; may be empty).
+        test_categories: Test categories (default `DEFAULT_TEST_CATEGORIES`; may be empty).
         images_per_category: Images per category.
         anomalous_fraction: Share of anomalous images per category, rounded; at least one normal and one
             anomalous image whenever ``0 < anomalous_fraction < 1`` and there are two or more images.
@@ -379,7 +379,7 @@ def make_synthetic_dataset(
         seed: Non-negative seed; the same arguments give byte-identical files.
 
     Returns:
-        ``root`` as a :class:`~pathlib.Path`.
+        ``root`` as a `pathlib.Path`.
 
     Raises:
         ValueError: unknown or overlapping categories, or out-of-range arguments.

@@ -17,7 +17,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from ..data import BENCHMARKS, DataError, benchmark_name, meta_json_path, prepare_dataset
+from ..data import DataError, meta_json_path, prepare_dataset
+from ..data.registry import REGISTRY, SUITES, benchmark_name
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
 from .evaluator import evaluate_dataset
@@ -25,11 +26,6 @@ from .report import METRIC_DISPLAY_NAMES, METRIC_NAMES, format_percent, render_t
 
 logger = logging.getLogger(__name__)
 
-SUITES = {
-    "industrial": [name for name, info in BENCHMARKS.items() if info.domain == "industrial"],
-    "medical": [name for name, info in BENCHMARKS.items() if info.domain == "medical"],
-    "all": list(BENCHMARKS),
-}
 # The benchmark table's column titles (the old name of `METRIC_DISPLAY_NAMES`).
 TABLE_COLUMNS = METRIC_DISPLAY_NAMES
 
@@ -43,6 +39,7 @@ class BenchmarkResult:
     missing: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (what `benchmark.json` holds)."""
         return {"metrics": self.metrics, "protocols": self.protocols, "missing": self.missing}
 
     def _table_cells(self) -> tuple[list[str], list[list[str]]]:
@@ -54,8 +51,10 @@ class BenchmarkResult:
         return header, rows
 
     def format_table(self, markdown: bool = False) -> str:
-        """Paper-style table in percent with one decimal, "-" where a metric does not exist; the datasets not
-        found are listed below it."""
+        """Paper-style table in percent with one decimal, "-" where a metric does not exist.
+
+        The datasets not found are listed below it.
+        """
         table = render_table(*self._table_cells(), markdown=markdown)
         if self.missing:
             table += "\n\nnot found: " + ", ".join(f"{name} ({why})" for name, why in self.missing.items())
@@ -121,7 +120,7 @@ def run_benchmark(
             accelerator.wait_for_everyone()
         model.config = base_config
         evaluation = evaluate_dataset(
-            model, processor, roots[name], test_preset=name, batch_size=batch_size, seed=seed,
+            model, processor, roots[name], test_preset=REGISTRY[name].test_preset, batch_size=batch_size, seed=seed,
             output_dir=Path(output_dir) / name if output_dir is not None else None,
             num_visualizations=num_visualizations, accelerator=accelerator, skip_invalid=skip_invalid,
         )  # fmt: skip

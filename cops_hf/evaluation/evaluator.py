@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 from accelerate import Accelerator
 
-from ..data import has_masks, load_meta_dataset
+from ..data import has_masks, load_meta_dataset, meta_dataset_name
+from ..data.registry import resolve_test_preset
 from ..image_utils import load_image
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
+from ..schema import GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_SCORE, dataset_key
 from ..visualization import (
     DEFAULT_ALPHA,
     DEFAULT_COLORMAP,
@@ -57,6 +59,56 @@ class EvaluationResult:
     image_scores: np.ndarray
     image_labels: np.ndarray
     files: list[Path] = field(default_factory=list)
+    test_preset: PresetChoice | None = None
+
+
+AUTO_PRESET = "auto"
+"""`evaluate_dataset(test_preset=AUTO_PRESET)`: the data decides, else the model's record (`choose_test_preset`)."""
+
+
+@dataclass(frozen=True)
+class PresetChoice:
+    """The test preset an evaluation uses and why.
+
+    Attributes:
+        name: the `TEST_DATASET_PRESETS` key, or `None` to score with the model's config as it is.
+        source: where it came from, for people ("--preset", "the dataset ... records", ...).
+    """
+
+    name: str | None
+    source: str
+
+    def describe(self) -> str:
+        """One line for a log or the terminal, e.g. "Test preset: visa (the dataset /data/visa/meta.json records)"."""
+        if self.name is None:
+            return "Test preset: none recorded, the model's config as is"
+        return f"Test preset: {self.name} ({self.source})"
+
+
+def choose_test_preset(
+    test_preset: str | None, model: CoPSForAnomalyDetection, data_root: str | Path, *, source: str = "test_preset"
+) -> PresetChoice:
+    """The test preset of an evaluation: the one asked for, or with `AUTO_PRESET` the test data's, else the model's.
+
+    As in the reference's test.py, the test data decides: `"auto"` takes the dataset `data_root/meta.json` records
+    (written by `cops-hf data prepare`), else the preset the model's config records (an official release's
+    intended one), else none. A name goes through the dataset registry, so aliases work ("mvtec_ad").
+
+    Args:
+        test_preset: a dataset name or alias, "general", `AUTO_PRESET`, or `None` (the model's config as it is).
+        model: the model to evaluate (its `config.test_preset` is the fallback of "auto").
+        data_root: the dataset root holding meta.json.
+        source: how the caller names an explicit choice in `PresetChoice.source` (the CLI: "--preset").
+    """
+    if test_preset is None:
+        return PresetChoice(None, "not asked for")
+    if dataset_key(test_preset) != AUTO_PRESET:
+        return PresetChoice(resolve_test_preset(test_preset), source)
+    if recorded := meta_dataset_name(data_root):
+        return PresetChoice(resolve_test_preset(recorded), f"the dataset {data_root}/meta.json records")
+    if model.config.test_preset:
+        return PresetChoice(resolve_test_preset(model.config.test_preset), "the preset the model's config records")
+    return PresetChoice(None, "none recorded")
 
 
 def evaluate_dataset(
@@ -79,8 +131,10 @@ def evaluate_dataset(
     """Evaluate `model` on `data_root/meta.json` and (on the main process) write the report files.
 
     Args:
-        test_preset: score with the reference's test-time switches for this dataset name (see
-            `TEST_DATASET_PRESETS`); the caller's `model.config` is not changed. `None` keeps the model's config.
+        test_preset: score with the reference's test-time switches for this dataset name or alias (see
+            `cops_hf.data.registry`), or `AUTO_PRESET` ("auto": the dataset meta.json records, else the model's
+            recorded preset; see `choose_test_preset`); the caller's `model.config` is not changed. `None` keeps
+            the model's config.
         seed: seed of the VAE class-token noise (the same samples for every image), so results are reproducible
             and independent of batching and sharding.
         output_dir: where to write `metrics.csv`, `metrics.json`, `predictions.csv` (`image_path`, `category`,
@@ -101,9 +155,11 @@ def evaluate_dataset(
         raise ValueError(f"Need batch_size >= 1 and num_visualizations >= 0; got {batch_size}, {num_visualizations}.")
     check_style(colormap_name, alpha)
     accelerator = accelerator or Accelerator()
-    if test_preset is not None:
+    preset = choose_test_preset(test_preset, model, data_root)
+    logger.info(preset.describe())
+    if preset.name is not None:
         # A shallow copy shares the weights but not the config: the caller's model.config stays as it is.
-        model, config = copy.copy(model), model.config.with_preset(test_dataset=test_preset)
+        model, config = copy.copy(model), model.config.with_preset(test_dataset=preset.name)
         model.config = config
     dataset = load_meta_dataset(
         data_root, split=split, categories=categories, skip_invalid=skip_invalid, check_images=skip_invalid
@@ -135,7 +191,7 @@ def evaluate_dataset(
     by_index = {result["index"]: result for result in gathered}
     ordered = [by_index[row["index"]] for row in rows]
     protocol = {name: getattr(model.config, name) for name in PROTOCOL_FIELDS}
-    protocol.update({"test_preset": test_preset, "seed": seed, "split": split, "pixel_level": pixel_level})
+    protocol.update({"test_preset": preset.name, "seed": seed, "split": split, "pixel_level": pixel_level})
 
     grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row, result in zip(rows, ordered, strict=True):
@@ -174,6 +230,7 @@ def evaluate_dataset(
         categories=[row["cls_name"] for row in rows],
         image_scores=np.asarray([item["pred_score"] for item in ordered]),
         image_labels=np.asarray([int(row["gt_label"]) for row in rows]),
+        test_preset=preset,
     )
     if output_dir is not None:
         style = {"colormap_name": colormap_name, "alpha": alpha, "pixel_threshold": model.config.pixel_threshold}
@@ -199,7 +256,7 @@ def _write_outputs(
     files[1].write_text(json.dumps({**result.report.to_dict(), "protocol": result.protocol}, indent=2))
     with open(files[2], "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image_path", "category", "gt_label", "pred_score"])
+        writer.writerow([IMAGE_PATH, "category", GT_LABEL, PRED_SCORE])
         for path, category, label, score in zip(
             result.image_paths, result.categories, result.image_labels, result.image_scores, strict=True
         ):
@@ -257,7 +314,7 @@ def _write_visualizations(
         (directory / name).mkdir(parents=True, exist_ok=True)
         for position in sorted(set(chosen.tolist())):
             row = category_rows[position]
-            truth = "anomalous" if record.image_labels[position] else "normal"
+            truth = LABEL_NAMES[int(record.image_labels[position])]
             panel = comparison_panel(
                 load_image(row["image_path"]), record.anomaly_maps[position], record.gt_masks[position],
                 scale=scale, score=float(record.image_scores[position]),

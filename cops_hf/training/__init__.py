@@ -24,7 +24,7 @@ Modules: `config` (`TrainingConfig`), `data` (samples, collate, epoch batches), 
 and `trainer` (`CoPSTrainer`, `train_cops`). Everything is importable from `cops_hf.training`.
 """
 
-from ..testing_utils import RANDOM_CLIP_CONFIGS, random_clip_model
+from ..random_towers import RANDOM_CLIP_CONFIGS, random_clip_model
 from .checkpointing import CHECKPOINTS_DIRNAME, CLIP_PREFIX, cops_state_dict, list_checkpoints
 from .config import MIXED_PRECISION_MODES, TrainingConfig
 from .data import TrainingSamples, collate_samples, epoch_batches, load_training_dataset

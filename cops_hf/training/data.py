@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from ..data import labelled_split, load_meta_dataset, split_label_counts
 from ..processing_cops import CoPSImageProcessor
+from ..schema import ANOMALOUS, NORMAL
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class TrainingSamples(Dataset):
             raise ValueError(f"gt_label must be 0 (normal) or 1 (anomalous); found {unknown}.")
         num_anomalous = sum(self.labels)
         if num_anomalous == 0 or num_anomalous == len(self.labels):
-            missing_kind = "anomalous" if num_anomalous == 0 else "normal"
+            missing_kind = ANOMALOUS if num_anomalous == 0 else NORMAL
             raise ValueError(
                 f"The training split has no {missing_kind} sample ({len(self.labels)} images, {num_anomalous} "
                 "anomalous). CoPS learns to tell normal from anomalous: train on an auxiliary set with both, "

@@ -40,8 +40,11 @@ class VisionFeatureCache:
                 self._files = self._reusable_files(manifest)
 
     def _reusable_files(self, manifest: Path) -> dict[int, str]:
-        """The cached files a manifest lists, when it is intact, made for this data and tower, and every file it
-        lists opens; otherwise nothing (with a warning naming the reason): the features are then recomputed."""
+        """The cached files a manifest lists, or nothing when they cannot be reused (then recomputed).
+
+        They are reused when the manifest is intact, was made for this data and tower, and every file it lists
+        opens; otherwise a warning names the reason.
+        """
         try:
             content = json.loads(manifest.read_text())
             files = {int(index): str(name) for index, name in content["files"].items()}

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -23,8 +21,9 @@ from tqdm.auto import tqdm
 from transformers import CLIPModel
 from transformers.utils import CONFIG_NAME
 
-from ..conversion import load_clip_model
-from ..file_utils import atomic_write, named_write_failures
+from ..clip_loading import load_clip_model
+from ..file_utils import STAGING_PREFIX, atomic_write
+from ..hub import save_detector
 from ..losses import LOSS_TERMS
 from ..modeling_cops import CoPSForAnomalyDetection, CoPSVisionOutput
 from ..processing_cops import CoPSProcessor
@@ -46,7 +45,6 @@ from .feature_cache import VisionFeatureCache, vision_fingerprint
 logger = logging.getLogger(__name__)
 
 TRAIN_LOG_FILENAME = "train_log.jsonl"
-_FINAL_STAGING_PREFIX = ".final-"  # staging folder of the final model, renamed file by file into output_dir
 
 
 @dataclass
@@ -340,23 +338,22 @@ class CoPSTrainer:
 
     def _remove_interrupted_saves(self) -> None:
         """Delete what a run killed while saving left behind: staging folders of the final model and checkpoints."""
-        staging = self.output_dir.glob(f"{_FINAL_STAGING_PREFIX}*")
+        staging = self.output_dir.glob(f"{STAGING_PREFIX}*")
         for folder in [*staging, *checkpoints_folder(self.output_dir).glob(".epoch-*")]:
             logger.warning("Removing %s, left by an interrupted save.", folder)
             shutil.rmtree(folder, ignore_errors=True)
 
     def _save_final(self) -> None:
-        """`save_pretrained` of model and processor into `output_dir`, each file moved into place atomically."""
+        """The detector (model and processor) into `output_dir`, by `save_detector`: beside the run's other files."""
         accelerator = self.accelerator
-        checkpoints = checkpoints_folder(self.output_dir)
-        kept = f"the checkpoints in {checkpoints} are kept: free disk space, then rerun with --resume"
         if accelerator.is_main_process:
-            with tempfile.TemporaryDirectory(dir=self.output_dir, prefix=_FINAL_STAGING_PREFIX) as staging:
-                with named_write_failures(self.output_dir / "model.safetensors", kept):
-                    self.model.save_pretrained(staging)
-                    self.processor.save_pretrained(staging)
-                for path in Path(staging).iterdir():
-                    os.replace(path, self.output_dir / path.name)
+            try:
+                save_detector(self.model, self.processor, self.output_dir, into_existing=True)
+            except OSError as error:
+                checkpoints = checkpoints_folder(self.output_dir)
+                raise OSError(
+                    f"{error}; the checkpoints in {checkpoints} are kept: free disk space, then rerun with --resume"
+                ) from error
         accelerator.wait_for_everyone()
 
 
