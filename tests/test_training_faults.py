@@ -196,7 +196,7 @@ def test_a_truncated_feature_cache_file_is_recomputed(data_root, tmp_path, caplo
 
 
 @pytest.mark.parametrize("command", ["convert", "calibrate"])
-def test_a_full_disk_while_saving_a_model_is_one_line_and_saves_nothing(small_disk, data_root, tmp_path, capsys, command):
+def test_a_full_disk_while_saving_a_model_saves_nothing(small_disk, data_root, tmp_path, capsys, command):
     model_dir = tmp_path / "model"
     if command == "calibrate":
         model = cops_model_for_training(random_clip_model("tiny"), image_size=IMAGE_SIZE)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ..data.registry import resolve_test_preset
 from ..image_utils import load_image
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
-from ..schema import GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_SCORE, dataset_key
+from ..schema import GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_SCORE, dataset_key, decision_label
 from ..visualization import (
     DEFAULT_ALPHA,
     DEFAULT_COLORMAP,
@@ -127,6 +128,7 @@ def evaluate_dataset(
     skip_invalid: bool = False,
     colormap_name: str = DEFAULT_COLORMAP,
     alpha: float = DEFAULT_ALPHA,
+    references: Mapping[str, Sequence[str]] | None = None,
 ) -> EvaluationResult | None:
     """Evaluate `model` on `data_root/meta.json` and (on the main process) write the report files.
 
@@ -147,6 +149,10 @@ def evaluate_dataset(
         skip_invalid: drop invalid meta.json records (missing or unreadable files, duplicates, ...) with a
             warning instead of refusing the dataset; every image and mask is then decoded once beforehand, so a
             truncated file is skipped too rather than stopping the run midway.
+        references: few-shot scoring (`cops_hf.evaluation.fewshot` draws them): per category, the absolute paths
+            of normal images set as the model's reference memory (`model.set_references`) before that category's
+            images are scored. Test images among them are left out of scoring (`protocol["left_out_of_scoring"]`
+            counts them). The memory is cleared afterwards; a model that already holds references is refused.
 
     Returns:
         The result on the main process; `None` on the other processes.
@@ -169,22 +175,15 @@ def evaluate_dataset(
     rows = [
         {"index": index, **{name: values[index] for name, values in columns.items()}} for index in range(len(dataset))
     ]
+    reference_paths = {path for paths in (references or {}).values() for path in paths}
+    scored_rows = [row for row in rows if row["image_path"] not in reference_paths]
+    if len(scored_rows) < len(rows):
+        logger.warning("%d test images serve as references: left out of scoring.", len(rows) - len(scored_rows))
+    rows, num_left_out = scored_rows, len(rows) - len(scored_rows)
     model = model.to(accelerator.device).eval()
+    scoring = {"batch_size": batch_size, "seed": seed, "show_progress": accelerator.is_local_main_process}
     with accelerator.split_between_processes(rows) as shard:
-        predictions = predict_images(
-            model,
-            processor,
-            [row["image_path"] for row in shard],
-            [row["mask_path"] or None for row in shard] if pixel_level else None,
-            batch_size=batch_size,
-            seed=seed,
-            show_progress=accelerator.is_local_main_process,
-        )
-        shard_results = [
-            {"index": shard[prediction.index]["index"], "pred_score": prediction.pred_score}
-            | ({"anomaly_map": prediction.anomaly_map, "gt_mask": prediction.gt_mask} if pixel_level else {})
-            for prediction in predictions
-        ]
+        shard_results = _score_rows(model, processor, shard, pixel_level, references, scoring)
     gathered = accelerator.gather_for_metrics(shard_results, use_gather_object=True)
     if not accelerator.is_main_process:
         return None
@@ -192,6 +191,11 @@ def evaluate_dataset(
     ordered = [by_index[row["index"]] for row in rows]
     protocol = {name: getattr(model.config, name) for name in PROTOCOL_FIELDS}
     protocol.update({"test_preset": preset.name, "seed": seed, "split": split, "pixel_level": pixel_level})
+    # The dataset's name for reports and model cards: the benchmark meta.json records, else the root's folder name
+    # (never its full path, which would publish this machine's layout).
+    protocol["dataset"] = meta_dataset_name(data_root) or Path(data_root).resolve().name
+    if references is not None:
+        protocol["left_out_of_scoring"] = num_left_out
 
     grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row, result in zip(rows, ordered, strict=True):
@@ -233,9 +237,63 @@ def evaluate_dataset(
         test_preset=preset,
     )
     if output_dir is not None:
-        style = {"colormap_name": colormap_name, "alpha": alpha, "pixel_threshold": model.config.pixel_threshold}
+        style = {
+            "colormap_name": colormap_name,
+            "alpha": alpha,
+            "image_threshold": model.config.image_threshold,
+            "pixel_threshold": model.config.pixel_threshold,
+        }
         result.files = _write_outputs(Path(output_dir), result, records, rows, num_visualizations, style)
     return result
+
+
+def _score_rows(
+    model: CoPSForAnomalyDetection,
+    processor: CoPSProcessor,
+    rows: list[dict],
+    pixel_level: bool,
+    references: Mapping[str, Sequence[str]] | None,
+    scoring: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Score `rows` with `predict_images` (`scoring`'s options).
+
+    With `references`, category by category, each against its own reference memory.
+    """
+    if references is None:
+        return _predictions(model, processor, rows, pixel_level, scoring)
+    if model.num_references:
+        raise ValueError(
+            f"The model already holds {model.num_references} references; few-shot evaluation draws its own: "
+            "evaluate it zero-shot (--shots 0), or clear them first (model.clear_references())."
+        )
+    results = []
+    try:
+        for category in dict.fromkeys(row["cls_name"] for row in rows):
+            paths = list(references[category])
+            pixel_values = processor(images=paths)["pixel_values"]
+            model.set_references(pixel_values.to(model.device, model.dtype), sources=paths)
+            category_rows = [row for row in rows if row["cls_name"] == category]
+            results += _predictions(model, processor, category_rows, pixel_level, scoring)
+    finally:
+        model.clear_references()
+    return results
+
+
+def _predictions(
+    model: CoPSForAnomalyDetection, processor: CoPSProcessor, rows: list[dict], pixel_level: bool, scoring: dict
+) -> list[dict[str, Any]]:
+    predictions = predict_images(
+        model,
+        processor,
+        [row["image_path"] for row in rows],
+        [row["mask_path"] or None for row in rows] if pixel_level else None,
+        **scoring,
+    )
+    return [
+        {"index": rows[prediction.index]["index"], "pred_score": prediction.pred_score}
+        | ({"anomaly_map": prediction.anomaly_map, "gt_mask": prediction.gt_mask} if pixel_level else {})
+        for prediction in predictions
+    ]
 
 
 def _write_outputs(
@@ -301,7 +359,9 @@ def _write_visualizations(
     """Titled image | ground truth | overlay panels for a spread of each category's images (anomalous first).
 
     The colours of a category share one scale (anchored to the pixel threshold, else the range of all its maps),
-    so that its panels compare. `style`: `render_panels` options (colormap_name, alpha, pixel_threshold).
+    so that its panels compare. A calibrated model's panels carry its decision (`schema.decision_label` at the
+    image threshold) beside the ground truth. `style`: `render_panels` options (colormap_name, alpha,
+    image_threshold, pixel_threshold).
     """
     written = []
     for name, record in records.items():
@@ -315,9 +375,11 @@ def _write_visualizations(
         for position in sorted(set(chosen.tolist())):
             row = category_rows[position]
             truth = LABEL_NAMES[int(record.image_labels[position])]
+            score = float(record.image_scores[position])
+            label = decision_label(score, style["image_threshold"]) if style["image_threshold"] is not None else None
             panel = comparison_panel(
                 load_image(row["image_path"]), record.anomaly_maps[position], record.gt_masks[position],
-                scale=scale, score=float(record.image_scores[position]),
+                scale=scale, score=score, label=label,
                 title=f"{name} / {Path(row['image_path']).name} (truth: {truth})", **style,
             )  # fmt: skip
             path = directory / name / f"{Path(row['image_path']).stem}_{position:04d}.png"
