@@ -40,7 +40,7 @@ class VisionFeatureCache:
                 self._files = self._reusable_files(manifest)
 
     def _reusable_files(self, manifest: Path) -> dict[int, str]:
-        """The cached files a manifest lists, or nothing when they cannot be reused (then recomputed).
+        """The cached files a manifest lists, or nothing when they cannot be reused (then rebuilt).
 
         They are reused when the manifest is intact, was made for this data and tower, and every file it lists
         opens; otherwise a warning names the reason.
@@ -49,11 +49,15 @@ class VisionFeatureCache:
             content = json.loads(manifest.read_text())
             files = {int(index): str(name) for index, name in content["files"].items()}
             recorded = content.get("fingerprint")
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
-            logger.warning("Feature cache manifest %s is damaged (%s); recomputing.", manifest, error)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            logger.warning("Feature cache manifest %s cannot be read; rebuilding the cache.", manifest)
             return {}
         if recorded != self.fingerprint:
-            logger.warning("Feature cache %s was made for other data or weights; recomputing.", manifest)
+            logger.warning(
+                "Feature cache %s was made for other image or mask files (paths, sizes or modification "
+                "times), vision weights or precision; rebuilding the cache.",
+                manifest,
+            )
             return {}
         for name in sorted(set(files.values())):
             try:
@@ -61,7 +65,9 @@ class VisionFeatureCache:
                     pass
             except (OSError, SafetensorError) as error:
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                logger.warning("Feature cache file %s is damaged (%s); recomputing.", self.directory / name, reason)
+                logger.warning(
+                    "Feature cache file %s is damaged (%s); rebuilding the cache.", self.directory / name, reason
+                )
                 return {}
         return files
 
@@ -138,7 +144,10 @@ class VisionFeatureCache:
 def vision_fingerprint(
     model: CoPSForAnomalyDetection, dataset: datasets.Dataset, mixed_precision: str, num_processes: int
 ) -> str:
-    """Hash of what the cached features depend on: data files, vision tower (config and weights), precision."""
+    """Hash of what the cached features depend on: data files, vision tower (config and weights), precision.
+
+    Each data file counts with its path, size and modification time, so that images replaced in place are seen.
+    """
     config = model.config
     digest = hashlib.sha256()
     vision_fields = {
@@ -152,11 +161,19 @@ def vision_fingerprint(
     digest.update(json.dumps(vision_fields, sort_keys=True, default=str).encode())
     for column in ("image_path", "mask_path"):
         if column in dataset.column_names:
-            digest.update("\n".join(dataset[column]).encode())
+            digest.update("\n".join(_file_signature(path) for path in dataset[column]).encode())
     digest.update(weights_digest(model.clip.vision_model).encode())
     with torch.no_grad():
         digest.update(f"{model.clip.visual_projection.weight.double().sum().item():.12e}".encode())
     return digest.hexdigest()
+
+
+def _file_signature(path: str | None) -> str:
+    """`path`, its size and modification time (ns); only the path when it names no file (e.g. no mask)."""
+    if not path or not os.path.isfile(path):
+        return f"{path}"
+    status = os.stat(path)
+    return f"{path}\t{status.st_size}\t{status.st_mtime_ns}"
 
 
 def weights_digest(module: torch.nn.Module) -> str:
