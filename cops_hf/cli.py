@@ -687,13 +687,6 @@ def _run_app(args: argparse.Namespace) -> int:
     return 0
 
 
-def _port(text: str) -> int:
-    """Argparse type: a TCP port, 1..65535."""
-    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
-    return int(text)
-
-
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder or Hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)")
