@@ -24,7 +24,7 @@ from ..data.registry import resolve_test_preset
 from ..image_utils import load_image
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
-from ..schema import GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_SCORE, dataset_key
+from ..schema import ANOMALY_MAP, GT_LABEL, GT_MASK, IMAGE_PATH, LABEL_NAMES, PRED_SCORE, dataset_key
 from ..visualization import (
     DEFAULT_ALPHA,
     DEFAULT_COLORMAP,
@@ -166,46 +166,85 @@ def evaluate_dataset(
     rows = [
         {"index": index, **{name: values[index] for name, values in columns.items()}} for index in range(len(dataset))
     ]
-    model = model.to(accelerator.device).eval()
+    ordered = _score_rows(model.to(accelerator.device).eval(), processor, rows, pixel_level, accelerator,
+                          batch_size=batch_size, seed=seed)  # fmt: skip
+    if ordered is None:
+        return None
+    protocol = {name: getattr(model.config, name) for name in PROTOCOL_FIELDS}
+    protocol.update({"test_preset": preset.name, "seed": seed, "split": split, "pixel_level": pixel_level})
+    records, pixel_records = _category_records(rows, ordered, pixel_level)
+    report = compute_zsad_metrics(pixel_records)
+    result = EvaluationResult(
+        report=report,
+        protocol=protocol,
+        image_paths=[row["image_path"] for row in rows],
+        categories=[row["cls_name"] for row in rows],
+        image_scores=np.asarray([item[PRED_SCORE] for item in ordered]),
+        image_labels=np.asarray([int(row["gt_label"]) for row in rows]),
+        test_preset=preset,
+    )
+    if output_dir is not None:
+        style = {"colormap_name": colormap_name, "alpha": alpha, "pixel_threshold": model.config.pixel_threshold}
+        result.files = _write_outputs(Path(output_dir), result, records, rows, num_visualizations, style)
+    return result
+
+
+def _score_rows(
+    model: CoPSForAnomalyDetection,
+    processor: CoPSProcessor,
+    rows: list[dict[str, Any]],
+    pixel_level: bool,
+    accelerator: Accelerator,
+    *,
+    batch_size: int,
+    seed: int,
+) -> list[dict[str, Any]] | None:
+    """Score the dataset's rows, each process its shard; the results in row order on the main process, else None.
+
+    A result holds `pred_score`, and with pixel-level data the `anomaly_map` and `gt_mask`.
+    """
     with accelerator.split_between_processes(rows) as shard:
         predictions = predict_images(
             model,
             processor,
-            [row["image_path"] for row in shard],
+            [row[IMAGE_PATH] for row in shard],
             [row["mask_path"] or None for row in shard] if pixel_level else None,
             batch_size=batch_size,
             seed=seed,
             show_progress=accelerator.is_local_main_process,
         )
         shard_results = [
-            {"index": shard[prediction.index]["index"], "pred_score": prediction.pred_score}
-            | ({"anomaly_map": prediction.anomaly_map, "gt_mask": prediction.gt_mask} if pixel_level else {})
+            {"index": shard[prediction.index]["index"], PRED_SCORE: prediction.pred_score}
+            | ({ANOMALY_MAP: prediction.anomaly_map, GT_MASK: prediction.gt_mask} if pixel_level else {})
             for prediction in predictions
         ]
     gathered = accelerator.gather_for_metrics(shard_results, use_gather_object=True)
     if not accelerator.is_main_process:
         return None
     by_index = {result["index"]: result for result in gathered}
-    ordered = [by_index[row["index"]] for row in rows]
-    protocol = {name: getattr(model.config, name) for name in PROTOCOL_FIELDS}
-    protocol.update({"test_preset": preset.name, "seed": seed, "split": split, "pixel_level": pixel_level})
+    return [by_index[row["index"]] for row in rows]
 
+
+def _category_records(
+    rows: list[dict[str, Any]], ordered: list[dict[str, Any]], pixel_level: bool
+) -> tuple[dict[str, CategoryRecord], dict[str, CategoryRecord]]:
+    """Group the scored rows by category: all images, and those that count at pixel level (for the pixel metrics)."""
     grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row, result in zip(rows, ordered, strict=True):
         group = grouped[row["cls_name"]]
-        group["pred_score"].append(result["pred_score"])
-        group["gt_label"].append(int(row["gt_label"]))
+        group[PRED_SCORE].append(result[PRED_SCORE])
+        group[GT_LABEL].append(int(row[GT_LABEL]))
         if pixel_level:
-            group["anomaly_map"].append(result["anomaly_map"])
-            group["gt_mask"].append(result["gt_mask"])
+            group[ANOMALY_MAP].append(result[ANOMALY_MAP])
+            group[GT_MASK].append(result[GT_MASK])
             # An anomalous image without a mask counts at image level only (docs/protocol.md, mask rules).
-            group["pixel_level"].append(bool(row["mask_path"]) or not row["gt_label"])
+            group["pixel_level"].append(bool(row["mask_path"]) or not row[GT_LABEL])
     records = {
         name: CategoryRecord(
-            image_scores=np.asarray(group["pred_score"]),
-            image_labels=np.asarray(group["gt_label"]),
-            anomaly_maps=np.stack(group["anomaly_map"]) if pixel_level else None,
-            gt_masks=np.stack(group["gt_mask"]) if pixel_level else None,
+            image_scores=np.asarray(group[PRED_SCORE]),
+            image_labels=np.asarray(group[GT_LABEL]),
+            anomaly_maps=np.stack(group[ANOMALY_MAP]) if pixel_level else None,
+            gt_masks=np.stack(group[GT_MASK]) if pixel_level else None,
         )
         for name, group in grouped.items()
     }
@@ -219,20 +258,7 @@ def evaluate_dataset(
         else record
         for name, record in records.items()
     }
-    report = compute_zsad_metrics(pixel_records)
-    result = EvaluationResult(
-        report=report,
-        protocol=protocol,
-        image_paths=[row["image_path"] for row in rows],
-        categories=[row["cls_name"] for row in rows],
-        image_scores=np.asarray([item["pred_score"] for item in ordered]),
-        image_labels=np.asarray([int(row["gt_label"]) for row in rows]),
-        test_preset=preset,
-    )
-    if output_dir is not None:
-        style = {"colormap_name": colormap_name, "alpha": alpha, "pixel_threshold": model.config.pixel_threshold}
-        result.files = _write_outputs(Path(output_dir), result, records, rows, num_visualizations, style)
-    return result
+    return records, pixel_records
 
 
 def _write_outputs(
