@@ -11,11 +11,15 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .data.registry import GENERAL_PRESET, REGISTRY, SUITES, aliases_text, resolve_test_preset
 from .devices import DTYPE_NAMES
 from .schema import ERROR, GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_LABEL, PRED_SCORE
+
+if TYPE_CHECKING:
+    from .evaluation.fewshot import FewShotResult
 
 Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 """name, one-line help, adds the arguments, runs the command."""
@@ -135,15 +139,36 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=1)
     parser.add_argument("--no-overlays", action="store_true", help="write the table only")
     parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
+    _add_references_argument(parser)
     _add_style_arguments(parser)
     _add_device_arguments(parser)
+
+
+def _add_references_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--references", action="append", metavar="GOOD", help="normal reference images of the same part (few-shot): "
+        "a file, folder or glob pattern; repeat the flag for more. Maps and scores then fuse the distance to them.",
+    )  # fmt: skip
+
+
+def _reference_paths(args: argparse.Namespace) -> list[str]:
+    """The image files `--references` names (files, folders, globs), or a `ValueError` naming the flag."""
+    from .predict import expand_image_sources
+
+    try:
+        return expand_image_sources(args.references)
+    except ValueError as error:
+        raise ValueError(f"--references {error}") from error
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from .predict import expand_image_sources, load_detector, write_predictions
 
     images = expand_image_sources(args.images)
+    references = _reference_paths(args) if args.references else None
     detector = load_detector(args.model, device=args.device, dtype=args.dtype)
+    if references:
+        detector.set_references(references)
     summary = write_predictions(
         detector, images, args.output, output_format=args.format, batch_size=args.batch_size,
         skip_invalid=args.skip_invalid, threshold=args.threshold, image_threshold=args.image_threshold,
@@ -155,6 +180,37 @@ def _run_predict(args: argparse.Namespace) -> int:
     if summary.num_scored == 0:
         print(f"cops-hf predict: error: no image could be scored ({summary.errors[0]})", file=sys.stderr)
         return 2
+    return 0
+
+
+def _add_references_command_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    parser.add_argument(
+        "--images", required=True, nargs="+", metavar="GOOD",
+        help="normal reference images: files, folders (searched recursively) or glob patterns",
+    )  # fmt: skip
+    parser.add_argument("--output", required=True, help="folder for the referenced model (model + processor)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already saved in --output")
+    _add_device_arguments(parser)
+
+
+def _run_references(args: argparse.Namespace) -> int:
+    from .predict import expand_image_sources, load_detector
+
+    try:
+        references = expand_image_sources(args.images)
+    except ValueError as error:
+        raise ValueError(f"--images {error}") from error
+    output = Path(args.output)
+    if (output / "config.json").exists() and not args.overwrite:
+        raise ValueError(f"--output {output} already holds a model; pass --overwrite to replace it")
+    detector = load_detector(args.model, device=args.device, dtype=args.dtype)
+    count = detector.set_references(references)
+    detector.model.save_pretrained(output)
+    detector.processor.save_pretrained(output)
+    if args.verbosity >= 0:
+        limit = detector.model.config.reference_memory_size
+        print(f"Saved the model with {count} normal reference(s) ({limit} memory patches per layer) to {output}")
     return 0
 
 
@@ -181,9 +237,29 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=_non_negative_int, default=8, help="Overlays per category.")
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
+    _add_shots_arguments(parser)
     _add_style_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
+
+
+def _add_shots_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shots", type=_non_negative_int, default=0,
+        help="K normal references per category, drawn from its train split (else from the test normals, then left "
+        "out of scoring); 0 (default): zero-shot",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shot-seeds", type=_non_negative_int, nargs="+", metavar="S",
+        help="seeds of the reference draws, one evaluation each, averaged with their std (default: 0)",
+    )  # fmt: skip
+
+
+def _shot_options(args: argparse.Namespace) -> dict[str, object]:
+    """`shots` and `shot_seeds` for the API; refuses seeds without shots."""
+    if args.shot_seeds and not args.shots:
+        raise ValueError("--shot-seeds needs --shots K (K >= 1): seeds draw few-shot references")
+    return {"shots": args.shots, "shot_seeds": args.shot_seeds or [0]} if args.shots else {}
 
 
 def _add_cpu_alias(parser: argparse.ArgumentParser) -> None:
@@ -199,18 +275,38 @@ def _accelerator_on(device: object):
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluator import AUTO_PRESET, choose_test_preset, evaluate_dataset
+    from .evaluation.fewshot import evaluate_few_shot
     from .predict import load_model_and_processor
 
+    shots = _shot_options(args)
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     preset = choose_test_preset(args.preset or AUTO_PRESET, model, args.data, source="--preset")
     print(preset.describe())
-    evaluate_dataset(
+    evaluate = evaluate_few_shot if shots else evaluate_dataset
+    result = evaluate(
         model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset.name,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
         num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device),
-        skip_invalid=args.skip_invalid, **_style(args),
+        skip_invalid=args.skip_invalid, **shots, **_style(args),
     )  # fmt: skip
+    if result is None:  # not the main process of a sharded run
+        return 0
+    if shots:
+        _print_few_shot_notes(result)
+    else:
+        print(result.report.format_table())
+        print(f"Protocol: {result.protocol}")
+        print(f"Wrote {len(result.files)} files to {args.output}")
     return 0
+
+
+def _print_few_shot_notes(result: FewShotResult) -> None:
+    """Where the references came from: the test normals they took are not scored."""
+    seeds = ", ".join(map(str, result.shot_seeds))
+    print(f"{result.shots}-shot, mean over seeds {seeds} (std in metrics.json):")
+    for category, split in result.reference_split.items():
+        if split != "train":
+            print(f"  {category}: references drawn from the {split} normals, left out of scoring")
 
 
 def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -287,6 +383,7 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    _add_shots_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
 
@@ -295,10 +392,11 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     from .evaluation.benchmark import run_benchmark
     from .predict import load_model_and_processor
 
+    shots = _shot_options(args)
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     result = run_benchmark(
         model, processor, args.data_root, suite=args.suite, output_dir=args.output, batch_size=args.batch_size,
-        seed=args.seed, accelerator=_accelerator_on(model.device),
+        seed=args.seed, accelerator=_accelerator_on(model.device), **shots,
     )  # fmt: skip
     if result is None:
         return 0
@@ -376,6 +474,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the final model already in --output")
     parser.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding worker processes")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument(
+        "--synthesize", action="store_true",
+        help="add a synthetic anomalous copy of every normal image each epoch (blob, scratch, cut-paste, foreign "
+        "patch): trains on normal images only, or mixes into a labelled --split (default split: the first with "
+        "normal images)",
+    )  # fmt: skip
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -404,12 +508,15 @@ def _run_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         dataloader_num_workers=args.num_workers,
         use_cpu=args.cpu,
+        synthesize=args.synthesize,
     )
-    dataset = load_training_dataset(args.data, split=args.split)
+    dataset = load_training_dataset(args.data, split=args.split, synthesize=args.synthesize)
     num_anomalous = sum(dataset["gt_label"])
+    num_normal = len(dataset) - num_anomalous
+    synthetic = f", plus {num_normal} synthetic anomalous copies per epoch" if args.synthesize else ""
     print(
-        f"Training on split '{dataset.split}' of {args.data}: {len(dataset) - num_anomalous} normal and "
-        f"{num_anomalous} anomalous images"
+        f"Training on split '{dataset.split}' of {args.data}: {num_normal} normal and {num_anomalous} anomalous "
+        f"images{synthetic}"
     )
     result = train_cops(model, processor_for(model), dataset, config)
     if result.history:
@@ -441,6 +548,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"  {row[PRED_SCORE]:.4f}  {label:<9}  {row['cls_name']:<8}  {row[IMAGE_PATH]}")
     print("\nZero-shot metrics on the unseen test categories (%):")
     print(result.evaluation.report.format_table())
+    if result.few_shot is not None:
+        print(f"\nZero-shot / {result.shots}-shot ({result.shots} normal references per category) (%):")
+        print(result.comparison_table())
     print(f"\nModel, processor and train_log.jsonl in {result.training.output_dir}")
     print(f"Tables, ROC/PR plots and heatmap overlays in {Path(result.training.output_dir) / 'evaluation'}")
     return 0
@@ -509,6 +619,12 @@ SUBCOMMANDS: list[Subcommand] = [
     ("train", "Train CoPS on the labelled images of an auxiliary dataset.", _add_train_arguments, _run_train),
     ("convert", "Get an official CoPS detector, or convert CLIP + CoPS files.", _add_convert_arguments, _run_convert),
     ("predict", "Score images; write heatmap overlays and a CSV.", _add_predict_arguments, _run_predict),
+    (
+        "references",
+        "Save a model with a memory of normal reference images (few-shot).",
+        _add_references_command_arguments,
+        _run_references,
+    ),
     ("evaluate", "Evaluate on a meta.json dataset: metrics, plots.", _add_evaluate_arguments, _run_evaluate),
     ("calibrate", "Calibrate and store decision thresholds.", _add_calibrate_arguments, _run_calibrate),
     ("data", "Prepare (meta.json) or validate a dataset.", _add_data_arguments, _run_data),
@@ -522,12 +638,17 @@ SUBCOMMANDS: list[Subcommand] = [
 EXAMPLES = {
     "demo": "  cops-hf demo --output cops-demo",
     "train": "  cops-hf train --clip openai/clip-vit-large-patch14-336 --data /data/VisA --preset visa --output run\n"
-    "  accelerate launch -m cops_hf.cli train --clip ... --data ... --output ...   (several GPUs)",
+    "  accelerate launch -m cops_hf.cli train --clip ... --data ... --output ...   (several GPUs)\n"
+    "  cops-hf train --clip ... --data my_parts --synthesize --output run   (normal images only)",
     "convert": "  cops-hf convert --official visa --output cops\n"
     "  cops-hf convert --clip ViT-L-14-336px.pt --checkpoint epoch_10.pth --output cops",
     "predict": "  cops-hf predict --model cops part.png --output out\n"
-    "  cops-hf predict --model cops photos/ 'more/**/*.jpg' --output out --format json --device cuda",
-    "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec",
+    "  cops-hf predict --model cops photos/ 'more/**/*.jpg' --output out --format json --device cuda\n"
+    "  cops-hf predict --model cops --references good_parts/ new_parts/ --output out   (few-shot)",
+    "references": "  cops-hf references --model cops --images good_parts/ --output cops-referenced\n"
+    "  cops-hf predict --model cops-referenced new_parts/ --output out",
+    "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec\n"
+    "  cops-hf evaluate --model cops --data /data/mvtec --shots 4 --shot-seeds 0 1 2 --output eval-4shot",
     "calibrate": "  cops-hf calibrate --model cops --normal good_parts/ --output cops-calibrated\n"
     "  cops-hf calibrate --model cops --data /data/mvtec --output cops-calibrated",
     "data": "  cops-hf data prepare mvtec /data/mvtec\n  cops-hf data validate /data/mvtec",

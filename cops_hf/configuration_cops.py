@@ -71,6 +71,10 @@ _FIELD_KINDS = {
     "str": ("a string", lambda value: isinstance(value, str)),
     "None": ("null", lambda value: value is None),
     "list[int]": ("a list of integers", lambda value: isinstance(value, list) and all(map(_is_int, value))),
+    "list[str]": (
+        "a list of strings",
+        lambda value: isinstance(value, list) and all(isinstance(item, str) for item in value),
+    ),
 }
 
 
@@ -130,8 +134,23 @@ class CoPSConfig(PretrainedConfig):
         train_preset (`str`, *optional*): the `TRAIN_DATASET_PRESETS` entry the training fields were set from.
         train_dataset, train_split (`str`, *optional*): what the model was trained on, recorded by the trainer: the
             benchmark name meta.json records (else the dataset folder) and the meta.json split.
+        train_real_images, train_synthetic_images (`int`, *optional*): images per epoch of that training, recorded by
+            the trainer: real ones from the split, and synthetic anomalous copies of its normal images (normal-only
+            adaptation, `TrainingConfig.synthesize`; 0 otherwise).
         source_checkpoint (`str`, *optional*): the published checkpoint the CoPS weights were converted from, as
             "repository/path@git blob sha1".
+        reference_weight (`float`): weight w of the few-shot reference map when references are set:
+            `anomaly_map = (1 - w) * zero_shot_map + w * reference_map` and
+            `score = (1 - w) * zero_shot_score + w * max(reference_map)` (WinCLIP+'s average at w = 0.5). The
+            default was chosen by an ablation on synthetic data (benchmarks/README.md). Unused without references.
+        reference_memory_limit (`int`): most memory rows (patch features) kept per feature layer; a larger memory
+            is subsampled to it by a greedy k-center coreset (PatchCore's), which bounds the search cost.
+        reference_memory_size (`int`): rows per feature layer of the stored memory (the `reference_memory` buffer
+            is `[len(feature_layers), reference_memory_size, projection_dim]`); set by `set_references`, 0 without
+            references.
+        reference_count (`int`): number of normal reference images the memory was built from (0: zero-shot).
+        reference_sources (`list[str]`, *optional*): names of the reference images (file names, never absolute
+            local paths), for the model card.
     """
 
     model_type = "cops"
@@ -171,6 +190,13 @@ class CoPSConfig(PretrainedConfig):
     train_preset: str | None = None
     train_dataset: str | None = None
     train_split: str | None = None
+    train_real_images: int | None = None
+    train_synthetic_images: int | None = None
+    reference_weight: float = 0.5
+    reference_memory_limit: int = 16384
+    reference_memory_size: int = 0
+    reference_count: int = 0
+    reference_sources: list[str] | None = None
 
     served_pipeline_tasks: ClassVar[set[str]] = set()
     """Pipeline tasks this process serves with registered classes (filled by `cops_hf.register_with_transformers`).
@@ -280,6 +306,20 @@ class CoPSConfig(PretrainedConfig):
                 problems.append(f"{name}={kernel} must be a positive odd integer")
         if not 0.0 <= self.distance_alpha <= 1.0 or not 0.0 <= self.image_score_beta <= 1.0:
             problems.append("distance_alpha and image_score_beta must lie in [0, 1]")
+        if not 0.0 <= self.reference_weight <= 1.0:
+            problems.append(f"reference_weight={self.reference_weight} must lie in [0, 1]")
+        if self.reference_memory_limit < 1 or self.reference_memory_size < 0 or self.reference_count < 0:
+            problems.append("reference_memory_limit must be >= 1, reference_memory_size and reference_count >= 0")
+        if (self.reference_count == 0) != (self.reference_memory_size == 0):
+            problems.append(
+                f"reference_count={self.reference_count} and reference_memory_size={self.reference_memory_size} "
+                "must be both 0 (no references) or both positive; set references with model.set_references"
+            )
+        if self.reference_sources is not None and len(self.reference_sources) != self.reference_count:
+            problems.append(
+                f"reference_sources names {len(self.reference_sources)} images but reference_count is "
+                f"{self.reference_count}"
+            )
         if self.temperature <= 0 or self.gaussian_sigma < 0 or self.vae_samples < 1:
             problems.append("temperature must be > 0, gaussian_sigma >= 0 and vae_samples >= 1")
         sequence_length = 2 + self.num_prompt_tokens + len(self.prompt_suffix_token_ids)

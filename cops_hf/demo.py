@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import load_meta_dataset, make_synthetic_dataset
+from .data import load_meta_dataset, make_synthetic_dataset, render_synthetic_sample
 from .evaluation.evaluator import EvaluationResult, evaluate_dataset
+from .evaluation.report import METRIC_DISPLAY_NAMES, ZSADReport, format_percent, render_table
 from .random_towers import random_clip_model
 from .schema import GT_LABEL, IMAGE_PATH, PRED_SCORE, Prediction
 from .training import TrainingConfig, TrainingResult, cops_model_for_training, processor_for, train_cops
+
+DATA_IMAGE_SIZE = 64
+"""Side of the demo's synthetic images in pixels (`make_synthetic_dataset`'s default)."""
 
 
 @dataclass
@@ -27,14 +31,33 @@ class DemoResult:
         training: the training run (its `history` holds the per-epoch loss terms).
         data_dir: the generated synthetic dataset.
         test_scores: per scored test image: `image_path`, `cls_name`, `gt_label` and `score`.
-        evaluation: metrics on the unseen test categories; its files (table, plots, overlays) are in
+        evaluation: zero-shot metrics on the unseen test categories; its files (table, plots, overlays) are in
             `output_dir/evaluation`.
+        few_shot: the same metrics with `shots` normal references of each test category in the model's memory
+            (rendered apart from the test images, as a category's `train/good` would be); `None` with `shots=0`.
+        shots: references per category of `few_shot`.
     """
 
     training: TrainingResult
     data_dir: Path
     test_scores: list[dict[str, Any]]
     evaluation: EvaluationResult
+    few_shot: ZSADReport | None = None
+    shots: int = 0
+
+    def comparison_table(self) -> str:
+        """Zero-shot next to k-shot, per test category and mean: "zero-shot / k-shot" percentages per metric."""
+        zero_shot = self.evaluation.report
+        metrics = zero_shot.available_metrics
+        header = ["category", *(METRIC_DISPLAY_NAMES[name] for name in metrics)]
+        rows = [
+            [
+                str(zero_row["category"]),
+                *(f"{format_percent(zero_row[name])} / {format_percent(few_row[name])}" for name in metrics),
+            ]
+            for zero_row, few_row in zip(zero_shot.to_rows(), self.few_shot.to_rows(), strict=True)
+        ]
+        return render_table(header, rows)
 
 
 def run_demo(
@@ -45,6 +68,7 @@ def run_demo(
     num_test_images: int = 6,
     seed: int = 0,
     progress_bar: bool = True,
+    shots: int = 2,
 ) -> DemoResult:
     """Generate synthetic data, train a CoPS on a random tiny CLIP, and evaluate it on the unseen categories.
 
@@ -56,10 +80,13 @@ def run_demo(
         num_test_images: test images listed in `test_scores`, alternating normal and anomalous ones.
         seed: seed of the data, the CLIP initialization, the training run and the class-token noise.
         progress_bar: show the training progress bar.
+        shots: normal references per test category for the few-shot evaluation (0: zero-shot only).
     """
     output_dir = Path(output_dir)
     config = TrainingConfig(output_dir=output_dir, num_epochs=num_epochs, seed=seed, progress_bar=progress_bar)
-    data_dir = make_synthetic_dataset(output_dir / "data", images_per_category=images_per_category, seed=seed)
+    data_dir = make_synthetic_dataset(
+        output_dir / "data", images_per_category=images_per_category, image_size=DATA_IMAGE_SIZE, seed=seed
+    )
     model = cops_model_for_training(random_clip_model("tiny", seed=seed), image_size=image_size)
     processor = processor_for(model)
     training = train_cops(model, processor, load_meta_dataset(data_dir, split="train"), config)
@@ -80,7 +107,31 @@ def run_demo(
         })
         for index in chosen
     ]
-    return DemoResult(training=training, data_dir=data_dir, test_scores=test_scores, evaluation=evaluation)
+    few_shot = None
+    if shots:
+        per_category = {}
+        for category in dict.fromkeys(evaluation.categories):
+            references = [
+                render_synthetic_sample(
+                    category, images_per_category + index, image_size=DATA_IMAGE_SIZE, seed=seed
+                ).image
+                for index in range(shots)
+            ]
+            training.model.set_references(processor(images=references)["pixel_values"])
+            referenced = evaluate_dataset(
+                training.model, processor, data_dir, categories=[category], seed=seed, num_visualizations=0
+            )
+            per_category[category] = referenced.report.per_category[category]
+        training.model.clear_references()
+        few_shot = ZSADReport(per_category)
+    return DemoResult(
+        training=training,
+        data_dir=data_dir,
+        test_scores=test_scores,
+        evaluation=evaluation,
+        few_shot=few_shot,
+        shots=shots,
+    )
 
 
 __all__ = ["DemoResult", "run_demo"]

@@ -65,7 +65,8 @@ def render_model_card(
     Args:
         config_fields: the CoPS-specific configuration fields to list in the card, e.g. the attributes of the CoPS
             config that differ from the CLIP backbone's; keys starting with ``_`` (transformers bookkeeping such
-            as ``_name_or_path``, which may hold a local path) are left out.
+            as ``_name_or_path``, which may hold a local path) are left out. ``reference_count`` and
+            ``reference_sources`` also fill the card's few-shot references section.
         base_model: Hub id of the frozen CLIP backbone, e.g. ``"openai/clip-vit-large-patch14-336"``; ``None`` when
             the CLIP is not a published one (random, or of unknown origin): the card then names none.
         training_dataset: name or Hub id of the auxiliary dataset the prompt synthesis was trained on, if known.
@@ -102,7 +103,13 @@ def render_model_card(
         pipeline_task=TASK,
         repo_id=repo_id or "your-username/your-cops-model",
         training_dataset=training_dataset,
-        config_rows=[(name, _table_cell(value)) for name, value in config_fields.items() if not name.startswith("_")],
+        reference_count=config_fields.get("reference_count", 0),
+        reference_sources=config_fields.get("reference_sources"),
+        config_rows=[
+            (name, _table_cell(value))
+            for name, value in config_fields.items()
+            if not name.startswith("_") and name != "reference_sources"  # listed in the references section
+        ],
         metric_names=metric_names,
         evaluation_rows=[
             (dataset, [f"{100 * metrics[name]:.1f}" if name in metrics else "–" for name in metric_names])

@@ -21,7 +21,7 @@ import copy
 import math
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -96,6 +96,11 @@ class CoPSAnomalyDetectionOutput(ModelOutput):
             Global image token g (not normalized).
         normal_distances, anomalous_distances (`torch.FloatTensor` of shape `(batch_size, num_patches)`):
             Cosine distance of each smoothed patch token to its nearest normal / anomalous prototype.
+        reference_maps (`torch.FloatTensor` of shape `(batch_size, height, width)`, *optional*, returned at inference
+            when references are set):
+            The few-shot reference map before fusion: per patch, `(1 - cos) / 2` to the nearest patch of the normal
+            reference memory, averaged over the feature layers, nearest-upsampled and Gaussian-smoothed like the
+            zero-shot map. `anomaly_maps` and `image_scores` are then the fused ones (`config.reference_weight`).
         original_sizes (`list[tuple[int, int]]`, *optional*, returned when passed to the forward):
             `(height, width)` of each input image before preprocessing, so that
             `processor.post_process_anomaly_detection(outputs)` restores them.
@@ -110,6 +115,7 @@ class CoPSAnomalyDetectionOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     normal_distances: torch.FloatTensor | None = None
     anomalous_distances: torch.FloatTensor | None = None
+    reference_maps: torch.FloatTensor | None = None
     original_sizes: list[tuple[int, int]] | None = None
 
 
@@ -182,6 +188,67 @@ def nearest_prototype_distance(features: torch.Tensor, prototypes: torch.Tensor)
     prototypes_unit = prototypes / prototypes.norm(dim=-1, keepdim=True).clamp_min(eps)
     cosine = features_unit @ prototypes_unit.transpose(1, 2)  # [B, N, P]
     return (1.0 - cosine).amin(dim=-1)
+
+
+REFERENCE_SEARCH_CHUNK = 2048
+"""Rows of queries and of memory compared at once by `nearest_reference_distance`: a block of similarities is at most
+2048 x 2048 float32 (16 MiB), whatever the batch and the memory size."""
+
+CORESET_PROJECTION_DIM = 128
+"""Features are randomly projected to this many dimensions (when wider) to pick the coreset, as PatchCore does."""
+
+
+def nearest_reference_distance(
+    queries: torch.Tensor, memory: torch.Tensor, chunk_size: int = REFERENCE_SEARCH_CHUNK
+) -> torch.Tensor:
+    """`(1 - max_j cos(queries[i], memory[j])) / 2` in [0, 1] for L2-normalized `[Q, D]` queries and `[M, D]` memory.
+
+    The search runs over blocks of `chunk_size` queries by `chunk_size` memory rows, keeping a running maximum, so
+    its memory is bounded by one block; it is computed in float32 whatever the input dtype.
+    """
+    best = torch.full((queries.shape[0],), -1.0, device=queries.device)
+    for start in range(0, queries.shape[0], chunk_size):
+        query_block = queries[start : start + chunk_size].float()
+        block_best = best[start : start + chunk_size]
+        for memory_start in range(0, memory.shape[0], chunk_size):
+            similarity = query_block @ memory[memory_start : memory_start + chunk_size].float().T  # [q, m]
+            block_best = torch.maximum(block_best, similarity.amax(dim=1))
+        best[start : start + chunk_size] = block_best
+    return ((1.0 - best) / 2.0).clamp(0.0, 1.0)
+
+
+def greedy_coreset(features: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Indices of `size` rows of `[M, D]` `features` picked by greedy k-center (PatchCore's coreset).
+
+    Starting from row 0, each step adds the row farthest (Euclidean) from every row picked so far, so the kept rows
+    cover the whole memory; distances are computed after a random Gaussian projection to `CORESET_PROJECTION_DIM`
+    dimensions drawn from `seed`. Deterministic for the same features and seed.
+
+    Returns:
+        `[size]` int64 indices in selection order (all rows, in order, when `size >= M`).
+    """
+    num_rows, dim = features.shape
+    if size >= num_rows:
+        return torch.arange(num_rows, device=features.device)
+    projected = features.float()
+    if dim > CORESET_PROJECTION_DIM:
+        generator = torch.Generator().manual_seed(seed)
+        projection = torch.randn(dim, CORESET_PROJECTION_DIM, generator=generator) / math.sqrt(CORESET_PROJECTION_DIM)
+        projected = projected @ projection.to(projected.device)  # [M, p]
+    selected = torch.empty(size, dtype=torch.long, device=features.device)
+    selected[0] = 0
+    min_distances = (projected - projected[0]).norm(dim=1)  # [M]
+    for step in range(1, size):
+        index = int(min_distances.argmax())
+        selected[step] = index
+        min_distances = torch.minimum(min_distances, (projected - projected[index]).norm(dim=1))
+    return selected
+
+
+def reference_source_name(source: str | os.PathLike) -> str:
+    """The name a reference image is recorded under: the file name of an absolute path, else `source` as given."""
+    text = os.fspath(source)
+    return os.path.basename(text) if os.path.isabs(text) else text
 
 
 class CoPSPrototypeExtractor(nn.Module):
@@ -347,6 +414,9 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         self.prompt_synthesizer = CoPSPromptSynthesizer(config)
         self.state_prototypes = CoPSStatePrototypes(config)
         self.class_token_vae = CoPSClassTokenVAE(config.projection_dim)
+        self._register_reference_memory(
+            torch.zeros(len(config.feature_layers), config.reference_memory_size, config.projection_dim)
+        )
         self.post_init()
 
     @classmethod
@@ -611,6 +681,107 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         samples = torch.randn(1, num_samples, self.config.projection_dim, generator=generator)
         return samples.expand(batch_size, -1, -1)
 
+    # ------------------------------------------------------------------ reference memory (few-shot)
+
+    def _register_reference_memory(self, memory: torch.Tensor) -> None:
+        """Store `[F, M, D]` unit patch features as the `reference_memory` buffer.
+
+        A non-empty memory is a persistent buffer, so `save_pretrained` writes it into the weights file beside the
+        others and `from_pretrained` reads it back (the config's `reference_memory_size` gives its shape); an empty
+        one is not saved, so folders saved before references existed load unchanged.
+        """
+        self.register_buffer("reference_memory", memory, persistent=memory.shape[1] > 0)
+
+    @property
+    def num_references(self) -> int:
+        """Number of normal reference images in the memory; 0 for a zero-shot model."""
+        return self.config.reference_count
+
+    @torch.no_grad()
+    def reference_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalized patch features `[B, F, N, D]` of images, as the maps see them (what the memory holds).
+
+        These are the patch tokens of `config.feature_layers` (value stream of the dual-path layers, projected into
+        the joint space) after the test-time neighbour averaging: the very tokens the zero-shot map scores.
+
+        Args:
+            pixel_values: `[B, 3, H, W]` from [`CoPSProcessor`].
+        """
+        self._check_pixel_values(pixel_values)
+        patch_embeds = self.dual_path_vision_forward(pixel_values).patch_embeds.float()  # [B, F, N, D]
+        patch = self.config.vision_config.patch_size
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        # [B, F, N, D] -> [B*F, N, D] -> smoothed -> [B, F, N, D]
+        smoothed = neighbour_average(patch_embeds.flatten(0, 1), grid, self.config.test_kernel_size)
+        smoothed = smoothed.view_as(patch_embeds)
+        return smoothed / smoothed.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def set_references(
+        self,
+        pixel_values: torch.Tensor | Iterable[torch.Tensor],
+        sources: Sequence[str | os.PathLike] | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        """Build the few-shot memory from normal reference images, replacing any earlier one.
+
+        Each feature layer's memory holds the patch features (`reference_features`) of every reference, subsampled
+        by a greedy k-center coreset to `config.reference_memory_limit` rows when larger. The config records the
+        count, the sources and the memory's size, so that `save_pretrained` / `from_pretrained` carry the memory.
+
+        Args:
+            pixel_values: `[K, 3, H, W]` from [`CoPSProcessor`] (any size the model takes), or an iterable of such
+                batches (to stream many references without holding all their pixels).
+            sources: one name per reference (e.g. file names) for the model card; absolute paths are reduced to
+                their file name.
+            batch_size: references run through the vision tower this many at a time.
+        """
+        batches = [pixel_values] if isinstance(pixel_values, torch.Tensor) else pixel_values
+        layer_features = []  # per batch: [F, k*N, D]
+        count = 0
+        for batch in batches:
+            for chunk in batch.split(batch_size):
+                features = self.reference_features(chunk)  # [k, F, N, D]
+                layer_features.append(features.transpose(0, 1).flatten(1, 2))  # [F, k*N, D]
+                count += chunk.shape[0]
+        if count == 0:
+            raise ValueError("set_references got no reference image: pass pixel_values of at least one normal image.")
+        if sources is not None and len(sources) != count:
+            raise ValueError(f"set_references got {len(sources)} sources for {count} reference images.")
+        features = torch.cat(layer_features, dim=1)  # [F, K*N, D]
+        limit = self.config.reference_memory_limit
+        memory = torch.stack([layer[greedy_coreset(layer, limit)] for layer in features])  # [F, M, D]
+        self._register_reference_memory(memory)
+        self.config.reference_count = count
+        self.config.reference_memory_size = memory.shape[1]
+        self.config.reference_sources = None if sources is None else [reference_source_name(s) for s in sources]
+
+    def clear_references(self) -> None:
+        """Forget the reference memory: the model is zero-shot again, exactly as without references."""
+        self._register_reference_memory(
+            self.reference_memory.new_zeros(len(self.config.feature_layers), 0, self.config.projection_dim)
+        )
+        self.config.reference_count = 0
+        self.config.reference_memory_size = 0
+        self.config.reference_sources = None
+
+    def _reference_distances(self, smoothed: torch.Tensor) -> torch.Tensor:
+        """Distance `[B, F, N]` of each smoothed patch token `[B, F, N, D]` to its nearest memory patch, per layer."""
+        units = smoothed.float() / smoothed.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        memory = self.reference_memory
+        if memory.shape[0] != units.shape[1] or memory.shape[2] != units.shape[3]:
+            raise ValueError(
+                f"The reference memory holds {memory.shape[0]} layers of width {memory.shape[2]} but the model scores "
+                f"{units.shape[1]} layers of width {units.shape[3]}: call set_references again after changing "
+                "feature_layers."
+            )
+        batch_size, num_layers, num_patches, _ = units.shape
+        distances = [
+            nearest_reference_distance(units[:, layer].flatten(0, 1), memory[layer]).view(batch_size, num_patches)
+            for layer in range(num_layers)
+        ]
+        return torch.stack(distances, dim=1)
+
     # ------------------------------------------------------------------ forward
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
@@ -742,6 +913,8 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
             outputs = self._inference_outputs(
                 state_probs, image_logits, grid, output_size, normal_distances, anomalous_distances
             )
+            if self.num_references:
+                self._fuse_references(outputs, smoothed, grid, output_size)
         outputs.text_embeds = text_embeds
         outputs.image_embeds = image_embeds
         outputs.normal_distances = normal_distances
@@ -765,6 +938,29 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         """Nearest-neighbour upsampling of `[B, K, N]` patch values to `[B, K, H, W]` (any K)."""
         return F.interpolate(patch_values.unflatten(-1, grid), size=size, mode="nearest")
 
+    def _pixel_maps(self, layer_values: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """Per-patch values of each layer `[B, F, N]` to one `[B, H, W]` map.
+
+        Nearest upsampling, mean over the layers, Gaussian smoothing (the zero-shot and the reference maps both go
+        through here).
+        """
+        layer_maps = self._upsample_patches(layer_values, grid, size)  # [B, F, H, W]
+        return gaussian_blur(layer_maps.mean(dim=1), self.config.gaussian_sigma)
+
+    def _fuse_references(
+        self,
+        outputs: CoPSAnomalyDetectionOutput,
+        smoothed: torch.Tensor,
+        grid: tuple[int, int],
+        output_size: tuple[int, int],
+    ) -> None:
+        """Add the reference map to `outputs` and fuse it into the map and score with `config.reference_weight`."""
+        reference_maps = self._pixel_maps(self._reference_distances(smoothed), grid, output_size)
+        weight = self.config.reference_weight
+        outputs.anomaly_maps = (1.0 - weight) * outputs.anomaly_maps + weight * reference_maps
+        outputs.image_scores = (1.0 - weight) * outputs.image_scores + weight * reference_maps.flatten(1).amax(dim=1)
+        outputs.reference_maps = reference_maps
+
     def _inference_outputs(
         self,
         state_probs: torch.Tensor,
@@ -779,8 +975,7 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
             1.0 - minmax_per_image(anomalous_distances.float())
         )  # [B, N]
         anomalous_probs = state_probs[..., ANOMALOUS] * patch_weights.unsqueeze(1)  # [B, F, N]
-        layer_maps = self._upsample_patches(anomalous_probs, grid, output_size)  # [B, F, H, W]
-        anomaly_maps = gaussian_blur(layer_maps.mean(dim=1), self.config.gaussian_sigma)
+        anomaly_maps = self._pixel_maps(anomalous_probs, grid, output_size)
         patch_scores = anomalous_probs[:, -1]
         global_scores = image_logits.softmax(dim=-1)[:, ANOMALOUS]
         beta = self.config.image_score_beta

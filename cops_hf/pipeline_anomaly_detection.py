@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import types
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -55,6 +56,10 @@ class AnomalyDetectionPipeline(Pipeline):
         batch_size, num_workers: as for every transformers pipeline.
 
     Other keyword arguments raise `TypeError`.
+
+    Few-shot: `pipeline("anomaly-detection", model=..., references=[...])` or `detector.set_references(images)`
+    builds the model's memory of normal references (see `set_references`); the maps and scores are then fused with
+    the reference map, until `detector.model.clear_references()`.
     """
 
     _load_processor = None  # optional: defaults to CoPSProcessor at config.image_size
@@ -63,12 +68,51 @@ class AnomalyDetectionPipeline(Pipeline):
     _load_tokenizer = False
     _load_video_processor = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, references: Iterable[ImageLike] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check_model_type(self.model.config.model_type, self.model.name_or_path or type(self.model).__name__)
         if self.processor is None:
             self.processor = CoPSProcessor.for_image_size(self.model.config.image_size)
         self.image_processor = self.processor.image_processor  # lets the base class batch pixel_values
+        if references is not None:
+            self.set_references(references)
+
+    def set_references(self, images: Iterable[ImageLike], timeout: float | None = None, batch_size: int = 8) -> int:
+        """Build the model's few-shot memory from normal reference images (replacing an earlier one).
+
+        Args:
+            images: normal images of the part being inspected: paths, URLs, PIL images, arrays or tensors, of any
+                size or mode (each is processed like an image to score); e.g. `dataset["image"]` of a `datasets`
+                dataset.
+            timeout: seconds an image URL may take to answer.
+            batch_size: references read, processed and run through the vision tower this many at a time.
+
+        Returns:
+            The number of references in the memory.
+
+        Raises:
+            ValueError: no image was given, or one cannot be read (`ImageLoadError` names it).
+        """
+        items = list(images)
+        if not items:
+            raise ValueError("No reference images were given: pass a non-empty list of normal images.")
+        parameter = next(self.model.parameters())
+
+        def batches() -> Iterator[torch.Tensor]:
+            for start in range(0, len(items), batch_size):
+                try:
+                    loaded = [
+                        load_image(item, start + offset, timeout)
+                        for offset, item in enumerate(items[start : start + batch_size])
+                    ]
+                except ImageLoadError as error:
+                    raise ImageLoadError(f"Reference images: {error}") from error
+                yield self.processor(images=loaded)["pixel_values"].to(parameter.device, parameter.dtype)
+
+        self.model.set_references(
+            batches(), sources=[reference_label(item, index) for index, item in enumerate(items)]
+        )
+        return self.model.num_references
 
     def _sanitize_parameters(
         self,
@@ -184,6 +228,18 @@ class AnomalyDetectionPipeline(Pipeline):
         if PRED_MASK in result:
             result[PRED_MASK] = result[PRED_MASK].numpy()
         return result
+
+
+def reference_label(image: ImageLike, index: int) -> str:
+    """The name a reference is recorded under in the model config.
+
+    Its path or URL, else the PIL file name, else "reference <index>" (the model keeps only the file name of an
+    absolute path).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    filename = getattr(image, "filename", "")
+    return os.path.basename(filename) if filename else f"reference {index}"
 
 
 NO_DEFAULT_MODEL_MESSAGE = (

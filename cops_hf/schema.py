@@ -28,6 +28,19 @@ GT_LABEL = "gt_label"
 GT_MASK = "gt_mask"
 ERROR = "error"
 
+# Few-shot evaluation (metrics.json of `cops-hf evaluate --shots K`).
+SHOTS = "shots"
+"""Normal reference images per category (K); 0 is zero-shot."""
+SHOT_SEEDS = "shot_seeds"
+"""The seeds of the reference draws, one evaluation each."""
+PER_SEED = "per_seed"
+"""Each seed's metrics (`mean`, `per_category`)."""
+REFERENCES = "references"
+"""Per seed and category, the reference image paths (relative to the data root)."""
+REFERENCE_SPLIT = "reference_split"
+"""Per category, the split the references were drawn from."""
+STD = "std"
+"""Standard deviation over the shot seeds, beside each `mean`."""
 DEPRECATED_RESULT_KEYS = {"score": PRED_SCORE, "label": PRED_LABEL, "mask": PRED_MASK, "image": IMAGE_PATH}
 """Former result keys (and predict's former CSV columns) -> their schema names; they keep working for one release."""
 
@@ -89,9 +102,15 @@ __all__ = [
     "IMAGE_PATH",
     "LABEL_NAMES",
     "NORMAL",
+    "PER_SEED",
     "PRED_LABEL",
     "PRED_MASK",
     "PRED_SCORE",
+    "REFERENCES",
+    "REFERENCE_SPLIT",
+    "SHOTS",
+    "SHOT_SEEDS",
+    "STD",
     "dataset_key",
     "decision_label",
 ]

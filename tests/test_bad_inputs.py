@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cops_hf.cli import main
-from cops_hf.data import make_record, write_meta_json
+from cops_hf.data import make_record, read_meta_json, write_meta_json
 from cops_hf.image_utils import IMAGE_SUFFIXES, ImageLoadError, load_image
 from cops_hf.processing_cops import CoPSProcessor
 from tests.data_fakes import write_image, write_mask
@@ -139,6 +139,13 @@ def _dataset(root: Path, extra: list[dict] | None = None, category: str = "bottl
     return root
 
 
+def _anomalous_dataset(root: Path) -> Path:
+    """A dataset without any normal image: the anomalous records of `_dataset`."""
+    records = [record for record in read_meta_json(_dataset(root))["test"]["bottle"] if record["anomaly"]]
+    write_meta_json(root, {"train": {"bottle": records}, "test": {"bottle": records}})
+    return root
+
+
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
     """The first line of the CLI's error message (progress bars on stderr are not part of it)."""
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cops-hf ")]
@@ -245,6 +252,14 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
      "cops-hf evaluate: error: No meta.json at {tmp}/nowhere/meta.json."),
     ("evaluate-unknown-category", ["evaluate", "--model", "{model}", "--data", "{data}", *OUT, "--categories", "x"],
      2, "cops-hf evaluate: error: {data}/meta.json split 'test' has no categories ['x']; available: ['bottle']"),
+    ("evaluate-shots-above-normals", ["evaluate", "--model", "{model}", "--data", "{data}", *OUT, "--shots", "3"], 2,
+     "cops-hf evaluate: error: --shots 3 is more than the 2 normal images of category 'bottle': lower --shots or add "
+     "normal images (a `train` split of good images, or more test normals)."),
+    ("evaluate-shot-seeds-without-shots", ["evaluate", "--model", "{model}", "--data", "{data}", *OUT,
+                                           "--shot-seeds", "1"], 2,
+     "cops-hf evaluate: error: --shot-seeds needs --shots K (K >= 1): seeds draw few-shot references"),
+    ("evaluate-shots-negative", ["evaluate", "--model", "{model}", "--data", "{data}", *OUT, "--shots", "-1"], 2,
+     "cops-hf evaluate: error: argument --shots: must be an integer >= 0, got '-1'"),
     # calibrate
     *[(f"calibrate-batch-size-{value}", ["calibrate", "--model", "{model}", "--normal", "{image}", *OUT,
                                           "--batch-size", value], 2,
@@ -268,6 +283,11 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
       for value in ("nan", "inf", "0", "-1")],
     ("train-missing-data", ["train", "--random-clip", "tiny", "--data", "{tmp}/nowhere", *OUT], 2,
      "cops-hf train: error: No meta.json at {tmp}/nowhere/meta.json."),
+    ("train-synthesize-without-normal-images", ["train", "--random-clip", "tiny", "--data", "{anomalous_data}",
+                                                "--synthesize", *OUT], 2,
+     "cops-hf train: error: No split of {anomalous_data}/meta.json holds a normal image (train: 0 normal, 2 "
+     "anomalous, test: 0 normal, 2 anomalous): --synthesize puts defects on normal images; list good ones, e.g. "
+     "with `cops-hf data prepare folder ROOT --normal good`."),
     # export
     *[(f"export-opset-{value}", ["export", "--model", "{model}", "--output", "{tmp}/m.onnx", "--opset", value], 2,
        f"cops-hf export: error: ONNX opset {value} is not supported: use 14..20 (default 17).")
@@ -310,6 +330,7 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
 def test_cli_matrix(files, tmp_path, capsys, argv, code, first_line):
     values = {**{name: str(value) for name, value in files.items()}, "tmp": str(tmp_path)}
     values["data"] = str(_dataset(tmp_path / "data"))
+    values["anomalous_data"] = str(_anomalous_dataset(tmp_path / "anomalous_data"))
 
     assert _run([part.format(**values) for part in argv]) == code
 

@@ -39,6 +39,7 @@ __all__ = [
     "ValidationReport",
     "has_masks",
     "labelled_split",
+    "normal_split",
     "load_meta_dataset",
     "load_meta_dataset_with_report",
     "split_label_counts",
@@ -483,13 +484,37 @@ def labelled_split(root: str | os.PathLike[str], categories: str | Iterable[str]
         DataError: no split holds both classes (the message gives each split's counts).
     """
     counts = split_label_counts(root, categories)
-    for split in sorted(counts, key=lambda name: (SPLITS.index(name) if name in SPLITS else len(SPLITS), name)):
+    for split in _splits_in_order(counts):
         if all(counts[split]):
             return split
-    found = ", ".join(
-        f"{split}: {normal} normal, {anomalous} anomalous" for split, (normal, anomalous) in counts.items()
-    )
     raise DataError(
-        f"No split of {meta_json_path(root)} holds both normal and anomalous images ({found}). CoPS trains on an "
-        "auxiliary set with both, e.g. MVTec AD or VisA prepared with `cops-hf data prepare`."
+        f"No split of {meta_json_path(root)} holds both normal and anomalous images ({_describe_counts(counts)}). "
+        "CoPS trains on an auxiliary set with both, e.g. MVTec AD or VisA prepared with `cops-hf data prepare`."
+    )
+
+
+def normal_split(root: str | os.PathLike[str], categories: str | Iterable[str] | None = None) -> str:
+    """The split to put synthetic defects on: the first of ``train``, ``test`` (then any other) with normal records.
+
+    Raises:
+        DataError: no split holds a normal record (the message gives each split's counts).
+    """
+    counts = split_label_counts(root, categories)
+    for split in _splits_in_order(counts):
+        if counts[split][0]:
+            return split
+    raise DataError(
+        f"No split of {meta_json_path(root)} holds a normal image ({_describe_counts(counts)}): --synthesize puts "
+        "defects on normal images; list good ones, e.g. with `cops-hf data prepare folder ROOT --normal good`."
+    )
+
+
+def _splits_in_order(counts: Mapping[str, Any]) -> list[str]:
+    """``train``, ``test``, then any other split by name."""
+    return sorted(counts, key=lambda name: (SPLITS.index(name) if name in SPLITS else len(SPLITS), name))
+
+
+def _describe_counts(counts: Mapping[str, tuple[int, int]]) -> str:
+    return ", ".join(
+        f"{split}: {normal} normal, {anomalous} anomalous" for split, (normal, anomalous) in counts.items()
     )

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,7 @@ def evaluate_dataset(
     skip_invalid: bool = False,
     colormap_name: str = DEFAULT_COLORMAP,
     alpha: float = DEFAULT_ALPHA,
+    references: Mapping[str, Sequence[str]] | None = None,
 ) -> EvaluationResult | None:
     """Evaluate `model` on `data_root/meta.json` and (on the main process) write the report files.
 
@@ -146,6 +148,10 @@ def evaluate_dataset(
             with `accelerate launch` / `torchrun`).
         skip_invalid: drop invalid meta.json records (missing or unreadable files, duplicates, ...) with a
             warning instead of refusing the dataset.
+        references: few-shot scoring (`cops_hf.evaluation.fewshot` draws them): per category, the absolute paths
+            of normal images set as the model's reference memory (`model.set_references`) before that category's
+            images are scored. Test images among them are left out of scoring (`protocol["left_out_of_scoring"]`
+            counts them). The memory is cleared afterwards; a model that already holds references is refused.
 
     Returns:
         The result on the main process; `None` on the other processes.
@@ -166,64 +172,38 @@ def evaluate_dataset(
     rows = [
         {"index": index, **{name: values[index] for name, values in columns.items()}} for index in range(len(dataset))
     ]
-    ordered = _score_rows(model.to(accelerator.device).eval(), processor, rows, pixel_level, accelerator,
-                          batch_size=batch_size, seed=seed)  # fmt: skip
-    if ordered is None:
+    reference_paths = {path for paths in (references or {}).values() for path in paths}
+    scored_rows = [row for row in rows if row[IMAGE_PATH] not in reference_paths]
+    if len(scored_rows) < len(rows):
+        logger.warning("%d test images serve as references: left out of scoring.", len(rows) - len(scored_rows))
+    rows, num_left_out = scored_rows, len(rows) - len(scored_rows)
+    model = model.to(accelerator.device).eval()
+    scoring = {"batch_size": batch_size, "seed": seed, "show_progress": accelerator.is_local_main_process}
+    with accelerator.split_between_processes(rows) as shard:
+        shard_results = _score_rows(model, processor, shard, pixel_level, references, scoring)
+    gathered = accelerator.gather_for_metrics(shard_results, use_gather_object=True)
+    if not accelerator.is_main_process:
         return None
+    by_index = {result["index"]: result for result in gathered}
+    ordered = [by_index[row["index"]] for row in rows]
     protocol = {name: getattr(model.config, name) for name in PROTOCOL_FIELDS}
     protocol.update({"test_preset": preset.name, "seed": seed, "split": split, "pixel_level": pixel_level})
+    if references is not None:
+        protocol["left_out_of_scoring"] = num_left_out
     records, pixel_records = _category_records(rows, ordered, pixel_level)
-    report = compute_zsad_metrics(pixel_records)
     result = EvaluationResult(
-        report=report,
+        report=compute_zsad_metrics(pixel_records),
         protocol=protocol,
-        image_paths=[row["image_path"] for row in rows],
+        image_paths=[row[IMAGE_PATH] for row in rows],
         categories=[row["cls_name"] for row in rows],
         image_scores=np.asarray([item[PRED_SCORE] for item in ordered]),
-        image_labels=np.asarray([int(row["gt_label"]) for row in rows]),
+        image_labels=np.asarray([int(row[GT_LABEL]) for row in rows]),
         test_preset=preset,
     )
     if output_dir is not None:
         style = {"colormap_name": colormap_name, "alpha": alpha, "pixel_threshold": model.config.pixel_threshold}
         result.files = _write_outputs(Path(output_dir), result, records, rows, num_visualizations, style)
     return result
-
-
-def _score_rows(
-    model: CoPSForAnomalyDetection,
-    processor: CoPSProcessor,
-    rows: list[dict[str, Any]],
-    pixel_level: bool,
-    accelerator: Accelerator,
-    *,
-    batch_size: int,
-    seed: int,
-) -> list[dict[str, Any]] | None:
-    """Score the dataset's rows, each process its shard; the results in row order on the main process, else None.
-
-    A result holds `pred_score`, and with pixel-level data the `anomaly_map` and `gt_mask`.
-    """
-    with accelerator.split_between_processes(rows) as shard:
-        predictions = predict_images(
-            model,
-            processor,
-            [row[IMAGE_PATH] for row in shard],
-            [row["mask_path"] or None for row in shard] if pixel_level else None,
-            batch_size=batch_size,
-            seed=seed,
-            show_progress=accelerator.is_local_main_process,
-        )
-        shard_results = [
-            {"index": shard[prediction.index]["index"], PRED_SCORE: prediction.pred_score}
-            | ({ANOMALY_MAP: prediction.anomaly_map, GT_MASK: prediction.gt_mask} if pixel_level else {})
-            for prediction in predictions
-        ]
-    gathered = accelerator.gather_for_metrics(shard_results, use_gather_object=True)
-    if not accelerator.is_main_process:
-        return None
-    by_index = {result["index"]: result for result in gathered}
-    return [by_index[row["index"]] for row in rows]
-
 
 def _category_records(
     rows: list[dict[str, Any]], ordered: list[dict[str, Any]], pixel_level: bool
@@ -259,6 +239,55 @@ def _category_records(
         for name, record in records.items()
     }
     return records, pixel_records
+
+
+def _score_rows(
+    model: CoPSForAnomalyDetection,
+    processor: CoPSProcessor,
+    rows: list[dict],
+    pixel_level: bool,
+    references: Mapping[str, Sequence[str]] | None,
+    scoring: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Score `rows` with `predict_images` (`scoring`'s options).
+
+    With `references`, category by category, each against its own reference memory.
+    """
+    if references is None:
+        return _predictions(model, processor, rows, pixel_level, scoring)
+    if model.num_references:
+        raise ValueError(
+            f"The model already holds {model.num_references} references; few-shot evaluation draws its own: "
+            "evaluate it zero-shot (--shots 0), or clear them first (model.clear_references())."
+        )
+    results = []
+    try:
+        for category in dict.fromkeys(row["cls_name"] for row in rows):
+            paths = list(references[category])
+            pixel_values = processor(images=paths)["pixel_values"]
+            model.set_references(pixel_values.to(model.device, model.dtype), sources=paths)
+            category_rows = [row for row in rows if row["cls_name"] == category]
+            results += _predictions(model, processor, category_rows, pixel_level, scoring)
+    finally:
+        model.clear_references()
+    return results
+
+
+def _predictions(
+    model: CoPSForAnomalyDetection, processor: CoPSProcessor, rows: list[dict], pixel_level: bool, scoring: dict
+) -> list[dict[str, Any]]:
+    predictions = predict_images(
+        model,
+        processor,
+        [row["image_path"] for row in rows],
+        [row["mask_path"] or None for row in rows] if pixel_level else None,
+        **scoring,
+    )
+    return [
+        {"index": rows[prediction.index]["index"], PRED_SCORE: prediction.pred_score}
+        | ({ANOMALY_MAP: prediction.anomaly_map, GT_MASK: prediction.gt_mask} if pixel_level else {})
+        for prediction in predictions
+    ]
 
 
 def _write_outputs(

@@ -38,7 +38,7 @@ CLIP_PREFIX = "clip."
 _CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)$")
 _STATE_FILENAME = "trainer_state.json"
 # Settings a resumed run must share with the run that wrote the checkpoint, or it would not continue it.
-RESUME_INVARIANTS = ("batch_size", "learning_rate", "adam_betas", "gradient_accumulation_steps", "seed")
+RESUME_INVARIANTS = ("batch_size", "learning_rate", "adam_betas", "gradient_accumulation_steps", "seed", "synthesize")
 
 
 def cops_state_dict(model: CoPSForAnomalyDetection) -> dict[str, torch.Tensor]:
@@ -65,7 +65,14 @@ class CorruptCheckpointError(ValueError):
 
 
 # CoPS config fields that may change between a run and its resumption (decisions and records, not the model).
-_CONFIG_FIELDS_OUTSIDE_FINGERPRINT = ("image_threshold", "pixel_threshold", "train_dataset", "train_split")
+_CONFIG_FIELDS_OUTSIDE_FINGERPRINT = (
+    "image_threshold",
+    "pixel_threshold",
+    "train_dataset",
+    "train_split",
+    "train_real_images",
+    "train_synthetic_images",
+)
 
 
 def run_fingerprint(model: CoPSForAnomalyDetection, dataset: datasets.Dataset) -> dict[str, Any]:
