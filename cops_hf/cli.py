@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .data.registry import GENERAL_PRESET, REGISTRY, SUITES, aliases_text, resolve_test_preset
 from .devices import DTYPE_NAMES
-from .schema import ERROR, GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_LABEL, PRED_SCORE
+from .schema import ERROR, IMAGE_PATH, PRED_LABEL, PRED_SCORE
 
 if TYPE_CHECKING:
     from .evaluation.fewshot import FewShotResult
@@ -136,7 +136,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["csv", "json"], default="csv", help="table of scores (default csv)")
     parser.add_argument("--threshold", type=_threshold, help="pixel threshold (default: the model's calibrated one)")
     parser.add_argument("--image-threshold", type=_threshold, help="score threshold (default: the calibrated one)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1)
+    parser.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (default: 1)")
     parser.add_argument("--no-overlays", action="store_true", help="write the table only")
     parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
     _add_references_argument(parser)
@@ -224,7 +224,7 @@ def _print_row(row: dict[str, str]) -> None:
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Model directory or Hub id.")
     parser.add_argument("--data", required=True, help="Dataset root holding meta.json.")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="meta.json split to evaluate (default: test).")
     parser.add_argument("--categories", nargs="+", help="Only these categories (default: all).")
     parser.add_argument(
         "--preset",
@@ -233,7 +233,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "preset the model's config records, else the config as saved.",
     )
     parser.add_argument("--output", required=True, help="Directory for metrics.csv/json, plots and overlays.")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=_non_negative_int, default=8, help="Overlays per category.")
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
@@ -315,8 +315,12 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--normal", nargs="+", help="Normal images (files or folders): quantile thresholds.")
     source.add_argument("--data", help="Labelled dataset root (meta.json): F1-optimal thresholds.")
     parser.add_argument("--split", default="test", help="Split of --data to calibrate on.")
-    parser.add_argument("--quantile", type=float, default=0.99)
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument(
+        "--quantile", type=float, default=0.99,
+        help="with --normal: the thresholds are this quantile of the normal images' scores and pixels "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--output", required=True, help="Folder to save the model (thresholds in its config).")
     parser.add_argument("--overwrite", action="store_true", help="Replace a model folder already at --output.")
     _add_device_arguments(parser)
@@ -381,8 +385,8 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-root", required=True, help="Folder with one sub-folder per dataset (mvtec/, visa/...)."
     )
     parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="class-token noise seed (default: 0)")
     _add_shots_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
@@ -462,12 +466,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output folder (checkpoints, log, final model)")
     parser.add_argument("--preset", help="training dataset preset: visa, mvtec or general")
     parser.add_argument("--image-size", type=_positive_int, help="input size in pixels (default 518)")
-    parser.add_argument("--epochs", type=_positive_int, default=10)
+    parser.add_argument("--epochs", type=_positive_int, default=10, help="passes over the data (default: 10)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per process and step")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     parser.add_argument("--grad-accum", type=_positive_int, default=1, help="batches per optimizer step")
     parser.add_argument("--mixed-precision", default="no", help="no, bf16 or fp16 (default no)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the initialisation, shuffling and noise (default: 0)"
+    )
     parser.add_argument("--no-cache", action="store_true", help="recompute the frozen vision features every epoch")
     parser.add_argument("--cache-dir", help="keep the feature cache on disk here instead of in memory")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
@@ -528,12 +534,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="cops-demo", help="folder for the data and the run")
-    parser.add_argument("--epochs", type=_positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=_positive_int, default=8, help="training epochs (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the CLIP and training (default: 0)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import format_test_scores, run_demo
 
     result = run_demo(args.output, num_epochs=args.epochs, seed=args.seed)
     print("epoch  loss      cls     seg     gather  scatter")
@@ -543,9 +549,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             f"{record['gather']:.4f}  {record['scatter']:.4f}"
         )
     print("\nScores of unseen test images (random CLIP: mechanics, not accuracy):")
-    for row in result.test_scores:
-        label = LABEL_NAMES[int(row[GT_LABEL])]
-        print(f"  {row[PRED_SCORE]:.4f}  {label:<9}  {row['cls_name']:<8}  {row[IMAGE_PATH]}")
+    print(format_test_scores(result.test_scores))
     print("\nZero-shot metrics on the unseen test categories (%):")
     print(result.evaluation.report.format_table())
     if result.few_shot is not None:
@@ -590,8 +594,12 @@ def _add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
     parser.add_argument(
         "--write-space", metavar="FOLDER",
-        help="instead of serving, write the app as a Hugging Face Space folder for the --model Hub ids",
+        help="instead of serving, write the app as a Hugging Face Space folder: --model folders are copied into "
+        "it, --model Hub ids are loaded by the Space",
     )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true", help="with --write-space: write into a folder that is not empty"
+    )
     _add_device_arguments(parser)
 
 
@@ -599,7 +607,8 @@ def _run_app(args: argparse.Namespace) -> int:
     from .app import launch_app, load_app_models, write_space
 
     if args.write_space:
-        print(f"Wrote the Space to {write_space(args.write_space, args.model)}; upload it with "
+        space = write_space(args.write_space, args.model, overwrite=args.overwrite)
+        print(f"Wrote the Space to {space}; upload it with "
               f"`hf upload --repo-type space NAMESPACE/NAME {args.write_space}`")  # fmt: skip
         return 0
     models = load_app_models(args.model, args.official, device=args.device, dtype=args.dtype)

@@ -30,9 +30,12 @@ from huggingface_hub import (
     ModelCardData,
     get_token,
 )
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import PretrainedConfig
 
 from .configuration_cops import CoPSConfig
+from .data.registry import benchmark_name
 from .file_utils import named_write_failures, staged_folder
 from .hub_errors import CoPSHubError, friendly_hub_errors, hub_error_message
 from .modeling_cops import CoPSForAnomalyDetection
@@ -49,6 +52,35 @@ CARD_TAGS = ("anomaly-detection", "zero-shot", "cops", "clip")
 """Tags every CoPS model card carries."""
 
 _ACCESS_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+
+
+def public_dataset_name(name: str | None) -> str | None:
+    """The training dataset's name as a card may publish it in `datasets:`, or `None`.
+
+    Published are the paper's benchmarks (any spelling `cops_hf.data.benchmark_name` knows, kept as given) and Hub
+    dataset ids (``namespace/name`` that is not a local folder); anything else, such as the path of a local
+    training folder, gives `None`.
+
+    Args:
+        name: what the config records (`train_dataset`).
+
+    Returns:
+        `name`, or `None` when it must not be published.
+    """
+    if not name or not isinstance(name, str):
+        return None
+    try:
+        benchmark_name(name)
+        return name
+    except ValueError:
+        pass
+    if os.path.isabs(name) or Path(name).exists() or name.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def render_model_card(
@@ -70,6 +102,8 @@ def render_model_card(
         base_model: Hub id of the frozen CLIP backbone, e.g. ``"openai/clip-vit-large-patch14-336"``; ``None`` when
             the CLIP is not a published one (random, or of unknown origin): the card then names none.
         training_dataset: name or Hub id of the auxiliary dataset the prompt synthesis was trained on, if known.
+            Only a benchmark name or a Hub dataset id is published (see `public_dataset_name`); a local path is
+            described as "a local dataset" and never written into the card.
         evaluation: zero-shot test results as ``{dataset: {metric: value}}`` with values in ``[0, 1]``, e.g.
             ``{"VisA": {"I-AUROC": 0.92, "P-AUROC": 0.95}}``. They become the card's ``model-index`` and a table.
         repo_id: the repository the card is for; used in the usage snippets and for the model name.
@@ -84,11 +118,12 @@ def render_model_card(
             looks like a Hugging Face access token (or the token configured on this machine).
     """
     model_name = repo_id.split("/")[-1] if repo_id else "CoPS"
+    published_dataset = public_dataset_name(training_dataset)
     metric_names = list(dict.fromkeys(metric for metrics in (evaluation or {}).values() for metric in metrics))
     card_data = ModelCardData(
         base_model=base_model,
         base_model_relation="adapter" if base_model else None,
-        datasets=[training_dataset] if training_dataset else None,
+        datasets=[published_dataset] if published_dataset else None,
         eval_results=_eval_results(evaluation) if evaluation else None,
         library_name="transformers",
         license=license,
@@ -102,7 +137,8 @@ def render_model_card(
         model_name=model_name,
         pipeline_task=TASK,
         repo_id=repo_id or "your-username/your-cops-model",
-        training_dataset=training_dataset,
+        training_dataset=published_dataset,
+        local_training_dataset=bool(training_dataset) and not published_dataset,
         reference_count=config_fields.get("reference_count", 0),
         reference_sources=config_fields.get("reference_sources"),
         config_rows=[
@@ -135,7 +171,14 @@ def evaluation_for_card(results: Mapping[str, Any]) -> dict[str, dict[str, float
     if "metrics" in results:
         per_dataset = results["metrics"]
     elif "mean" in results:
-        per_dataset = {results.get("protocol", {}).get("test_preset") or "evaluation": results["mean"]}
+        protocol = results.get("protocol") or {}
+        dataset = protocol.get("dataset") or protocol.get("test_preset")
+        if not isinstance(dataset, str) or not dataset:
+            raise ValueError(
+                "metrics.json does not name the evaluated dataset (protocol.dataset); rerun `cops-hf evaluate`, or "
+                'give the results as {"DATASET": {"metric": value}}'
+            )
+        per_dataset = {dataset: results["mean"]}
     else:
         per_dataset = results
     for dataset, metrics in per_dataset.items() if isinstance(per_dataset, Mapping) else [(None, per_dataset)]:
@@ -311,6 +354,7 @@ def push_cops_to_hub(
 def _card_config_fields(config: PretrainedConfig) -> dict[str, Any]:
     """The CoPS fields of ``config`` that have a value (not the CLIP towers' configurations), for the card."""
     values = config.to_dict()
+    values["train_dataset"] = public_dataset_name(values.get("train_dataset"))  # never a local path
     return {
         name: values[name]
         for name in CoPSConfig.__annotations__

@@ -195,8 +195,9 @@ def render_panels(
     """Titled panels at the image's aspect ratio: [image] [ground truth] overlay, a colour bar and a caption.
 
     Args:
-        image: the input picture (any size; drawn at the map's aspect ratio).
-        anomaly_map: `[H, W]` map at the image's original size.
+        image: the input picture (any size); the panels keep its aspect ratio, whatever the map's shape.
+        anomaly_map: `[H, W]` map, at the image's size or at the model's (square) input size: it is resized to
+            the picture.
         gt_mask: ground-truth mask: adds a "ground truth" panel and a green contour on the overlay.
         score, label, image_threshold: the caption's decision line ("ANOMALOUS: score 0.734 >= threshold 0.5").
         pixel_threshold: draws the predicted mask's contour (map >= threshold, white) and anchors the colours.
@@ -209,7 +210,7 @@ def render_panels(
     alpha = _check_alpha(alpha)
     cmap = colormap(colormap_name)
     scale = scale or ColourScale.for_maps(anomaly_map, pixel_threshold)
-    height, width = _display_size(*anomaly_map.shape)
+    height, width = _display_size(image.height, image.width)
     base = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
     heat_map = np.asarray(Image.fromarray(anomaly_map).resize((width, height), Image.Resampling.BILINEAR))
     heat = (cmap(scale.normalize(heat_map))[..., :3] * 255).astype(np.uint8)

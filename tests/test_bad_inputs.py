@@ -312,6 +312,15 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
      "double quotes: line 1 column 2 (char 1)."),
     ("push-eval-json-missing", ["push", "{model}", "me/x", "--eval-json", "{tmp}/none.json"], 2,
      "cops-hf push: error: --eval-json '{tmp}/none.json' cannot be read as JSON: No such file or directory."),
+    # app --write-space: the Hub id goes into the Space card's YAML, the folder may hold someone's work
+    ("app-space-id-with-newline", ["app", "--model", "me/x\nlicense: other", "--write-space", "{tmp}/space"], 2,
+     "cops-hf app: error: --model 'me/x\\nlicense: other' is neither a model folder on this machine nor a Hub id"),
+    ("app-space-missing-folder", ["app", "--model", "{tmp}/gone", "--write-space", "{tmp}/space"], 2,
+     "cops-hf app: error: --model '{tmp}/gone' is neither a model folder on this machine nor a Hub id"),
+    ("app-space-not-empty", ["app", "--model", "me/x", "--write-space", "{root}"], 2,
+     "cops-hf app: error: {root} is not empty; choose a new folder or pass --overwrite"),
+    ("app-space-no-model", ["app", "--write-space", "{tmp}/space"], 2,
+     "cops-hf app: error: a Space needs at least one model: --model FOLDER or --model namespace/name"),
     # demo and data
     *[(f"demo-epochs-{value}", ["demo", *OUT, "--epochs", value], 2,
        f"cops-hf demo: error: argument --epochs: must be an integer >= 1, got '{value}'") for value in ("0", "-3")],

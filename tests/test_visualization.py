@@ -107,6 +107,17 @@ def test_evaluation_panel_is_titled_and_keeps_the_aspect_ratio():
     assert green.sum() > 100  # the ground-truth contour
 
 
+def test_panels_keep_the_pictures_aspect_ratio_for_a_square_map():
+    """A 128x96 picture with the model's square map is drawn 4:3, not square (issue 20: it was drawn 320x320)."""
+    square_map = _hot_spot_map(height=98, width=98)
+    picture = np.asarray(render_panels(Image.new("RGB", (128, 96), "gray"), square_map, alpha=0.6))
+    colourful = (picture.max(axis=-1).astype(int) - picture.min(axis=-1)) > 60
+    colourful[:, _colour_bar_column(picture) - 30 :] = False
+    rows, columns = colourful.nonzero()
+    height, width = rows.max() - rows.min() + 1, columns.max() - columns.min() + 1
+    assert width / height == pytest.approx(128 / 96, rel=0.03) and width >= 320
+
+
 def test_curves_carry_metrics_and_pixel_level_sits_beside(tmp_path):
     labels = np.array([0, 0, 1, 1, 0, 1])
     scores = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])

@@ -25,7 +25,7 @@ from ..data.registry import resolve_test_preset
 from ..image_utils import load_image
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
-from ..schema import ANOMALY_MAP, GT_LABEL, GT_MASK, IMAGE_PATH, LABEL_NAMES, PRED_SCORE, dataset_key
+from ..schema import ANOMALY_MAP, GT_LABEL, GT_MASK, IMAGE_PATH, LABEL_NAMES, PRED_SCORE, dataset_key, decision_label
 from ..visualization import (
     DEFAULT_ALPHA,
     DEFAULT_COLORMAP,
@@ -188,6 +188,9 @@ def evaluate_dataset(
     ordered = [by_index[row["index"]] for row in rows]
     protocol = {name: getattr(model.config, name) for name in PROTOCOL_FIELDS}
     protocol.update({"test_preset": preset.name, "seed": seed, "split": split, "pixel_level": pixel_level})
+    # The dataset's name for reports and model cards: the benchmark meta.json records, else the root's folder name
+    # (never its full path, which would publish this machine's layout).
+    protocol["dataset"] = meta_dataset_name(data_root) or Path(data_root).resolve().name
     if references is not None:
         protocol["left_out_of_scoring"] = num_left_out
     records, pixel_records = _category_records(rows, ordered, pixel_level)
@@ -201,9 +204,15 @@ def evaluate_dataset(
         test_preset=preset,
     )
     if output_dir is not None:
-        style = {"colormap_name": colormap_name, "alpha": alpha, "pixel_threshold": model.config.pixel_threshold}
+        style = {
+            "colormap_name": colormap_name,
+            "alpha": alpha,
+            "image_threshold": model.config.image_threshold,
+            "pixel_threshold": model.config.pixel_threshold,
+        }
         result.files = _write_outputs(Path(output_dir), result, records, rows, num_visualizations, style)
     return result
+
 
 def _category_records(
     rows: list[dict[str, Any]], ordered: list[dict[str, Any]], pixel_level: bool
@@ -353,7 +362,9 @@ def _write_visualizations(
     """Titled image | ground truth | overlay panels for a spread of each category's images (anomalous first).
 
     The colours of a category share one scale (anchored to the pixel threshold, else the range of all its maps),
-    so that its panels compare. `style`: `render_panels` options (colormap_name, alpha, pixel_threshold).
+    so that its panels compare. A calibrated model's panels carry its decision (`schema.decision_label` at the
+    image threshold) beside the ground truth. `style`: `render_panels` options (colormap_name, alpha,
+    image_threshold, pixel_threshold).
     """
     written = []
     for name, record in records.items():
@@ -367,9 +378,11 @@ def _write_visualizations(
         for position in sorted(set(chosen.tolist())):
             row = category_rows[position]
             truth = LABEL_NAMES[int(record.image_labels[position])]
+            score = float(record.image_scores[position])
+            label = decision_label(score, style["image_threshold"]) if style["image_threshold"] is not None else None
             panel = comparison_panel(
                 load_image(row["image_path"]), record.anomaly_maps[position], record.gt_masks[position],
-                scale=scale, score=float(record.image_scores[position]),
+                scale=scale, score=score, label=label,
                 title=f"{name} / {Path(row['image_path']).name} (truth: {truth})", **style,
             )  # fmt: skip
             path = directory / name / f"{Path(row['image_path']).stem}_{position:04d}.png"
