@@ -25,7 +25,8 @@ from .tiny_models import tiny_model
 DETECTOR_FILES = [
     "config.json",
     "configuration_cops.py",
-    "hub_errors.py",
+    "handler.py",  # the Inference Endpoints handler (cops_hf.hub.write_endpoint_handler)
+    "hub_errors.py",  # modeling_cops imports check_model_source from it, so the remote code carries it
     "image_utils.py",
     "losses.py",
     "model.safetensors",

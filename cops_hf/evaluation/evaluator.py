@@ -7,7 +7,6 @@ dataset and the main process gathers the results, so the metrics equal a single-
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import json
 import logging
@@ -22,6 +21,7 @@ from accelerate import Accelerator
 
 from ..data import has_masks, load_meta_dataset, meta_dataset_name
 from ..data.registry import resolve_test_preset
+from ..file_utils import csv_dict_writer, csv_writer
 from ..image_utils import load_image
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
@@ -311,12 +311,12 @@ def _write_outputs(
     files = [output_dir / "metrics.csv", output_dir / "metrics.json", output_dir / "predictions.csv"]
     table_rows = result.report.to_rows()
     with open(files[0], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table_rows[0]))
+        writer = csv_dict_writer(handle, list(table_rows[0]))
         writer.writeheader()
         writer.writerows(table_rows)
     files[1].write_text(json.dumps({**result.report.to_dict(), "protocol": result.protocol}, indent=2))
     with open(files[2], "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv_writer(handle)
         writer.writerow([IMAGE_PATH, "category", GT_LABEL, PRED_SCORE])
         for path, category, label, score in zip(
             result.image_paths, result.categories, result.image_labels, result.image_scores, strict=True
