@@ -285,6 +285,7 @@ def _add_references_command_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_references(args: argparse.Namespace) -> int:
+    from .hub import save_detector
     from .predict import expand_image_sources, load_detector
 
     try:
@@ -296,8 +297,7 @@ def _run_references(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {output} already holds a model; pass --overwrite to replace it")
     detector = load_detector(args.model, device=args.device, dtype=args.dtype)
     count = detector.set_references(references)
-    detector.model.save_pretrained(output)
-    detector.processor.save_pretrained(output)
+    save_detector(detector.model, detector.processor, output, overwrite=args.overwrite)
     if args.verbosity >= 0:
         limit = detector.model.config.reference_memory_size
         print(f"Saved the model with {count} normal reference(s) ({limit} memory patches per layer) to {output}")

@@ -179,4 +179,4 @@ def test_serve_refuses_a_port_out_of_range(capsys: pytest.CaptureFixture) -> Non
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--model", "m", "--port", "70000"])
     assert exit_info.value.code == 2
-    assert "--port: must be a port number from 1 to 65535, got '70000'" in capsys.readouterr().err
+    assert "--port: must be an integer in [1, 65535], got '70000'" in capsys.readouterr().err
