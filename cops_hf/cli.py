@@ -107,6 +107,29 @@ def _sha1(text: str) -> str:
     return text.lower()
 
 
+MAX_SEED = 2**32 - 1
+"""The largest seed every generator takes (numpy's, which accelerate's `set_seed` seeds too)."""
+
+MAX_BATCH_SIZE = 4096
+"""The largest `--batch-size` accepted: far above what fits in memory for any CLIP tower CoPS uses."""
+
+
+def _seed(text: str) -> int:
+    """An integer seed in 0..MAX_SEED (an argparse type)."""
+    if not text.strip().isdigit() or int(text) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED}, got {text!r}")
+    return int(text)
+
+
+def _batch_size(text: str) -> int:
+    """An integer in 1..MAX_BATCH_SIZE (an argparse type)."""
+    if _positive_int(text) > MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer in 1..{MAX_BATCH_SIZE}, got {text!r}; a batch that large would not fit in memory"
+        )
+    return int(text)
+
+
 def _threshold(text: str) -> float:
     """Argparse type: a finite number in [0, 1] (scores and anomaly maps are probabilities)."""
     from .processing_cops import check_threshold
@@ -186,7 +209,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["csv", "json"], help="table of scores (default csv)")
     parser.add_argument("--threshold", type=_threshold, help="pixel threshold (default: the model's calibrated one)")
     parser.add_argument("--image-threshold", type=_threshold, help="score threshold (default: the calibrated one)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (default: 1)")
+    parser.add_argument("--batch-size", type=_batch_size, default=1, help="images per forward pass (default: 1)")
     parser.add_argument("--no-overlays", action="store_true", help="write the table only")
     parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
     _add_tiling_arguments(parser)
@@ -336,8 +359,8 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "preset the model's config records, else the config as saved.",
     )
     parser.add_argument("--output", required=True, help="Directory for metrics.csv/json, plots and overlays.")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
+    parser.add_argument("--batch-size", type=_batch_size, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--seed", type=_seed, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=_non_negative_int, default=8, help="Overlays per category.")
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
     _add_tiling_arguments(parser)
@@ -427,7 +450,7 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --normal: the thresholds are this quantile of the normal images' scores and pixels "
         "(default: %(default)s)",
     )  # fmt: skip
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--batch-size", type=_batch_size, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--output", required=True, help="Folder to save the model (thresholds in its config).")
     parser.add_argument("--overwrite", action="store_true", help="Replace a model folder already at --output.")
     _add_device_arguments(parser)
@@ -492,8 +515,9 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-root", required=True, help="Folder with one sub-folder per dataset (mvtec/, visa/...)."
     )
     parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="class-token noise seed (default: 0)")
+    parser.add_argument("--batch-size", type=_batch_size, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--seed", type=_seed, default=0, help="class-token noise seed (default: 0)")
+    parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
     _add_shots_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
@@ -507,7 +531,8 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     result = run_benchmark(
         model, processor, args.data_root, suite=args.suite, output_dir=args.output, batch_size=args.batch_size,
-        seed=args.seed, accelerator=_accelerator_on(model.device), **shots,
+        seed=args.seed, accelerator=_accelerator_on(model.device), skip_invalid=args.skip_invalid,
+        **shots,
     )  # fmt: skip
     if result is None:
         return 0
@@ -574,12 +599,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="training dataset preset: visa, mvtec or general")
     parser.add_argument("--image-size", type=_positive_int, help="input size in pixels (default 518)")
     parser.add_argument("--epochs", type=_positive_int, default=10, help="passes over the data (default: 10)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per process and step")
+    parser.add_argument("--batch-size", type=_batch_size, default=8, help="images per process and step")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     parser.add_argument("--grad-accum", type=_positive_int, default=1, help="batches per optimizer step")
     parser.add_argument("--mixed-precision", default="no", help="no, bf16 or fp16 (default no)")
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the initialisation, shuffling and noise (default: 0)"
+        "--seed", type=_seed, default=0, help="seed of the initialisation, shuffling and noise (default: 0)"
     )
     parser.add_argument("--no-cache", action="store_true", help="recompute the frozen vision features every epoch")
     parser.add_argument("--cache-dir", help="keep the feature cache on disk here instead of in memory")
@@ -616,7 +641,10 @@ def _run_train(args: argparse.Namespace) -> int:
         train_cops,
     )
 
-    clip = random_clip_model(args.random_clip, seed=args.seed) if args.random_clip else args.clip
+    try:
+        clip = random_clip_model(args.random_clip, seed=args.seed) if args.random_clip else args.clip
+    except ValueError as error:
+        raise ValueError(f"--random-clip: {error}") from error
     model = cops_model_for_training(clip, preset=args.preset, image_size=args.image_size)
     config = TrainingConfig(
         output_dir=args.output,
@@ -657,7 +685,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="cops-demo", help="folder for the data and the run")
     parser.add_argument("--epochs", type=_positive_int, default=8, help="training epochs (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the CLIP and training (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the data, the CLIP and training (default: 0)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -687,7 +715,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="directory (or hub id) of a saved CoPS model")
     parser.add_argument("--output", required=True, help="path of the .onnx file to write")
     parser.add_argument("--vae-samples", type=_positive_int, help="VAE samples in the graph (default: config)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fixed VAE noise (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the fixed VAE noise (default: 0)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: 17)")
     parser.add_argument(
         "--int8", action="store_true", help="also write <output>.int8.onnx with int8 dynamically quantized weights"
@@ -895,6 +923,27 @@ def _route_library_logs(level: int, progress_bars: bool) -> None:
         transformers_logging.disable_progress_bar()
 
 
+def _out_of_memory_message(error: BaseException, args: argparse.Namespace) -> str | None:
+    """One line for an allocation failure, naming `--batch-size` where the command has one; None for other errors.
+
+    Allocation failures are `MemoryError`, torch's "can't allocate memory" and CUDA's "out of memory".
+    """
+    text = str(error).strip()
+    failed = isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and any(sign in text for sign in ("can't allocate memory", "out of memory"))
+    )
+    if not failed:
+        return None
+    reason = text.splitlines()[0] if text else type(error).__name__
+    batch_size = getattr(args, "batch_size", None)
+    remedy = (
+        f"lower --batch-size (now {batch_size}) or free memory"
+        if batch_size and batch_size > 1
+        else "free memory, or use a smaller --image-size / model"
+    )
+    return f"out of memory ({reason[:200]}): {remedy}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cops-hf` console script."""
     args = build_parser().parse_args(argv)
@@ -907,9 +956,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_pixel_limit_from_environment()
         return args.run(args)
     except Exception as error:
-        if not _is_input_error(error):
+        message = _out_of_memory_message(error, args)
+        if message is None and not _is_input_error(error):
             raise
-        print(f"cops-hf {args.command}: error: {error}", file=sys.stderr)
+        print(f"cops-hf {args.command}: error: {message or error}", file=sys.stderr)
         return 2
 
 

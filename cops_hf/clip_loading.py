@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import CLIPConfig, CLIPModel
 
 StateDict = Mapping[str, torch.Tensor]
@@ -89,9 +92,45 @@ class _ScriptedObject:
         self.state = state
 
 
-def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_unused: object) -> torch.Tensor:
-    """`torch._utils._rebuild_tensor_v2` on a flat storage tensor, without requires_grad or hooks."""
-    return torch.as_strided(storage, tuple(size), tuple(stride), offset).clone()
+def check_tensor_within_storage(
+    name: str, size: tuple[int, ...], stride: tuple[int, ...], offset: int, storage_numel: int
+) -> None:
+    """Refuse a tensor whose declared geometry needs more elements than its stored data holds.
+
+    A zero or overlapping stride lets a few stored bytes stand for gigabytes once the tensor is copied: every
+    tensor of a weights file must be backed element for element by its storage (as `torch.save` writes them).
+
+    Args:
+        name: what to call the tensor in the message (file and key).
+        size, stride, offset: the declared view, in elements.
+        storage_numel: the number of elements the file stores for it.
+
+    Raises:
+        CheckpointConversionError: a negative size, stride or offset, or more elements than are stored.
+    """
+    if min((*size, *stride, offset, 0)) < 0 or len(size) != len(stride):
+        raise CheckpointConversionError(f"{name} declares an invalid shape {list(size)} / stride {list(stride)}.")
+    numel = math.prod(size)
+    extent = offset + sum((length - 1) * step for length, step in zip(size, stride, strict=True)) + 1
+    if numel and (numel > storage_numel - offset or extent > storage_numel):
+        raise CheckpointConversionError(
+            f"{name} declares shape {list(size)} ({numel} elements) but the file stores {storage_numel}: a "
+            "repeated (zero-stride) or oversized tensor, refused before any memory is taken for it."
+        )
+
+
+def _tensor_rebuilder(path: Path) -> Callable[..., torch.Tensor]:
+    """`torch._utils._rebuild_tensor_v2` on a flat storage tensor, checked against its stored data first.
+
+    No requires_grad or hooks; the declared geometry must fit the storage (`check_tensor_within_storage`).
+    """
+
+    def rebuild(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_unused: object) -> torch.Tensor:
+        size, stride = tuple(size), tuple(stride)
+        check_tensor_within_storage(f"'{path}': a tensor", size, stride, offset, storage.numel())
+        return torch.as_strided(storage, size, stride, offset).clone()
+
+    return rebuild
 
 
 class _TorchScriptDataUnpickler(pickle.Unpickler):
@@ -113,7 +152,7 @@ class _TorchScriptDataUnpickler(pickle.Unpickler):
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
+            return _tensor_rebuilder(self.path)
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         raise CheckpointConversionError(
@@ -126,12 +165,13 @@ class _TorchScriptDataUnpickler(pickle.Unpickler):
             raise CheckpointConversionError(f"'{self.path}' has a malformed tensor reference {pid!r}.")
         _, dtype, key, _, numel = pid
         try:
-            data = self.archive.read(f"{self.prefix}data/{key}")
+            info = self.archive.getinfo(f"{self.prefix}data/{key}")
         except KeyError as error:
             raise CheckpointConversionError(f"'{self.path}' lacks the tensor data 'data/{key}'.") from error
         element_size = torch.empty((), dtype=dtype).element_size()
-        if len(data) != numel * element_size:
+        if not isinstance(numel, int) or info.file_size != numel * element_size:
             raise CheckpointConversionError(f"'{self.path}': tensor data 'data/{key}' is truncated.")
+        data = self.archive.read(info)
         return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
 
 
@@ -158,6 +198,7 @@ def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]
         CheckpointConversionError: the archive refers to anything but tensors and scripted modules, or is broken.
     """
     path = Path(path)
+    check_archive_sizes(path)
     with zipfile.ZipFile(path) as archive:
         data_files = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") == 1]
         if len(data_files) != 1:
@@ -175,28 +216,72 @@ def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]
     return tensors
 
 
+def check_archive_sizes(path: Path) -> None:
+    """Refuse a zip archive (TorchScript or `torch.save` format) whose members unpack to more than the file's size.
+
+    `torch.save` stores its members uncompressed, so a member larger than the whole file can only be a
+    decompression bomb.
+
+    Raises:
+        CheckpointConversionError: a member declares more bytes than the file holds.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    file_size = path.stat().st_size
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.file_size > file_size:
+                raise CheckpointConversionError(
+                    f"'{path}': member '{info.filename}' unpacks to {info.file_size} bytes, more than the "
+                    f"{file_size}-byte file: refused as a decompression bomb."
+                )
+
+
+def _check_loaded_tensors(item: object, path: Path, location: str = "") -> None:
+    """Every tensor in a loaded checkpoint is backed element for element by stored data (no zero-stride bomb)."""
+    if isinstance(item, torch.Tensor):
+        storage_numel = item.untyped_storage().nbytes() // max(item.element_size(), 1)
+        name = f"'{path}': tensor '{location or '(root)'}'"
+        check_tensor_within_storage(name, tuple(item.shape), item.stride(), item.storage_offset(), storage_numel)
+    elif isinstance(item, Mapping):
+        for key, value in item.items():
+            _check_loaded_tensors(value, path, f"{location}.{key}" if location else str(key))
+    elif isinstance(item, (list, tuple)):
+        for index, value in enumerate(item):
+            _check_loaded_tensors(value, path, f"{location}[{index}]")
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_weights_file(path: str | os.PathLike, what: str) -> object:
     """`torch.load(path, weights_only=True)` on the CPU, with every failure as one line naming the file.
 
     A pickle that asks for anything but tensors and plain containers is refused by `weights_only`, and said so.
+    Zip members larger than the file and tensors whose shape needs more elements than are stored (zero strides)
+    are refused before anything is copied (see `check_archive_sizes`, `check_tensor_within_storage`).
     """
     path = Path(path)
     if path.is_dir():
         raise CheckpointConversionError(f"{what} '{path}' is a directory, not a file.")
     if not path.is_file():
         raise CheckpointConversionError(f"{what} '{path}' does not exist.")
+    check_archive_sizes(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0]
         raise CheckpointConversionError(
-            f"{what} '{path}' was refused: it holds more than tensors ({reason})."
+            f"{what} '{path}' was refused: it holds more than tensors ({_first_line(error)})."
         ) from error
     except Exception as error:  # truncated, empty, text, wrong format: torch raises many kinds
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointConversionError(
-            f"{what} '{path}' cannot be read as a PyTorch checkpoint ({reason})."
+            f"{what} '{path}' cannot be read as a PyTorch checkpoint ({_first_line(error)})."
         ) from error
+    _check_loaded_tensors(loaded, path)
+    return loaded
 
 
 def load_openai_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -221,7 +306,10 @@ def load_openai_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tens
 
 def clip_config_from_openai(state: StateDict) -> CLIPConfig:
     """Infer a `CLIPConfig` from OpenAI CLIP tensor shapes (heads = width // 64, as OpenAI builds them)."""
-    for key in ("visual.conv1.weight", "visual.positional_embedding", "ln_final.weight", "text_projection"):
+    required = ("visual.conv1.weight", "visual.positional_embedding", "ln_final.weight", "text_projection",
+                "transformer.resblocks.0.mlp.c_fc.weight", "visual.transformer.resblocks.0.mlp.c_fc.weight",
+                "positional_embedding", "token_embedding.weight")  # fmt: skip
+    for key in required:
         if key not in state:
             raise CheckpointConversionError(f"Not an OpenAI ViT CLIP state dict: key '{key}' is missing.")
 
@@ -232,27 +320,32 @@ def clip_config_from_openai(state: StateDict) -> CLIPConfig:
     grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     text_width = state["ln_final.weight"].shape[0]
     embed_dim = state["text_projection"].shape[1]
-    return CLIPConfig(
-        text_config={
-            "hidden_size": text_width,
-            "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            "num_hidden_layers": count_layers("transformer.resblocks."),
-            "num_attention_heads": max(1, text_width // 64),
-            "max_position_embeddings": state["positional_embedding"].shape[0],
-            "vocab_size": state["token_embedding.weight"].shape[0],
-            "projection_dim": embed_dim,
-        },
-        vision_config={
-            "hidden_size": vision_width,
-            "intermediate_size": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            "num_hidden_layers": count_layers("visual.transformer.resblocks."),
-            "num_attention_heads": max(1, vision_width // 64),
-            "image_size": grid * patch_size,
-            "patch_size": patch_size,
-            "projection_dim": embed_dim,
-        },
-        projection_dim=embed_dim,
-    )
+    try:
+        return CLIPConfig(
+            text_config={
+                "hidden_size": text_width,
+                "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                "num_hidden_layers": count_layers("transformer.resblocks."),
+                "num_attention_heads": max(1, text_width // 64),
+                "max_position_embeddings": state["positional_embedding"].shape[0],
+                "vocab_size": state["token_embedding.weight"].shape[0],
+                "projection_dim": embed_dim,
+            },
+            vision_config={
+                "hidden_size": vision_width,
+                "intermediate_size": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                "num_hidden_layers": count_layers("visual.transformer.resblocks."),
+                "num_attention_heads": max(1, vision_width // 64),
+                "image_size": grid * patch_size,
+                "patch_size": patch_size,
+                "projection_dim": embed_dim,
+            },
+            projection_dim=embed_dim,
+        )
+    except (TypeError, ValueError, StrictDataclassError) as error:  # e.g. a width the heads do not divide
+        raise CheckpointConversionError(
+            f"The OpenAI CLIP tensor shapes do not make a CLIP: {_first_line(error.__cause__ or error)}"
+        ) from error
 
 
 def convert_openai_clip_state_dict(state: StateDict) -> dict[str, torch.Tensor]:
@@ -308,10 +401,25 @@ def load_clip_model(
         path = Path(clip)
         is_hub_id = not path.exists() and _HUB_ID.fullmatch(str(clip)) and not str(clip).endswith(_FILE_SUFFIXES)
         if path.is_dir() or is_hub_id:
-            return CLIPModel.from_pretrained(str(clip), **{"dtype": torch.float32, **from_pretrained_kwargs}).eval()
+            kwargs = {"dtype": torch.float32, **from_pretrained_kwargs}
+            try:
+                return CLIPModel.from_pretrained(str(clip), **kwargs).eval()
+            except pickle.UnpicklingError as error:
+                raise CheckpointConversionError(
+                    f"The CLIP weights in '{clip}' were refused: they are a pickle holding more than tensors (only "
+                    "safetensors files and pickles of plain tensors are loaded), so nothing of it ran."
+                ) from error
+            except (SafetensorError, EOFError) as error:
+                raise CheckpointConversionError(
+                    f"The CLIP weights in '{clip}' cannot be read ({_first_line(error)}): download or save them again."
+                ) from error
         state = load_openai_clip_state_dict(path)
-    model = CLIPModel(clip_config or clip_config_from_openai(state))
-    load_exact(model, convert_openai_clip_state_dict(state), "OpenAI CLIP")
+    config = clip_config or clip_config_from_openai(state)
+    weights = convert_openai_clip_state_dict(state)
+    with torch.device("meta"):  # the geometry the weights imply, checked against them before any allocation
+        check_exact(CLIPModel(config).state_dict(), weights, "OpenAI CLIP")
+    model = CLIPModel(config)
+    load_exact(model, weights, "OpenAI CLIP")
     if not isinstance(clip, Mapping):
         model.name_or_path = OPENAI_CLIP_HUB_IDS.get(_file_sha256(Path(clip)), "")
     return model.eval()
@@ -327,7 +435,21 @@ def _file_sha256(path: Path) -> str:
 
 def load_exact(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, expected=None) -> None:
     """Copy `weights` into `module`, erroring on any missing, unexpected or mis-shaped key."""
-    own = module.state_dict()
+    check_exact(module.state_dict(), weights, source, expected)
+    module.load_state_dict(weights, strict=False)
+
+
+def check_exact(
+    own: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], source: str, expected: set | None = None
+) -> None:
+    """Raise `CheckpointConversionError` naming the first missing, unexpected or mis-shaped key of `weights`.
+
+    Args:
+        own: the state dict the weights must fit (a model on the meta device will do: only shapes are read).
+        weights: the weights to check.
+        source: what the weights are, for the message ("OpenAI CLIP", "CoPS").
+        expected: the keys that must be present (default: all of `own`).
+    """
     expected = set(own) if expected is None else expected
     missing = sorted(expected - set(weights))
     unexpected = sorted(set(weights) - set(own))
@@ -340,13 +462,15 @@ def load_exact(module: torch.nn.Module, weights: dict[str, torch.Tensor], source
             raise CheckpointConversionError(
                 f"{source} weight '{name}' has shape {list(tensor.shape)}, expected {list(own[name].shape)}."
             )
-    module.load_state_dict(weights, strict=False)
 
 __all__ = [
     "OPENAI_CLIP_HUB_IDS",
     "VIT_L14_336_HUB_ID",
     "CheckpointConversionError",
     "StateDict",
+    "check_archive_sizes",
+    "check_exact",
+    "check_tensor_within_storage",
     "clip_config_from_openai",
     "convert_openai_clip_state_dict",
     "load_clip_model",

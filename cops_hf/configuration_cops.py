@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import math
 import os
+import types
+import typing
 from typing import Any, ClassVar
 
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
@@ -78,9 +80,76 @@ _FIELD_KINDS = {
 }
 
 
-def config_field_problems(fields: dict[str, Any]) -> list[str]:
-    """What is wrong with the types of CoPS config `fields` (as read from config.json): one entry per bad field."""
+MAX_VAE_SAMPLES = 1000
+"""The most class-token samples `vae_samples` may ask for (the reference draws 10; each is a text-tower pass)."""
+
+
+def _matches_annotation(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value fits a CLIP sub-config field's annotation (int, float, str, unions, lists of them)."""
+    if annotation is Any:
+        return True
+    if annotation is None or annotation is type(None):
+        return value is None
+    options = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_matches_annotation(value, option) for option in options)
+    if typing.get_origin(annotation) is list:
+        return isinstance(value, list) and all(_matches_annotation(item, options[0]) for item in value)
+    if annotation is float:
+        return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if annotation is int:
+        return _is_int(value)
+    return not isinstance(annotation, type) or isinstance(value, annotation)
+
+
+def _describe_annotation(annotation: Any) -> str:
+    """An annotation in words ("an integer or null"), for messages about config.json values."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe_annotation(option) for option in typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        return f"a list of ({_describe_annotation(typing.get_args(annotation)[0])})"
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _sub_config_problems(name: str, value: Any, config_class: type[PretrainedConfig]) -> list[str]:
+    """What is wrong with the types of a CLIP tower's config as read from config.json (one entry per bad field)."""
+    if value is None or isinstance(value, PretrainedConfig):
+        return []
+    if not isinstance(value, dict):
+        return [f"{name} must be an object of {config_class.__name__} fields, got {type(value).__name__}"]
+    hints = {key: hint for key, hint in config_class.__annotations__.items() if not isinstance(hint, str)}
+    return [
+        f"{name}.{key} must be {_describe_annotation(hints[key])}, got {field!r}"
+        for key, field in value.items()
+        if key in hints and not _matches_annotation(field, hints[key])
+    ]
+
+
+def _token_id_problems(fields: dict[str, Any]) -> list[str]:
+    """Token ids outside the text tower's vocabulary (they would fail as an index error deep in the forward)."""
+    text = fields.get("text_config")
+    text = text.to_dict() if isinstance(text, PretrainedConfig) else text if isinstance(text, dict) else {}
+    vocab_size = text.get("vocab_size", CLIPTextConfig().vocab_size)
+    if not _is_int(vocab_size):
+        return []
+    named_ids = [("prompt_suffix_token_ids", fields.get("prompt_suffix_token_ids") or [])]
+    named_ids += [(f"text_config.{key}", text.get(key)) for key in ("bos_token_id", "eos_token_id")]
     problems = []
+    for name, ids in named_ids:
+        if any(_is_int(token) and not 0 <= token < vocab_size for token in (ids if isinstance(ids, list) else [ids])):
+            problems.append(f"{name} must hold token ids in 0..{vocab_size - 1} (the text vocabulary), got {ids!r}")
+    return problems
+
+
+def config_field_problems(fields: dict[str, Any]) -> list[str]:
+    """What is wrong with the types of CoPS config `fields` (as read from config.json): one entry per bad field.
+
+    Also checked here, since they would otherwise fail deep in a forward pass: the CLIP towers' field types,
+    token ids within the text vocabulary and `vae_samples` up to `MAX_VAE_SAMPLES`.
+    """
+    problems = _sub_config_problems("text_config", fields.get("text_config"), CLIPTextConfig)
+    problems += _sub_config_problems("vision_config", fields.get("vision_config"), CLIPVisionConfig)
     for name, annotation in CoPSConfig.__annotations__.items():
         kinds = annotation.split(" | ")
         if name not in fields or not all(kind in _FIELD_KINDS for kind in kinds):
@@ -92,6 +161,11 @@ def config_field_problems(fields: dict[str, Any]) -> list[str]:
         value = fields.get(name)
         if value is not None and not any(name in problem for problem in problems) and not 0.0 <= value <= 1.0:
             problems.append(f"{name} must lie in [0, 1], got {value!r}")
+    vae_samples = fields.get("vae_samples")
+    if _is_int(vae_samples) and vae_samples > MAX_VAE_SAMPLES:
+        problems.append(f"vae_samples must be at most {MAX_VAE_SAMPLES}, got {vae_samples!r}")
+    if not problems:
+        problems = _token_id_problems(fields)
     return problems
 
 
@@ -223,7 +297,18 @@ class CoPSConfig(PretrainedConfig):
 
         `CoPSConfig.from_pretrained` and `CoPSForAnomalyDetection.from_pretrained` read the configuration here.
         """
-        config_dict, unused_kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        try:
+            config_dict, unused_kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        except RecursionError as error:
+            raise ValueError(
+                f"The config.json of '{pretrained_model_name_or_path}' is nested too deeply to be read: it is not a "
+                "model configuration. Fix the file or save the model again."
+            ) from error
+        if not isinstance(config_dict, dict):
+            raise ValueError(
+                f"The config.json of '{pretrained_model_name_or_path}' holds a {type(config_dict).__name__}, not an "
+                "object of configuration fields. Fix the file or save the model again."
+            )
         check_model_type(config_dict.get("model_type"), str(pretrained_model_name_or_path))
         if problems := config_field_problems(config_dict):
             raise ValueError(
@@ -419,6 +504,7 @@ def check_model_type(model_type: str | None, source: str) -> None:
 
 
 __all__ = [
+    "MAX_VAE_SAMPLES",
     "PROMPT_SUFFIX_TOKEN_IDS",
     "CoPSConfig",
     "TEST_DATASET_PRESETS",

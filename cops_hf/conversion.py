@@ -124,6 +124,13 @@ def convert_reference_cops_state_dict(state: StateDict) -> tuple[dict[str, torch
             raise CheckpointConversionError(
                 f"Deep prompt keys compound_prompts_text.N are not contiguous: found N in {sorted(deep_prompts)}."
             )
+        shapes = {index: list(tensor.shape) for index, tensor in deep_prompts.items()}
+        if any(shape != shapes[0] for shape in shapes.values()):
+            odd = next(index for index, shape in shapes.items() if shape != shapes[0])
+            raise CheckpointConversionError(
+                f"Deep prompts of the CoPS checkpoint differ in shape: 'compound_prompts_text.{odd}' is "
+                f"{shapes[odd]}, 'compound_prompts_text.0' is {shapes[0]}; all must have the same shape."
+            )
         converted["prompt_synthesizer.deep_prompts"] = torch.stack([deep_prompts[i] for i in sorted(deep_prompts)])
     required = ["prompt_synthesizer.normal_context", "prompt_synthesizer.anomalous_context", *_COPS_RENAMES.values()]
     reference_names = {value: key for key, value in _COPS_RENAMES.items()}

@@ -143,6 +143,8 @@ def read_json_file(path: str | os.PathLike[str], what: str = "JSON file") -> Any
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError as error:
+        raise ValueError(f"{what} '{path}' cannot be read as JSON: it is nested too deeply.") from error
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         raise ValueError(f"{what} '{path}' cannot be read as JSON: {reason}.") from error

@@ -465,21 +465,38 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         """`PreTrainedModel.from_pretrained`, refusing incomplete or unreadable checkpoints; CLIP frozen again.
 
         Raises:
-            IncompleteCheckpointError: the checkpoint lacks weights (they would be random) or cannot be read.
-            OSError: `pretrained_model_name_or_path` is neither an existing folder nor a Hub id.
+            IncompleteCheckpointError: the checkpoint lacks weights (they would be random), has weights of other
+                shapes than its config.json implies (unless `ignore_mismatched_sizes=True`), or cannot be read.
+            OSError: `pretrained_model_name_or_path` is neither an existing folder nor a Hub id, or is a folder
+                without config.json (refused before any model is built).
         """
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             check_model_source(pretrained_model_name_or_path)
+            folder = Path(pretrained_model_name_or_path)
+            if folder.is_dir() and not (folder / "config.json").is_file() and kwargs.get("config") is None:
+                raise OSError(
+                    f"'{folder}' has no config.json, so it is not a saved model: give the folder written by "
+                    "save_pretrained or `cops-hf convert` (config.json next to model.safetensors)."
+                )
         wants_loading_info = kwargs.pop("output_loading_info", False)
+        refuse_mismatched = not kwargs.pop("ignore_mismatched_sizes", False)
         try:
             model, loading_info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
             )
         except (SafetensorError, pickle.UnpicklingError, EOFError) as error:
             raise IncompleteCheckpointError(
                 f"The weights of '{pretrained_model_name_or_path}' cannot be read ({error}): the file is truncated "
                 "or not a checkpoint. Save or download the model again."
             ) from error
+        mismatched = sorted(loading_info["mismatched_keys"]) if refuse_mismatched else []
+        if mismatched:
+            name, stored, expected = mismatched[0]
+            raise IncompleteCheckpointError(
+                f"The weight '{name}' of '{pretrained_model_name_or_path}' has shape {list(stored)} but its "
+                f"config.json implies {list(expected)} ({len(mismatched)} mismatched in all): the weights and the "
+                "config do not belong together. Save or download the model again."
+            )
         missing = sorted(loading_info["missing_keys"])
         if missing:
             raise IncompleteCheckpointError(

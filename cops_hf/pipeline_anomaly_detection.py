@@ -18,7 +18,13 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .configuration_cops import check_model_type
 from .image_utils import ImageLike, ImageLoadError, load_image, load_image_bytes
 from .modeling_cops import CoPSAnomalyDetectionOutput
-from .processing_cops import CoPSProcessor, check_threshold, check_tiles_without_references, check_tiling
+from .processing_cops import (
+    CoPSProcessor,
+    check_processor_matches_model,
+    check_threshold,
+    check_tiles_without_references,
+    check_tiling,
+)
 from .schema import ANOMALY_MAP, ERROR, IMAGE_PATH, PRED_LABEL, PRED_MASK, PRED_SCORE, Prediction
 
 logger = logging.getLogger(__name__)
@@ -80,6 +86,7 @@ class AnomalyDetectionPipeline(Pipeline):
         check_model_type(self.model.config.model_type, self.model.name_or_path or type(self.model).__name__)
         if self.processor is None:
             self.processor = CoPSProcessor.for_image_size(self.model.config.image_size)
+        check_processor_matches_model(self.processor, self.model.config.image_size, self.model.name_or_path or "")
         self.image_processor = self.processor.image_processor  # lets the base class batch pixel_values
         if references is not None:
             self.set_references(references)

@@ -47,6 +47,9 @@ def load_model_and_processor(
     Returns:
         `(CoPSForAnomalyDetection, CoPSProcessor)`; the processor saved with the model, else the default one at
         the model's input size.
+
+    Raises:
+        ValueError: the saved processor resizes to another size than the model's `config.image_size`.
     """
     from .devices import resolve_device, resolve_dtype
     from .hub_errors import friendly_hub_errors
@@ -59,13 +62,19 @@ def load_model_and_processor(
 
 
 def load_processor(model_name: str | os.PathLike[str], image_size: int) -> Any:
-    """The `CoPSProcessor` saved with a model, else the default one at the model's `image_size`."""
-    from .processing_cops import CoPSProcessor
+    """The `CoPSProcessor` saved with a model, else the default one at the model's `image_size`.
+
+    Raises:
+        ValueError: the saved processor resizes to another size than `image_size` (the model's).
+    """
+    from .processing_cops import CoPSProcessor, check_processor_matches_model
 
     try:
-        return CoPSProcessor.from_pretrained(model_name)
+        processor = CoPSProcessor.from_pretrained(model_name)
     except (OSError, ValueError):
-        return CoPSProcessor.for_image_size(image_size)
+        processor = CoPSProcessor.for_image_size(image_size)
+    check_processor_matches_model(processor, image_size, f"'{os.fspath(model_name)}'")
+    return processor
 
 
 def load_detector(model_name: str | os.PathLike[str], *, device: str | None = None, dtype: str | None = None) -> Any:

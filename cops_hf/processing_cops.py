@@ -29,6 +29,7 @@ from .schema import ANOMALY_MAP, PRED_LABEL, PRED_MASK, PRED_SCORE, Prediction, 
 
 logger = logging.getLogger(__name__)
 
+
 class NonFiniteScoreError(ValueError):
     """The model produced a NaN or infinite score: its weights are broken, and no decision can be made."""
 
@@ -158,6 +159,32 @@ def _overlap_ramp(boxes: Sequence[Sequence[int]]) -> tuple[int, int]:
     rows = top + box_height - next_top if next_top is not None else 1
     columns = left + box_width - next_left if next_left is not None else 1
     return max(1, rows), max(1, columns)
+
+
+
+
+def check_processor_matches_model(processor: Any, image_size: int, source: str = "the model") -> None:
+    """Refuse a processor that resizes images to another size than the model's `config.image_size`.
+
+    The model takes any multiple of its patch size, so a mismatch would silently change every score; neither side
+    wins: the pipeline, `predict_images` and `load_model_and_processor` call this before scoring anything.
+
+    Args:
+        processor: a `CoPSProcessor` (or its `CoPSImageProcessor`).
+        image_size: the model's `config.image_size`.
+        source: the model folder or Hub id, for the message.
+
+    Raises:
+        ValueError: the sizes differ (the message gives both and the fix).
+    """
+    image_processor = getattr(processor, "image_processor", processor)
+    size = getattr(image_processor, "size", None)
+    if size is not None and size != image_size:
+        raise ValueError(
+            f"The processor of {source} resizes images to {size} px but the model's config.json says image_size="
+            f"{image_size}: scores would silently change. Use the processor saved with the model, or "
+            f"CoPSProcessor.for_image_size({image_size}) (save both again to fix the folder)."
+        )
 
 
 class CoPSImageProcessor(BaseImageProcessor):
@@ -451,6 +478,7 @@ __all__ = [
     "CoPSProcessor",
     "NonFiniteScoreError",
     "check_finite_scores",
+    "check_processor_matches_model",
     "check_threshold",
     "packaged_tokenizer",
     "check_tiles_without_references",

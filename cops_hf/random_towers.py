@@ -10,13 +10,15 @@ Two geometries, both with the same small text tower (4 layers of width 48):
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import CLIPConfig, CLIPModel
+
+from .file_utils import read_json_file
 
 _TEXT_TOWER = {
     "hidden_size": 48,
@@ -58,12 +60,18 @@ def random_clip_config(spec: str | os.PathLike[str] | dict[str, Any]) -> CLIPCon
     elif str(spec) in RANDOM_CLIP_CONFIGS:
         fields = RANDOM_CLIP_CONFIGS[str(spec)]
     elif Path(spec).is_file():
-        fields = json.loads(Path(spec).read_text())
+        fields = read_json_file(spec, "Random CLIP config")
     else:
         raise ValueError(
             f"Random CLIP {str(spec)!r} is neither a preset ({sorted(RANDOM_CLIP_CONFIGS)}) nor a JSON file."
         )
-    return CLIPConfig(**fields)
+    if not isinstance(fields, dict):
+        raise ValueError(f"Random CLIP config {str(spec)!r} must be a JSON object of CLIPConfig fields.")
+    try:
+        return CLIPConfig(**fields)
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        reason = str(error.__cause__ or error).strip().splitlines()[0]
+        raise ValueError(f"Random CLIP config {str(spec)!r} is not a valid CLIPConfig: {reason}") from error
 
 
 def random_clip_model(spec: str | os.PathLike[str] | dict[str, Any], seed: int = 0) -> CLIPModel:

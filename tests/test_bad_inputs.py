@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +23,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from transformers import pipeline
 
+from cops_hf import CoPSConfig, CoPSForAnomalyDetection
 from cops_hf.cli import main
 from cops_hf.data import make_record, read_meta_json, write_meta_json
+from cops_hf.evaluation.inference import predict_images
+from cops_hf.file_utils import read_json_file
 from cops_hf.image_utils import IMAGE_SUFFIXES, ImageLoadError, expand_image_sources, load_image, load_mask
 from cops_hf.processing_cops import CoPSProcessor
 from tests.data_fakes import write_image, write_mask
@@ -97,6 +104,31 @@ def files(tmp_path_factory) -> dict[str, Path]:
     paths["string_size_model"] = _edit_config(model, root / "string_size_model", image_size="abc")
     paths["nan_threshold_model"] = _edit_config(model, root / "nan_threshold_model", image_threshold=float("nan"))
     paths["big_threshold_model"] = _edit_config(model, root / "big_threshold_model", pixel_threshold=2.0)
+    for name, fields in {
+        "text_list_model": {"text_config": [1, 2]},
+        "vae_huge_model": {"vae_samples": 10**12},
+        "suffix_huge_model": {"prompt_suffix_token_ids": [10**12]},
+        "suffix_oov_model": {"prompt_suffix_token_ids": [49408]},
+    }.items():
+        paths[name] = _edit_config(model, root / name, **fields)
+    config = json.loads((model / "config.json").read_text())
+    for name, tower, field, value in (("text_string_model", "text_config", "hidden_size", "48"),
+                                      ("vision_string_model", "vision_config", "num_hidden_layers", "3"),
+                                      ("eos_oov_model", "text_config", "eos_token_id", 10**6)):  # fmt: skip
+        paths[name] = _edit_config(model, root / name, **{tower: {**config[tower], field: value}})
+    shutil.copytree(model, root / "deep_config_model")
+    (root / "deep_config_model" / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    paths["deep_config_model"] = root / "deep_config_model"
+    shutil.copytree(model, root / "no_config_model")
+    (root / "no_config_model" / "config.json").unlink()
+    paths["no_config_model"] = root / "no_config_model"
+    shutil.copytree(model, root / "wrong_shape_model")
+    save_file({**tensors, "state_prototypes.normal_queries": torch.zeros(3, 5)},
+              str(root / "wrong_shape_model" / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    paths["wrong_shape_model"] = root / "wrong_shape_model"
+    shutil.copytree(model, root / "other_size_processor_model")
+    CoPSProcessor.for_image_size(112).save_pretrained(root / "other_size_processor_model")
+    paths["other_size_processor_model"] = root / "other_size_processor_model"
     shutil.copytree(model, root / "json_garbage_model")
     (root / "json_garbage_model" / "config.json").write_text("{not json")
     paths["json_garbage_model"] = root / "json_garbage_model"
@@ -132,6 +164,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
         paths[name].write_text(json.dumps(content))
     paths["broken_json"] = root / "broken.json"
     paths["broken_json"].write_text("{")
+    paths["clip_field_json"] = root / "clip_field.json"
+    paths["clip_field_json"].write_text(json.dumps({"text_config": {"hidden_size": "wide"}}))
     return paths
 
 
@@ -156,6 +190,44 @@ def _anomalous_dataset(root: Path) -> Path:
     records = [record for record in read_meta_json(_dataset(root))["test"]["bottle"] if record["anomaly"]]
     write_meta_json(root, {"train": {"bottle": records}, "test": {"bottle": records}})
     return root
+
+
+def _write_raw_meta(root: Path, edit: Callable[[dict], object]) -> Path:
+    """The valid dataset with its meta.json edited by hand (`edit` changes the parsed document in place)."""
+    _dataset(root)
+    meta = json.loads((root / "meta.json").read_text())
+    edit(meta)
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def _nested_meta(root: Path) -> Path:
+    _dataset(root)
+    (root / "meta.json").write_text('{"test": ' * 100_000 + "{}" + "}" * 100_000)
+    return root
+
+
+def _long_category(root: Path) -> Path:
+    """The valid dataset's test records filed under a 300-character category (the images stay in bottle/)."""
+    name = "c" * 300
+
+    def rename(meta: dict) -> None:
+        meta["test"] = {name: [{**record, "cls_name": name} for record in meta["test"]["bottle"]]}
+
+    return _write_raw_meta(root, rename)
+
+
+RAW_DATASETS: dict[str, Callable[[Path], Path]] = {
+    "dataset_object": lambda root: _write_raw_meta(root, lambda meta: meta.update(dataset={"name": "visa"})),
+    "dataset_number": lambda root: _write_raw_meta(root, lambda meta: meta.update(dataset=7)),
+    "nested_meta": _nested_meta,
+    "long_category": _long_category,
+}
+"""Hand-made datasets whose meta.json is refused as a whole (the CLI cases name them as {data_<name>})."""
+
+_LONG_CATEGORY_PROBLEM = (
+    f"split 'test': category {'c' * 40!r}... is 300 bytes long, over the 255 bytes a file or folder name may have"
+)
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -360,6 +432,85 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
      "cops-hf data: error: No meta.json at {tmp}/nowhere/meta.json."),
     ("benchmark-batch-size-0", ["benchmark", "--model", "{model}", "--data-root", "{tmp}", *OUT, "--batch-size", "0"],
      2, "cops-hf benchmark: error: argument --batch-size: must be an integer >= 1, got '0'"),
+    # config.json values of the wrong type or out of range, refused at load (not deep in the forward)
+    *[(f"predict-{name.removesuffix('_model').replace('_', '-')}", _predict(f"{{{name}}}", "{image}"), 2,
+       f"cops-hf predict: error: The config.json of '{{{name}}}' is invalid: {problem}. Fix the file or save the "
+       "model again.")
+      for name, problem in (
+          ("text_list_model", "text_config must be an object of CLIPTextConfig fields, got list"),
+          ("text_string_model", "text_config.hidden_size must be an integer, got '48'"),
+          ("vision_string_model", "vision_config.num_hidden_layers must be an integer, got '3'"),
+          ("vae_huge_model", "vae_samples must be at most 1000, got 1000000000000"),
+          ("suffix_huge_model", "prompt_suffix_token_ids must hold token ids in 0..49407 (the text vocabulary), got "
+                                "[1000000000000]"),
+          ("suffix_oov_model", "prompt_suffix_token_ids must hold token ids in 0..49407 (the text vocabulary), got "
+                               "[49408]"),
+          ("eos_oov_model", "text_config.eos_token_id must hold token ids in 0..49407 (the text vocabulary), got "
+                            "1000000"))],
+    ("evaluate-text-config-list", ["evaluate", "--model", "{text_list_model}", "--data", "{data}", *OUT], 2,
+     "cops-hf evaluate: error: The config.json of '{text_list_model}' is invalid: text_config must be an object"),
+    ("export-vae-huge-config", ["export", "--model", "{vae_huge_model}", "--output", "{tmp}/m.onnx"], 2,
+     "cops-hf export: error: The config.json of '{vae_huge_model}' is invalid: vae_samples must be at most 1000"),
+    ("predict-deep-config", _predict("{deep_config_model}", "{image}"), 2,
+     "cops-hf predict: error: The config.json of '{deep_config_model}' is nested too deeply to be read: it is not a "
+     "model configuration. Fix the file or save the model again."),
+    ("predict-no-config", _predict("{no_config_model}", "{image}"), 2,
+     "cops-hf predict: error: '{no_config_model}' has no config.json, so it is not a saved model: give the folder "
+     "written by save_pretrained or `cops-hf convert` (config.json next to model.safetensors)."),
+    ("export-no-config", ["export", "--model", "{no_config_model}", "--output", "{tmp}/m.onnx"], 2,
+     "cops-hf export: error: '{no_config_model}' has no config.json, so it is not a saved model"),
+    ("predict-wrong-weight-shape", _predict("{wrong_shape_model}", "{image}"), 2,
+     "cops-hf predict: error: The weight 'state_prototypes.normal_queries' of '{wrong_shape_model}' has shape [3, 5] "
+     "but its config.json implies [6, 48] (1 mismatched in all): the weights and the config do not belong "
+     "together. Save or download the model again."),
+    *[(f"{command}-processor-size-mismatch", [command, "--model", "{other_size_processor_model}", *inputs, *OUT], 2,
+       f"cops-hf {command}: error: The processor of '{{other_size_processor_model}}' resizes images to 112 px but the "
+       "model's config.json says image_size=98: scores would silently change. Use the processor saved with the "
+       "model, or CoPSProcessor.for_image_size(98) (save both again to fix the folder).")
+      for command, inputs in (("predict", ["{image}"]), ("evaluate", ["--data", "{data}"]),
+                              ("calibrate", ["--normal", "{image}"]))],
+    # flags out of range, refused before any work
+    *[(f"{command}-batch-size-huge", [command, *inputs, *OUT, "--batch-size", "99999999999999999999"], 2,
+       f"cops-hf {command}: error: argument --batch-size: must be an integer in 1..4096, got '99999999999999999999'; "
+       "a batch that large would not fit in memory")
+      for command, inputs in (("predict", ["--model", "{model}", "{image}"]),
+                              ("evaluate", ["--model", "{model}", "--data", "{data}"]),
+                              ("calibrate", ["--model", "{model}", "--normal", "{image}"]),
+                              ("train", ["--random-clip", "tiny", "--data", "{data}"]))],
+    *[(f"{command}-seed-{value}", [command, *inputs, *OUT, "--seed", value], 2,
+       f"cops-hf {command}: error: argument --seed: must be an integer in 0..4294967295, got '{value}'")
+      for command, inputs in (("evaluate", ["--model", "{model}", "--data", "{data}"]),
+                              ("train", ["--random-clip", "tiny", "--data", "{data}"]),
+                              ("benchmark", ["--model", "{model}", "--data-root", "{tmp}"]))
+      for value in ("4294967296", "-1")],
+    ("demo-seed-huge", ["demo", *OUT, "--seed", "99999999999999999999"], 2,
+     "cops-hf demo: error: argument --seed: must be an integer in 0..4294967295, got '99999999999999999999'"),
+    ("train-random-clip-broken-json", ["train", "--random-clip", "{broken_json}", "--data", "{data}", *OUT], 2,
+     "cops-hf train: error: --random-clip: Random CLIP config '{broken_json}' cannot be read as JSON: Expecting "
+     "property name enclosed in double quotes: line 1 column 2 (char 1)."),
+    ("train-random-clip-list-json", ["train", "--random-clip", "{list_json}", "--data", "{data}", *OUT], 2,
+     "cops-hf train: error: --random-clip: Random CLIP config '{list_json}' must be a JSON object of CLIPConfig "
+     "fields."),
+    ("train-random-clip-bad-field", ["train", "--random-clip", "{clip_field_json}", "--data", "{data}", *OUT], 2,
+     "cops-hf train: error: --random-clip: Random CLIP config '{clip_field_json}' is not a valid CLIPConfig: Field "
+     "'hidden_size' expected int, got str (value: 'wide')"),
+    # meta.json refused as a whole, naming the file and what is wrong
+    *[(f"{command}-dataset-{kind}", [*argv, f"{{data_dataset_{kind}}}", *extra], 2,
+       f"cops-hf {argv[0]}: error: {{data_dataset_{kind}}}/meta.json: field 'dataset' must be a benchmark name (a "
+       f"string such as \"visa\"), got {shown}")
+      for kind, shown in (("object", "\"{{'name': 'visa'}}\""), ("number", "'7'"))
+      for command, argv, extra in (("evaluate", ["evaluate", "--model", "{model}", "--data"], OUT),
+                                   ("validate", ["data", "validate"], []))],
+    *[(f"{command}-nested-meta", [*argv, "{data_nested_meta}", *extra], 2,
+       f"cops-hf {argv[0]}: error: {{data_nested_meta}}/meta.json is not a meta.json: it is nested too deeply to be "
+       "read")
+      for command, argv, extra in (("evaluate", ["evaluate", "--model", "{model}", "--data"], OUT),
+                                   ("validate", ["data", "validate"], []))],
+    *[(f"{command}-long-category", [*argv, "{data_long_category}", *extra], 2,
+       f"cops-hf {argv[0]}: error: {{data_long_category}}/meta.json: {_LONG_CATEGORY_PROBLEM}")
+      for command, argv, extra in (("evaluate", ["evaluate", "--model", "{model}", "--data"], OUT),
+                                   ("calibrate", ["calibrate", "--model", "{model}", "--data"], OUT),
+                                   ("validate", ["data", "validate"], []))],
 ]  # fmt: skip
 
 
@@ -396,6 +547,9 @@ def test_cli_matrix(files, tmp_path, capsys, argv, code, first_line):
     values = {**{name: str(value) for name, value in files.items()}, "tmp": str(tmp_path)}
     values["data"] = str(_dataset(tmp_path / "data"))
     values["anomalous_data"] = str(_anomalous_dataset(tmp_path / "anomalous_data"))
+    for name, make in RAW_DATASETS.items():
+        if f"{{data_{name}}}" in " ".join(argv):
+            values[f"data_{name}"] = str(make(tmp_path / name))
 
     assert _run([part.format(**values) for part in argv]) == code
 
@@ -445,6 +599,16 @@ DATA_CASES: list[tuple[str, Callable[[Path], None], str]] = [
      "{root}/meta.json: field 'specie_name' '../x' is not a plain folder name"),
     ("bad-anomaly", lambda root: _raw_dataset(root, _record("bottle/0.png", anomaly=2)),
      "{root}/meta.json: field 'anomaly' must be 0 or 1, got 2 [test/bottle[4]]"),
+    ("nul-image-path", lambda root: _raw_dataset(root, _record("bottle/a\0b.png")),
+     "{root}/meta.json: field 'img_path' contains a NUL character, which no file name may hold [test/bottle[4]]"),
+    ("nul-mask-path", lambda root: _raw_dataset(root, _record("bottle/1.png", anomaly=1, mask_path="m\0.png")),
+     "{root}/meta.json: field 'mask_path' contains a NUL character, which no file name may hold [test/bottle[4]]"),
+    ("long-name", lambda root: _raw_dataset(root, _record("bottle/" + "x" * 300 + ".png")),
+     "{root}/meta.json: field 'img_path' is too long (311 bytes, longest name 304): file systems allow 255 bytes per "
+     "name and 4096 in all [test/bottle[4]]"),
+    ("long-path", lambda root: _raw_dataset(root, _record("a/" * 2100 + "x.png")),
+     "{root}/meta.json: field 'img_path' is too long (4205 bytes, longest name 5): file systems allow 255 bytes per "
+     "name and 4096 in all [test/bottle[4]]"),
 ]  # fmt: skip
 
 
@@ -468,6 +632,41 @@ def test_invalid_records_are_listed_refused_and_skippable(files, tmp_path, capsy
     assert _run([*evaluate, "--skip-invalid"]) == 0
     predictions = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert len(predictions) == 1 + 4  # header + the four valid records, each once
+
+
+def test_evaluate_skip_invalid_skips_a_truncated_image(files, tmp_path, capsys, caplog):
+    root = _dataset(tmp_path / "data")
+    truncated = root / "bottle" / "2.png"
+    write_image(truncated, size=(64, 64), value=90)
+    truncated.write_bytes(truncated.read_bytes()[:-40])  # the header reads, the pixels do not
+    evaluate = ["evaluate", "--model", str(files["model"]), "--data", str(root), "--output", str(tmp_path / "out")]
+
+    assert _run([*evaluate, "--skip-invalid"]) == 0
+
+    predictions = (tmp_path / "out" / "predictions.csv").read_text()
+    assert len(predictions.splitlines()) == 1 + 3 and str(truncated) not in predictions
+    assert "Skipped 1 invalid records" in caplog.text
+
+
+def _benchmark_root(root: Path) -> Path:
+    """A suite folder whose mvtec/ has one record pointing at a missing image."""
+    _dataset(root / "mvtec", [_record("bottle/gone.png")])
+    return root
+
+
+def test_benchmark_skip_invalid_keeps_the_suite_going(files, tmp_path, capsys):
+    root = _benchmark_root(tmp_path / "suite")
+    benchmark = ["benchmark", "--model", str(files["model"]), "--data-root", str(root), "--suite", "industrial",
+                 "--output", str(tmp_path / "out"), "--batch-size", "4"]  # fmt: skip
+
+    assert _run(benchmark) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"cops-hf benchmark: error: {root / 'mvtec' / 'meta.json'} [test]: 1 invalid of 5 records")
+    assert "(CLI: --skip-invalid)" in line  # the option the hint names exists
+    assert _run([*benchmark, "--skip-invalid"]) == 0
+    results = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert "mvtec" in json.dumps(results)
+    assert len((tmp_path / "out" / "mvtec" / "predictions.csv").read_text().splitlines()) == 1 + 4
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
@@ -508,8 +707,6 @@ def test_category_names_are_refused_by_every_reader(files, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def detector(files):
-    from transformers import pipeline
-
     return pipeline("anomaly-detection", model=str(files["model"]))
 
 
@@ -537,6 +734,21 @@ API_CASES: list[tuple[str, Callable[[dict], object], type[Exception], str]] = [
      f"Image file '{{bomb}}' declares more than {2 * PIL_LIMIT} pixels"),
     ("wrong-shape", lambda f: load_image(np.zeros((2, 3, 5, 7))), ImageLoadError,
      "input #0 (ndarray): expected an HxW, HxWx3 or HxWx4 array, got shape [2, 3, 5, 7]."),
+    ("pipeline-processor-size", lambda f: pipeline("anomaly-detection", model=f["detector"].model,
+                                                   processor=CoPSProcessor.for_image_size(112)), ValueError,
+     "The processor of {model} resizes images to 112 px but the model's config.json says image_size=98: scores "
+     "would silently change."),
+    ("predict-images-processor-size", lambda f: list(predict_images(
+        f["detector"].model, CoPSProcessor.for_image_size(112), [str(f["image"])])), ValueError,
+     "The processor of {model} resizes images to 112 px but the model's config.json says image_size=98"),
+    ("config-nested-json", lambda f: CoPSConfig.from_pretrained(f["deep_config_model"]), ValueError,
+     "The config.json of '{deep_config_model}' is nested too deeply to be read"),
+    ("model-without-config", lambda f: CoPSForAnomalyDetection.from_pretrained(f["no_config_model"]), OSError,
+     "'{no_config_model}' has no config.json, so it is not a saved model"),
+    ("config-vae-samples", lambda f: CoPSConfig(vae_samples=5000), ValueError,
+     "Invalid CoPSConfig: vae_samples must be at most 1000, got 5000."),
+    ("read-json-nested", lambda f: read_json_file(f["deep_config_model"] / "config.json", "config"), ValueError,
+     "config '{deep_config_model}/config.json' cannot be read as JSON: it is nested too deeply."),
     *[(f"pil-float-{value}", lambda f, value=value: f["detector"](Image.fromarray(np.full((8, 8), value, np.float32))),
        ImageLoadError, "Image input #0 (Image) holds NaN or infinite pixel values; it is not a valid image.")
       for value in (np.nan, np.inf)],
@@ -591,6 +803,41 @@ def test_pixel_limit_can_be_raised(files, tmp_path, capsys, monkeypatch):
     assert _error_line(capsys) == (
         "cops-hf predict: error: COPS_HF_MAX_IMAGE_PIXELS must be a positive number of pixels, got 'lots'."
     )
+
+
+_OUT_OF_MEMORY_SCRIPT = """
+import resource, sys
+from cops_hf.cli import main
+
+def virtual_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+
+limit = virtual_bytes() + 3 * 2**30  # 3 GiB of address space beyond what the imports took: malloc fails past it
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_running_out_of_memory_is_one_line_naming_the_batch_size(files, tmp_path):
+    """A 7000 px input (a genuine config, saved with its processor) needs far more than the 3 GiB the process may
+    take: the allocation failure is reported in one line that says what to lower, in a subprocess whose address
+    space is capped (so the test is safe whatever the machine's memory and overcommit policy)."""
+    model = _save_model(tmp_path / "huge_input", tiny_model(image_size=7000))
+    argv = _predict(str(model), str(files["image"]), str(files["image"]), extra=("--batch-size", "2"))
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+
+    result = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_MEMORY_SCRIPT, *[part.format(tmp=tmp_path) for part in argv]],
+        capture_output=True, text=True, env=environment, timeout=600,
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = next(line for line in result.stderr.splitlines() if line.startswith("cops-hf "))
+    assert line.startswith("cops-hf predict: error: out of memory (")
+    assert line.endswith("): lower --batch-size (now 2) or free memory")
+    assert "Traceback" not in result.stderr
 
 
 def test_refused_flags_write_nothing(tmp_path):

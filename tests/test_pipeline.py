@@ -124,9 +124,10 @@ def test_pipeline_from_a_saved_directory_uses_its_processor(tmp_path, images):
     arrays, _ = images
     model = tiny_model()
     model.save_pretrained(tmp_path)
-    CoPSProcessor(CoPSImageProcessor(size=70)).save_pretrained(tmp_path)
+    # Same size as the model's (another size is refused: tests/test_bad_inputs.py), other normalization.
+    CoPSProcessor(CoPSImageProcessor(size=model.config.image_size, image_mean=[0.5] * 3)).save_pretrained(tmp_path)
     detector = pipeline("anomaly-detection", model=str(tmp_path))
-    assert detector.processor.image_processor.size == 70
+    assert detector.processor.image_processor.image_mean == [0.5] * 3
     assert detector(arrays[0])["anomaly_map"].shape == arrays[0].shape[:2]
 
 

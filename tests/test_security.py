@@ -12,6 +12,8 @@ import os
 import pickle
 import re
 import struct
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
@@ -30,6 +32,7 @@ from cops_hf.file_utils import FORMULA_TRIGGERS, formula_safe_cell
 from cops_hf.image_utils import MAX_URL_BYTES_ENV, ImageLoadError, load_image
 from cops_hf.official import MAX_DOWNLOAD_ATTEMPTS, OfficialReleaseError, download_official_checkpoint
 from cops_hf.processing_cops import CoPSProcessor
+from cops_hf.testing_utils import random_clip_model
 from tests.data_fakes import write_image, write_mask
 from tests.hub_server import LoopbackServer, StaticFileServer, git_blob_id
 from tests.test_bad_inputs import write_png_header
@@ -172,6 +175,146 @@ def test_malicious_pickles_are_refused(tmp_path, capsys, flag, zip_format):
     assert code == 2
     first = _first_error_line(capsys)
     assert first.startswith(f"cops-hf convert: error: {what} '{evil}' was refused: it holds more than tensors (")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- checkpoints claiming far more memory than they hold
+
+BOMB_BYTES = 1_600_000_000  # what each bomb declares (about 1.6 GB of float32) while the file is a few KB
+
+
+def _zero_stride(*shape: int) -> torch.Tensor:
+    """One stored zero standing for a whole tensor of `shape` (what a zero stride makes of a few bytes)."""
+    return torch.zeros(1).expand(*shape)
+
+
+def _deflated_copy(source: Path, target: Path, size: int = 1 << 28) -> Path:
+    """`source` (a torch zip) rewritten with compressed members, its tensor data `size` deflated zero bytes."""
+    with zipfile.ZipFile(source) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            if "/data/" not in name:
+                archive.writestr(name, data)
+                continue
+            with archive.open(name, "w", force_zip64=True) as member:
+                for _ in range(size // (1 << 24)):
+                    member.write(bytes(1 << 24))
+    return target
+
+
+def _write_bombs(folder: Path) -> dict[str, tuple[str, str]]:
+    """Hostile files for `cops-hf convert`: name -> (flag, path). Each is small and declares about 1.6 GB."""
+    clip, cops = reference_weights(*load_fixture(FIXTURE_NAMES[0]))
+    clip_archive = _scripted_archive(folder / "clip.pt", clip)
+    width = clip["ln_final.weight"].shape[0]
+    torch.save({"prompt_learner": {**cops, "ctx_pos": _zero_stride(1, 1, BOMB_BYTES // 4 // width, width)}},
+               folder / "ctx.pth")  # fmt: skip
+    deep = {key: _zero_stride(BOMB_BYTES // 12 // width, width) for key in cops if key.startswith("compound_")}
+    torch.save({"prompt_learner": {**cops, **deep}}, folder / "deep.pth")
+    wide = 19_968  # an 80 KB layer norm declaring a text tower 19968 wide (312 heads): 77 GB of weights
+    torch.save({**clip, "ln_final.weight": torch.ones(wide), "ln_final.bias": torch.zeros(wide)}, folder / "wide.pth")
+    torch.save({"weight": torch.zeros(4)}, folder / "small.pth")
+    return {
+        "torchscript-zero-stride": ("--clip", str(_scripted_archive(folder / "zs.pt", {
+            **clip, "visual.proj": _zero_stride(20_000, 20_000)}))),
+        "pth-zero-stride-context": ("--checkpoint", str(folder / "ctx.pth")),
+        "pth-zero-stride-deep-prompts": ("--checkpoint", str(folder / "deep.pth")),
+        "pth-clip-geometry": ("--clip", str(folder / "wide.pth")),
+        "pth-deflated": ("--checkpoint", str(_deflated_copy(folder / "small.pth", folder / "deflated.pth"))),
+        "clip": ("--clip", str(clip_archive)),
+    }  # fmt: skip
+
+
+BOMB_MESSAGES = {
+    "torchscript-zero-stride": "'{path}': a tensor declares shape [20000, 20000] (400000000 elements) but the file "
+    "stores 1: a repeated (zero-stride) or oversized tensor, refused before any memory is taken for it.",
+    "pth-zero-stride-context": "'{path}': tensor 'prompt_learner.ctx_pos' declares shape [1, 1, 8333333, 48] "
+    "(399999984 elements) but the file stores 1: a repeated (zero-stride) or oversized tensor",
+    "pth-zero-stride-deep-prompts": "'{path}': tensor 'prompt_learner.compound_prompts_text.0' declares shape "
+    "[2777777, 48]",
+    "pth-clip-geometry": "OpenAI CLIP weight 'text_model.embeddings.position_embedding.weight' has shape [77, 48], "
+    "expected [77, 19968].",
+    "pth-deflated": "'{path}': member 'small/data/0' unpacks to 268435456 bytes, more than the ",
+}
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory) -> dict[str, tuple[str, str]]:
+    return _write_bombs(tmp_path_factory.mktemp("bombs"))
+
+
+@pytest.mark.parametrize("kind", sorted(BOMB_MESSAGES))
+def test_checkpoint_bombs_are_refused_by_name(bombs, tmp_path, capsys, kind):
+    flag, path = bombs[kind]
+    assert Path(path).stat().st_size < 20_000_000  # the tiny CLIP's token table is 9.5 MB of it
+    argv = ["convert", "--clip", bombs["clip"][1], "--output", str(tmp_path / "out")]
+    argv = [*argv, "--checkpoint", path] if flag == "--checkpoint" else ["convert", "--clip", path, *argv[3:]]
+
+    assert main(argv) == 2
+
+    assert _first_error_line(capsys).startswith(f"cops-hf convert: error: {BOMB_MESSAGES[kind].format(path=path)}")
+    assert not (tmp_path / "out").exists()
+
+
+_PEAK_MEMORY_SCRIPT = """
+import resource, sys
+from cops_hf.cli import main
+from transformers import CLIPModel
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+main(["convert", "--clip", sys.argv[1], "--output", sys.argv[2]])  # imports and warms up everything once
+baseline = peak_mb()
+for flag, path in zip(sys.argv[3::2], sys.argv[4::2]):
+    clip = [] if flag == "--clip" else ["--clip", sys.argv[1]]
+    code = main(["convert", *clip, flag, path, "--output", sys.argv[2] + "-bomb"])
+    print(path, code, round(peak_mb() - baseline), flush=True)
+"""
+
+
+def test_refusing_a_bomb_stays_under_200_mb_above_the_baseline(bombs, tmp_path):
+    """Peak resident memory (ru_maxrss, a high-water mark) after refusing every bomb, in a fresh process, minus
+    the peak after a genuine conversion of the tiny CLIP in that process (imports, allocator pools): a bomb that
+    allocated what it declares would add about 1600 MB."""
+    arguments = [part for kind in BOMB_MESSAGES for part in bombs[kind]]
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_MEMORY_SCRIPT, bombs["clip"][1], str(tmp_path / "good"), *arguments],
+        capture_output=True, text=True, env=environment, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.rsplit(" ", 2) for line in result.stdout.splitlines() if line.startswith("/")]
+    assert [row[0] for row in rows] == arguments[1::2]
+    assert all(int(code) == 2 for _, code, _ in rows)
+    assert max(int(growth) for *_, growth in rows) < 200
+
+
+def test_deep_prompts_of_unequal_shapes_are_named(bombs, tmp_path, capsys):
+    _, cops = reference_weights(*load_fixture(FIXTURE_NAMES[0]))
+    cops["compound_prompts_text.2"] = cops["compound_prompts_text.2"][:3]
+    torch.save({"prompt_learner": cops}, tmp_path / "uneven.pth")
+
+    argv = ["convert", "--clip", bombs["clip"][1], "--checkpoint", str(tmp_path / "uneven.pth")]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert _first_error_line(capsys) == (
+        "cops-hf convert: error: Deep prompts of the CoPS checkpoint differ in shape: 'compound_prompts_text.2' is "
+        "[3, 48], 'compound_prompts_text.0' is [4, 48]; all must have the same shape."
+    )
+
+
+def test_a_clip_folder_holding_a_pickle_is_refused_in_one_line(tmp_path, capsys):
+    marker = tmp_path / "pwned.txt"
+    folder = tmp_path / "clip"
+    random_clip_model("tiny").config.save_pretrained(folder)
+    torch.save({"text_projection.weight": _RunsCode(marker)}, folder / "pytorch_model.bin")
+
+    assert main(["convert", "--clip", str(folder), "--output", str(tmp_path / "out")]) == 2
+    assert _first_error_line(capsys) == (
+        f"cops-hf convert: error: The CLIP weights in '{folder}' were refused: they are a pickle holding more than "
+        "tensors (only safetensors files and pickles of plain tensors are loaded), so nothing of it ran."
+    )
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 

@@ -168,6 +168,60 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_good_one(small_disk
     assert [checkpoint.name for checkpoint in list_checkpoints(run)][-1] == "epoch-0002"
 
 
+@pytest.mark.parametrize("fingerprint", [{"data": "x"}, "abc", {"data": 1, "clip": "y", "config": {}}])
+def test_a_malformed_fingerprint_is_a_damaged_checkpoint(finished_run, data_root, tmp_path, caplog, fingerprint):
+    run = _copy(finished_run, tmp_path)
+    state_file = list_checkpoints(run)[-1] / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "fingerprint": fingerprint}))
+
+    with caplog.at_level(logging.WARNING, logger="cops_hf.training"):
+        result: TrainingResult = _train(data_root, run, num_epochs=3, resume=True)
+
+    assert result.resumed_from_epoch == 1
+    expected = f"{state_file} is malformed: its 'fingerprint' must be an object with 'data' and 'clip' strings"
+    assert expected in caplog.text
+
+
+def test_a_truncated_feature_cache_file_is_recomputed(data_root, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    first = _train(data_root, tmp_path / "first", num_epochs=1, cache_vision_features=True, cache_dir=cache)
+    damaged = sorted(cache.glob("*.safetensors"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+
+    with caplog.at_level(logging.WARNING, logger="cops_hf.training"):
+        second = _train(data_root, tmp_path / "second", num_epochs=1, cache_vision_features=True, cache_dir=cache)
+
+    assert f"Feature cache file {damaged} is damaged (" in caplog.text and "rebuilding the cache" in caplog.text
+    # Same data, seed and weights, the features recomputed the same way: the same epoch, up to float rounding.
+    assert second.history[0]["loss"] == pytest.approx(first.history[0]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("command", ["convert", "calibrate"])
+def test_a_full_disk_while_saving_a_model_saves_nothing(small_disk, data_root, tmp_path, capsys, command):
+    model_dir = tmp_path / "model"
+    if command == "calibrate":
+        model = cops_model_for_training(random_clip_model("tiny"), image_size=IMAGE_SIZE)
+        model.save_pretrained(model_dir)
+        processor_for(model).save_pretrained(model_dir)
+        normal = sorted(data_root.rglob("*.png"))[0]
+        argv = ["calibrate", "--model", str(model_dir), "--normal", str(normal)]
+    else:
+        clip = random_clip_model("tiny")
+        clip.save_pretrained(model_dir)
+        argv = ["convert", "--clip", str(model_dir), "--image-size", str(IMAGE_SIZE)]
+    output = small_disk / "out"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    (small_disk / "filler").write_bytes(bytes(free - 16_384))
+    capsys.readouterr()
+
+    assert main([*argv, "--output", str(output)]) == 2
+
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"cops-hf {command}: error: could not write {output} (")
+    assert "No space left on device" in message or "os error 28" in message
+    assert message.endswith("; nothing was saved") and not output.exists()
+
+
 # ---------------------------------------------------------------- round two: no silent overwrite, no stale features
 
 

@@ -33,6 +33,8 @@ __all__ = [
     "DataProblem",
     "META_DATASET_KEY",
     "META_FILENAME",
+    "MAX_NAME_BYTES",
+    "MAX_PATH_BYTES",
     "Meta",
     "NORMAL_SPECIE",
     "SPLITS",
@@ -41,6 +43,7 @@ __all__ = [
     "meta_json_path",
     "path_component_problem",
     "read_meta_json",
+    "record_path_problem",
     "record_problems",
     "write_meta_json",
 ]
@@ -48,6 +51,10 @@ __all__ = [
 META_FILENAME = "meta.json"
 META_DATASET_KEY = "dataset"
 SPLITS = ("train", "test")
+MAX_NAME_BYTES = 255
+"""The longest file or folder name (UTF-8 bytes) most file systems allow: category names become folder names."""
+MAX_PATH_BYTES = 4096
+"""The longest path (UTF-8 bytes) Linux accepts (PATH_MAX)."""
 NORMAL_SPECIE = "good"
 
 Meta = dict[str, dict[str, list[dict[str, Any]]]]
@@ -102,6 +109,28 @@ def path_component_problem(name: str, what: str) -> str | None:
     """
     if not name or name in (".", "..") or any(character in name for character in ("/", "\\", "\0")):
         return f"{what} {name!r} is not a plain folder name (no '/', '\\', '.', '..' or empty names)"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return (
+            f"{what} {name[:40]!r}... is {len(name.encode('utf-8', 'surrogatepass'))} bytes long, over the "
+            f"{MAX_NAME_BYTES} bytes a file or folder name may have"
+        )
+    return None
+
+
+def record_path_problem(value: str, field: str) -> str | None:
+    """Why a meta.json path (``img_path``, ``mask_path``) cannot name a file on any file system (None when it can).
+
+    A NUL character, a name over ``MAX_NAME_BYTES`` or a path over ``MAX_PATH_BYTES`` cannot.
+    """
+    if "\0" in value:
+        return f"field '{field}' contains a NUL character, which no file name may hold"
+    size = len(value.encode("utf-8", "surrogatepass"))
+    longest = max((len(part.encode("utf-8", "surrogatepass")) for part in value.split("/")), default=0)
+    if size > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:
+        return (
+            f"field '{field}' is too long ({size} bytes, longest name {longest}): file systems allow "
+            f"{MAX_NAME_BYTES} bytes per name and {MAX_PATH_BYTES} in all"
+        )
     return None
 
 
@@ -117,6 +146,9 @@ def record_problems(record: Any, category: str) -> list[str]:
             problems.append(f"field '{field}' must be a string, got {record[field]!r}")
     if isinstance(record.get("img_path"), str) and not record["img_path"]:
         problems.append("field 'img_path' is empty")
+    for field in ("img_path", "mask_path"):
+        if isinstance(record.get(field), str) and (problem := record_path_problem(record[field], field)):
+            problems.append(problem)
     if isinstance(record.get("specie_name"), str) and (
         problem := path_component_problem(record["specie_name"], "field 'specie_name'")
     ):
@@ -135,7 +167,12 @@ def _check_structure(meta: Any, source: str) -> None:
     if not isinstance(meta, Mapping):
         raise DataError(f"{source}: top level must be a JSON object {{split: {{category: [records]}}}}")
     for split, categories in meta.items():
-        if split == META_DATASET_KEY and isinstance(categories, str):
+        if split == META_DATASET_KEY:
+            if not isinstance(categories, str):
+                raise DataError(
+                    f'{source}: field {META_DATASET_KEY!r} must be a benchmark name (a string such as "visa"), got '
+                    f"{str(categories)[:80]!r}"
+                )
             continue
         if not isinstance(categories, Mapping):
             raise DataError(f"{source}: split {split!r} must map category names to lists of records")
@@ -153,8 +190,10 @@ def _read_document(root: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"No {META_FILENAME} at {path}. {_BUILDER_HINT}")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path} is not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise DataError(f"{path} is not a meta.json: it is nested too deeply to be read") from error
     _check_structure(document, str(path))
     return document
 

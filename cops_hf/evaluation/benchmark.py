@@ -99,6 +99,7 @@ def run_benchmark(
     seed: int = 0,
     num_visualizations: int = 4,
     accelerator: Accelerator | None = None,
+    skip_invalid: bool = False,
     shots: int = 0,
     shot_seeds: Sequence[int] = (0,),
 ) -> BenchmarkResult | None:
@@ -110,6 +111,10 @@ def run_benchmark(
 
     With `shots` > 0, each dataset is evaluated K-shot (`cops_hf.evaluation.fewshot.evaluate_few_shot`, the same
     reference draws as `cops-hf evaluate --shots`), averaged over `shot_seeds`.
+
+    Args:
+        skip_invalid: drop each dataset's invalid meta.json records (see `evaluate_dataset`) instead of stopping
+            the whole suite at the first one.
 
     Returns:
         The result on the main process, `None` on the others.
@@ -137,7 +142,8 @@ def run_benchmark(
         evaluation = (evaluate_few_shot if shots else evaluate_dataset)(
             model, processor, roots[name], test_preset=REGISTRY[name].test_preset, batch_size=batch_size, seed=seed,
             output_dir=Path(output_dir) / name if output_dir is not None else None,
-            num_visualizations=num_visualizations, accelerator=accelerator, **few_shot,
+            num_visualizations=num_visualizations, accelerator=accelerator, skip_invalid=skip_invalid,
+            **few_shot,
         )  # fmt: skip
         if evaluation is not None:
             result.metrics[name] = {key: evaluation.report.mean.get(key) for key in METRIC_NAMES}

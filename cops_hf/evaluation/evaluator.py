@@ -149,7 +149,8 @@ def evaluate_dataset(
         accelerator: shards the dataset over its processes; `None` creates one (single process unless launched
             with `accelerate launch` / `torchrun`).
         skip_invalid: drop invalid meta.json records (missing or unreadable files, duplicates, ...) with a
-            warning instead of refusing the dataset.
+            warning instead of refusing the dataset; every image and mask is then decoded once beforehand, so a
+            truncated file is skipped too rather than stopping the run midway.
         references: few-shot scoring (`cops_hf.evaluation.fewshot` draws them): per category, the absolute paths
             of normal images set as the model's reference memory (`model.set_references`) before that category's
             images are scored. Test images among them are left out of scoring (`protocol["left_out_of_scoring"]`
@@ -171,7 +172,9 @@ def evaluate_dataset(
         # A shallow copy shares the weights but not the config: the caller's model.config stays as it is.
         model, config = copy.copy(model), model.config.with_preset(test_dataset=preset.name)
         model.config = config
-    dataset = load_meta_dataset(data_root, split=split, categories=categories, skip_invalid=skip_invalid)
+    dataset = load_meta_dataset(
+        data_root, split=split, categories=categories, skip_invalid=skip_invalid, check_images=skip_invalid
+    )
     pixel_level = has_masks(dataset) or any(path for path in dataset["mask_path"])
     columns = dataset.select_columns(["image_path", "mask_path", "gt_label", "cls_name"]).to_dict()
     rows = [

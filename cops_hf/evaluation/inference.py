@@ -11,7 +11,12 @@ from tqdm.auto import tqdm
 
 from ..image_utils import ImageLike
 from ..modeling_cops import CoPSAnomalyDetectionOutput, CoPSForAnomalyDetection
-from ..processing_cops import CoPSProcessor, check_finite_scores, check_tiles_without_references
+from ..processing_cops import (
+    CoPSProcessor,
+    check_finite_scores,
+    check_processor_matches_model,
+    check_tiles_without_references,
+)
 from ..schema import ANOMALY_MAP, PRED_SCORE
 
 
@@ -57,7 +62,9 @@ def predict_images(
 
     Raises:
         NonFiniteScoreError: the model gave a NaN or infinite score (naming the image when it is a path).
+        ValueError: the processor's image size is not the model's `config.image_size`.
     """
+    check_processor_matches_model(processor, model.config.image_size, model.name_or_path or "the model")
     device = next(model.parameters()).device
     dtype = model.prompt_synthesizer.normal_context.dtype
     starts = range(0, len(images), batch_size)

@@ -225,7 +225,14 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, expected_state: 
         if state[name] != expected_state[name]
     ]
     if state.get("fingerprint") and expected_state.get("fingerprint"):
-        mismatched += _fingerprint_differences(state["fingerprint"], expected_state["fingerprint"])
+        recorded = state["fingerprint"]
+        shape = {"data": str, "clip": str, "config": dict}
+        if not isinstance(recorded, dict) or any(not isinstance(recorded.get(k), t) for k, t in shape.items()):
+            raise CorruptCheckpointError(
+                f"{state_file} is malformed: its 'fingerprint' must be an object with 'data' and 'clip' strings and "
+                f"a 'config' object, got {str(recorded)[:80]!r}."
+            )
+        mismatched += _fingerprint_differences(recorded, expected_state["fingerprint"])
     if mismatched:
         raise ValueError(
             f"Cannot resume from {checkpoint}: the run's settings changed ({'; '.join(mismatched)}). Resume "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..file_utils import atomic_write
@@ -37,20 +37,39 @@ class VisionFeatureCache:
             self.directory.mkdir(parents=True, exist_ok=True)
             manifest = self._manifest_path()
             if manifest.is_file():
-                try:
-                    content = json.loads(manifest.read_text())
-                    recorded, files = content.get("fingerprint"), content["files"]
-                except (ValueError, TypeError, KeyError, AttributeError):
-                    logger.warning("Feature cache manifest %s cannot be read; rebuilding the cache.", manifest)
-                    return
-                if recorded == fingerprint:
-                    self._files = {int(index): name for index, name in files.items()}
-                else:
-                    logger.warning(
-                        "Feature cache %s was made for other image or mask files (paths, sizes or modification "
-                        "times), vision weights or precision; rebuilding the cache.",
-                        manifest,
-                    )
+                self._files = self._reusable_files(manifest)
+
+    def _reusable_files(self, manifest: Path) -> dict[int, str]:
+        """The cached files a manifest lists, or nothing when they cannot be reused (then rebuilt).
+
+        They are reused when the manifest is intact, was made for this data and tower, and every file it lists
+        opens; otherwise a warning names the reason.
+        """
+        try:
+            content = json.loads(manifest.read_text())
+            files = {int(index): str(name) for index, name in content["files"].items()}
+            recorded = content.get("fingerprint")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            logger.warning("Feature cache manifest %s cannot be read; rebuilding the cache.", manifest)
+            return {}
+        if recorded != self.fingerprint:
+            logger.warning(
+                "Feature cache %s was made for other image or mask files (paths, sizes or modification "
+                "times), vision weights or precision; rebuilding the cache.",
+                manifest,
+            )
+            return {}
+        for name in sorted(set(files.values())):
+            try:
+                with safe_open(str(self.directory / name), framework="pt"):
+                    pass
+            except (OSError, SafetensorError) as error:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                logger.warning(
+                    "Feature cache file %s is damaged (%s); rebuilding the cache.", self.directory / name, reason
+                )
+                return {}
+        return files
 
     def _manifest_path(self) -> Path:
         return self.directory / f"manifest-process{self.process_index}.json"
@@ -92,11 +111,17 @@ class VisionFeatureCache:
         else:
             rows = []
             for index in indices:
-                with safe_open(str(self.directory / self._files[index]), framework="pt") as stored:
-                    prefix = f"{index}/"
-                    rows.append(
-                        {key[len(prefix) :]: stored.get_tensor(key) for key in stored.keys() if key.startswith(prefix)}
-                    )
+                path = self.directory / self._files[index]
+                try:
+                    with safe_open(str(path), framework="pt") as stored:
+                        prefix = f"{index}/"
+                        keys = [key for key in stored.keys() if key.startswith(prefix)]  # noqa: SIM118 (no __iter__)
+                        rows.append({key[len(prefix) :]: stored.get_tensor(key) for key in keys})
+                except (OSError, SafetensorError) as error:
+                    raise OSError(
+                        f"Feature cache file {path} cannot be read ({error}); delete the --cache-dir folder "
+                        f"{self.directory} and rerun to recompute the features."
+                    ) from error
         vision_outputs = CoPSVisionOutput(
             image_embeds=torch.stack([row["image_embeds"] for row in rows]),
             patch_embeds=torch.stack([row["patch_embeds"] for row in rows]),
