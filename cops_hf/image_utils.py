@@ -222,7 +222,7 @@ def _download_image(url: str, timeout: float | None, max_bytes: int | None = Non
         raise ImageLoadError(f"Image URL '{url}' cannot be downloaded ({reason}); check the address.") from error
     if len(content) > limit:
         raise ImageTooLargeError(too_big + "the image is genuine.")
-    return load_image_bytes(content, f"Image URL '{url}'", unreadable="did not return a readable image")
+    return load_image_bytes(content, f"Image URL '{url}'", unreadable="cannot be read")
 
 
 def refuse_non_finite_pixels(image: Image.Image, what: str) -> Image.Image:
