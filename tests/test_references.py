@@ -17,6 +17,7 @@ from transformers import pipeline
 from cops_hf import CoPSForAnomalyDetection, CoPSProcessor
 from cops_hf.cli import main
 from cops_hf.data import DEFAULT_TEST_CATEGORIES, DEFECT_TYPES, render_synthetic_sample
+from cops_hf.demo import run_demo
 from cops_hf.evaluation.metrics import pixel_auroc
 from cops_hf.modeling_cops import greedy_coreset, nearest_reference_distance
 from cops_hf.testing_utils import random_cops_config, random_cops_model
@@ -239,3 +240,12 @@ def test_referenced_model_from_the_local_hub_with_remote_code(
         expected = model(**inputs)
     for name in ("anomaly_maps", "image_scores", "reference_maps"):
         torch.testing.assert_close(remote[name], getattr(expected, name), atol=1e-6, rtol=0, msg=name)
+
+
+def test_demo_reports_zero_shot_next_to_two_shot(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, num_epochs=1, images_per_category=4, image_size=56, progress_bar=False)
+    assert result.shots == 2 and result.few_shot.per_category.keys() == result.evaluation.report.per_category.keys()
+    assert result.few_shot.mean["pixel_auroc"] > result.evaluation.report.mean["pixel_auroc"] + 0.1
+    mean_row = result.comparison_table().splitlines()[-1]
+    zero_shot, two_shot = result.evaluation.report.mean["pixel_auroc"], result.few_shot.mean["pixel_auroc"]
+    assert mean_row.startswith("mean") and f"{100 * zero_shot:.1f} / {100 * two_shot:.1f}" in mean_row
