@@ -11,9 +11,15 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+from .data.registry import GENERAL_PRESET, REGISTRY, SUITES, aliases_text, resolve_test_preset
 from .devices import DTYPE_NAMES
+from .schema import ERROR, IMAGE_PATH, PRED_LABEL, PRED_SCORE
+
+if TYPE_CHECKING:
+    from .evaluation.fewshot import FewShotResult
 
 Subcommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 """name, one-line help, adds the arguments, runs the command."""
@@ -38,21 +44,21 @@ def _style(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+    """Argparse type: an integer >= 1."""
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
 
 
 def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
+    """Argparse type: an integer >= 0."""
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return int(text)
 
 
 def _threshold(text: str) -> float:
-    """argparse type: a finite number in [0, 1] (scores and anomaly maps are probabilities)."""
+    """Argparse type: a finite number in [0, 1] (scores and anomaly maps are probabilities)."""
     from .processing_cops import check_threshold
 
     try:
@@ -71,9 +77,10 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "(with --official, default openai/clip-vit-large-patch14-336)."
     )  # fmt: skip
     parser.add_argument("--checkpoint", help="Reference CoPS checkpoint (e.g. epoch_10.pth); omit for fresh modules.")
-    parser.add_argument("--output", required=True, help="Directory for save_pretrained (model + processor).")
+    parser.add_argument("--output", required=True, help="Folder for the detector (model + processor).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a model folder already at --output.")
     parser.add_argument("--image-size", type=_positive_int, default=518, help="Input size in pixels (default 518).")
-    parser.add_argument("--test-preset", help="Test-dataset preset (e.g. visa, mvtec), see TEST_DATASET_PRESETS.")
+    parser.add_argument("--test-preset", help=f"Test-dataset preset: a dataset ({', '.join(REGISTRY)}) or general.")
     parser.add_argument("--train-preset", help="Training-dataset preset (visa or mvtec).")
     parser.add_argument("--revision", help="Hub revision of the CLIP (branch, tag or commit).")
     parser.add_argument("--cache-dir", help="Cache folder for downloads (default: the Hugging Face cache).")
@@ -94,6 +101,7 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .conversion import convert_original_checkpoint
+    from .hub import save_detector
     from .official import load_official
     from .processing_cops import CoPSProcessor
 
@@ -114,9 +122,9 @@ def _run_convert(args: argparse.Namespace) -> int:
     else:
         raise ValueError("give --official visa|mvtec, or --clip (and --checkpoint) to convert local files")
     if args.test_preset or args.train_preset:
-        model.config = model.config.with_preset(args.test_preset, args.train_preset)
-    model.save_pretrained(args.output)
-    processor.save_pretrained(args.output)
+        test_preset = resolve_test_preset(args.test_preset) if args.test_preset else None
+        model.config = model.config.with_preset(test_preset, args.train_preset)
+    save_detector(model, processor, args.output, overwrite=args.overwrite)
     print(f"Saved CoPS model and processor to {args.output}")
     return 0
 
@@ -128,7 +136,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["csv", "json"], default="csv", help="table of scores (default csv)")
     parser.add_argument("--threshold", type=_threshold, help="pixel threshold (default: the model's calibrated one)")
     parser.add_argument("--image-threshold", type=_threshold, help="score threshold (default: the calibrated one)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1)
+    parser.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (default: 1)")
     parser.add_argument("--no-overlays", action="store_true", help="write the table only")
     parser.add_argument("--skip-invalid", action="store_true", help="report unreadable images instead of failing")
     _add_references_argument(parser)
@@ -208,28 +216,50 @@ def _run_references(args: argparse.Namespace) -> int:
 
 def _print_row(row: dict[str, str]) -> None:
     print(
-        f"{row['image']}\t" + (f"error: {row['error']}" if row["error"] else f"score={row['score']}\t{row['label']}")
+        f"{row[IMAGE_PATH]}\t"
+        + (f"error: {row[ERROR]}" if row[ERROR] else f"{PRED_SCORE}={row[PRED_SCORE]}\t{row[PRED_LABEL]}")
     )
 
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Model directory or Hub id.")
     parser.add_argument("--data", required=True, help="Dataset root holding meta.json.")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="meta.json split to evaluate (default: test).")
     parser.add_argument("--categories", nargs="+", help="Only these categories (default: all).")
     parser.add_argument(
         "--preset",
-        help="Test-time preset of the reference (e.g. visa, mvtec); default: the dataset meta.json records "
-        "(written by `cops-hf data prepare`), else the model's config as saved.",
+        help=f"Test-time preset of the reference: a dataset ({', '.join(REGISTRY)}, or an alias) or "
+        f"{GENERAL_PRESET}; default: the dataset meta.json records (written by `cops-hf data prepare`), else the "
+        "preset the model's config records, else the config as saved.",
     )
     parser.add_argument("--output", required=True, help="Directory for metrics.csv/json, plots and overlays.")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="Class-token noise seed (default 0).")
     parser.add_argument("--num-visualizations", type=_non_negative_int, default=8, help="Overlays per category.")
     parser.add_argument("--skip-invalid", action="store_true", help="Drop invalid records instead of failing.")
+    _add_shots_arguments(parser)
     _add_style_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
+
+
+def _add_shots_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shots", type=_non_negative_int, default=0,
+        help="K normal references per category, drawn from its train split (else from the test normals, then left "
+        "out of scoring); 0 (default): zero-shot",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shot-seeds", type=_non_negative_int, nargs="+", metavar="S",
+        help="seeds of the reference draws, one evaluation each, averaged with their std (default: 0)",
+    )  # fmt: skip
+
+
+def _shot_options(args: argparse.Namespace) -> dict[str, object]:
+    """`shots` and `shot_seeds` for the API; refuses seeds without shots."""
+    if args.shot_seeds and not args.shots:
+        raise ValueError("--shot-seeds needs --shots K (K >= 1): seeds draw few-shot references")
+    return {"shots": args.shots, "shot_seeds": args.shot_seeds or [0]} if args.shots else {}
 
 
 def _add_cpu_alias(parser: argparse.ArgumentParser) -> None:
@@ -244,32 +274,39 @@ def _accelerator_on(device: object):
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .data import meta_dataset_name
-    from .evaluation.evaluator import evaluate_dataset
+    from .evaluation.evaluator import AUTO_PRESET, choose_test_preset, evaluate_dataset
+    from .evaluation.fewshot import evaluate_few_shot
     from .predict import load_model_and_processor
 
+    shots = _shot_options(args)
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
-    # The test data decides, as in the reference; a model's recorded preset (an official release's intended one)
-    # serves data that records no dataset.
-    data_preset = meta_dataset_name(args.data)
-    if args.preset:
-        preset, source = args.preset, "--preset"
-    elif data_preset:
-        preset, source = data_preset, f"the dataset {args.data}/meta.json records"
-    else:
-        preset, source = model.config.test_preset, "the preset the model's config records"
-    print(f"Test preset: {preset} ({source})" if preset else "Test preset: none recorded, the model's config as is")
-    result = evaluate_dataset(
-        model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset,
+    preset = choose_test_preset(args.preset or AUTO_PRESET, model, args.data, source="--preset")
+    print(preset.describe())
+    evaluate = evaluate_few_shot if shots else evaluate_dataset
+    result = evaluate(
+        model, processor, args.data, split=args.split, categories=args.categories, test_preset=preset.name,
         batch_size=args.batch_size, seed=args.seed, output_dir=args.output,
         num_visualizations=args.num_visualizations, accelerator=_accelerator_on(model.device),
-        skip_invalid=args.skip_invalid, **_style(args),
+        skip_invalid=args.skip_invalid, **shots, **_style(args),
     )  # fmt: skip
-    if result is not None:
+    if result is None:  # not the main process of a sharded run
+        return 0
+    if shots:
+        _print_few_shot_notes(result)
+    else:
         print(result.report.format_table())
         print(f"Protocol: {result.protocol}")
         print(f"Wrote {len(result.files)} files to {args.output}")
     return 0
+
+
+def _print_few_shot_notes(result: FewShotResult) -> None:
+    """Where the references came from: the test normals they took are not scored."""
+    seeds = ", ".join(map(str, result.shot_seeds))
+    print(f"{result.shots}-shot, mean over seeds {seeds} (std in metrics.json):")
+    for category, split in result.reference_split.items():
+        if split != "train":
+            print(f"  {category}: references drawn from the {split} normals, left out of scoring")
 
 
 def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -278,43 +315,33 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--normal", nargs="+", help="Normal images (files or folders): quantile thresholds.")
     source.add_argument("--data", help="Labelled dataset root (meta.json): F1-optimal thresholds.")
     parser.add_argument("--split", default="test", help="Split of --data to calibrate on.")
-    parser.add_argument("--quantile", type=float, default=0.99)
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--output", required=True, help="Directory to save the model (thresholds in its config).")
+    parser.add_argument(
+        "--quantile", type=float, default=0.99,
+        help="with --normal: the thresholds are this quantile of the normal images' scores and pixels "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--output", required=True, help="Folder to save the model (thresholds in its config).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a model folder already at --output.")
     _add_device_arguments(parser)
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import load_meta_dataset
-    from .evaluation.calibration import calibrate_thresholds
-    from .predict import expand_image_sources, load_model_and_processor
+    from .evaluation.calibration import calibrate_on, calibration_set
+    from .hub import save_detector
+    from .predict import load_model_and_processor
 
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
-    labels = masks = None
-    if args.data:
-        dataset = load_meta_dataset(args.data, split=args.split)
-        images, labels = dataset["image_path"], dataset["gt_label"]
-        masks = [path or None for path in dataset["mask_path"]]
-    else:
-        images = expand_image_sources(args.normal)
-    thresholds = calibrate_thresholds(
-        model, processor, images, labels, masks, quantile=args.quantile, batch_size=args.batch_size
-    )
-    model.to(device="cpu", dtype=torch.float32).save_pretrained(args.output)
-    processor.save_pretrained(args.output)
+    source = calibration_set(normal=args.normal, data=args.data, split=args.split)
+    thresholds = calibrate_on(model, processor, source, quantile=args.quantile, batch_size=args.batch_size)
+    save_detector(model.to(device="cpu", dtype=torch.float32), processor, args.output, overwrite=args.overwrite)
     print(
         f"image_threshold={thresholds.image_threshold:.6f} pixel_threshold={thresholds.pixel_threshold:.6f} "
-        f"({thresholds.method}, {len(images)} images); saved to {args.output}"
+        f"({thresholds.method}, {len(source.images)} images); saved to {args.output}"
     )
     return 0
-
-
-# The registry names of cops_hf.data.BENCHMARKS (tests check they agree), here so that --help imports nothing.
-_DATASET_NAMES = (
-    "mvtec, visa, btad, mpdd, dtd_synthetic, headct, brainmri, br35h, isic, cvc_colondb, cvc_clinicdb, kvasir, endo"
-)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -323,7 +350,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "name_or_root",
-        help=f"prepare: dataset name ({_DATASET_NAMES}) or 'folder' for your own images; validate: dataset root.",
+        help=f"prepare: dataset name ({', '.join(REGISTRY)}; aliases {aliases_text()}) or 'folder' for your own "
+        "images; validate: dataset root.",
     )
     parser.add_argument("root", nargs="?", help="prepare: the dataset's download folder.")
     parser.add_argument("--split", default="test", help="validate: split to check.")
@@ -352,13 +380,14 @@ def _run_data(args: argparse.Namespace) -> int:
 
 def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Model directory or Hub id.")
-    parser.add_argument("--suite", choices=["industrial", "medical", "all"], default="all")
+    parser.add_argument("--suite", choices=list(SUITES), default="all", help="Datasets to run (default all).")
     parser.add_argument(
         "--data-root", required=True, help="Folder with one sub-folder per dataset (mvtec/, visa/...)."
     )
     parser.add_argument("--output", required=True, help="Directory for benchmark.csv/.md/.json and per-dataset files.")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="class-token noise seed (default: 0)")
+    _add_shots_arguments(parser)
     _add_device_arguments(parser)
     _add_cpu_alias(parser)
 
@@ -367,10 +396,11 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     from .evaluation.benchmark import run_benchmark
     from .predict import load_model_and_processor
 
+    shots = _shot_options(args)
     model, processor = load_model_and_processor(args.model, device=args.device, dtype=args.dtype)
     result = run_benchmark(
         model, processor, args.data_root, suite=args.suite, output_dir=args.output, batch_size=args.batch_size,
-        seed=args.seed, accelerator=_accelerator_on(model.device),
+        seed=args.seed, accelerator=_accelerator_on(model.device), **shots,
     )  # fmt: skip
     if result is None:
         return 0
@@ -436,18 +466,26 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output folder (checkpoints, log, final model)")
     parser.add_argument("--preset", help="training dataset preset: visa, mvtec or general")
     parser.add_argument("--image-size", type=_positive_int, help="input size in pixels (default 518)")
-    parser.add_argument("--epochs", type=_positive_int, default=10)
+    parser.add_argument("--epochs", type=_positive_int, default=10, help="passes over the data (default: 10)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per process and step")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     parser.add_argument("--grad-accum", type=_positive_int, default=1, help="batches per optimizer step")
     parser.add_argument("--mixed-precision", default="no", help="no, bf16 or fp16 (default no)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the initialisation, shuffling and noise (default: 0)"
+    )
     parser.add_argument("--no-cache", action="store_true", help="recompute the frozen vision features every epoch")
     parser.add_argument("--cache-dir", help="keep the feature cache on disk here instead of in memory")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     parser.add_argument("--overwrite", action="store_true", help="replace the final model already in --output")
     parser.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding worker processes")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument(
+        "--synthesize", action="store_true",
+        help="add a synthetic anomalous copy of every normal image each epoch (blob, scratch, cut-paste, foreign "
+        "patch): trains on normal images only, or mixes into a labelled --split (default split: the first with "
+        "normal images)",
+    )  # fmt: skip
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -476,12 +514,15 @@ def _run_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         dataloader_num_workers=args.num_workers,
         use_cpu=args.cpu,
+        synthesize=args.synthesize,
     )
-    dataset = load_training_dataset(args.data, split=args.split)
+    dataset = load_training_dataset(args.data, split=args.split, synthesize=args.synthesize)
     num_anomalous = sum(dataset["gt_label"])
+    num_normal = len(dataset) - num_anomalous
+    synthetic = f", plus {num_normal} synthetic anomalous copies per epoch" if args.synthesize else ""
     print(
-        f"Training on split '{dataset.split}' of {args.data}: {len(dataset) - num_anomalous} normal and "
-        f"{num_anomalous} anomalous images"
+        f"Training on split '{dataset.split}' of {args.data}: {num_normal} normal and {num_anomalous} anomalous "
+        f"images{synthetic}"
     )
     result = train_cops(model, processor_for(model), dataset, config)
     if result.history:
@@ -493,12 +534,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="cops-demo", help="folder for the data and the run")
-    parser.add_argument("--epochs", type=_positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=_positive_int, default=8, help="training epochs (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the CLIP and training (default: 0)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import format_test_scores, run_demo
 
     result = run_demo(args.output, num_epochs=args.epochs, seed=args.seed)
     print("epoch  loss      cls     seg     gather  scatter")
@@ -508,9 +549,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             f"{record['gather']:.4f}  {record['scatter']:.4f}"
         )
     print("\nScores of unseen test images (random CLIP: mechanics, not accuracy):")
-    for row in result.test_scores:
-        label = "anomalous" if row["gt_label"] else "normal"
-        print(f"  {row['score']:.4f}  {label:<9}  {row['cls_name']:<8}  {row['image_path']}")
+    print(format_test_scores(result.test_scores))
     print("\nZero-shot metrics on the unseen test categories (%):")
     print(result.evaluation.report.format_table())
     if result.few_shot is not None:
@@ -555,8 +594,12 @@ def _add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
     parser.add_argument(
         "--write-space", metavar="FOLDER",
-        help="instead of serving, write the app as a Hugging Face Space folder for the --model Hub ids",
+        help="instead of serving, write the app as a Hugging Face Space folder: --model folders are copied into "
+        "it, --model Hub ids are loaded by the Space",
     )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true", help="with --write-space: write into a folder that is not empty"
+    )
     _add_device_arguments(parser)
 
 
@@ -564,7 +607,8 @@ def _run_app(args: argparse.Namespace) -> int:
     from .app import launch_app, load_app_models, write_space
 
     if args.write_space:
-        print(f"Wrote the Space to {write_space(args.write_space, args.model)}; upload it with "
+        space = write_space(args.write_space, args.model, overwrite=args.overwrite)
+        print(f"Wrote the Space to {space}; upload it with "
               f"`hf upload --repo-type space NAMESPACE/NAME {args.write_space}`")  # fmt: skip
         return 0
     models = load_app_models(args.model, args.official, device=args.device, dtype=args.dtype)
@@ -603,7 +647,8 @@ SUBCOMMANDS: list[Subcommand] = [
 EXAMPLES = {
     "demo": "  cops-hf demo --output cops-demo",
     "train": "  cops-hf train --clip openai/clip-vit-large-patch14-336 --data /data/VisA --preset visa --output run\n"
-    "  accelerate launch -m cops_hf.cli train --clip ... --data ... --output ...   (several GPUs)",
+    "  accelerate launch -m cops_hf.cli train --clip ... --data ... --output ...   (several GPUs)\n"
+    "  cops-hf train --clip ... --data my_parts --synthesize --output run   (normal images only)",
     "convert": "  cops-hf convert --official visa --output cops\n"
     "  cops-hf convert --clip ViT-L-14-336px.pt --checkpoint epoch_10.pth --output cops",
     "predict": "  cops-hf predict --model cops part.png --output out\n"
@@ -611,7 +656,8 @@ EXAMPLES = {
     "  cops-hf predict --model cops --references good_parts/ new_parts/ --output out   (few-shot)",
     "references": "  cops-hf references --model cops --images good_parts/ --output cops-referenced\n"
     "  cops-hf predict --model cops-referenced new_parts/ --output out",
-    "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec",
+    "evaluate": "  cops-hf evaluate --model cops --data /data/mvtec --preset mvtec --output eval-mvtec\n"
+    "  cops-hf evaluate --model cops --data /data/mvtec --shots 4 --shot-seeds 0 1 2 --output eval-4shot",
     "calibrate": "  cops-hf calibrate --model cops --normal good_parts/ --output cops-calibrated\n"
     "  cops-hf calibrate --model cops --data /data/mvtec --output cops-calibrated",
     "data": "  cops-hf data prepare mvtec /data/mvtec\n  cops-hf data validate /data/mvtec",
@@ -659,8 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _is_input_error(error: Exception) -> bool:
     """Whether `error` reports bad input (a one-line message) rather than a bug (a traceback)."""
-    hub = sys.modules.get(f"{__package__}.hub")
-    return isinstance(error, (ValueError, OSError)) or (hub is not None and isinstance(error, hub.CoPSHubError))
+    hub_errors = sys.modules.get(f"{__package__}.hub_errors")
+    hub_error = hub_errors is not None and isinstance(error, hub_errors.CoPSHubError)
+    return isinstance(error, (ValueError, OSError)) or hub_error
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .schema import dataset_key
+
 # CLIP ViT-L/14@336px, the tower CoPS is published with ("openai/clip-vit-large-patch14-336").
 VIT_L14_336_TEXT = {
     "hidden_size": 768,
@@ -94,7 +96,7 @@ def config_field_problems(fields: dict[str, Any]) -> list[str]:
 
 
 class CoPSConfig(PretrainedConfig):
-    r"""Configuration of [`CoPSForAnomalyDetection`].
+    r"""Configuration of `CoPSForAnomalyDetection`.
 
     Args:
         text_config (`dict` or `CLIPTextConfig`, *optional*): CLIP text tower. Defaults to ViT-L/14's.
@@ -132,6 +134,9 @@ class CoPSConfig(PretrainedConfig):
         train_preset (`str`, *optional*): the `TRAIN_DATASET_PRESETS` entry the training fields were set from.
         train_dataset, train_split (`str`, *optional*): what the model was trained on, recorded by the trainer: the
             benchmark name meta.json records (else the dataset folder) and the meta.json split.
+        train_real_images, train_synthetic_images (`int`, *optional*): images per epoch of that training, recorded by
+            the trainer: real ones from the split, and synthetic anomalous copies of its normal images (normal-only
+            adaptation, `TrainingConfig.synthesize`; 0 otherwise).
         source_checkpoint (`str`, *optional*): the published checkpoint the CoPS weights were converted from, as
             "repository/path@git blob sha1".
         reference_weight (`float`): weight w of the few-shot reference map when references are set:
@@ -187,6 +192,8 @@ class CoPSConfig(PretrainedConfig):
     train_preset: str | None = None
     train_dataset: str | None = None
     train_split: str | None = None
+    train_real_images: int | None = None
+    train_synthetic_images: int | None = None
     reference_weight: float = 1.0
     reference_memory_limit: int = 16384
     reference_memory_size: int = 0
@@ -385,12 +392,13 @@ def preset_fields(kind: str, name: str | None) -> dict[str, Any]:
 
     Args:
         kind: "test" (`TEST_DATASET_PRESETS`) or "train" (`TRAIN_DATASET_PRESETS`).
-        name: the dataset name; case, surrounding spaces and "-" versus "_" do not matter ("VisA", "dtd-synthetic").
+        name: the canonical dataset name (see `cops_hf.schema.dataset_key`: "VisA", "dtd-synthetic" work too);
+            aliases such as "mvtec_ad" are resolved by `cops_hf.data.registry.resolve_test_preset`.
     """
     if name is None:
         return {}
     table = TEST_DATASET_PRESETS if kind == "test" else TRAIN_DATASET_PRESETS
-    key = name.strip().lower().replace("-", "_")
+    key = dataset_key(name)
     if key not in table:
         label = "test" if kind == "test" else "training"
         raise ValueError(f"Unknown {label} dataset preset {name!r}; choose one of {sorted(table)}.")

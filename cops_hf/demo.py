@@ -16,6 +16,7 @@ from .data import load_meta_dataset, make_synthetic_dataset, render_synthetic_sa
 from .evaluation.evaluator import EvaluationResult, evaluate_dataset
 from .evaluation.report import METRIC_DISPLAY_NAMES, ZSADReport, format_percent, render_table
 from .random_towers import random_clip_model
+from .schema import GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_SCORE, Prediction
 from .training import TrainingConfig, TrainingResult, cops_model_for_training, processor_for, train_cops
 
 DATA_IMAGE_SIZE = 64
@@ -98,12 +99,12 @@ def run_demo(
     anomalous = [index for index, label in enumerate(labels) if label == 1]
     chosen = [index for pair in zip(normal, anomalous, strict=False) for index in pair][:num_test_images]
     test_scores = [
-        {
-            "image_path": evaluation.image_paths[index],
+        Prediction({
+            IMAGE_PATH: evaluation.image_paths[index],
             "cls_name": evaluation.categories[index],
-            "gt_label": labels[index],
-            "score": float(evaluation.image_scores[index]),
-        }
+            GT_LABEL: labels[index],
+            PRED_SCORE: float(evaluation.image_scores[index]),
+        })
         for index in chosen
     ]
     few_shot = None
@@ -133,4 +134,23 @@ def run_demo(
     )
 
 
-__all__ = ["DemoResult", "run_demo"]
+def format_test_scores(test_scores: list[dict[str, Any]]) -> str:
+    """The demo's table of test scores under a heading row.
+
+    The "truth" column is the image's ground truth (the demo's random model is not calibrated, so it makes no
+    decision).
+
+    Args:
+        test_scores: rows of `DemoResult.test_scores`.
+
+    Returns:
+        The table, one line per row after the heading.
+    """
+    lines = [f"  {'score':<6}  {'truth':<9}  {'category':<8}  image"]
+    for row in test_scores:
+        truth = LABEL_NAMES[int(row[GT_LABEL])]
+        lines.append(f"  {row[PRED_SCORE]:.4f}  {truth:<9}  {row['cls_name']:<8}  {row[IMAGE_PATH]}")
+    return "\n".join(lines)
+
+
+__all__ = ["DemoResult", "format_test_scores", "run_demo"]

@@ -104,7 +104,7 @@ def export_onnx(
         image_processor: the preprocessing whose normalization is recorded in the metadata (default: CLIP's).
 
     Returns:
-        The path written. Load it with [`CoPSOnnxDetector`].
+        The path written. Load it with `CoPSOnnxDetector`.
     """
     opset = opset or DEFAULT_OPSET
     if opset not in SUPPORTED_OPSETS:
@@ -153,11 +153,11 @@ def quantize_onnx_int8(source: str | os.PathLike, output: str | os.PathLike) -> 
 
 
 class CoPSOnnxDetector:
-    """Runs an exported CoPS graph with onnxruntime; outputs match [`CoPSForAnomalyDetection`] with the same noise.
+    """Runs an exported CoPS graph with onnxruntime; outputs match `CoPSForAnomalyDetection` with the same noise.
 
     Args:
-        path: the `.onnx` file written by [`export_onnx`] (or `cops-hf export --format onnx`).
-        processor: preprocessing for `images`; by default a [`CoPSProcessor`] with the size and normalization
+        path: the `.onnx` file written by `export_onnx` (or `cops-hf export --format onnx`).
+        processor: preprocessing for `images`; by default a `CoPSProcessor` with the size and normalization
             recorded in the graph's metadata.
         providers: onnxruntime execution providers (default CPU).
         session_options: onnxruntime session options (threads, optimization level).
@@ -200,7 +200,7 @@ class CoPSOnnxDetector:
         """Score a batch given as `pixel_values` `[B, 3, H, W]` (from the processor) or as raw `images`.
 
         Returns:
-            A [`CoPSAnomalyDetectionOutput`] with `image_scores` `[B]` and `anomaly_maps` `[B, H, W]` (torch
+            A `CoPSAnomalyDetectionOutput` with `image_scores` `[B]` and `anomaly_maps` `[B, H, W]` (torch
             tensors), ready for `processor.post_process_anomaly_detection`.
         """
         if (pixel_values is None) == (images is None):
@@ -219,8 +219,11 @@ class CoPSOnnxDetector:
         return CoPSAnomalyDetectionOutput(image_scores=torch.from_numpy(scores), anomaly_maps=torch.from_numpy(maps))
 
     def detect(self, images: ImageLike | list[ImageLike]) -> list[dict[str, Any]]:
-        """Per image: `score` and `anomaly_map` at the original size, plus `label`/`mask` when the graph's metadata
-        holds calibrated thresholds (see [`CoPSProcessor.post_process_anomaly_detection`])."""
+        """Per image: `pred_score` and `anomaly_map` at the original size.
+
+        `pred_label`/`pred_mask` are added when the graph's metadata holds calibrated thresholds (see
+        `CoPSProcessor.post_process_anomaly_detection`).
+        """
         inputs = self.processor(images=images)
         outputs = self(pixel_values=inputs["pixel_values"])
         return self.processor.post_process_anomaly_detection(

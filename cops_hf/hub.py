@@ -1,6 +1,6 @@
 """Sharing CoPS checkpoints on the Hugging Face Hub: pushing, the model card, and clear messages when the Hub says no.
 
-A repository written by :func:`push_cops_to_hub` loads in two ways:
+A repository written by `push_cops_to_hub` loads in two ways:
 
 * with cops_hf installed: ``CoPSForAnomalyDetection.from_pretrained(repo_id)`` or
   ``pipeline("anomaly-detection", model=repo_id)`` after ``import cops_hf``;
@@ -8,7 +8,7 @@ A repository written by :func:`push_cops_to_hub` loads in two ways:
   trust_remote_code=True)`` or ``pipeline("anomaly-detection", model=repo_id, trust_remote_code=True)``.
 
 Any ``save_pretrained`` folder carries the code files too (see the package docstring), so ``model.push_to_hub``
-and ``processor.push_to_hub`` give repositories that load in both ways as well; :func:`push_cops_to_hub` adds the
+and ``processor.push_to_hub`` give repositories that load in both ways as well; `push_cops_to_hub` adds the
 model card.
 """
 
@@ -18,8 +18,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,29 +28,22 @@ from huggingface_hub import (
     HfApi,
     ModelCard,
     ModelCardData,
-    constants,
     get_token,
-    is_offline_mode,
 )
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import PretrainedConfig
 
 from .configuration_cops import CoPSConfig
-from .modeling_cops import CoPSForAnomalyDetection, missing_model_source_message
+from .data.registry import benchmark_name
+from .file_utils import named_write_failures, staged_folder
+from .hub_errors import CoPSHubError, friendly_hub_errors, hub_error_message
+from .modeling_cops import CoPSForAnomalyDetection
 from .pipeline_anomaly_detection import TASK
 from .processing_cops import CoPSProcessor
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "assets" / "MODEL_CARD.md"
-"""Jinja template of the model card, filled by :func:`render_model_card` through ``ModelCard.from_template``."""
+"""Jinja template of the model card, filled by `render_model_card` through ``ModelCard.from_template``."""
 
 PIPELINE_TAG = "image-segmentation"
 """Hub task of CoPS checkpoints: they output a per-pixel anomaly map (plus an image-level score)."""
@@ -62,8 +54,33 @@ CARD_TAGS = ("anomaly-detection", "zero-shot", "cops", "clip")
 _ACCESS_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
 
-class CoPSHubError(RuntimeError):
-    """A Hub operation failed; the message says what to do about it and ``__cause__`` holds the Hub's error."""
+def public_dataset_name(name: str | None) -> str | None:
+    """The training dataset's name as a card may publish it in `datasets:`, or `None`.
+
+    Published are the paper's benchmarks (any spelling `cops_hf.data.benchmark_name` knows, kept as given) and Hub
+    dataset ids (``namespace/name`` that is not a local folder); anything else, such as the path of a local
+    training folder, gives `None`.
+
+    Args:
+        name: what the config records (`train_dataset`).
+
+    Returns:
+        `name`, or `None` when it must not be published.
+    """
+    if not name or not isinstance(name, str):
+        return None
+    try:
+        benchmark_name(name)
+        return name
+    except ValueError:
+        pass
+    if os.path.isabs(name) or Path(name).exists() or name.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def render_model_card(
@@ -85,6 +102,8 @@ def render_model_card(
         base_model: Hub id of the frozen CLIP backbone, e.g. ``"openai/clip-vit-large-patch14-336"``; ``None`` when
             the CLIP is not a published one (random, or of unknown origin): the card then names none.
         training_dataset: name or Hub id of the auxiliary dataset the prompt synthesis was trained on, if known.
+            Only a benchmark name or a Hub dataset id is published (see `public_dataset_name`); a local path is
+            described as "a local dataset" and never written into the card.
         evaluation: zero-shot test results as ``{dataset: {metric: value}}`` with values in ``[0, 1]``, e.g.
             ``{"VisA": {"I-AUROC": 0.92, "P-AUROC": 0.95}}``. They become the card's ``model-index`` and a table.
         repo_id: the repository the card is for; used in the usage snippets and for the model name.
@@ -99,11 +118,12 @@ def render_model_card(
             looks like a Hugging Face access token (or the token configured on this machine).
     """
     model_name = repo_id.split("/")[-1] if repo_id else "CoPS"
+    published_dataset = public_dataset_name(training_dataset)
     metric_names = list(dict.fromkeys(metric for metrics in (evaluation or {}).values() for metric in metrics))
     card_data = ModelCardData(
         base_model=base_model,
         base_model_relation="adapter" if base_model else None,
-        datasets=[training_dataset] if training_dataset else None,
+        datasets=[published_dataset] if published_dataset else None,
         eval_results=_eval_results(evaluation) if evaluation else None,
         library_name="transformers",
         license=license,
@@ -117,7 +137,8 @@ def render_model_card(
         model_name=model_name,
         pipeline_task=TASK,
         repo_id=repo_id or "your-username/your-cops-model",
-        training_dataset=training_dataset,
+        training_dataset=published_dataset,
+        local_training_dataset=bool(training_dataset) and not published_dataset,
         reference_count=config_fields.get("reference_count", 0),
         reference_sources=config_fields.get("reference_sources"),
         config_rows=[
@@ -150,7 +171,14 @@ def evaluation_for_card(results: Mapping[str, Any]) -> dict[str, dict[str, float
     if "metrics" in results:
         per_dataset = results["metrics"]
     elif "mean" in results:
-        per_dataset = {results.get("protocol", {}).get("test_preset") or "evaluation": results["mean"]}
+        protocol = results.get("protocol") or {}
+        dataset = protocol.get("dataset") or protocol.get("test_preset")
+        if not isinstance(dataset, str) or not dataset:
+            raise ValueError(
+                "metrics.json does not name the evaluated dataset (protocol.dataset); rerun `cops-hf evaluate`, or "
+                'give the results as {"DATASET": {"metric": value}}'
+            )
+        per_dataset = {dataset: results["mean"]}
     else:
         per_dataset = results
     for dataset, metrics in per_dataset.items() if isinstance(per_dataset, Mapping) else [(None, per_dataset)]:
@@ -208,107 +236,57 @@ def _refuse_access_tokens(text: str) -> None:
         raise ValueError("The model card would contain an access token; remove it from the configuration fields.")
 
 
-def hub_error_message(error: BaseException, repo_id: str) -> str | None:
-    """Explain a Hub failure about ``repo_id`` and what to do, or return ``None`` if it is not one.
+def save_detector(
+    model: CoPSForAnomalyDetection,
+    processor: CoPSProcessor | None,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    card: ModelCard | None = None,
+    into_existing: bool = False,
+) -> Path:
+    """Save a CoPS detector as one folder: the one way cops_hf writes a model folder.
 
-    The Hub error may be ``error`` itself or any exception in its ``__cause__``/``__context__`` chain, since
-    transformers re-raises Hub errors as ``OSError``.
-    """
-    for cause in _exception_chain(error):
-        if isinstance(cause, HFValidationError) and (message := missing_model_source_message(repo_id)):
-            return message
-        if isinstance(cause, GatedRepoError):
-            return (
-                f"{repo_id} is a gated repository: request access on {constants.ENDPOINT}/{repo_id}, then log in "
-                "with `hf auth login` (or set HF_TOKEN) as the account that was granted access."
-            )
-        if isinstance(cause, RepositoryNotFoundError):
-            return (
-                f"The Hub has no model repository {repo_id!r} that you can see. Check the id (namespace/name). "
-                "If the repository is private, log in with `hf auth login` (or set HF_TOKEN) as an account that "
-                "can read it."
-            )
-        if isinstance(cause, RevisionNotFoundError):
-            return (
-                f"{repo_id} has no such revision: check `revision=` (a branch, a tag or a full commit sha) "
-                f"against the repository's history on {constants.ENDPOINT}/{repo_id}."
-            )
-        if isinstance(cause, RemoteEntryNotFoundError):
-            return (
-                f"A file is missing from {repo_id}: check that the repository holds a CoPS checkpoint saved with "
-                "`save_pretrained` or `push_to_hub`, at the revision you asked for."
-            )
-        if isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-            if is_offline_mode():
-                return (
-                    f"{repo_id} is not in the local cache and Hub downloads are disabled (HF_HUB_OFFLINE=1). "
-                    "Set HF_HUB_OFFLINE=0 and connect once to download it, or load from a local folder."
-                )
-            return (
-                f"{repo_id} is not in the local cache and the Hub at {constants.ENDPOINT} could not be reached. "
-                "Check your connection (and HF_ENDPOINT or proxy settings), or load from a local folder."
-            )
-        if isinstance(cause, HfHubHTTPError) and cause.response is not None:
-            if cause.response.status_code == 401:
-                return (
-                    f"The Hub rejected your access token while accessing {repo_id}: log in again with "
-                    "`hf auth login` or set HF_TOKEN to a valid token."
-                )
-            if cause.response.status_code == 403:
-                return (
-                    f"Your access token is not allowed to do this on {repo_id}: use a token with write access "
-                    "(`hf auth login`) and a namespace you own or may write to."
-                )
-    return None
-
-
-@contextmanager
-def friendly_hub_errors(repo_id: str) -> Iterator[None]:
-    """Turn Hub failures about ``repo_id`` inside the block into :class:`CoPSHubError` with a clear message.
-
-    Other exceptions pass through unchanged.
-    """
-    try:
-        yield
-    except Exception as error:
-        message = hub_error_message(error, repo_id)
-        if message is None:
-            raise
-        raise CoPSHubError(message) from error
-
-
-def _exception_chain(error: BaseException) -> Iterator[BaseException]:
-    """``error``, then the exceptions it was raised from or while handling, outermost first."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def save_for_hub(
-    model: CoPSForAnomalyDetection, save_directory: str | os.PathLike, *, processor: CoPSProcessor | None = None
-) -> list[Path]:
-    """Write the files of a CoPS Hub repository, except its card, to ``save_directory``.
-
-    They are what ``model.save_pretrained`` and ``processor.save_pretrained`` write: the weights
-    (``model.safetensors``), the configuration with an ``auto_map`` and the ``custom_pipelines`` entry of the
-    "anomaly-detection" task, the processor files, and the code files that let transformers load all of them with
-    ``trust_remote_code=True`` where cops_hf is not installed.
+    The folder holds what ``model.save_pretrained`` and ``processor.save_pretrained`` write: the weights (with the
+    reference memory, when the model has one), the configuration with an ``auto_map`` and the ``custom_pipelines``
+    entry of the "anomaly-detection" task, the processor files, and the code files that let transformers load all
+    of them with ``trust_remote_code=True`` where cops_hf is not installed; plus ``README.md`` when a `card` is
+    given. Everything is written in a staging folder beside `output_dir`, flushed to disk and renamed into place
+    (`cops_hf.file_utils.staged_folder`): a failure (a full disk, say) leaves an existing folder as it was.
 
     Args:
         model: the CoPS model to save.
-        save_directory: the folder to write; created if needed.
-        processor: the processor to save; by default a ``CoPSProcessor`` at ``model.config.image_size``.
+        processor: the processor to save; `None` for a ``CoPSProcessor`` at ``model.config.image_size``.
+        output_dir: the folder to write.
+        overwrite: replace a folder that already holds files; without it such a folder is refused.
+        card: the model card to write as ``README.md``.
+        into_existing: write into a folder that keeps its other files (a training run's output folder): each file
+            of the detector replaces its namesake by one rename; implies `overwrite`.
 
     Returns:
-        The paths of the files written, sorted.
+        `output_dir`, as a `Path`.
+
+    Raises:
+        FileExistsError: `output_dir` holds files and neither `overwrite` nor `into_existing` is set.
+        OSError: a file could not be written (the message names the folder and says what was kept).
     """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} is a file, not a folder: choose a folder for the model")
+    holds_files = output_dir.is_dir() and any(output_dir.iterdir())
+    if holds_files and not (overwrite or into_existing):
+        raise FileExistsError(
+            f"{output_dir} already holds files: choose a new folder, or replace it (overwrite=True, --overwrite)"
+        )
     processor = processor or CoPSProcessor.for_image_size(model.config.image_size)
-    model.save_pretrained(save_directory)
-    processor.save_pretrained(save_directory)
-    return sorted(Path(save_directory).iterdir())
+    kept = f"the model folder {output_dir} is left as it was" if holds_files else "nothing was saved"
+    with named_write_failures(output_dir, kept):
+        with staged_folder(output_dir, into_existing=into_existing) as staging:
+            model.save_pretrained(staging)
+            processor.save_pretrained(staging)
+            if card is not None:
+                card.save(staging / "README.md")
+    return output_dir
 
 
 def push_cops_to_hub(
@@ -362,9 +340,8 @@ def push_cops_to_hub(
         evaluation=evaluation,
         repo_id=repo_id,
     )
-    with tempfile.TemporaryDirectory(prefix="cops-push-") as staging, friendly_hub_errors(repo_id):
-        save_for_hub(model, staging, processor=processor)
-        card.save(Path(staging) / "README.md")
+    with tempfile.TemporaryDirectory(prefix="cops-push-") as temporary, friendly_hub_errors(repo_id):
+        staging = save_detector(model, processor, Path(temporary) / "detector", card=card)
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None:
@@ -377,8 +354,23 @@ def push_cops_to_hub(
 def _card_config_fields(config: PretrainedConfig) -> dict[str, Any]:
     """The CoPS fields of ``config`` that have a value (not the CLIP towers' configurations), for the card."""
     values = config.to_dict()
+    values["train_dataset"] = public_dataset_name(values.get("train_dataset"))  # never a local path
     return {
         name: values[name]
         for name in CoPSConfig.__annotations__
         if name not in CoPSConfig.sub_configs_defaults and values.get(name) is not None
     }
+
+
+__all__ = [
+    "CARD_TAGS",
+    "MODEL_CARD_TEMPLATE",
+    "PIPELINE_TAG",
+    "CoPSHubError",  # defined in cops_hf.hub_errors
+    "evaluation_for_card",
+    "friendly_hub_errors",
+    "hub_error_message",
+    "push_cops_to_hub",
+    "render_model_card",
+    "save_detector",
+]

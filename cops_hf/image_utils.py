@@ -6,11 +6,12 @@ The one home of image reading: the processor, the data loaders, predict, the app
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,49 @@ def load_mask(item: ImageLike, index: int = 0) -> np.ndarray:
     return colour
 
 
+def expand_image_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Image paths from files, folders (searched recursively, sorted, hidden entries skipped) and glob patterns.
+
+    Raises:
+        ValueError: a source that is neither an existing file, nor a folder, nor a pattern matching files; or a
+            folder or pattern without any image file (by suffix).
+    """
+    paths: list[str] = []
+    for source in sources:
+        text = os.fspath(source)
+        if Path(text).is_file():
+            paths.append(text)
+        elif Path(text).is_dir():
+            found = _images_under(Path(text))
+            if not found:
+                raise ValueError(f"{text}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths.extend(found)
+        elif glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            found = [match for match in matches if Path(match).is_file() and _is_image(Path(match))]
+            found += [image for match in matches if Path(match).is_dir() for image in _images_under(Path(match))]
+            if not found:
+                raise ValueError(f"{text}: the pattern matches no image files")
+            paths.extend(found)
+        else:
+            raise ValueError(f"{text}: no such file or folder; pass image files, folders or glob patterns")
+    return paths
+
+
+def _is_image(path: Path) -> bool:
+    return is_image_file(path) and not path.name.startswith(".")
+
+
+def _images_under(folder: Path) -> list[str]:
+    return [
+        str(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+        and _is_image(path)
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    ]
+
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS_ENV",
@@ -232,6 +276,7 @@ __all__ = [
     "ImageLoadError",
     "apply_pixel_limit_from_environment",
     "describe_input",
+    "expand_image_sources",
     "image_size_problem",
     "is_image_file",
     "load_image",

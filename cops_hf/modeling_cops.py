@@ -28,8 +28,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, PreTrainedModel
@@ -39,6 +37,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
 from .configuration_cops import CoPSConfig
+from .hub_errors import check_model_source
 from .losses import cops_objective
 
 NORMAL, ANOMALOUS = 0, 1
@@ -65,33 +64,18 @@ class IncompleteCheckpointError(OSError):
     """A saved model lacks weights or its weight file cannot be read; loading it would give random weights."""
 
 
-def missing_model_source_message(name_or_path: str | os.PathLike) -> str | None:
-    """What is wrong when `name_or_path` is neither an existing path nor a Hub id (None when it is one of them)."""
-    if os.path.exists(name_or_path):
-        return None
-    try:
-        validate_repo_id(str(name_or_path))
-    except HFValidationError:
-        return f"Model folder '{name_or_path}' does not exist (nor is it a Hub id, namespace/name): check the path."
-    return None
-
-
 def remote_pipeline_entry(pipeline_class: type) -> dict[str, Any]:
-    """The `custom_pipelines` entry that makes `pipeline(task, trust_remote_code=True)` load `pipeline_class` from
-    the code file saved beside a model (its module's file name, then the class name)."""
+    """The `custom_pipelines` entry that makes `pipeline(task, trust_remote_code=True)` load `pipeline_class`.
+
+    It names the code file saved beside a model (its module's file name), then the class name.
+    """
     module = pipeline_class.__module__.rsplit(".", 1)[-1]
     return {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"], "type": "image"}
 
 
-def check_model_source(name_or_path: str | os.PathLike) -> None:
-    """Raise `OSError` saying the folder does not exist when `name_or_path` is neither a local path nor a Hub id."""
-    if message := missing_model_source_message(name_or_path):
-        raise OSError(message)
-
-
 @dataclass
 class CoPSAnomalyDetectionOutput(ModelOutput):
-    """Outputs of [`CoPSForAnomalyDetection`].
+    """Outputs of `CoPSForAnomalyDetection`.
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
@@ -834,7 +818,7 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         r"""Score images, or compute the training loss when `labels` are given.
 
         Args:
-            pixel_values: `[B, 3, H, W]` from [`CoPSProcessor`]; H, W multiples of the patch size.
+            pixel_values: `[B, 3, H, W]` from `CoPSProcessor`; H, W multiples of the patch size.
             labels: `[B]` image labels (1 = anomalous). Given, the forward follows the training path: posterior
                 class-token sample, training kernel, detached prototypes for the text features, and the loss.
             masks: `[B, H, W]` binary ground-truth masks for the segmentation and prototype terms. Without masks
@@ -842,9 +826,9 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
             vae_noise: noise for reproducible runs: `[B, S, D]` prior samples at inference (S may differ from
                 `config.vae_samples`), `[B, 1, D]` reparameterization noise with labels. Drawn from torch's
                 generator when omitted.
-            vision_outputs: precomputed [`CoPSVisionOutput`] (e.g. cached by the trainer) instead of pixel_values.
-            return_dict: return a [`CoPSAnomalyDetectionOutput`] (default) or a tuple.
-            original_sizes: `(height, width)` per image as [`CoPSProcessor`] returns them, so that
+            vision_outputs: precomputed `CoPSVisionOutput` (e.g. cached by the trainer) instead of pixel_values.
+            return_dict: return a `CoPSAnomalyDetectionOutput` (default) or a tuple.
+            original_sizes: `(height, width)` per image as `CoPSProcessor` returns them, so that
                 `model(**processor(images=...))` works; not used by the computation, only carried to the output
                 for `post_process_anomaly_detection`.
         """
@@ -952,8 +936,11 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         return F.interpolate(patch_values.unflatten(-1, grid), size=size, mode="nearest")
 
     def _pixel_maps(self, layer_values: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-        """Per-patch values of each layer `[B, F, N]` to one `[B, H, W]` map: nearest upsampling, mean over the
-        layers, Gaussian smoothing (the zero-shot and the reference maps both go through here)."""
+        """Per-patch values of each layer `[B, F, N]` to one `[B, H, W]` map.
+
+        Nearest upsampling, mean over the layers, Gaussian smoothing (the zero-shot and the reference maps both go
+        through here).
+        """
         layer_maps = self._upsample_patches(layer_values, grid, size)  # [B, F, H, W]
         return gaussian_blur(layer_maps.mean(dim=1), self.config.gaussian_sigma)
 
@@ -964,8 +951,10 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         grid: tuple[int, int],
         output_size: tuple[int, int],
     ) -> None:
-        """Add the reference map of `[B, F, N, D]` patch tokens (not neighbour-averaged, as `reference_features`)
-        to `outputs` and fuse it into the map and score with `config.reference_weight`."""
+        """Add the reference map to `outputs`; fuse it into the map and score with `config.reference_weight`.
+
+        `patch_embeds` are the `[B, F, N, D]` patch tokens before neighbour averaging, as `reference_features`.
+        """
         reference_maps = self._pixel_maps(self._reference_distances(patch_embeds), grid, output_size)
         weight = self.config.reference_weight
         outputs.anomaly_maps = (1.0 - weight) * outputs.anomaly_maps + weight * reference_maps
@@ -1013,7 +1002,5 @@ __all__ = [
     "CoPSPreTrainedModel",
     "CoPSVisionOutput",
     "IncompleteCheckpointError",
-    "check_model_source",
-    "missing_model_source_message",
     "remote_pipeline_entry",
 ]

@@ -1,4 +1,4 @@
-"""The official CoPS detectors in one call: downloaded, verified, converted.
+r"""The official CoPS detectors in one call: downloaded, verified, converted.
 
 The reference release (github cqylunlun/CoPS) publishes two checkpoints of the CoPS modules, both on CLIP
 ViT-L/14@336px:
@@ -8,11 +8,11 @@ ViT-L/14@336px:
 * ``"mvtec"``: ``results/models/mvtec/epoch_5.pth``, trained on MVTec AD, meant for testing on VisA (VisA test
   preset).
 
-:func:`load_official` takes the CLIP from the Hugging Face Hub (``openai/clip-vit-large-patch14-336`` through
+`load_official` takes the CLIP from the Hugging Face Hub (``openai/clip-vit-large-patch14-336`` through
 ``CLIPModel.from_pretrained``, so ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, the cache and ``revision=`` work as
 everywhere) and the checkpoint from the reference repository's raw files, under a base URL that
 ``COPS_OFFICIAL_BASE_URL`` or ``base_url=`` overrides (for mirrors). Before it is used, the checkpoint's git blob
-SHA-1 (``sha1(b"blob <size>\\0" + content)``, the id git and GitHub give the file) must equal the release's; a file
+SHA-1 (``sha1(b"blob <size>\0" + content)``, the id git and GitHub give the file) must equal the release's; a file
 that does not is refused and nothing is kept.
 
 The checkpoint is downloaded as the Hub client downloads: into the Hugging Face assets cache
@@ -38,7 +38,7 @@ from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import WeakFileLock
 
 from .conversion import VIT_L14_336_HUB_ID, convert_original_checkpoint
-from .hub import CoPSHubError, friendly_hub_errors
+from .hub_errors import CoPSHubError, friendly_hub_errors
 from .modeling_cops import CoPSForAnomalyDetection
 from .processing_cops import CoPSProcessor
 
@@ -52,7 +52,7 @@ DEFAULT_BASE_URL = "https://raw.githubusercontent.com/cqylunlun/CoPS/main"
 """Raw-file root of the reference repository; a checkpoint's URL is ``{base URL}/{its path in the repository}``."""
 
 BASE_URL_ENV = "COPS_OFFICIAL_BASE_URL"
-"""Environment variable that replaces :data:`DEFAULT_BASE_URL` (a mirror with the repository's layout)."""
+"""Environment variable that replaces `DEFAULT_BASE_URL` (a mirror with the repository's layout)."""
 
 OFFICIAL_IMAGE_SIZE = 518
 """Input size the official checkpoints were trained and tested at."""
@@ -101,7 +101,7 @@ class OfficialReleaseError(OSError):
 
 
 def official_release(name: str) -> OfficialRelease:
-    """The :class:`OfficialRelease` called ``name`` (``"visa"`` or ``"mvtec"``, any case)."""
+    """The `OfficialRelease` called ``name`` (``"visa"`` or ``"mvtec"``, any case)."""
     key = name.strip().lower()
     if key not in OFFICIAL_RELEASES:
         raise ValueError(f"Unknown official CoPS release {name!r}; choose one of {sorted(OFFICIAL_RELEASES)}.")
@@ -109,7 +109,7 @@ def official_release(name: str) -> OfficialRelease:
 
 
 def git_blob_sha1(path: str | os.PathLike) -> str:
-    """The git blob SHA-1 of a file: ``sha1(b"blob <size>\\0" + content)``, read in chunks."""
+    r"""The git blob SHA-1 of a file: ``sha1(b"blob <size>\0" + content)``, read in chunks."""
     path = Path(path)
     digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
     with open(path, "rb") as handle:
@@ -119,8 +119,10 @@ def git_blob_sha1(path: str | os.PathLike) -> str:
 
 
 def checkpoint_url(release: str | OfficialRelease, base_url: str | None = None) -> str:
-    """The URL of a release's checkpoint under ``base_url`` (default: ``$COPS_OFFICIAL_BASE_URL`` or the
-    reference repository's raw files)."""
+    """The URL of a release's checkpoint under ``base_url``.
+
+    The default base is ``$COPS_OFFICIAL_BASE_URL``, else the reference repository's raw files.
+    """
     release = official_release(release) if isinstance(release, str) else release
     base_url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
     return f"{base_url.rstrip('/')}/{release.path}"
@@ -202,8 +204,11 @@ def download_official_checkpoint(
 
 @contextmanager
 def _created_folder(folder: Path) -> Iterator[None]:
-    """Create ``folder`` (and missing parents) for the block; remove what was created if it ends with no checkpoint
-    or partial download in it, so that a refused or failed download leaves nothing in the cache."""
+    """Create ``folder`` (and missing parents) for the block.
+
+    What was created is removed if the block ends with no checkpoint or partial download in it, so that a refused or
+    failed download leaves nothing in the cache.
+    """
     missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -233,7 +238,7 @@ def load_official(
     Args:
         release: ``"visa"`` (trained on VisA, for testing on other datasets) or ``"mvtec"`` (trained on MVTec AD,
             for testing on VisA).
-        clip: the CLIP to build on: a Hub id (default :data:`OFFICIAL_CLIP`), a transformers CLIP folder or an
+        clip: the CLIP to build on: a Hub id (default `OFFICIAL_CLIP`), a transformers CLIP folder or an
             OpenAI CLIP file.
         revision: the CLIP's Hub revision (branch, tag or commit sha).
         cache_dir: cache folder for both files (default: the Hub cache for the CLIP, ``HF_ASSETS_CACHE`` for the

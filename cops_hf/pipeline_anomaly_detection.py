@@ -18,6 +18,7 @@ from .configuration_cops import check_model_type
 from .image_utils import ImageLike, ImageLoadError, load_image
 from .modeling_cops import CoPSAnomalyDetectionOutput
 from .processing_cops import CoPSProcessor, check_threshold
+from .schema import ANOMALY_MAP, ERROR, IMAGE_PATH, PRED_LABEL, PRED_MASK, PRED_SCORE, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +26,14 @@ TASK = "anomaly-detection"
 
 
 RESULT_KEYS = {
-    "score": "float in [0, 1]: the image's anomaly score",
-    "anomaly_map": "float32 array [height, width] at the image's original size, values in [0, 1]",
-    "label": '"anomalous" if score >= image threshold else "normal"; only when an image threshold is known',
-    "mask": "bool array [height, width], anomaly_map >= pixel threshold; only when a pixel threshold is known",
+    PRED_SCORE: "float in [0, 1]: the image's anomaly score",
+    ANOMALY_MAP: "float32 array [height, width] at the image's original size, values in [0, 1]",
+    PRED_LABEL: '"anomalous" if pred_score >= image threshold else "normal"; only when an image threshold is known',
+    PRED_MASK: "bool array [height, width], anomaly_map >= pixel threshold; only when a pixel threshold is known",
 }
-"""The keys of one image's result, the one place they are documented. With `skip_invalid=True` an unreadable
-input gives `{"image": str(input), "error": message}` instead."""
+"""The keys of one image's result (`cops_hf.schema`'s names), the one place they are documented. The former keys
+`score`, `label` and `mask` still read for one release, with a `DeprecationWarning` (`schema.Prediction`). With
+`skip_invalid=True` an unreadable input gives `{"image_path": str(input), "error": message}` instead."""
 
 
 class AnomalyDetectionPipeline(Pipeline):
@@ -48,7 +50,7 @@ class AnomalyDetectionPipeline(Pipeline):
         image_threshold: threshold on the score (default: `config.image_threshold`).
         seed: seed of each image's VAE class-token noise (default 0), so that a result does not depend on the
             batch an image falls in; `None` draws fresh noise from torch's generator.
-        skip_invalid: with `True`, unreadable images give `{"image": ..., "error": ...}` entries (and a warning)
+        skip_invalid: with `True`, unreadable images give `{"image_path": ..., "error": ...}` entries (and a warning)
             instead of raising; without it the first unreadable image raises an error naming it.
         timeout: seconds an image URL may take to answer.
         batch_size, num_workers: as for every transformers pipeline.
@@ -165,7 +167,7 @@ class AnomalyDetectionPipeline(Pipeline):
             logger.warning("Skipped %d unreadable image(s): %s", len(errors), "; ".join(errors.values()))
         good_results = iter(super().__call__(loaded, **kwargs) if loaded else [])
         return [
-            {"image": str(item), "error": errors[index]} if index in errors else next(good_results)
+            Prediction({IMAGE_PATH: str(item), ERROR: errors[index]}) if index in errors else next(good_results)
             for index, item in enumerate(items)
         ]
 
@@ -182,6 +184,7 @@ class AnomalyDetectionPipeline(Pipeline):
             yield from self._call_list(chunk, True, kwargs)
 
     def preprocess(self, image: ImageLike, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """Read one image (`load_image`) and turn it into the model's inputs, with its original size."""
         features = self.processor(images=load_image(image, timeout=timeout))
         return {
             "pixel_values": features["pixel_values"].to(self.dtype or torch.float32),
@@ -208,6 +211,7 @@ class AnomalyDetectionPipeline(Pipeline):
         threshold: float | None = None,
         image_threshold: float | None = None,
     ) -> dict[str, Any]:
+        """One image's result (`RESULT_KEYS`), at the thresholds given or else those the config records."""
         config = self.model.config
         threshold = threshold if threshold is not None else config.pixel_threshold
         image_threshold = image_threshold if image_threshold is not None else config.image_threshold
@@ -220,15 +224,18 @@ class AnomalyDetectionPipeline(Pipeline):
             threshold=threshold,
             image_threshold=image_threshold,
         )
-        result["anomaly_map"] = result["anomaly_map"].numpy().astype(np.float32)
-        if "mask" in result:
-            result["mask"] = result["mask"].numpy()
+        result[ANOMALY_MAP] = result[ANOMALY_MAP].numpy().astype(np.float32)
+        if PRED_MASK in result:
+            result[PRED_MASK] = result[PRED_MASK].numpy()
         return result
 
 
 def reference_label(image: ImageLike, index: int) -> str:
-    """The name a reference is recorded under in the model config: its path or URL, else the PIL file name, else
-    "reference <index>" (the model keeps only the file name of an absolute path)."""
+    """The name a reference is recorded under in the model config.
+
+    Its path or URL, else the PIL file name, else "reference <index>" (the model keeps only the file name of an
+    absolute path).
+    """
     if isinstance(image, (str, os.PathLike)):
         return os.fspath(image)
     filename = getattr(image, "filename", "")

@@ -7,24 +7,31 @@ time and each row is written (and flushed) as it comes: memory stays flat howeve
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .image_utils import IMAGE_SUFFIXES, is_image_file
+from .image_utils import expand_image_sources
+from .schema import DEPRECATED_RESULT_KEYS, ERROR, IMAGE_PATH, PRED_LABEL, PRED_MASK, PRED_SCORE
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP
 
 OUTPUT_FORMATS = ("csv", "json")
 """The formats `write_predictions` writes the table of scores in."""
 
-RESULT_COLUMNS = ("image", "score", "label", "overlay", "mask", "error")
-"""One row per image: its path, score, label (when an image threshold is known), the overlay and binary-mask PNG
-file names (relative to the output folder; the mask only when a pixel threshold is known), and the error of an
-unreadable image (other fields empty)."""
+RESULT_COLUMNS = (IMAGE_PATH, PRED_SCORE, PRED_LABEL, "overlay", PRED_MASK, ERROR)
+"""One row per image (`cops_hf.schema`'s names): its path, score, label (when an image threshold is known), the
+overlay and binary-mask PNG file names (relative to the output folder; the mask only when a pixel threshold is
+known), and the error of an unreadable image (other fields empty)."""
+
+DEPRECATED_COLUMNS = ("image", "score", "label", "mask")
+"""The former names of `image_path`, `pred_score`, `pred_label` and `pred_mask`: written as well, after the others,
+for one release (a file cannot warn its reader), then dropped."""
+
+TABLE_COLUMNS = RESULT_COLUMNS + DEPRECATED_COLUMNS
+"""The columns of `scores.csv` / the keys of `scores.json` rows."""
 
 
 def load_model_and_processor(
@@ -41,7 +48,7 @@ def load_model_and_processor(
         the model's input size.
     """
     from .devices import resolve_device, resolve_dtype
-    from .hub import friendly_hub_errors
+    from .hub_errors import friendly_hub_errors
     from .modeling_cops import CoPSForAnomalyDetection
     from .processing_cops import CoPSProcessor
 
@@ -61,49 +68,6 @@ def load_detector(model_name: str | os.PathLike[str], *, device: str | None = No
 
     model, processor = load_model_and_processor(model_name, device=device, dtype=dtype)
     return pipeline("anomaly-detection", model=model, processor=processor, device=model.device)
-
-
-def expand_image_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
-    """Image paths from files, folders (searched recursively, sorted, hidden entries skipped) and glob patterns.
-
-    Raises:
-        ValueError: a source that is neither an existing file, nor a folder, nor a pattern matching files; or a
-            folder or pattern without any image file (by suffix).
-    """
-    paths: list[str] = []
-    for source in sources:
-        text = os.fspath(source)
-        if Path(text).is_file():
-            paths.append(text)
-        elif Path(text).is_dir():
-            found = _images_under(Path(text))
-            if not found:
-                raise ValueError(f"{text}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            paths.extend(found)
-        elif glob.has_magic(text):
-            matches = sorted(glob.glob(text, recursive=True))
-            found = [match for match in matches if Path(match).is_file() and _is_image(Path(match))]
-            found += [image for match in matches if Path(match).is_dir() for image in _images_under(Path(match))]
-            if not found:
-                raise ValueError(f"{text}: the pattern matches no image files")
-            paths.extend(found)
-        else:
-            raise ValueError(f"{text}: no such file or folder; pass image files, folders or glob patterns")
-    return paths
-
-
-def _is_image(path: Path) -> bool:
-    return is_image_file(path) and not path.name.startswith(".")
-
-
-def _images_under(folder: Path) -> list[str]:
-    return [
-        str(path)
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-        and _is_image(path)
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    ]
 
 
 @dataclass
@@ -167,14 +131,14 @@ def write_predictions(
         table = _TableWriter(handle, output_format)
         results = detector((path for path in images), **options)  # a stream: one result alive at a time
         for index, (path, result) in enumerate(zip(images, results, strict=True)):
-            row = dict.fromkeys(RESULT_COLUMNS, "") | {"image": path}
-            if "error" in result:
-                row["error"] = result["error"]
+            row = dict.fromkeys(RESULT_COLUMNS, "") | {IMAGE_PATH: path}
+            if ERROR in result:
+                row[ERROR] = result[ERROR]
                 summary.num_failed += 1
-                summary.errors.append(result["error"])
+                summary.errors.append(result[ERROR])
             else:
-                row["score"] = f"{result['score']:.6f}"
-                row["label"] = result.get("label", "")
+                row[PRED_SCORE] = f"{result[PRED_SCORE]:.6f}"
+                row[PRED_LABEL] = result.get(PRED_LABEL, "")
                 if overlays:
                     stem = f"{index:05d}_{Path(path).stem}"
                     row["overlay"] = f"{stem}_overlay.png"
@@ -183,11 +147,11 @@ def write_predictions(
                         pixel_threshold=pixel_threshold_used, title=Path(path).name,
                         colormap_name=colormap_name, alpha=alpha,
                     ).save(output / row["overlay"])  # fmt: skip
-                    if "mask" in result:
-                        row["mask"] = f"{stem}_mask.png"
-                        _save_mask(result["mask"], output / row["mask"])
+                    if PRED_MASK in result:
+                        row[PRED_MASK] = f"{stem}_mask.png"
+                        _save_mask(result[PRED_MASK], output / row[PRED_MASK])
                 summary.num_scored += 1
-            table.write(row)
+            table.write(row | {old: row[DEPRECATED_RESULT_KEYS[old]] for old in DEPRECATED_COLUMNS})
             bar.update(1)
             if on_row is not None:
                 on_row(row)
@@ -202,13 +166,16 @@ def _save_mask(mask: Any, path: Path) -> None:
     Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255).save(path)
 
 
+_SCORE_COLUMNS = (PRED_SCORE, "score")  # written as numbers in JSON
+
+
 class _TableWriter:
     """Rows to CSV (header first) or to a JSON list, flushed after each row."""
 
     def __init__(self, handle: IO[str], output_format: str) -> None:
         self.handle, self.format, self.rows = handle, output_format, 0
         if output_format == "csv":
-            self.csv = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+            self.csv = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS)
             self.csv.writeheader()
         else:
             handle.write("[")
@@ -217,7 +184,7 @@ class _TableWriter:
         if self.format == "csv":
             self.csv.writerow(row)
         else:
-            values = {key: (float(value) if key == "score" and value else value) for key, value in row.items()}
+            values = {key: (float(value) if key in _SCORE_COLUMNS and value else value) for key, value in row.items()}
             self.handle.write(("," if self.rows else "") + "\n  " + json.dumps(values))
         self.rows += 1
         self.handle.flush()
@@ -229,7 +196,9 @@ class _TableWriter:
 
 __all__ = [
     "OUTPUT_FORMATS",
+    "DEPRECATED_COLUMNS",
     "RESULT_COLUMNS",
+    "TABLE_COLUMNS",
     "PredictionSummary",
     "expand_image_sources",
     "load_detector",

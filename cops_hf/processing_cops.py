@@ -25,7 +25,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ProcessorMixin
 
 from .image_utils import ImageLike, ImageLoadError, describe_input, load_image, load_mask
-from .schema import decision_label
+from .schema import ANOMALY_MAP, PRED_LABEL, PRED_MASK, PRED_SCORE, Prediction, decision_label
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class NonFiniteScoreError(ValueError):
 
 
 def check_finite_scores(image_scores: torch.Tensor, images: list | None = None) -> None:
-    """Raise [`NonFiniteScoreError`] naming the first image whose score is NaN or infinite (`images` names them)."""
+    """Raise `NonFiniteScoreError` naming the first image whose score is NaN or infinite (`images` names them)."""
     finite = torch.isfinite(image_scores.detach())
     if bool(finite.all()):
         return
@@ -78,6 +78,7 @@ class CoPSImageProcessor(BaseImageProcessor):
         self.image_std = list(image_std)
 
     def __call__(self, images: ImageLike | Sequence[ImageLike], **kwargs: Any) -> BatchFeature:
+        """Same as `preprocess`."""
         return self.preprocess(images, **kwargs)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
@@ -160,8 +161,10 @@ def prompt_template(num_context_tokens: int) -> str:
 
 
 def prompt_suffix_token_ids(tokenizer: CLIPTokenizer | None = None) -> list[int]:
-    """The ids the tokenizer gives to the template's text after its placeholders ("."), without start and end
-    tokens; the packaged CLIP tokenizer when `tokenizer` is None."""
+    """The ids the tokenizer gives to the template's text after its placeholders (".").
+
+    Start and end tokens are left out; `tokenizer` defaults to the packaged CLIP tokenizer.
+    """
     tokenizer = tokenizer or packaged_tokenizer()
     with_suffix = tokenizer(prompt_template(1))["input_ids"]
     placeholder_only = tokenizer(prompt_template(1)[:-1])["input_ids"]
@@ -169,7 +172,7 @@ def prompt_suffix_token_ids(tokenizer: CLIPTokenizer | None = None) -> list[int]
 
 
 class CoPSProcessor(ProcessorMixin):
-    r"""CoPS processor: [`CoPSImageProcessor`] for images and masks plus a CLIP tokenizer.
+    r"""CoPS processor: `CoPSImageProcessor` for images and masks plus a CLIP tokenizer.
 
     Class names are carried through untouched (for per-category metrics). The tokenizer gives the prompt
     template's token ids (`"X X ... X."`): `CoPSConfig.from_clip_config` takes the suffix ids from it. CoPS itself
@@ -216,8 +219,10 @@ class CoPSProcessor(ProcessorMixin):
         return self.tokenizer(prompt_template(num_context_tokens))["input_ids"]
 
     def prompt_suffix_token_ids(self) -> list[int]:
-        """Token ids between the template's placeholders and its end token (those of "."): what
-        `CoPSConfig.prompt_suffix_token_ids` holds."""
+        """Token ids between the template's placeholders and its end token (those of ".").
+
+        `CoPSConfig.prompt_suffix_token_ids` holds them (`PROMPT_SUFFIX_TOKEN_IDS`).
+        """
         return prompt_suffix_token_ids(self.tokenizer)
 
     def post_process_anomaly_detection(
@@ -227,15 +232,18 @@ class CoPSProcessor(ProcessorMixin):
         threshold: float | None = None,
         image_threshold: float | None = None,
     ) -> list[dict[str, Any]]:
-        """Per image: `score`, `anomaly_map` at the original size and, with thresholds, `mask` and `label`.
+        """Per image: `pred_score`, `anomaly_map` at the original size and, with thresholds, `pred_mask`, `pred_label`.
+
+        The keys are `cops_hf.schema`'s; the former `score`, `mask` and `label` still read, with a
+        `DeprecationWarning`, for one release.
 
         Args:
             outputs: a `CoPSAnomalyDetectionOutput` (needs `image_scores` and `anomaly_maps`).
             target_sizes: `(height, width)` per image, e.g. the processor's `original_sizes`; maps are resized
                 bilinearly. `None` uses `outputs.original_sizes` when the model was given them, else keeps the
                 model resolution.
-            threshold: pixel threshold on the map: adds a boolean `mask`.
-            image_threshold: threshold on the score: adds `label` ("anomalous" / "normal").
+            threshold: pixel threshold on the map: adds a boolean `pred_mask`.
+            image_threshold: threshold on the score: adds `pred_label` ("anomalous" / "normal").
 
         The decision rule, here and in calibration: a value `>=` its threshold is anomalous (calibrated thresholds
         are attained values, e.g. the lowest anomalous score kept by the F1-optimal choice).
@@ -255,11 +263,11 @@ class CoPSProcessor(ProcessorMixin):
                 anomaly_map = F.interpolate(
                     anomaly_map[None, None], size=tuple(target_sizes[index]), mode="bilinear", align_corners=False
                 )[0, 0]
-            result: dict[str, Any] = {"score": float(score), "anomaly_map": anomaly_map}
+            result = Prediction({PRED_SCORE: float(score), ANOMALY_MAP: anomaly_map})
             if threshold is not None:
-                result["mask"] = anomaly_map >= threshold
+                result[PRED_MASK] = anomaly_map >= threshold
             if image_threshold is not None:
-                result["label"] = decision_label(float(score), image_threshold)
+                result[PRED_LABEL] = decision_label(float(score), image_threshold)
             results.append(result)
         return results
 

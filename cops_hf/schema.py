@@ -7,6 +7,9 @@ every file they write use these constants, never their own spellings.
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 NORMAL = "normal"
 """The decision, and ground-truth class name, of an image without a defect."""
 
@@ -25,6 +28,60 @@ GT_LABEL = "gt_label"
 GT_MASK = "gt_mask"
 ERROR = "error"
 
+# Few-shot evaluation (metrics.json of `cops-hf evaluate --shots K`).
+SHOTS = "shots"
+"""Normal reference images per category (K); 0 is zero-shot."""
+SHOT_SEEDS = "shot_seeds"
+"""The seeds of the reference draws, one evaluation each."""
+PER_SEED = "per_seed"
+"""Each seed's metrics (`mean`, `per_category`)."""
+REFERENCES = "references"
+"""Per seed and category, the reference image paths (relative to the data root)."""
+REFERENCE_SPLIT = "reference_split"
+"""Per category, the split the references were drawn from."""
+STD = "std"
+"""Standard deviation over the shot seeds, beside each `mean`."""
+DEPRECATED_RESULT_KEYS = {"score": PRED_SCORE, "label": PRED_LABEL, "mask": PRED_MASK, "image": IMAGE_PATH}
+"""Former result keys (and predict's former CSV columns) -> their schema names; they keep working for one release."""
+
+
+class Prediction(dict):
+    """One image's result, keyed by the schema names; the `DEPRECATED_RESULT_KEYS` still read, with a warning.
+
+    It is a plain `dict` in every other way: iterating, `keys()`, `==` and `json.dumps` see the schema names only.
+    """
+
+    def _key(self, key: Any) -> Any:
+        if key in DEPRECATED_RESULT_KEYS and not dict.__contains__(self, key):
+            new = DEPRECATED_RESULT_KEYS[key]
+            warnings.warn(
+                f"The result key {key!r} is deprecated and will be removed in the next release; use {new!r} "
+                "(cops_hf.schema).",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            return new
+        return key
+
+    def __getitem__(self, key: Any) -> Any:
+        return dict.__getitem__(self, self._key(key))
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, self._key(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """`dict.get`, reading a deprecated key under its schema name (with a warning)."""
+        return dict.get(self, self._key(key), default)
+
+
+def dataset_key(name: str) -> str:
+    """The canonical spelling of a dataset or preset name ("MVTec-AD" -> "mvtec_ad").
+
+    Case, surrounding spaces, and "-" or " " versus "_" do not matter. Aliases are resolved by
+    `cops_hf.data.registry`, the one dataset registry.
+    """
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
 
 def decision_label(score: float, image_threshold: float) -> str:
     """The decision for an image score: `ANOMALOUS` when `score >= image_threshold`, else `NORMAL`.
@@ -36,6 +93,8 @@ def decision_label(score: float, image_threshold: float) -> str:
 
 __all__ = [
     "ANOMALOUS",
+    "DEPRECATED_RESULT_KEYS",
+    "Prediction",
     "ANOMALY_MAP",
     "ERROR",
     "GT_LABEL",
@@ -43,8 +102,15 @@ __all__ = [
     "IMAGE_PATH",
     "LABEL_NAMES",
     "NORMAL",
+    "PER_SEED",
     "PRED_LABEL",
     "PRED_MASK",
     "PRED_SCORE",
+    "REFERENCES",
+    "REFERENCE_SPLIT",
+    "SHOTS",
+    "SHOT_SEEDS",
+    "STD",
+    "dataset_key",
     "decision_label",
 ]

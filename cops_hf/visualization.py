@@ -26,6 +26,8 @@ from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .schema import ANOMALOUS, ANOMALY_MAP, NORMAL, PRED_LABEL, PRED_SCORE
+
 DEFAULT_COLORMAP = "jet"
 """Colormap of the heatmaps (any matplotlib name: jet, turbo, inferno, viridis, ...)."""
 
@@ -34,7 +36,7 @@ DEFAULT_ALPHA = 0.5
 
 PREDICTED_CONTOUR_COLOUR = "white"
 GROUND_TRUTH_CONTOUR_COLOUR = "#00e000"
-DECISION_COLOURS = {"anomalous": "#c62828", "normal": "#2e7d32"}
+DECISION_COLOURS = {ANOMALOUS: "#c62828", NORMAL: "#2e7d32"}
 
 PANEL_LONG_SIDE = (320, 720)
 """Smallest and largest long side, in pixels, an image is drawn at (its aspect ratio is kept)."""
@@ -93,9 +95,11 @@ class ColourScale:
         pixel_threshold: float | None = None,
         span_of: str = "this map's range",
     ) -> ColourScale:
-        """Anchored to `pixel_threshold` (the bar spans `threshold ± min(threshold, 1 - threshold)`, so the threshold
-        is its middle) when given, else the min-max range of `anomaly_maps` (one map or several), described by
-        `span_of` in the caption."""
+        """The colour scale of one map or several.
+
+        Anchored to `pixel_threshold` when given (the bar spans `threshold ± min(threshold, 1 - threshold)`, so the
+        threshold is its middle), else the min-max range of `anomaly_maps`, described by `span_of` in the caption.
+        """
         if pixel_threshold is not None:
             half = min(pixel_threshold, 1.0 - pixel_threshold) or 0.5
             return cls(pixel_threshold - half, pixel_threshold + half, pixel_threshold)
@@ -168,7 +172,7 @@ def _decision_line(score: float | None, label: str | None, image_threshold: floa
         return "", "black"
     if label is None:
         return f"score {score:.3f}", "black"
-    relation = ">=" if label == "anomalous" else "<"
+    relation = ">=" if label == ANOMALOUS else "<"
     threshold = f" {relation} threshold {image_threshold:.3f}" if image_threshold is not None else ""
     return f"{label.upper()}: score {score:.3f}{threshold}", DECISION_COLOURS.get(label, "black")
 
@@ -191,8 +195,9 @@ def render_panels(
     """Titled panels at the image's aspect ratio: [image] [ground truth] overlay, a colour bar and a caption.
 
     Args:
-        image: the input picture (any size; drawn at the map's aspect ratio).
-        anomaly_map: `[H, W]` map at the image's original size.
+        image: the input picture (any size); the panels keep its aspect ratio, whatever the map's shape.
+        anomaly_map: `[H, W]` map, at the image's size or at the model's (square) input size: it is resized to
+            the picture.
         gt_mask: ground-truth mask: adds a "ground truth" panel and a green contour on the overlay.
         score, label, image_threshold: the caption's decision line ("ANOMALOUS: score 0.734 >= threshold 0.5").
         pixel_threshold: draws the predicted mask's contour (map >= threshold, white) and anchors the colours.
@@ -205,7 +210,7 @@ def render_panels(
     alpha = _check_alpha(alpha)
     cmap = colormap(colormap_name)
     scale = scale or ColourScale.for_maps(anomaly_map, pixel_threshold)
-    height, width = _display_size(*anomaly_map.shape)
+    height, width = _display_size(image.height, image.width)
     base = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
     heat_map = np.asarray(Image.fromarray(anomaly_map).resize((width, height), Image.Resampling.BILINEAR))
     heat = (cmap(scale.normalize(heat_map))[..., :3] * 255).astype(np.uint8)
@@ -271,12 +276,12 @@ def render_prediction(
     colormap_name: str = DEFAULT_COLORMAP,
     alpha: float = DEFAULT_ALPHA,
 ) -> Image.Image:
-    """The annotated overlay of one "anomaly-detection" pipeline result (`score`, `anomaly_map`, `label`)."""
+    """The annotated overlay of one "anomaly-detection" pipeline result (`pred_score`, `anomaly_map`, `pred_label`)."""
     return render_panels(
         image,
-        np.asarray(result["anomaly_map"]),
-        score=float(result["score"]),
-        label=result.get("label"),
+        np.asarray(result[ANOMALY_MAP]),
+        score=float(result[PRED_SCORE]),
+        label=result.get(PRED_LABEL),
         image_threshold=image_threshold,
         pixel_threshold=pixel_threshold,
         title=title,
@@ -361,8 +366,11 @@ def plot_curve_pair(
     path: str | Path,
     kind: str = "roc",
 ) -> Path:
-    """Write side-by-side ROC or PR plots, one per level, e.g. `{"image-level ROC": (curves, values),
-    "pixel-level ROC": (curves, values)}` (see `plot_curves` for the curves and values)."""
+    """Write side-by-side ROC or PR plots, one per level.
+
+    E.g. `{"image-level ROC": (curves, values), "pixel-level ROC": (curves, values)}`; see `plot_curves` for the
+    curves and values.
+    """
     if kind not in ("roc", "pr"):
         raise ValueError(f"unknown curve kind {kind!r}; use 'roc' or 'pr'")
     figure = Figure(figsize=(5 * len(levels), 5), dpi=_DPI, facecolor="white", layout="constrained")

@@ -94,8 +94,19 @@ def hub_env(hub_server: LocalHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 CUDA_SKIP_REASON = "needs a CUDA GPU (torch.cuda.is_available() is False); benchmarks/gpu_check.sh runs it on one"
 
 
+# The fast unit half (`pytest -m unit`, under a minute on one core): modules whose tests exercise one module with tiny
+# inputs. Every other test module is `integration` (end to end, subprocesses, the local Hub, training runs).
+UNIT_TEST_MODULES = frozenset({
+    "test_architecture", "test_configuration", "test_losses", "test_metrics", "test_metrics_report",
+    "test_processing", "test_visualization", "test_mask_rules", "test_save_detector", "test_modeling",
+})  # fmt: skip
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the tests marked `gpu` when torch sees no CUDA device."""
+    """Mark each test `unit` or `integration` (by module); skip the tests marked `gpu` without a CUDA device."""
+    for item in items:
+        unit = Path(str(item.path)).stem in UNIT_TEST_MODULES
+        item.add_marker(pytest.mark.unit if unit else pytest.mark.integration)
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return

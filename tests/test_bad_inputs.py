@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cops_hf.cli import main
-from cops_hf.data import make_record, write_meta_json
+from cops_hf.data import make_record, read_meta_json, write_meta_json
 from cops_hf.image_utils import IMAGE_SUFFIXES, ImageLoadError, load_image
 from cops_hf.processing_cops import CoPSProcessor
 from tests.data_fakes import write_image, write_mask
@@ -136,6 +136,13 @@ def _dataset(root: Path, extra: list[dict] | None = None, category: str = "bottl
         records.append(make_record(image, cls_name=category, anomaly=index % 2, specie_name=specie, mask_path=mask))
     records += extra or []
     write_meta_json(root, {"train": {category: records}, "test": {category: records}})
+    return root
+
+
+def _anomalous_dataset(root: Path) -> Path:
+    """A dataset without any normal image: the anomalous records of `_dataset`."""
+    records = [record for record in read_meta_json(_dataset(root))["test"]["bottle"] if record["anomaly"]]
+    write_meta_json(root, {"train": {"bottle": records}, "test": {"bottle": records}})
     return root
 
 
@@ -255,6 +262,14 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
      "cops-hf evaluate: error: No meta.json at {tmp}/nowhere/meta.json."),
     ("evaluate-unknown-category", ["evaluate", "--model", "{model}", "--data", "{data}", *OUT, "--categories", "x"],
      2, "cops-hf evaluate: error: {data}/meta.json split 'test' has no categories ['x']; available: ['bottle']"),
+    ("evaluate-shots-above-normals", ["evaluate", "--model", "{model}", "--data", "{data}", *OUT, "--shots", "3"], 2,
+     "cops-hf evaluate: error: --shots 3 is more than the 2 normal images of category 'bottle': lower --shots or add "
+     "normal images (a `train` split of good images, or more test normals)."),
+    ("evaluate-shot-seeds-without-shots", ["evaluate", "--model", "{model}", "--data", "{data}", *OUT,
+                                           "--shot-seeds", "1"], 2,
+     "cops-hf evaluate: error: --shot-seeds needs --shots K (K >= 1): seeds draw few-shot references"),
+    ("evaluate-shots-negative", ["evaluate", "--model", "{model}", "--data", "{data}", *OUT, "--shots", "-1"], 2,
+     "cops-hf evaluate: error: argument --shots: must be an integer >= 0, got '-1'"),
     # calibrate
     *[(f"calibrate-batch-size-{value}", ["calibrate", "--model", "{model}", "--normal", "{image}", *OUT,
                                           "--batch-size", value], 2,
@@ -278,6 +293,11 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
       for value in ("nan", "inf", "0", "-1")],
     ("train-missing-data", ["train", "--random-clip", "tiny", "--data", "{tmp}/nowhere", *OUT], 2,
      "cops-hf train: error: No meta.json at {tmp}/nowhere/meta.json."),
+    ("train-synthesize-without-normal-images", ["train", "--random-clip", "tiny", "--data", "{anomalous_data}",
+                                                "--synthesize", *OUT], 2,
+     "cops-hf train: error: No split of {anomalous_data}/meta.json holds a normal image (train: 0 normal, 2 "
+     "anomalous, test: 0 normal, 2 anomalous): --synthesize puts defects on normal images; list good ones, e.g. "
+     "with `cops-hf data prepare folder ROOT --normal good`."),
     # export
     *[(f"export-opset-{value}", ["export", "--model", "{model}", "--output", "{tmp}/m.onnx", "--opset", value], 2,
        f"cops-hf export: error: ONNX opset {value} is not supported: use 14..20 (default 17).")
@@ -302,6 +322,15 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
      "double quotes: line 1 column 2 (char 1)."),
     ("push-eval-json-missing", ["push", "{model}", "me/x", "--eval-json", "{tmp}/none.json"], 2,
      "cops-hf push: error: --eval-json '{tmp}/none.json' cannot be read as JSON: No such file or directory."),
+    # app --write-space: the Hub id goes into the Space card's YAML, the folder may hold someone's work
+    ("app-space-id-with-newline", ["app", "--model", "me/x\nlicense: other", "--write-space", "{tmp}/space"], 2,
+     "cops-hf app: error: --model 'me/x\\nlicense: other' is neither a model folder on this machine nor a Hub id"),
+    ("app-space-missing-folder", ["app", "--model", "{tmp}/gone", "--write-space", "{tmp}/space"], 2,
+     "cops-hf app: error: --model '{tmp}/gone' is neither a model folder on this machine nor a Hub id"),
+    ("app-space-not-empty", ["app", "--model", "me/x", "--write-space", "{root}"], 2,
+     "cops-hf app: error: {root} is not empty; choose a new folder or pass --overwrite"),
+    ("app-space-no-model", ["app", "--write-space", "{tmp}/space"], 2,
+     "cops-hf app: error: a Space needs at least one model: --model FOLDER or --model namespace/name"),
     # demo and data
     *[(f"demo-epochs-{value}", ["demo", *OUT, "--epochs", value], 2,
        f"cops-hf demo: error: argument --epochs: must be an integer >= 1, got '{value}'") for value in ("0", "-3")],
@@ -320,6 +349,7 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
 def test_cli_matrix(files, tmp_path, capsys, argv, code, first_line):
     values = {**{name: str(value) for name, value in files.items()}, "tmp": str(tmp_path)}
     values["data"] = str(_dataset(tmp_path / "data"))
+    values["anomalous_data"] = str(_anomalous_dataset(tmp_path / "anomalous_data"))
 
     assert _run([part.format(**values) for part in argv]) == code
 

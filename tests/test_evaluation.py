@@ -85,6 +85,32 @@ def test_files_are_written_and_pictures_are_real(evaluated):
     assert panel.shape[1] > 2 * panel.shape[0] and panel.std() > 5  # three titled panels side by side
 
 
+def test_calibrated_panels_carry_the_decision_and_results_name_the_dataset(dataset_root, tmp_path):
+    """A calibrated model's panels print its decision in the decision colour; metrics.json names the evaluated
+    dataset, which becomes the card's model-index dataset (it was "evaluation")."""
+    from cops_hf.data import meta_dataset_name
+    from cops_hf.hub import evaluation_for_card
+    from cops_hf.visualization import DECISION_COLOURS
+
+    processor = CoPSProcessor(CoPSImageProcessor(size=98))
+    red = np.asarray(Image.new("RGB", (1, 1), DECISION_COLOURS["anomalous"]))[0, 0].astype(int)
+
+    def caption_red_pixels(model, output):
+        evaluate_dataset(model, processor, dataset_root, categories=["ring"], output_dir=output, num_visualizations=1)
+        panel = np.asarray(Image.open(next((output / "visualizations").glob("*/*.png"))).convert("RGB"))
+        caption = panel[-60:].astype(int)  # below the pictures: the decision line and the legend
+        return int((np.abs(caption - red).max(axis=-1) <= 20).sum())
+
+    calibrated = tiny_model()
+    calibrated.config.image_threshold = 0.0  # every score is >= 0: the decision is "anomalous"
+    assert caption_red_pixels(calibrated, tmp_path / "calibrated") > 20
+    assert caption_red_pixels(tiny_model(), tmp_path / "uncalibrated") == 0
+    saved = json.loads((tmp_path / "calibrated" / "metrics.json").read_text())
+    expected = meta_dataset_name(dataset_root) or Path(dataset_root).resolve().name
+    assert saved["protocol"]["dataset"] == expected and str(Path(dataset_root).resolve()) not in json.dumps(saved)
+    assert list(evaluation_for_card(saved)) == [expected]
+
+
 def test_evaluate_cli_single_and_two_processes_agree(model_dir, dataset_root, tmp_path):
     assert main(["evaluate", "--model", str(model_dir), "--data", str(dataset_root), "--output",
                  str(tmp_path / "one"), "--batch-size", "2", "--cpu"]) == 0  # fmt: skip

@@ -90,6 +90,28 @@ def test_card_sections() -> None:
     assert "eprint        = {2508.03447}" in text
 
 
+def test_card_publishes_only_benchmark_names_and_hub_dataset_ids(tmp_path: Path) -> None:
+    """A local training folder (what `config.train_dataset` holds for data without a benchmark name) never reaches
+    the card, neither in `datasets:` nor in its text or configuration table."""
+    from cops_hf.hub import _card_config_fields, public_dataset_name
+
+    local = tmp_path / "my-parts"
+    local.mkdir()
+    assert [public_dataset_name(name) for name in ("visa", "MVTec AD", "my-org/parts", str(local), "data/x/y")] == [
+        "visa", "MVTec AD", "my-org/parts", None, None,
+    ]  # fmt: skip
+    model = tiny_model()
+    model.config.train_dataset = str(local)
+    card = render_model_card(
+        _card_config_fields(model.config), base_model=None, training_dataset=str(local), evaluation=None,
+        repo_id=REPO_ID,
+    )  # fmt: skip
+    assert card.data.datasets is None and str(tmp_path) not in str(card)
+    assert "trained on a local dataset that is not published" in card.text
+    hub_card = render_model_card({}, base_model=None, training_dataset="my-org/parts", evaluation=None, repo_id=None)
+    assert hub_card.data.datasets == ["my-org/parts"]
+
+
 def test_card_never_contains_an_access_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "my-configured-secret")
     render_kwargs = {"base_model": BASE_MODEL, "training_dataset": None, "evaluation": None, "repo_id": None}
@@ -234,3 +256,7 @@ def test_saved_results_become_card_evaluation():
     evaluated = {"mean": {"image_ap": 0.5, "pixel_aupro": 0.25}, "protocol": {"test_preset": "visa"}}
     assert evaluation_for_card(evaluated) == {"visa": {"I-AP": 0.5, "AUPRO": 0.25}}
     assert evaluation_for_card({"MVTec": {"I-AUROC": 0.95}}) == {"MVTec": {"I-AUROC": 0.95}}
+    named = {"mean": {"image_auroc": 0.5}, "protocol": {"test_preset": None, "dataset": "my-parts"}}
+    assert evaluation_for_card(named) == {"my-parts": {"I-AUROC": 0.5}}
+    with pytest.raises(ValueError, match="does not name the evaluated dataset"):
+        evaluation_for_card({"mean": {"image_auroc": 0.5}, "protocol": {"test_preset": None}})

@@ -50,7 +50,7 @@ def test_each_input_kind_gives_the_same_result(detector, images):
     from_path = detector(path)
     from_pil = detector(Image.fromarray(arrays[0]))
     from_array = detector(arrays[0])
-    assert set(from_path) == {"score", "anomaly_map"}
+    assert set(from_path) == {"pred_score", "anomaly_map"}  # cops_hf.schema's names
     assert from_path["anomaly_map"].shape == arrays[0].shape[:2] and from_path["anomaly_map"].dtype == np.float32
     for other in (from_pil, from_array):
         assert other["score"] == pytest.approx(from_path["score"], abs=1e-6)
@@ -114,7 +114,8 @@ def test_unreadable_image_is_named_or_skipped(detector, images, tmp_path):
     with pytest.raises(ImageLoadError, match="broken.png"):
         detector([arrays[0], str(broken)], batch_size=2)
     results = detector([arrays[0], str(broken), arrays[1]], skip_invalid=True, batch_size=2)
-    assert results[1] == {"image": str(broken), "error": results[1]["error"]} and "broken.png" in results[1]["error"]
+    assert results[1] == {"image_path": str(broken), "error": results[1]["error"]}
+    assert "broken.png" in results[1]["error"]
     assert results[0]["score"] == pytest.approx(detector(arrays[0])["score"], abs=1e-5)
     assert results[2]["anomaly_map"].shape == arrays[1].shape[:2]
 
@@ -187,3 +188,14 @@ def test_model_accepts_the_processors_output(detector, images):
     assert [tuple(result["anomaly_map"].shape) for result in results] == outputs.original_sizes
     assert results[1]["score"] == pytest.approx(detector(arrays[1])["score"], abs=1e-5)
     assert set(detector(arrays[0], threshold=0.5, image_threshold=0.5)) == set(RESULT_KEYS)
+
+
+def test_former_result_keys_still_read_with_a_deprecation_warning(detector, images):
+    arrays, _ = images
+    result = detector(arrays[0], threshold=0.5, image_threshold=0.5)
+    assert set(result) == {"pred_score", "anomaly_map", "pred_label", "pred_mask"}
+    for old, new in (("score", "pred_score"), ("label", "pred_label"), ("mask", "pred_mask")):
+        with pytest.warns(DeprecationWarning, match=f"The result key '{old}' is deprecated .* use '{new}'"):
+            assert result[old] is result[new]  # the same object under its former name
+    with pytest.warns(DeprecationWarning):
+        assert "score" in result and result.get("label") == result["pred_label"]

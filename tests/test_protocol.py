@@ -167,7 +167,10 @@ def test_paper_run_trains_on_the_labelled_split_and_evaluates_with_the_recorded_
     output = tmp_path / "evaluation"
     arguments = ["evaluate", "--model", str(run), "--data", str(prepared / f"{other}_like"), "--output", str(output)]
     assert main([*arguments, "--batch-size", "4", "--num-visualizations", "1", "--cpu"]) == 0
-    assert f"Test preset: {other} (the dataset" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"Test preset: {other} (the dataset" in printed
+    assert "\ncategory " in printed and "\nmean " in printed  # the per-category table
+    assert f"files to {output}" in printed
     protocol = json.loads((output / "metrics.json").read_text())["protocol"]
     assert protocol["test_preset"] == other
     assert protocol["test_kernel_size"] == (3 if other == "visa" else 5)

@@ -16,6 +16,7 @@ import pytest
 
 from cops_hf.cli import main
 from cops_hf.data import make_synthetic_dataset
+from cops_hf.file_utils import STAGING_PREFIX
 from cops_hf.testing_utils import random_clip_model
 from cops_hf.training import (
     TrainingConfig,
@@ -74,14 +75,15 @@ def test_a_final_model_is_not_overwritten_without_asking(finished_run, data_root
 
 def test_interrupted_saves_are_cleaned_on_the_next_run(finished_run, data_root, tmp_path):
     run = _copy(finished_run, tmp_path)
-    (run / ".final-abc123").mkdir()
-    (run / ".final-abc123" / "model.safetensors").write_bytes(b"\0" * 10)
+    staging = run / f"{STAGING_PREFIX}run-abc123"  # save_detector's staging folder of the final model
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"\0" * 10)
     (run / "checkpoints" / ".epoch-0007.tmp").mkdir()
 
     result = _train(data_root, run, num_epochs=3, resume=True)
 
     assert result.resumed_from_epoch == 2
-    assert not list(run.glob(".final-*")) and not list((run / "checkpoints").glob(".epoch-*"))
+    assert not list(run.glob(f"{STAGING_PREFIX}*")) and not list((run / "checkpoints").glob(".epoch-*"))
 
 
 @pytest.mark.parametrize(

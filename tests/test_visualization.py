@@ -8,7 +8,6 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cops_hf.evaluation.plots import comparison_panel as old_home_panel
 from cops_hf.visualization import (
     DECISION_COLOURS,
     ColourScale,
@@ -102,11 +101,21 @@ def test_threshold_anchors_the_colour_scale():
 def test_evaluation_panel_is_titled_and_keeps_the_aspect_ratio():
     tall_map = _hot_spot_map(height=200, width=100)
     mask = tall_map > 0.025
-    panel = np.asarray(old_home_panel(Image.new("RGB", (100, 200), "gray"), tall_map, mask))
+    panel = np.asarray(comparison_panel(Image.new("RGB", (100, 200), "gray"), tall_map, mask))
     assert panel.shape[0] > panel.shape[1] / 3 * 1.5  # three tall panels side by side
     green = (panel[..., 1] > 180) & (panel[..., 0] < 80) & (panel[..., 2] < 80)
     assert green.sum() > 100  # the ground-truth contour
-    assert comparison_panel is old_home_panel
+
+
+def test_panels_keep_the_pictures_aspect_ratio_for_a_square_map():
+    """A 128x96 picture with the model's square map is drawn 4:3, not square (issue 20: it was drawn 320x320)."""
+    square_map = _hot_spot_map(height=98, width=98)
+    picture = np.asarray(render_panels(Image.new("RGB", (128, 96), "gray"), square_map, alpha=0.6))
+    colourful = (picture.max(axis=-1).astype(int) - picture.min(axis=-1)) > 60
+    colourful[:, _colour_bar_column(picture) - 30 :] = False
+    rows, columns = colourful.nonzero()
+    height, width = rows.max() - rows.min() + 1, columns.max() - columns.min() + 1
+    assert width / height == pytest.approx(128 / 96, rel=0.03) and width >= 320
 
 
 def test_curves_carry_metrics_and_pixel_level_sits_beside(tmp_path):

@@ -9,106 +9,79 @@ Typical use::
     test_set[0]["image"], test_set[0]["mask"], test_set[0]["gt_label"]
 """
 
-from .benchmarks import (
-    BENCHMARKS,
-    DATASET_BUILDERS,
-    BenchmarkInfo,
-    benchmark_name,
-    prepare_dataset,
-    prepare_folder_dataset,
-)
-from .builders import (
-    IMAGE_SUFFIXES,
-    build_folder_meta,
-    build_mvtec_meta,
-    build_visa_meta,
-    finish_meta,
-    folder_records,
-    list_image_files,
-    mvtec_layout_meta,
-    species_records,
-)
-from .loading import (
-    ALLOW_OUTSIDE_ROOT_ENV,
-    META_FEATURES,
-    ValidationReport,
-    has_masks,
-    labelled_split,
-    load_meta_dataset,
-    load_meta_dataset_with_report,
-    split_label_counts,
-    validate_meta_dataset,
-)
-from .meta import (
-    META_DATASET_KEY,
-    META_FILENAME,
-    NORMAL_SPECIE,
-    SPLITS,
-    DataError,
-    DataProblem,
-    Meta,
-    make_record,
-    meta_dataset_name,
-    meta_json_path,
-    read_meta_json,
-    write_meta_json,
-)
-from .synthetic import (
-    DEFAULT_TEST_CATEGORIES,
-    DEFAULT_TRAIN_CATEGORIES,
-    DEFECT_TYPES,
-    OBJECT_CATEGORIES,
-    SYNTHETIC_CATEGORIES,
-    TEXTURE_CATEGORIES,
-    SyntheticSample,
-    make_synthetic_dataset,
-    render_synthetic_sample,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ALLOW_OUTSIDE_ROOT_ENV",
-    "BENCHMARKS",
-    "DATASET_BUILDERS",
-    "BenchmarkInfo",
-    "benchmark_name",
-    "prepare_dataset",
-    "prepare_folder_dataset",
-    "DEFAULT_TEST_CATEGORIES",
-    "DEFAULT_TRAIN_CATEGORIES",
-    "DEFECT_TYPES",
-    "IMAGE_SUFFIXES",
-    "META_FEATURES",
-    "META_DATASET_KEY",
-    "META_FILENAME",
-    "Meta",
-    "NORMAL_SPECIE",
-    "OBJECT_CATEGORIES",
-    "SPLITS",
-    "SYNTHETIC_CATEGORIES",
-    "TEXTURE_CATEGORIES",
-    "DataError",
-    "DataProblem",
-    "SyntheticSample",
-    "ValidationReport",
-    "build_folder_meta",
-    "build_mvtec_meta",
-    "build_visa_meta",
-    "finish_meta",
-    "folder_records",
-    "has_masks",
-    "labelled_split",
-    "list_image_files",
-    "load_meta_dataset",
-    "load_meta_dataset_with_report",
-    "make_record",
-    "meta_dataset_name",
-    "make_synthetic_dataset",
-    "meta_json_path",
-    "mvtec_layout_meta",
-    "read_meta_json",
-    "render_synthetic_sample",
-    "species_records",
-    "split_label_counts",
-    "validate_meta_dataset",
-    "write_meta_json",
-]
+import importlib
+from typing import Any
+
+# Public name -> the module defining it; loaded on first access, so that light users (the CLI's --help reads
+# the dataset registry) do not import datasets and torch.
+_PUBLIC_NAMES = {
+    "BENCHMARKS": "benchmarks",
+    "DATASET_BUILDERS": "benchmarks",
+    "GENERAL_PRESET": "registry",
+    "REGISTRY": "registry",
+    "SUITES": "registry",
+    "BenchmarkEntry": "registry",
+    "accepted_names": "registry",
+    "benchmark_name": "registry",
+    "resolve_test_preset": "registry",
+    "prepare_dataset": "benchmarks",
+    "prepare_folder_dataset": "benchmarks",
+    "IMAGE_SUFFIXES": "builders",
+    "build_folder_meta": "builders",
+    "build_mvtec_meta": "builders",
+    "build_visa_meta": "builders",
+    "finish_meta": "builders",
+    "folder_records": "builders",
+    "list_image_files": "builders",
+    "mvtec_layout_meta": "builders",
+    "species_records": "builders",
+    "ALLOW_OUTSIDE_ROOT_ENV": "loading",
+    "META_FEATURES": "loading",
+    "ValidationReport": "loading",
+    "has_masks": "loading",
+    "labelled_split": "loading",
+    "normal_split": "loading",
+    "load_meta_dataset": "loading",
+    "load_meta_dataset_with_report": "loading",
+    "split_label_counts": "loading",
+    "validate_meta_dataset": "loading",
+    "DataError": "meta",
+    "DataProblem": "meta",
+    "META_DATASET_KEY": "meta",
+    "META_FILENAME": "meta",
+    "Meta": "meta",
+    "NORMAL_SPECIE": "meta",
+    "SPLITS": "meta",
+    "make_record": "meta",
+    "meta_dataset_name": "meta",
+    "meta_json_path": "meta",
+    "read_meta_json": "meta",
+    "write_meta_json": "meta",
+    "DEFAULT_TEST_CATEGORIES": "synthetic",
+    "DEFAULT_TRAIN_CATEGORIES": "synthetic",
+    "DEFECT_TYPES": "synthetic",
+    "OBJECT_CATEGORIES": "synthetic",
+    "SYNTHETIC_CATEGORIES": "synthetic",
+    "SyntheticSample": "synthetic",
+    "apply_defect": "synthetic",
+    "TEXTURE_CATEGORIES": "synthetic",
+    "make_synthetic_dataset": "synthetic",
+    "render_synthetic_sample": "synthetic",
+}
+
+def __getattr__(name: str) -> Any:
+    module_name = _PUBLIC_NAMES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module_name}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC_NAMES])
+
+
+__all__ = sorted(_PUBLIC_NAMES)

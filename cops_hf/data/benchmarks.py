@@ -2,7 +2,7 @@
 
 Industrial (pixel-level): MVTec AD, VisA, BTAD, MPDD, DTD-Synthetic. Medical image-level: HeadCT, BrainMRI, Br35H.
 Medical pixel-level: ISIC, CVC-ColonDB, CVC-ClinicDB, Kvasir, Endo. The expected folder layouts (the ones the CoPS
-and AnomalyCLIP preparation scripts read) are given in each builder's docstring. Use :func:`prepare_dataset`::
+and AnomalyCLIP preparation scripts read) are given in each builder's docstring. Use `prepare_dataset`::
 
     prepare_dataset("btad", "/data/BTAD")          # writes /data/BTAD/meta.json
     prepare_folder_dataset("/data/mine", "good", "bad", "ground_truth")   # a user's own images
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from .builders import (
@@ -25,11 +24,11 @@ from .builders import (
     species_records,
 )
 from .meta import DataError, Meta, write_meta_json
+from .registry import REGISTRY, benchmark_name
 
 __all__ = [
     "BENCHMARKS",
     "DATASET_BUILDERS",
-    "BenchmarkInfo",
     "build_br35h_meta",
     "build_brainmri_meta",
     "build_btad_meta",
@@ -109,81 +108,20 @@ def build_endo_meta(root: PathLike, *, write: bool = True) -> Meta:
     return finish_meta(root, {"train": {}, "test": {"colon": records}}, write)
 
 
-@dataclass(frozen=True)
-class BenchmarkInfo:
-    """A benchmark dataset of the paper.
+BENCHMARKS = REGISTRY
+"""The paper's 13 benchmark datasets by canonical name (`cops_hf.data.registry.REGISTRY`)."""
 
-    Attributes:
-        name: Registry key.
-        builder: Writes ``meta.json`` from the download layout: ``builder(root, write=True) -> meta dict``; the
-            first line of its docstring describes the layout.
-        categories: The categories the full dataset has.
-        pixel_level: Whether anomalous images have ground-truth masks.
-        domain: ``"industrial"`` or ``"medical"``.
-    """
-
-    name: str
-    builder: Callable[..., Meta]
-    categories: tuple[str, ...]
-    pixel_level: bool
-    domain: str
-
-
-_MVTEC_CATEGORIES = tuple(
-    "bottle cable capsule carpet grid hazelnut leather metal_nut"
-    " pill screw tile toothbrush transistor wood zipper".split()
-)
-_VISA_CATEGORIES = tuple(
-    "candle capsules cashew chewinggum fryum macaroni1 macaroni2 pcb1 pcb2 pcb3 pcb4 pipe_fryum".split()
-)
-_DTD_CATEGORIES = tuple(
-    "Blotchy_099 Fibrous_183 Marbled_078 Matted_069 Mesh_114 Perforated_037"
-    " Stratified_154 Woven_001 Woven_068 Woven_104 Woven_125 Woven_127".split()
-)
-_MPDD_CATEGORIES = ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes")
-
-BENCHMARKS: dict[str, BenchmarkInfo] = {
-    info.name: info
-    for info in (
-        BenchmarkInfo("mvtec", build_mvtec_meta, _MVTEC_CATEGORIES, True, "industrial"),
-        BenchmarkInfo("visa", build_visa_meta, _VISA_CATEGORIES, True, "industrial"),
-        BenchmarkInfo("btad", build_btad_meta, ("01", "02", "03"), True, "industrial"),
-        BenchmarkInfo("mpdd", build_mpdd_meta, _MPDD_CATEGORIES, True, "industrial"),
-        BenchmarkInfo("dtd_synthetic", build_dtd_synthetic_meta, _DTD_CATEGORIES, True, "industrial"),
-        BenchmarkInfo("headct", build_headct_meta, ("brain",), False, "medical"),
-        BenchmarkInfo("brainmri", build_brainmri_meta, ("brain",), False, "medical"),
-        BenchmarkInfo("br35h", build_br35h_meta, ("brain",), False, "medical"),
-        BenchmarkInfo("isic", build_isic_meta, ("skin",), True, "medical"),
-        BenchmarkInfo("cvc_colondb", build_polyp_meta, ("colon",), True, "medical"),
-        BenchmarkInfo("cvc_clinicdb", build_polyp_meta, ("colon",), True, "medical"),
-        BenchmarkInfo("kvasir", build_polyp_meta, ("colon",), True, "medical"),
-        BenchmarkInfo("endo", build_endo_meta, ("colon",), True, "medical"),
+_BUILDER_FUNCTIONS = {
+    builder.__name__: builder
+    for builder in (
+        build_mvtec_meta, build_visa_meta, build_btad_meta, build_mpdd_meta, build_dtd_synthetic_meta,
+        build_headct_meta, build_brainmri_meta, build_br35h_meta, build_isic_meta, build_polyp_meta, build_endo_meta,
     )
+}  # fmt: skip
+DATASET_BUILDERS: dict[str, Callable[..., Meta]] = {
+    name: _BUILDER_FUNCTIONS[entry.builder] for name, entry in REGISTRY.items()
 }
-"""The paper's 13 benchmark datasets by registry name."""
-
-DATASET_BUILDERS: dict[str, Callable[..., Meta]] = {name: info.builder for name, info in BENCHMARKS.items()}
-"""Registry name -> builder writing ``meta.json`` from the dataset's download layout."""
-
-_ALIASES = {
-    "mvtec_ad": "mvtec",
-    "dtd": "dtd_synthetic",
-    "br35": "br35h",
-    "colondb": "cvc_colondb",
-    "clinicdb": "cvc_clinicdb",
-    "brain_mri": "brainmri",
-    "head_ct": "headct",
-    "isic2016": "isic",
-}
-
-
-def benchmark_name(name: str) -> str:
-    """The registry key of a benchmark name or alias (``"MVTec-AD"`` -> ``"mvtec"``); ValueError if unknown."""
-    key = name.strip().lower().replace("-", "_").replace(" ", "_")
-    key = _ALIASES.get(key, key)
-    if key not in BENCHMARKS:
-        raise ValueError(f"Unknown dataset {name!r}; choose from {sorted(BENCHMARKS)}")
-    return key
+"""Canonical name -> builder writing ``meta.json`` from the dataset's download layout (named by the registry)."""
 
 
 def _require_images(meta: Meta, root: PathLike, layout: str) -> None:
@@ -206,8 +144,9 @@ def prepare_dataset(name: str, root: PathLike) -> Path:
             folder or file and the layout expected).
     """
     info = BENCHMARKS[benchmark_name(name)]
-    meta = info.builder(root, write=False)
-    _require_images(meta, root, (info.builder.__doc__ or "").strip().splitlines()[0].replace("``", ""))
+    builder = DATASET_BUILDERS[info.name]
+    meta = builder(root, write=False)
+    _require_images(meta, root, (builder.__doc__ or "").strip().splitlines()[0].replace("``", ""))
     found = {category for split in meta.values() for category, records in split.items() if records}
     missing = [category for category in info.categories if category not in found]
     if missing:

@@ -75,8 +75,11 @@ def _matching_mask(image: Path, masks_by_stem: dict[str, list[Path]], mask_dir: 
 
 
 def _masks_for(images: list[Path], mask_dir: Path, mask_suffix: str) -> list[Path]:
-    """Each image's mask, matched by stem; failing that, in sorted order when both folders hold as many files
-    (what the reference's builders do), with a warning naming the folder."""
+    """Each image's mask, matched by stem.
+
+    Failing that, masks are paired in sorted order when both folders hold as many files (what the reference's
+    builders do), with a warning naming the folder.
+    """
     masks_by_stem = _masks_by_stem(mask_dir)
     try:
         return [_matching_mask(image, masks_by_stem, mask_dir, mask_suffix) for image in images]
@@ -149,7 +152,7 @@ def species_records(
     mask_suffix: str = "_mask",
     exclude: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
-    """meta.json records for every ``<specie>`` subfolder of ``parent_dir`` (sorted), via :func:`folder_records`.
+    """meta.json records for every ``<specie>`` subfolder of ``parent_dir`` (sorted), via `folder_records`.
 
     Args:
         root: Dataset root; record paths are written relative to it.

@@ -1,13 +1,13 @@
-"""Validate a ``meta.json`` dataset and load it as a lazily decoded :class:`datasets.Dataset`.
+"""Validate a ``meta.json`` dataset and load it as a lazily decoded `datasets.Dataset`.
 
 Design of invalid-data handling:
 
-* :func:`validate_meta_dataset` never stops at the first problem: it returns a :class:`ValidationReport` listing every
+* `validate_meta_dataset` never stops at the first problem: it returns a `ValidationReport` listing every
   problem (missing, unreadable or truncated files, malformed records, ...) and every note (records used otherwise
   than they are written, see below).
-* :func:`load_meta_dataset` raises :class:`~cops_hf.data.meta.DataError` listing every problem unless
+* `load_meta_dataset` raises `cops_hf.data.meta.DataError` listing every problem unless
   ``skip_invalid=True``; then invalid records are dropped, a warning with the count is logged, the one-line summary
-  is stored in ``dataset.info.description``, and :func:`load_meta_dataset_with_report` returns the full report
+  is stored in ``dataset.info.description``, and `load_meta_dataset_with_report` returns the full report
   (``report.skipped`` lists each dropped file and why).
 
 Mask rules of the records (the reference's, see docs/protocol.md), applied here for training, evaluation and
@@ -30,6 +30,7 @@ from typing import Any
 import datasets
 
 from ..image_utils import ImageLoadError, open_image_file
+from ..schema import LABEL_NAMES
 from .meta import SPLITS, DataError, DataProblem, meta_dataset_name, meta_json_path, read_meta_json, record_problems
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "ValidationReport",
     "has_masks",
     "labelled_split",
+    "normal_split",
     "load_meta_dataset",
     "load_meta_dataset_with_report",
     "split_label_counts",
@@ -51,7 +53,7 @@ META_FEATURES = datasets.Features(
     {
         "image": datasets.Image(),
         "mask": datasets.Image(mode="L"),
-        "gt_label": datasets.ClassLabel(names=["normal", "anomalous"]),
+        "gt_label": datasets.ClassLabel(names=list(LABEL_NAMES)),
         "cls_name": datasets.Value("string"),
         "specie_name": datasets.Value("string"),
         "image_path": datasets.Value("string"),
@@ -149,7 +151,7 @@ class ValidationReport:
             logger.warning("... and %d more such records in %s", len(self.notes) - max_notes, self.meta_path)
 
     def raise_for_problems(self) -> None:
-        """Raise :class:`DataError` listing the problems, if there are any."""
+        """Raise `DataError` listing the problems, if there are any."""
         if self.problems:
             raise DataError(self.describe())
 
@@ -354,7 +356,7 @@ def validate_meta_dataset(
         categories: Restrict the check to these categories (default: all of the split).
         allow_outside_root: Trust record paths that lead outside ``root`` (absolute paths, ``..``, symlinks out of
             the root); by default they are problems, and nothing outside the root is opened. ``None`` reads
-            :data:`ALLOW_OUTSIDE_ROOT_ENV`.
+            `ALLOW_OUTSIDE_ROOT_ENV`.
 
     Returns:
         The report; ``report.ok`` is True when nothing is wrong, ``report.raise_for_problems()`` raises.
@@ -377,7 +379,7 @@ def load_meta_dataset_with_report(
     require_masks: bool = False,
     allow_outside_root: bool | None = None,
 ) -> tuple[datasets.Dataset, ValidationReport]:
-    """Like :func:`load_meta_dataset`, and also return the :class:`ValidationReport` (e.g. ``report.skipped``)."""
+    """Like `load_meta_dataset`, and also return the `ValidationReport` (e.g. ``report.skipped``)."""
     rows, report = _inspect(
         root, split, categories, check_images, require_masks, skip_invalid, allow_outside_root=allow_outside_root
     )
@@ -409,9 +411,9 @@ def load_meta_dataset(
     require_masks: bool = False,
     allow_outside_root: bool | None = None,
 ) -> datasets.Dataset:
-    """Load one split of ``ROOT/meta.json`` as a :class:`datasets.Dataset` with lazily decoded images.
+    """Load one split of ``ROOT/meta.json`` as a `datasets.Dataset` with lazily decoded images.
 
-    Columns are :data:`META_FEATURES`: ``image`` (the file's mode), ``mask`` (``L`` or None), ``gt_label`` (0/1),
+    Columns are `META_FEATURES`: ``image`` (the file's mode), ``mask`` (``L`` or None), ``gt_label`` (0/1),
     ``cls_name``, ``specie_name``, ``image_path`` (absolute) and ``mask_path`` (absolute or ""). Rows are grouped
     by category, in meta.json order (or in the order of ``categories``), then in file order. ``dataset.split`` is
     ``split``; ``dataset.info.dataset_name`` is the benchmark name meta.json records, else the root's absolute path.
@@ -425,10 +427,10 @@ def load_meta_dataset(
         split: ``"train"`` or ``"test"``.
         categories: A category name or names to keep (default: all of the split).
         skip_invalid: Drop invalid records instead of raising; a warning gives the count and the summary is stored
-            in ``dataset.info.description`` (use :func:`load_meta_dataset_with_report` for the list).
+            in ``dataset.info.description`` (use `load_meta_dataset_with_report` for the list).
         check_images: Also fully decode every image and mask to catch unreadable or truncated files (slower).
         require_masks: Every anomalous sample must have a mask and at least one must exist (training data).
-        allow_outside_root: Trust record paths outside ``root`` (see :func:`validate_meta_dataset`).
+        allow_outside_root: Trust record paths outside ``root`` (see `validate_meta_dataset`).
 
     Raises:
         DataError: meta.json missing or malformed, unknown split/categories, any invalid record (unless
@@ -476,19 +478,43 @@ def labelled_split(root: str | os.PathLike[str], categories: str | Iterable[str]
 
     CoPS trains on labelled images of an auxiliary dataset. The benchmarks' ``train`` splits hold normal images
     only, so for MVTec AD and VisA this is ``test``, the split the reference's ``train.py`` reads; a synthetic
-    dataset (:func:`~cops_hf.data.make_synthetic_dataset`) has a labelled ``train`` split.
+    dataset (`cops_hf.data.make_synthetic_dataset`) has a labelled ``train`` split.
 
     Raises:
         DataError: no split holds both classes (the message gives each split's counts).
     """
     counts = split_label_counts(root, categories)
-    for split in sorted(counts, key=lambda name: (SPLITS.index(name) if name in SPLITS else len(SPLITS), name)):
+    for split in _splits_in_order(counts):
         if all(counts[split]):
             return split
-    found = ", ".join(
-        f"{split}: {normal} normal, {anomalous} anomalous" for split, (normal, anomalous) in counts.items()
-    )
     raise DataError(
-        f"No split of {meta_json_path(root)} holds both normal and anomalous images ({found}). CoPS trains on an "
-        "auxiliary set with both, e.g. MVTec AD or VisA prepared with `cops-hf data prepare`."
+        f"No split of {meta_json_path(root)} holds both normal and anomalous images ({_describe_counts(counts)}). "
+        "CoPS trains on an auxiliary set with both, e.g. MVTec AD or VisA prepared with `cops-hf data prepare`."
+    )
+
+
+def normal_split(root: str | os.PathLike[str], categories: str | Iterable[str] | None = None) -> str:
+    """The split to put synthetic defects on: the first of ``train``, ``test`` (then any other) with normal records.
+
+    Raises:
+        DataError: no split holds a normal record (the message gives each split's counts).
+    """
+    counts = split_label_counts(root, categories)
+    for split in _splits_in_order(counts):
+        if counts[split][0]:
+            return split
+    raise DataError(
+        f"No split of {meta_json_path(root)} holds a normal image ({_describe_counts(counts)}): --synthesize puts "
+        "defects on normal images; list good ones, e.g. with `cops-hf data prepare folder ROOT --normal good`."
+    )
+
+
+def _splits_in_order(counts: Mapping[str, Any]) -> list[str]:
+    """``train``, ``test``, then any other split by name."""
+    return sorted(counts, key=lambda name: (SPLITS.index(name) if name in SPLITS else len(SPLITS), name))
+
+
+def _describe_counts(counts: Mapping[str, tuple[int, int]]) -> str:
+    return ", ".join(
+        f"{split}: {normal} normal, {anomalous} anomalous" for split, (normal, anomalous) in counts.items()
     )

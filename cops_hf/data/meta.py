@@ -15,7 +15,7 @@ Either split may be absent or empty. Extra record fields are kept but ignored. C
 plain folder names, and every path must lead inside ROOT (symlinks included) unless trusted explicitly
 (``allow_outside_root`` of the loaders): a dataset file never decides where outputs go or which files are read.
 ``cops-hf data prepare`` also records which benchmark the folder holds, as a top-level string ``"dataset": "visa"``
-(read by :func:`meta_dataset_name`; the reference's loaders read only the split they are asked for).
+(read by `meta_dataset_name`; the reference's loaders read only the split they are asked for).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def record_problems(record: Any, category: str) -> list[str]:
 
 
 def _check_structure(meta: Any, source: str) -> None:
-    """Raise :class:`DataError` unless ``meta`` is ``{split: {category: [record, ...]}}``."""
+    """Raise `DataError` unless ``meta`` is ``{split: {category: [record, ...]}}``."""
     if not isinstance(meta, Mapping):
         raise DataError(f"{source}: top level must be a JSON object {{split: {{category: [records]}}}}")
     for split, categories in meta.items():
@@ -163,7 +163,7 @@ def meta_dataset_name(root: str | os.PathLike[str]) -> str | None:
     """The benchmark name ``ROOT/meta.json`` records (written by ``cops-hf data prepare``), or None.
 
     Raises:
-        DataError: the file is missing or malformed (as :func:`read_meta_json`).
+        DataError: the file is missing or malformed (as `read_meta_json`).
     """
     return _read_document(root).get(META_DATASET_KEY)
 
@@ -171,7 +171,7 @@ def meta_dataset_name(root: str | os.PathLike[str]) -> str | None:
 def read_meta_json(root: str | os.PathLike[str]) -> Meta:
     """Read ``ROOT/meta.json``, checking its top-level structure (records are checked when loading).
 
-    The recorded dataset name (see :func:`meta_dataset_name`) is left out: the result maps splits only.
+    The recorded dataset name (see `meta_dataset_name`) is left out: the result maps splits only.
 
     Raises:
         DataError: the file is missing (the message says how to create it), is not valid JSON, or does not have
@@ -188,7 +188,7 @@ def write_meta_json(
     """Validate ``meta`` and write it to ``ROOT/meta.json`` atomically (``cops_hf.file_utils.atomic_write``).
 
     Both ``"train"`` and ``"test"`` keys are always written (empty when absent) for compatibility with loaders that
-    expect them. Only the structure is validated here; :func:`cops_hf.data.validate_meta_dataset` checks the files.
+    expect them. Only the structure is validated here; `cops_hf.data.validate_meta_dataset` checks the files.
     ``dataset`` (a benchmark name such as ``"visa"``) is recorded as the top-level ``"dataset"`` entry.
 
     Returns:

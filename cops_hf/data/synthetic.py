@@ -4,7 +4,8 @@ Normal images are procedural textures (``stripes``, ``checker``, ``noise_texture
 a plain background (``disc``, ``ring``, ``bolt``), varied per image. Anomalous images get one DRAEM/CutPaste-style
 defect: a noise-shaped ``blob``, a thin ``scratch``, a ``cutpaste`` patch moved from another region of the image
 (flipped and re-lit), or a ``foreign_patch`` cut from another texture. The mask of an anomalous image is exactly the
-set of pixels that differ from its clean version, which :func:`render_synthetic_sample` also returns.
+set of pixels that differ from its clean version, which `render_synthetic_sample` also returns. The same
+defects apply to any RGB image (`apply_defect`): normal-only training puts them on a user's own images.
 
 Everything is derived from ``(seed, category, index)``, so the same arguments give byte-identical files.
 """
@@ -31,6 +32,7 @@ __all__ = [
     "SYNTHETIC_CATEGORIES",
     "TEXTURE_CATEGORIES",
     "SyntheticSample",
+    "apply_defect",
     "make_synthetic_dataset",
     "render_synthetic_sample",
 ]
@@ -57,7 +59,7 @@ class SyntheticSample:
         image: The sample, ``(H, W, 3)`` uint8 RGB.
         clean_image: The same sample before the defect was applied (equal to ``image`` for normal samples).
         mask: ``(H, W)`` bool, True exactly where ``image`` differs from ``clean_image``.
-        defect_type: One of :data:`DEFECT_TYPES`, or None for a normal sample.
+        defect_type: One of `DEFECT_TYPES`, or None for a normal sample.
     """
 
     image: np.ndarray
@@ -328,13 +330,53 @@ def render_synthetic_sample(
     if defect_type is None:
         return SyntheticSample(clean, clean, np.zeros((height, width), bool), None)
     defect_rng = _rng(seed, category, index, stream=1)
+    sample = apply_defect(clean, defect_type, defect_rng, foreground=foreground, category=category)
+    if sample is None:
+        raise RuntimeError(f"Could not place a visible {defect_type} on {category} sample {index} (seed {seed})")
+    return sample
+
+
+def apply_defect(
+    image: np.ndarray,
+    defect_type: str,
+    rng: np.random.Generator,
+    *,
+    foreground: np.ndarray | None = None,
+    category: str = "",
+) -> SyntheticSample | None:
+    """Apply one defect of `defect_type` to any RGB image; the mask is exactly the set of pixels that changed.
+
+    Used both for the procedural categories and for a user's own normal images (normal-only training). Up to 16
+    placements are drawn from `rng` until one changes at least `max(8, H * W / 500)` pixels.
+
+    Args:
+        image: `(H, W, 3)` uint8 RGB image (not modified), at least 16 pixels per side.
+        defect_type: one of :data:`DEFECT_TYPES`.
+        rng: the generator every random choice is drawn from (the caller seeds it).
+        foreground: `(H, W)` bool object pixels to put the defect on; None places it anywhere away from the border.
+        category: a procedural category the `foreign_patch` donor texture must differ from ("" for any image).
+
+    Returns:
+        The sample, or None when no placement changed enough pixels (e.g. `cutpaste` on a black image).
+
+    Raises:
+        ValueError: unknown defect type, or an image that is not `(H, W, 3)` uint8 with sides of 16 pixels or more.
+    """
+    if defect_type not in _DEFECTS:
+        raise ValueError(f"Unknown defect type {defect_type!r}; choose from {DEFECT_TYPES}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < _MIN_SIDE:
+        raise ValueError(
+            f"A defect needs an (H, W, 3) uint8 RGB image with sides of {_MIN_SIDE}+ pixels, got {image.dtype} "
+            f"{image.shape}"
+        )
+    height, width = image.shape[:2]
     min_changed = max(8, height * width // 500)
     for _ in range(_MAX_DEFECT_ATTEMPTS):
-        defective = _DEFECTS[defect_type](defect_rng, clean, foreground, category)
-        mask = np.any(defective != clean, axis=-1)
+        defective = _DEFECTS[defect_type](rng, image, foreground, category)
+        mask = np.any(defective != image, axis=-1)
         if mask.sum() >= min_changed:
-            return SyntheticSample(defective, clean, mask, defect_type)
-    raise RuntimeError(f"Could not place a visible {defect_type} on {category} sample {index} (seed {seed})")
+            return SyntheticSample(defective, image, mask, defect_type)
+    return None
 
 
 def _split_categories(
@@ -365,13 +407,13 @@ def make_synthetic_dataset(
     Layout (MVTec-like): ``root/<category>/<split>/<specie>/<index>.png`` with ``<specie>`` = ``good`` or the defect
     type, and masks ``root/<category>/ground_truth/<specie>/<index>_mask.png`` (0/255) for anomalous images only.
     ``meta["train"]`` holds the training categories (normal and anomalous samples with masks, as CoPS trains on),
-    ``meta["test"]`` the disjoint test categories. Defect types cycle through :data:`DEFECT_TYPES`.
+    ``meta["test"]`` the disjoint test categories. Defect types cycle through `DEFECT_TYPES`.
 
     Args:
         root: Output folder (created; existing files of the same names are overwritten).
         categories: Shortcut: the first half become training, the rest test categories.
-        train_categories: Training categories (default :data:`DEFAULT_TRAIN_CATEGORIES`; may be empty).
-        test_categories: Test categories (default :data:`DEFAULT_TEST_CATEGORIES`; may be empty).
+        train_categories: Training categories (default `DEFAULT_TRAIN_CATEGORIES`; may be empty).
+        test_categories: Test categories (default `DEFAULT_TEST_CATEGORIES`; may be empty).
         images_per_category: Images per category.
         anomalous_fraction: Share of anomalous images per category, rounded; at least one normal and one
             anomalous image whenever ``0 < anomalous_fraction < 1`` and there are two or more images.
@@ -379,7 +421,7 @@ def make_synthetic_dataset(
         seed: Non-negative seed; the same arguments give byte-identical files.
 
     Returns:
-        ``root`` as a :class:`~pathlib.Path`.
+        ``root`` as a `pathlib.Path`.
 
     Raises:
         ValueError: unknown or overlapping categories, or out-of-range arguments.

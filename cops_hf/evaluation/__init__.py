@@ -1,5 +1,7 @@
-"""Evaluation of zero-shot anomaly detection: exact image and pixel metrics, per-category reports, and an
-``evaluate`` module."""
+"""Evaluation of zero-shot anomaly detection.
+
+Exact image and pixel metrics, per-category reports, and an ``evaluate`` module.
+"""
 
 from cops_hf.evaluation.loading import ZSAD_METRIC_PATH, load_zsad_metric
 from cops_hf.evaluation.metrics import (

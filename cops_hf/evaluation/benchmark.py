@@ -11,42 +11,53 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
-from ..data import BENCHMARKS, DataError, benchmark_name, meta_json_path, prepare_dataset
+from ..data import DataError, meta_json_path, prepare_dataset
+from ..data.registry import REGISTRY, SUITES, benchmark_name
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
+from ..schema import SHOTS, STD
 from .evaluator import evaluate_dataset
+from .fewshot import evaluate_few_shot
 from .report import METRIC_DISPLAY_NAMES, METRIC_NAMES, format_percent, render_table
 
 logger = logging.getLogger(__name__)
 
-SUITES = {
-    "industrial": [name for name, info in BENCHMARKS.items() if info.domain == "industrial"],
-    "medical": [name for name, info in BENCHMARKS.items() if info.domain == "medical"],
-    "all": list(BENCHMARKS),
-}
 # The benchmark table's column titles (the old name of `METRIC_DISPLAY_NAMES`).
 TABLE_COLUMNS = METRIC_DISPLAY_NAMES
 
 
 @dataclass
 class BenchmarkResult:
-    """Per dataset: mean metrics (None = not available), the protocol used, and the datasets not found."""
+    """Per dataset: mean metrics (None = not available), the protocol used, and the datasets not found.
+
+    With `shots` > 0 (few-shot), `metrics` are the means over the shot seeds and `std` their standard deviations.
+    """
 
     metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)
     protocols: dict[str, dict[str, Any]] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
+    shots: int = 0
+    std: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metrics": self.metrics, "protocols": self.protocols, "missing": self.missing}
+        """The result as JSON-ready data (what `benchmark.json` holds); few-shot runs add `shots` and `std`."""
+        content = {"metrics": self.metrics, "protocols": self.protocols, "missing": self.missing}
+        return content | ({SHOTS: self.shots, STD: self.std} if self.shots else {})
+
+    @property
+    def dataset_heading(self) -> str:
+        """The first column's title: "dataset", or "dataset (K-shot)" for a few-shot run."""
+        return f"dataset ({self.shots}-shot)" if self.shots else "dataset"
 
     def _table_cells(self) -> tuple[list[str], list[list[str]]]:
-        header = ["dataset", *METRIC_DISPLAY_NAMES.values()]
+        header = [self.dataset_heading, *METRIC_DISPLAY_NAMES.values()]
         rows = [
             [name, *(format_percent(values[key]) for key in METRIC_DISPLAY_NAMES)]
             for name, values in self.metrics.items()
@@ -54,8 +65,10 @@ class BenchmarkResult:
         return header, rows
 
     def format_table(self, markdown: bool = False) -> str:
-        """Paper-style table in percent with one decimal, "-" where a metric does not exist; the datasets not
-        found are listed below it."""
+        """Paper-style table in percent with one decimal, "-" where a metric does not exist.
+
+        The datasets not found are listed below it.
+        """
         table = render_table(*self._table_cells(), markdown=markdown)
         if self.missing:
             table += "\n\nnot found: " + ", ".join(f"{name} ({why})" for name, why in self.missing.items())
@@ -86,12 +99,17 @@ def run_benchmark(
     seed: int = 0,
     num_visualizations: int = 4,
     accelerator: Accelerator | None = None,
+    shots: int = 0,
+    shot_seeds: Sequence[int] = (0,),
 ) -> BenchmarkResult | None:
     """Evaluate `model` on each dataset of `suite` found under `data_root` (one folder per dataset).
 
     A folder without meta.json is prepared from its download layout first; datasets absent or not preparable are
     listed in `missing` and skipped. With `output_dir`, each dataset's files go to `output_dir/<name>/` and the
     table to `benchmark.csv`, `benchmark.md` and `benchmark.json` (the JSON the model card embeds).
+
+    With `shots` > 0, each dataset is evaluated K-shot (`cops_hf.evaluation.fewshot.evaluate_few_shot`, the same
+    reference draws as `cops-hf evaluate --shots`), averaged over `shot_seeds`.
 
     Returns:
         The result on the main process, `None` on the others.
@@ -101,7 +119,8 @@ def run_benchmark(
     accelerator = accelerator or Accelerator()
     roots = find_dataset_roots(data_root)
     base_config = model.config
-    result = BenchmarkResult()
+    result = BenchmarkResult(shots=shots)
+    few_shot = {"shots": shots, "shot_seeds": shot_seeds} if shots else {}
     for name in SUITES[suite]:
         if name not in roots:
             result.missing[name] = "no folder"
@@ -115,14 +134,16 @@ def run_benchmark(
                 continue
             accelerator.wait_for_everyone()
         model.config = base_config
-        evaluation = evaluate_dataset(
-            model, processor, roots[name], test_preset=name, batch_size=batch_size, seed=seed,
+        evaluation = (evaluate_few_shot if shots else evaluate_dataset)(
+            model, processor, roots[name], test_preset=REGISTRY[name].test_preset, batch_size=batch_size, seed=seed,
             output_dir=Path(output_dir) / name if output_dir is not None else None,
-            num_visualizations=num_visualizations, accelerator=accelerator,
+            num_visualizations=num_visualizations, accelerator=accelerator, **few_shot,
         )  # fmt: skip
         if evaluation is not None:
             result.metrics[name] = {key: evaluation.report.mean.get(key) for key in METRIC_NAMES}
             result.protocols[name] = evaluation.protocol
+            if shots:
+                result.std[name] = evaluation.std
     model.config = base_config
     if not accelerator.is_main_process:
         return None
@@ -139,7 +160,7 @@ def _write_tables(output_dir: Path, result: BenchmarkResult) -> None:
     (output_dir / "benchmark.md").write_text(result.format_table(markdown=True) + "\n")
     with open(output_dir / "benchmark.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["dataset", *METRIC_DISPLAY_NAMES.values()])
+        writer.writerow([result.dataset_heading, *METRIC_DISPLAY_NAMES.values()])
         for name, values in result.metrics.items():
             writer.writerow(
                 [name, *("-" if values[key] is None else f"{values[key]:.6f}" for key in METRIC_DISPLAY_NAMES)]

@@ -6,14 +6,17 @@ used by the pipeline and the CLI to emit labels and masks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..image_utils import ImageLike
+from ..data import load_meta_dataset
+from ..image_utils import ImageLike, expand_image_sources
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
+from ..schema import GT_LABEL, IMAGE_PATH
 from .inference import predict_images
 from .metrics import f1_max_threshold
 
@@ -112,4 +115,45 @@ def calibrate_thresholds(
     return thresholds
 
 
-__all__ = ["Thresholds", "calibrate_thresholds"]
+@dataclass(frozen=True)
+class CalibrationSet:
+    """What to calibrate on (see `calibration_set`): images, and for a labelled set their labels and masks."""
+
+    images: list[str]
+    labels: list[int] | None = None
+    masks: list[str | None] | None = None
+
+
+def calibration_set(
+    *,
+    normal: Sequence[str | os.PathLike[str]] | None = None,
+    data: str | os.PathLike[str] | None = None,
+    split: str = "test",
+) -> CalibrationSet:
+    """The images to calibrate on: normal images (quantile thresholds) or a labelled dataset (F1-optimal ones).
+
+    Args:
+        normal: image files, folders (searched recursively) or glob patterns, all of normal images.
+        data: a dataset root holding meta.json, with labels and masks.
+        split: the split of `data` to calibrate on.
+
+    Raises:
+        ValueError: both or neither of `normal` and `data` given, or a source without images.
+    """
+    if (normal is None) == (data is None):
+        raise ValueError("calibrate on normal images or on a labelled dataset: give one of normal= and data=")
+    if data is None:
+        return CalibrationSet(expand_image_sources(normal))
+    dataset = load_meta_dataset(data, split=split)
+    masks = [path or None for path in dataset["mask_path"]]
+    return CalibrationSet(list(dataset[IMAGE_PATH]), [int(label) for label in dataset[GT_LABEL]], masks)
+
+
+def calibrate_on(
+    model: CoPSForAnomalyDetection, processor: CoPSProcessor, source: CalibrationSet, **options: object
+) -> Thresholds:
+    """`calibrate_thresholds` on a `CalibrationSet` (`options`: `quantile`, `batch_size`, `seed`, `update_config`)."""
+    return calibrate_thresholds(model, processor, source.images, source.labels, source.masks, **options)
+
+
+__all__ = ["CalibrationSet", "Thresholds", "calibrate_on", "calibrate_thresholds", "calibration_set"]

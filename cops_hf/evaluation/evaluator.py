@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ from typing import Any
 import numpy as np
 from accelerate import Accelerator
 
-from ..data import has_masks, load_meta_dataset
+from ..data import has_masks, load_meta_dataset, meta_dataset_name
+from ..data.registry import resolve_test_preset
 from ..image_utils import load_image
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
+from ..schema import GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_SCORE, dataset_key, decision_label
 from ..visualization import (
     DEFAULT_ALPHA,
     DEFAULT_COLORMAP,
@@ -57,6 +60,56 @@ class EvaluationResult:
     image_scores: np.ndarray
     image_labels: np.ndarray
     files: list[Path] = field(default_factory=list)
+    test_preset: PresetChoice | None = None
+
+
+AUTO_PRESET = "auto"
+"""`evaluate_dataset(test_preset=AUTO_PRESET)`: the data decides, else the model's record (`choose_test_preset`)."""
+
+
+@dataclass(frozen=True)
+class PresetChoice:
+    """The test preset an evaluation uses and why.
+
+    Attributes:
+        name: the `TEST_DATASET_PRESETS` key, or `None` to score with the model's config as it is.
+        source: where it came from, for people ("--preset", "the dataset ... records", ...).
+    """
+
+    name: str | None
+    source: str
+
+    def describe(self) -> str:
+        """One line for a log or the terminal, e.g. "Test preset: visa (the dataset /data/visa/meta.json records)"."""
+        if self.name is None:
+            return "Test preset: none recorded, the model's config as is"
+        return f"Test preset: {self.name} ({self.source})"
+
+
+def choose_test_preset(
+    test_preset: str | None, model: CoPSForAnomalyDetection, data_root: str | Path, *, source: str = "test_preset"
+) -> PresetChoice:
+    """The test preset of an evaluation: the one asked for, or with `AUTO_PRESET` the test data's, else the model's.
+
+    As in the reference's test.py, the test data decides: `"auto"` takes the dataset `data_root/meta.json` records
+    (written by `cops-hf data prepare`), else the preset the model's config records (an official release's
+    intended one), else none. A name goes through the dataset registry, so aliases work ("mvtec_ad").
+
+    Args:
+        test_preset: a dataset name or alias, "general", `AUTO_PRESET`, or `None` (the model's config as it is).
+        model: the model to evaluate (its `config.test_preset` is the fallback of "auto").
+        data_root: the dataset root holding meta.json.
+        source: how the caller names an explicit choice in `PresetChoice.source` (the CLI: "--preset").
+    """
+    if test_preset is None:
+        return PresetChoice(None, "not asked for")
+    if dataset_key(test_preset) != AUTO_PRESET:
+        return PresetChoice(resolve_test_preset(test_preset), source)
+    if recorded := meta_dataset_name(data_root):
+        return PresetChoice(resolve_test_preset(recorded), f"the dataset {data_root}/meta.json records")
+    if model.config.test_preset:
+        return PresetChoice(resolve_test_preset(model.config.test_preset), "the preset the model's config records")
+    return PresetChoice(None, "none recorded")
 
 
 def evaluate_dataset(
@@ -75,12 +128,15 @@ def evaluate_dataset(
     skip_invalid: bool = False,
     colormap_name: str = DEFAULT_COLORMAP,
     alpha: float = DEFAULT_ALPHA,
+    references: Mapping[str, Sequence[str]] | None = None,
 ) -> EvaluationResult | None:
     """Evaluate `model` on `data_root/meta.json` and (on the main process) write the report files.
 
     Args:
-        test_preset: score with the reference's test-time switches for this dataset name (see
-            `TEST_DATASET_PRESETS`); the caller's `model.config` is not changed. `None` keeps the model's config.
+        test_preset: score with the reference's test-time switches for this dataset name or alias (see
+            `cops_hf.data.registry`), or `AUTO_PRESET` ("auto": the dataset meta.json records, else the model's
+            recorded preset; see `choose_test_preset`); the caller's `model.config` is not changed. `None` keeps
+            the model's config.
         seed: seed of the VAE class-token noise (the same samples for every image), so results are reproducible
             and independent of batching and sharding.
         output_dir: where to write `metrics.csv`, `metrics.json`, `predictions.csv` (`image_path`, `category`,
@@ -92,6 +148,10 @@ def evaluate_dataset(
             with `accelerate launch` / `torchrun`).
         skip_invalid: drop invalid meta.json records (missing or unreadable files, duplicates, ...) with a
             warning instead of refusing the dataset.
+        references: few-shot scoring (`cops_hf.evaluation.fewshot` draws them): per category, the absolute paths
+            of normal images set as the model's reference memory (`model.set_references`) before that category's
+            images are scored. Test images among them are left out of scoring (`protocol["left_out_of_scoring"]`
+            counts them). The memory is cleared afterwards; a model that already holds references is refused.
 
     Returns:
         The result on the main process; `None` on the other processes.
@@ -100,9 +160,11 @@ def evaluate_dataset(
         raise ValueError(f"Need batch_size >= 1 and num_visualizations >= 0; got {batch_size}, {num_visualizations}.")
     check_style(colormap_name, alpha)
     accelerator = accelerator or Accelerator()
-    if test_preset is not None:
+    preset = choose_test_preset(test_preset, model, data_root)
+    logger.info(preset.describe())
+    if preset.name is not None:
         # A shallow copy shares the weights but not the config: the caller's model.config stays as it is.
-        model, config = copy.copy(model), model.config.with_preset(test_dataset=test_preset)
+        model, config = copy.copy(model), model.config.with_preset(test_dataset=preset.name)
         model.config = config
     dataset = load_meta_dataset(data_root, split=split, categories=categories, skip_invalid=skip_invalid)
     pixel_level = has_masks(dataset) or any(path for path in dataset["mask_path"])
@@ -110,29 +172,27 @@ def evaluate_dataset(
     rows = [
         {"index": index, **{name: values[index] for name, values in columns.items()}} for index in range(len(dataset))
     ]
+    reference_paths = {path for paths in (references or {}).values() for path in paths}
+    scored_rows = [row for row in rows if row["image_path"] not in reference_paths]
+    if len(scored_rows) < len(rows):
+        logger.warning("%d test images serve as references: left out of scoring.", len(rows) - len(scored_rows))
+    rows, num_left_out = scored_rows, len(rows) - len(scored_rows)
     model = model.to(accelerator.device).eval()
+    scoring = {"batch_size": batch_size, "seed": seed, "show_progress": accelerator.is_local_main_process}
     with accelerator.split_between_processes(rows) as shard:
-        predictions = predict_images(
-            model,
-            processor,
-            [row["image_path"] for row in shard],
-            [row["mask_path"] or None for row in shard] if pixel_level else None,
-            batch_size=batch_size,
-            seed=seed,
-            show_progress=accelerator.is_local_main_process,
-        )
-        shard_results = [
-            {"index": shard[prediction.index]["index"], "pred_score": prediction.pred_score}
-            | ({"anomaly_map": prediction.anomaly_map, "gt_mask": prediction.gt_mask} if pixel_level else {})
-            for prediction in predictions
-        ]
+        shard_results = _score_rows(model, processor, shard, pixel_level, references, scoring)
     gathered = accelerator.gather_for_metrics(shard_results, use_gather_object=True)
     if not accelerator.is_main_process:
         return None
     by_index = {result["index"]: result for result in gathered}
     ordered = [by_index[row["index"]] for row in rows]
     protocol = {name: getattr(model.config, name) for name in PROTOCOL_FIELDS}
-    protocol.update({"test_preset": test_preset, "seed": seed, "split": split, "pixel_level": pixel_level})
+    protocol.update({"test_preset": preset.name, "seed": seed, "split": split, "pixel_level": pixel_level})
+    # The dataset's name for reports and model cards: the benchmark meta.json records, else the root's folder name
+    # (never its full path, which would publish this machine's layout).
+    protocol["dataset"] = meta_dataset_name(data_root) or Path(data_root).resolve().name
+    if references is not None:
+        protocol["left_out_of_scoring"] = num_left_out
 
     grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row, result in zip(rows, ordered, strict=True):
@@ -171,11 +231,66 @@ def evaluate_dataset(
         categories=[row["cls_name"] for row in rows],
         image_scores=np.asarray([item["pred_score"] for item in ordered]),
         image_labels=np.asarray([int(row["gt_label"]) for row in rows]),
+        test_preset=preset,
     )
     if output_dir is not None:
-        style = {"colormap_name": colormap_name, "alpha": alpha, "pixel_threshold": model.config.pixel_threshold}
+        style = {
+            "colormap_name": colormap_name,
+            "alpha": alpha,
+            "image_threshold": model.config.image_threshold,
+            "pixel_threshold": model.config.pixel_threshold,
+        }
         result.files = _write_outputs(Path(output_dir), result, records, rows, num_visualizations, style)
     return result
+
+
+def _score_rows(
+    model: CoPSForAnomalyDetection,
+    processor: CoPSProcessor,
+    rows: list[dict],
+    pixel_level: bool,
+    references: Mapping[str, Sequence[str]] | None,
+    scoring: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Score `rows` with `predict_images` (`scoring`'s options).
+
+    With `references`, category by category, each against its own reference memory.
+    """
+    if references is None:
+        return _predictions(model, processor, rows, pixel_level, scoring)
+    if model.num_references:
+        raise ValueError(
+            f"The model already holds {model.num_references} references; few-shot evaluation draws its own: "
+            "evaluate it zero-shot (--shots 0), or clear them first (model.clear_references())."
+        )
+    results = []
+    try:
+        for category in dict.fromkeys(row["cls_name"] for row in rows):
+            paths = list(references[category])
+            pixel_values = processor(images=paths)["pixel_values"]
+            model.set_references(pixel_values.to(model.device, model.dtype), sources=paths)
+            category_rows = [row for row in rows if row["cls_name"] == category]
+            results += _predictions(model, processor, category_rows, pixel_level, scoring)
+    finally:
+        model.clear_references()
+    return results
+
+
+def _predictions(
+    model: CoPSForAnomalyDetection, processor: CoPSProcessor, rows: list[dict], pixel_level: bool, scoring: dict
+) -> list[dict[str, Any]]:
+    predictions = predict_images(
+        model,
+        processor,
+        [row["image_path"] for row in rows],
+        [row["mask_path"] or None for row in rows] if pixel_level else None,
+        **scoring,
+    )
+    return [
+        {"index": rows[prediction.index]["index"], "pred_score": prediction.pred_score}
+        | ({"anomaly_map": prediction.anomaly_map, "gt_mask": prediction.gt_mask} if pixel_level else {})
+        for prediction in predictions
+    ]
 
 
 def _write_outputs(
@@ -196,7 +311,7 @@ def _write_outputs(
     files[1].write_text(json.dumps({**result.report.to_dict(), "protocol": result.protocol}, indent=2))
     with open(files[2], "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image_path", "category", "gt_label", "pred_score"])
+        writer.writerow([IMAGE_PATH, "category", GT_LABEL, PRED_SCORE])
         for path, category, label, score in zip(
             result.image_paths, result.categories, result.image_labels, result.image_scores, strict=True
         ):
@@ -241,7 +356,9 @@ def _write_visualizations(
     """Titled image | ground truth | overlay panels for a spread of each category's images (anomalous first).
 
     The colours of a category share one scale (anchored to the pixel threshold, else the range of all its maps),
-    so that its panels compare. `style`: `render_panels` options (colormap_name, alpha, pixel_threshold).
+    so that its panels compare. A calibrated model's panels carry its decision (`schema.decision_label` at the
+    image threshold) beside the ground truth. `style`: `render_panels` options (colormap_name, alpha,
+    image_threshold, pixel_threshold).
     """
     written = []
     for name, record in records.items():
@@ -254,10 +371,12 @@ def _write_visualizations(
         (directory / name).mkdir(parents=True, exist_ok=True)
         for position in sorted(set(chosen.tolist())):
             row = category_rows[position]
-            truth = "anomalous" if record.image_labels[position] else "normal"
+            truth = LABEL_NAMES[int(record.image_labels[position])]
+            score = float(record.image_scores[position])
+            label = decision_label(score, style["image_threshold"]) if style["image_threshold"] is not None else None
             panel = comparison_panel(
                 load_image(row["image_path"]), record.anomaly_maps[position], record.gt_masks[position],
-                scale=scale, score=float(record.image_scores[position]),
+                scale=scale, score=score, label=label,
                 title=f"{name} / {Path(row['image_path']).name} (truth: {truth})", **style,
             )  # fmt: skip
             path = directory / name / f"{Path(row['image_path']).stem}_{position:04d}.png"

@@ -9,14 +9,14 @@ if TYPE_CHECKING:
     import evaluate
 
 ZSAD_METRIC_PATH = Path(__file__).with_name("zsad_metric.py")
-"""Path of the ``evaluate`` module script defining :class:`cops_hf.evaluation.zsad_metric.ZSADMetric`."""
+"""Path of the ``evaluate`` module script defining `cops_hf.evaluation.zsad_metric.ZSADMetric`."""
 
 
 def load_zsad_metric(**kwargs: Any) -> evaluate.EvaluationModule:
     """``evaluate.load`` of the local ZSAD metric script; no network access is needed.
 
     Args:
-        **kwargs: forwarded to :func:`evaluate.load` (e.g. ``keep_in_memory=True``, ``experiment_id=...``).
+        **kwargs: forwarded to `evaluate.load` (e.g. ``keep_in_memory=True``, ``experiment_id=...``).
     """
     import evaluate
 

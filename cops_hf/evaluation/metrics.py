@@ -7,8 +7,8 @@ Pixel level: the same three metrics over all pixels of a category pooled togethe
 the per-region-overlap curve up to a false positive rate of 0.3 (Bergmann et al., "The MVTec Anomaly Detection
 Dataset", IJCV 2021).
 
-All metrics are exact, ties included: AUROC equals :func:`sklearn.metrics.roc_auc_score` and AP equals
-:func:`sklearn.metrics.average_precision_score`. They are computed without sorting or copying the whole input:
+All metrics are exact, ties included: AUROC equals `sklearn.metrics.roc_auc_score` and AP equals
+`sklearn.metrics.average_precision_score`. They are computed without sorting or copying the whole input:
 the distinct scores of the anomalous samples define the thresholds at which the curves change, and the normal
 samples are counted against those thresholds chunk by chunk (each chunk sorted on its own). A category of VisA
 at 518x518 (about 1e8 pixels) therefore needs little more memory than its maps and masks.
@@ -36,8 +36,10 @@ ScoreTransform = Callable[[np.ndarray], np.ndarray]
 
 
 def to_numpy(values: ArrayLike) -> np.ndarray:
-    """Converts a tensor (any device, any floating dtype) or an array-like to a numpy array without copying when
-    possible."""
+    """Converts a tensor (any device, any floating dtype) or an array-like to a numpy array.
+
+    Nothing is copied when that can be avoided.
+    """
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu()
         if values.is_floating_point() and values.dtype not in (torch.float32, torch.float64):
@@ -229,8 +231,8 @@ class BinaryMetrics(NamedTuple):
 def binary_metrics(scores: ArrayLike, labels: ArrayLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> BinaryMetrics:
     """AUROC, AP and maximal F1 (with its threshold) in one pass over the data.
 
-    Equal to :func:`image_auroc`, :func:`image_ap` and :func:`f1_max_threshold` on images, and to
-    :func:`pixel_auroc`, :func:`pixel_ap` and :func:`pixel_f1_max` on maps and masks of any equal shape; use it
+    Equal to `image_auroc`, `image_ap` and `f1_max_threshold` on images, and to
+    `pixel_auroc`, `pixel_ap` and `pixel_f1_max` on maps and masks of any equal shape; use it
     to get all three on a large category at the cost of one.
     """
     counts = _binary_counts(scores, labels, chunk_size)
@@ -247,7 +249,7 @@ def image_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
 
 
 def image_ap(scores: ArrayLike, labels: ArrayLike) -> float:
-    """Average precision of image anomaly scores, defined as :func:`sklearn.metrics.average_precision_score`.
+    """Average precision of image anomaly scores, defined as `sklearn.metrics.average_precision_score`.
 
     Raises:
         ValueError: if ``labels`` contain a single class or ``scores`` contain NaN.
@@ -269,7 +271,7 @@ def f1_max_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float
 
 
 def f1_max(scores: ArrayLike, labels: ArrayLike) -> float:
-    """Maximal F1 score over all thresholds (see :func:`f1_max_threshold`)."""
+    """Maximal F1 score over all thresholds (see `f1_max_threshold`)."""
     return f1_max_threshold(scores, labels)[0]
 
 
@@ -285,12 +287,12 @@ def pixel_auroc(maps: ArrayLike, masks: ArrayLike, *, chunk_size: int = DEFAULT_
 
 
 def pixel_ap(maps: ArrayLike, masks: ArrayLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
-    """Average precision over all pixels pooled (arguments as :func:`pixel_auroc`)."""
+    """Average precision over all pixels pooled (arguments as `pixel_auroc`)."""
     return _average_precision(_binary_counts(maps, masks, chunk_size, "masks"))
 
 
 def pixel_f1_max(maps: ArrayLike, masks: ArrayLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
-    """Maximal F1 score over all thresholds, all pixels pooled (arguments as :func:`pixel_auroc`)."""
+    """Maximal F1 score over all thresholds, all pixels pooled (arguments as `pixel_auroc`)."""
     return _f1_max_threshold(_binary_counts(maps, masks, chunk_size, "masks"))[0]
 
 
@@ -322,8 +324,11 @@ def _as_image_stack(array: np.ndarray, name: str) -> np.ndarray:
 
 
 def _binning(maps: np.ndarray, num_thresholds: int) -> ScoreTransform:
-    """Rounds scores down onto ``num_thresholds`` evenly spaced thresholds between the smallest and largest score,
-    so that ``binned >= t`` equals ``score >= t`` for every grid threshold ``t``."""
+    """Rounds scores down onto ``num_thresholds`` evenly spaced thresholds.
+
+    The thresholds span the smallest to the largest score, so that ``binned >= t`` equals ``score >= t`` for every
+    grid threshold ``t``.
+    """
     if num_thresholds < 2:
         raise ValueError("num_thresholds must be at least 2")
     grid = np.linspace(np.min(maps), np.max(maps), num_thresholds, dtype=np.float64)
@@ -335,8 +340,10 @@ def _binning(maps: np.ndarray, num_thresholds: int) -> ScoreTransform:
 
 
 def _partial_area(x: np.ndarray, y: np.ndarray, x_limit: float) -> float:
-    """Trapezoidal area under the polyline (x, y) (x non-decreasing from 0) for x in [0, x_limit], the curve
-    being linearly interpolated at ``x_limit``."""
+    """Trapezoidal area under the polyline (x, y) for x in [0, x_limit].
+
+    x is non-decreasing from 0; the curve is linearly interpolated at ``x_limit``.
+    """
     inside = int(np.searchsorted(x, x_limit, side="right"))
     x_inside, y_inside = x[:inside], y[:inside]
     if x_inside[-1] < x_limit:

@@ -97,7 +97,7 @@ class ZSADReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        """The :meth:`to_dict` content as JSON (None becomes null)."""
+        """The `to_dict` content as JSON (None becomes null)."""
         return json.dumps(self.to_dict(), indent=indent)
 
     def to_rows(self) -> list[dict[str, str | float | None]]:
@@ -121,11 +121,11 @@ class ZSADReport:
         return header, rows
 
     def to_markdown(self) -> str:
-        """The table of :meth:`_table_cells` as GitHub-flavoured markdown."""
+        """The table of `_table_cells` as GitHub-flavoured markdown."""
         return render_table(*self._table_cells(), markdown=True)
 
     def format_table(self) -> str:
-        """The table of :meth:`_table_cells` as aligned plain text, for a terminal."""
+        """The table of `_table_cells` as aligned plain text, for a terminal."""
         return render_table(*self._table_cells())
 
 
@@ -165,7 +165,7 @@ def category_metrics(
 ) -> MetricValues:
     """All ZSAD metrics of one category.
 
-    Image metrics are None, with an :class:`UndefinedMetricWarning` naming the category, when the image labels
+    Image metrics are None, with an `UndefinedMetricWarning` naming the category, when the image labels
     contain a single class. Pixel metrics are None silently when maps or masks are not given (image-level data),
     and with a warning when the masks contain a single class (e.g. only normal images).
     """
@@ -205,17 +205,18 @@ def compute_zsad_metrics(
     aupro_num_thresholds: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> ZSADReport:
-    """Metrics of every category and their mean over categories (the mean of per-category values, as ZSAD papers
-    report).
+    """Metrics of every category and their mean over categories.
+
+    The mean is that of the per-category values, as ZSAD papers report.
 
     Args:
-        records: category name -> :class:`CategoryRecord`, or a mapping with its field names as keys.
+        records: category name -> `CategoryRecord`, or a mapping with its field names as keys.
         fpr_limit: false positive rate limit of AUPRO.
         aupro_num_thresholds: ``None`` for the exact AUPRO, otherwise the number of binned thresholds.
         chunk_size: pixels counted at once by the pixel metrics.
 
     Returns:
-        A :class:`ZSADReport`; see :func:`category_metrics` for when a value is None.
+        A `ZSADReport`; see `category_metrics` for when a value is None.
     """
     per_category = {
         category: category_metrics(

@@ -1,6 +1,6 @@
 """ZSAD metrics as a Hugging Face ``evaluate`` module.
 
-Load it with :func:`cops_hf.evaluation.load_zsad_metric` (offline: it is a local file), then::
+Load it with `cops_hf.evaluation.load_zsad_metric` (offline: it is a local file), then::
 
     metric = load_zsad_metric()
     for batch in batches:
@@ -10,12 +10,12 @@ Load it with :func:`cops_hf.evaluation.load_zsad_metric` (offline: it is a local
 
 ``categories``, ``anomaly_maps`` and ``gt_masks`` are optional (a missing category is ``"all"``; missing maps
 or masks leave the pixel metrics None). ``compute`` returns the mean over categories of every metric at the top
-level, plus ``"per_category"`` and ``"counts"`` (see :class:`cops_hf.evaluation.ZSADReport`).
+level, plus ``"per_category"`` and ``"counts"`` (see `cops_hf.evaluation.ZSADReport`).
 
 Limit: ``evaluate`` writes every input to an Arrow table and hands it back to ``_compute`` as nested Python
 lists (its "numpy" format only takes scalar features), so pixel data costs about 1.3 s of conversion per million
 pixels (measured on 64 maps of 256x256) plus its size on disk. A VisA category at 518x518 (about 1e8 pixels,
-400 MB of float32 maps) is impractical through this module: call :func:`cops_hf.evaluation.compute_zsad_metrics`
+400 MB of float32 maps) is impractical through this module: call `cops_hf.evaluation.compute_zsad_metrics`
 on the arrays directly: same numbers, about 15-25 s for 1e8 pixels on 2 CPU cores.
 """
 
@@ -90,8 +90,11 @@ class ZSADMetric(evaluate.Metric):
         super().add_batch(predictions=predictions, references=references, **optional_inputs)
 
     def add(self, *, prediction: Any = None, reference: Any = None, **kwargs: Any) -> None:
-        """Adds one image score and label, with optional ``categories`` (its category), ``anomaly_maps`` (its map)
-        and ``gt_masks`` (its mask), named like the features as ``evaluate`` does."""
+        """Adds one image score and label.
+
+        Optional: ``categories`` (its category), ``anomaly_maps`` (its map) and ``gt_masks`` (its mask), named like
+        the features as ``evaluate`` does.
+        """
         unknown_inputs = sorted(set(kwargs) - set(_OPTIONAL_INPUTS))
         if unknown_inputs:
             raise ValueError(f"Bad inputs for evaluation module: {unknown_inputs}; optional: {_OPTIONAL_INPUTS}")

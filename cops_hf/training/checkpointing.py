@@ -28,7 +28,7 @@ from accelerate.utils import RNG_STATE_NAME, SAFE_MODEL_NAME
 from safetensors.torch import load_file
 
 from ..configuration_cops import CoPSConfig
-from ..file_utils import named_write_failures
+from ..file_utils import fsync_tree, named_write_failures, replace_folder
 from ..modeling_cops import CoPSForAnomalyDetection
 from .config import TrainingConfig
 from .feature_cache import weights_digest
@@ -38,7 +38,7 @@ CLIP_PREFIX = "clip."
 _CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)$")
 _STATE_FILENAME = "trainer_state.json"
 # Settings a resumed run must share with the run that wrote the checkpoint, or it would not continue it.
-RESUME_INVARIANTS = ("batch_size", "learning_rate", "adam_betas", "gradient_accumulation_steps", "seed")
+RESUME_INVARIANTS = ("batch_size", "learning_rate", "adam_betas", "gradient_accumulation_steps", "seed", "synthesize")
 
 
 def cops_state_dict(model: CoPSForAnomalyDetection) -> dict[str, torch.Tensor]:
@@ -65,7 +65,14 @@ class CorruptCheckpointError(ValueError):
 
 
 # CoPS config fields that may change between a run and its resumption (decisions and records, not the model).
-_CONFIG_FIELDS_OUTSIDE_FINGERPRINT = ("image_threshold", "pixel_threshold", "train_dataset", "train_split")
+_CONFIG_FIELDS_OUTSIDE_FINGERPRINT = (
+    "image_threshold",
+    "pixel_threshold",
+    "train_dataset",
+    "train_split",
+    "train_real_images",
+    "train_synthetic_images",
+)
 
 
 def run_fingerprint(model: CoPSForAnomalyDetection, dataset: datasets.Dataset) -> dict[str, Any]:
@@ -114,8 +121,10 @@ def trainer_state(
     num_samples: int,
     fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What `trainer_state.json` records: the position in the run, the settings it must resume with and the
-    `run_fingerprint` of what it trains."""
+    """What `trainer_state.json` records.
+
+    That is the position in the run, the settings it must resume with and the `run_fingerprint` of what it trains.
+    """
     settings = {name: getattr(config, name) for name in RESUME_INVARIANTS}
     settings["adam_betas"] = list(settings["adam_betas"])
     return {
@@ -174,16 +183,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict[str,
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 (temporary / _STATE_FILENAME).write_text(json.dumps(state, indent=2))
-                for path in temporary.iterdir():
-                    with open(path, "rb") as written:
-                        os.fsync(written.fileno())
+                fsync_tree(temporary)
     except OSError:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
+        replace_folder(temporary, final)
         for stale in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(stale)
     accelerator.wait_for_everyone()

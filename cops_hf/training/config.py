@@ -36,6 +36,11 @@ class TrainingConfig:
         progress_bar: show a tqdm bar with the running loss terms (main process only).
         use_cpu: train on the CPU even when an accelerator (GPU) is present. Without one, the CPU is used anyway,
             and several processes (`torchrun --nproc_per_node N`) train together over gloo.
+        synthesize: normal-only adaptation: every epoch, each normal image of the split also appears as a
+            synthetic anomalous copy (blob, scratch, cut-paste or foreign-patch defect with its exact mask, seeded
+            by `(seed, epoch, index)`, so runs reproduce and resume exactly). A split of normal images only is then
+            enough; the real anomalous images of a labelled split are kept (mixing). Synthetic images are never
+            served from the feature cache.
     """
 
     output_dir: str | os.PathLike[str]
@@ -54,6 +59,7 @@ class TrainingConfig:
     dataloader_num_workers: int = 0
     progress_bar: bool = True
     use_cpu: bool = False
+    synthesize: bool = False
 
     def __post_init__(self) -> None:
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))

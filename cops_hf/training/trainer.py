@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -23,8 +21,9 @@ from tqdm.auto import tqdm
 from transformers import CLIPModel
 from transformers.utils import CONFIG_NAME
 
-from ..conversion import load_clip_model
-from ..file_utils import atomic_write, named_write_failures
+from ..clip_loading import load_clip_model
+from ..file_utils import STAGING_PREFIX, atomic_write
+from ..hub import save_detector
 from ..losses import LOSS_TERMS
 from ..modeling_cops import CoPSForAnomalyDetection, CoPSVisionOutput
 from ..processing_cops import CoPSProcessor
@@ -46,7 +45,6 @@ from .feature_cache import VisionFeatureCache, vision_fingerprint
 logger = logging.getLogger(__name__)
 
 TRAIN_LOG_FILENAME = "train_log.jsonl"
-_FINAL_STAGING_PREFIX = ".final-"  # staging folder of the final model, renamed file by file into output_dir
 
 
 @dataclass
@@ -122,11 +120,15 @@ class CoPSTrainer:
         self.processor = processor
         self.train_dataset = train_dataset
         self.config = config
-        self.samples = TrainingSamples(train_dataset, processor.image_processor)
+        self.samples = TrainingSamples(
+            train_dataset, processor.image_processor, synthesize=config.synthesize, seed=config.seed
+        )
         self.output_dir = Path(config.output_dir)
         # What the model is trained on, saved with its config and written on every train_log.jsonl line.
         model.config.train_dataset = train_dataset.info.dataset_name
         model.config.train_split = None if train_dataset.split is None else str(train_dataset.split)
+        model.config.train_real_images = self.samples.num_real
+        model.config.train_synthetic_images = self.samples.num_synthetic
         self.accelerator = Accelerator(
             # Accelerate forms a multi-process CPU group (gloo) only when told to use the CPU.
             cpu=config.use_cpu or not torch.accelerator.is_available(),
@@ -201,18 +203,55 @@ class CoPSTrainer:
             accelerator.num_processes,
         )
 
-    def _cached_batches(self, batches: list[list[int]], cache: VisionFeatureCache) -> Iterator[dict]:
-        """Batches of cached vision outputs and masks; no image is decoded."""
+    def _vision_outputs(self, vision_model: CoPSForAnomalyDetection, pixel_values: torch.Tensor) -> CoPSVisionOutput:
+        with self.accelerator.autocast():
+            return vision_model.dual_path_vision_forward(pixel_values.to(self.accelerator.device))
+
+    def _real_indices(self, indices: list[int]) -> list[int]:
+        """The indices of real images, the only ones whose features may be cached."""
+        return [index for index in indices if not self.samples.is_synthetic(index)]
+
+    def _cached_batches(
+        self, batches: list[list[int]], cache: VisionFeatureCache, vision_model: CoPSForAnomalyDetection
+    ) -> Iterator[dict]:
+        """Batches of cached vision outputs and masks; only synthetic images (new every epoch) are decoded."""
         for indices in batches:
-            vision_outputs, masks = cache.load(indices)
+            real = self._real_indices(indices)
+            synthetic = [index for index in indices if index not in real]
+            parts = [cache.load(real)] if real else []
+            if synthetic:
+                decoded = collate_samples([self.samples[index] for index in synthetic])
+                outputs = self._vision_outputs(vision_model, decoded["pixel_values"])
+                parts.append(
+                    (CoPSVisionOutput(outputs.image_embeds.cpu(), outputs.patch_embeds.cpu()), decoded["masks"])
+                )
+            # Back to the batch's order (the VAE noise is drawn per row, so the order matters).
+            order = torch.tensor([(real + synthetic).index(index) for index in indices])
+            vision_outputs = CoPSVisionOutput(
+                image_embeds=torch.cat([part[0].image_embeds for part in parts])[order],
+                patch_embeds=torch.cat([part[0].patch_embeds for part in parts])[order],
+            )
             batch = {
                 "indices": torch.tensor(indices),
                 "vision_outputs": vision_outputs,
                 "labels": torch.tensor([self.samples.labels[index] for index in indices]),
             }
-            if masks is not None:
-                batch["masks"] = masks
+            if parts[0][1] is not None:
+                batch["masks"] = torch.cat([part[1] for part in parts])[order]
             yield batch
+
+    def _store_real(
+        self,
+        cache: VisionFeatureCache,
+        indices: list[int],
+        vision_outputs: CoPSVisionOutput,
+        masks: torch.Tensor | None,
+    ) -> None:
+        """Cache the outputs of a decoded batch's real images (synthetic ones change every epoch)."""
+        rows = [row for row, index in enumerate(indices) if not self.samples.is_synthetic(index)]
+        if rows:
+            real_outputs = CoPSVisionOutput(vision_outputs.image_embeds[rows], vision_outputs.patch_embeds[rows])
+            cache.store([indices[row] for row in rows], real_outputs, None if masks is None else masks[rows])
 
     def _decoded_batches(self, batches: list[list[int]], epoch: int) -> DataLoader:
         """Batches of preprocessed images (and masks), decoded by the DataLoader's workers."""
@@ -229,18 +268,22 @@ class CoPSTrainer:
         config, accelerator = self.config, self.accelerator
         device = accelerator.device
         batches = self._epoch_batches(epoch)
+        self.samples.set_epoch(epoch)
         accumulation = config.gradient_accumulation_steps
         vision_model = accelerator.unwrap_model(self.wrapped_model)
         # Per-process sums of (loss, terms...) weighted by batch size, and the image count.
         totals = torch.zeros(len(LOSS_TERMS) + 2, dtype=torch.float64, device=device)
-        cached_epoch = cache is not None and all(cache.has_all(indices) for indices in batches)
+        cached_epoch = cache is not None and all(cache.has_all(self._real_indices(indices)) for indices in batches)
         progress = tqdm(
             total=len(batches),
             desc=f"epoch {epoch}/{config.num_epochs}",
             disable=not (config.progress_bar and accelerator.is_local_main_process),
         )
         started = time.perf_counter()
-        source = self._cached_batches(batches, cache) if cached_epoch else self._decoded_batches(batches, epoch)
+        if cached_epoch:
+            source = self._cached_batches(batches, cache, vision_model)
+        else:
+            source = self._decoded_batches(batches, epoch)
         for position, batch in enumerate(source):
             group_start = position - position % accumulation
             group_size = min(accumulation, len(batches) - group_start)
@@ -253,10 +296,9 @@ class CoPSTrainer:
                     patch_embeds=batch["vision_outputs"].patch_embeds.to(device),
                 )
             else:
-                with accelerator.autocast():
-                    vision_outputs = vision_model.dual_path_vision_forward(batch["pixel_values"].to(device))
+                vision_outputs = self._vision_outputs(vision_model, batch["pixel_values"])
                 if cache is not None:
-                    cache.store(batch["indices"].tolist(), vision_outputs, masks)
+                    self._store_real(cache, batch["indices"].tolist(), vision_outputs, masks)
             with accelerator.no_sync(self.wrapped_model) if not sync_now else nullcontext():
                 with accelerator.autocast():
                     outputs = self.wrapped_model(vision_outputs=vision_outputs, labels=labels, masks=masks)
@@ -289,6 +331,8 @@ class CoPSTrainer:
             images_per_second=num_images / seconds,
             images=num_images,
             cached_features=cached_epoch,
+            real_images=self.samples.num_real,
+            synthetic_images=self.samples.num_synthetic,
             dataset=self.model.config.train_dataset,
             split=self.model.config.train_split,
             preset=self.model.config.train_preset,
@@ -340,23 +384,22 @@ class CoPSTrainer:
 
     def _remove_interrupted_saves(self) -> None:
         """Delete what a run killed while saving left behind: staging folders of the final model and checkpoints."""
-        staging = self.output_dir.glob(f"{_FINAL_STAGING_PREFIX}*")
+        staging = self.output_dir.glob(f"{STAGING_PREFIX}*")
         for folder in [*staging, *checkpoints_folder(self.output_dir).glob(".epoch-*")]:
             logger.warning("Removing %s, left by an interrupted save.", folder)
             shutil.rmtree(folder, ignore_errors=True)
 
     def _save_final(self) -> None:
-        """`save_pretrained` of model and processor into `output_dir`, each file moved into place atomically."""
+        """The detector (model and processor) into `output_dir`, by `save_detector`: beside the run's other files."""
         accelerator = self.accelerator
-        checkpoints = checkpoints_folder(self.output_dir)
-        kept = f"the checkpoints in {checkpoints} are kept: free disk space, then rerun with --resume"
         if accelerator.is_main_process:
-            with tempfile.TemporaryDirectory(dir=self.output_dir, prefix=_FINAL_STAGING_PREFIX) as staging:
-                with named_write_failures(self.output_dir / "model.safetensors", kept):
-                    self.model.save_pretrained(staging)
-                    self.processor.save_pretrained(staging)
-                for path in Path(staging).iterdir():
-                    os.replace(path, self.output_dir / path.name)
+            try:
+                save_detector(self.model, self.processor, self.output_dir, into_existing=True)
+            except OSError as error:
+                checkpoints = checkpoints_folder(self.output_dir)
+                raise OSError(
+                    f"{error}; the checkpoints in {checkpoints} are kept: free disk space, then rerun with --resume"
+                ) from error
         accelerator.wait_for_everyone()
 
 
