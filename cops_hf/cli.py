@@ -195,6 +195,7 @@ def _add_references_command_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_references(args: argparse.Namespace) -> int:
+    from .hub import save_detector
     from .predict import expand_image_sources, load_detector
 
     try:
@@ -202,12 +203,11 @@ def _run_references(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise ValueError(f"--images {error}") from error
     output = Path(args.output)
-    if (output / "config.json").exists() and not args.overwrite:
-        raise ValueError(f"--output {output} already holds a model; pass --overwrite to replace it")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise ValueError(f"--output {output} already holds files; pass --overwrite to replace them")
     detector = load_detector(args.model, device=args.device, dtype=args.dtype)
     count = detector.set_references(references)
-    detector.model.save_pretrained(output)
-    detector.processor.save_pretrained(output)
+    save_detector(detector.model, detector.processor, output, overwrite=args.overwrite)
     if args.verbosity >= 0:
         limit = detector.model.config.reference_memory_size
         print(f"Saved the model with {count} normal reference(s) ({limit} memory patches per layer) to {output}")

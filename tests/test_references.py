@@ -190,8 +190,8 @@ def test_cli_references_then_predict(tmp_path: Path, capsys: pytest.CaptureFixtu
     capsys.readouterr()
     assert main(argv) == 2
     assert capsys.readouterr().err == (
-        f"cops-hf references: error: --output {tmp_path / 'ref'} already holds a model; "
-        "pass --overwrite to replace it\n"
+        f"cops-hf references: error: --output {tmp_path / 'ref'} already holds files; "
+        "pass --overwrite to replace them\n"
     )
     config = json.loads((tmp_path / "ref" / "config.json").read_text())
     assert config["reference_count"] == 3 and config["reference_sources"] == [f"good{i}.png" for i in range(3)]
