@@ -22,7 +22,6 @@ Needs the optional extra: ``pip install cops-hf[app]``.
 
 from __future__ import annotations
 
-import csv
 import functools
 import importlib.metadata
 import json
@@ -37,7 +36,7 @@ from typing import Any
 
 from PIL import Image
 
-from .file_utils import staged_folder
+from .file_utils import bounded_filename, csv_writer, staged_folder
 from .image_utils import ImageLoadError, load_image
 from .schema import ERROR, IMAGE_PATH, PRED_LABEL, PRED_SCORE, decision_label
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP, render_prediction
@@ -372,14 +371,14 @@ class AnomalyApp:
                 image, {**result, PRED_LABEL: label}, image_threshold=image_threshold,
                 pixel_threshold=pixel_threshold, title=Path(path).name, alpha=alpha,
             )  # fmt: skip
-            overlay_path = output / f"{index:04d}_{Path(path).stem}.png"
+            overlay_path = output / bounded_filename(f"{index:04d}_{Path(path).stem}", ".png")
             picture.save(overlay_path)
             # The picture carries the score and decision in its own caption; the gallery caption names the file.
             gallery.append((str(overlay_path), Path(path).name))
             rows.append([Path(path).name, round(score, 6), label or "", ""])
         csv_path = output / "scores.csv"
         with open(csv_path, "w", newline="") as handle:
-            writer = csv.writer(handle)
+            writer = csv_writer(handle)
             writer.writerow(BATCH_COLUMNS)
             writer.writerows(rows)
         return gallery, rows, str(csv_path)

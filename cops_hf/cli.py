@@ -43,18 +43,36 @@ def _style(args: argparse.Namespace) -> dict[str, object]:
     return {name: value for name, value in given.items() if value is not None}
 
 
-def _positive_int(text: str) -> int:
-    """Argparse type: an integer >= 1."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return int(text)
+def _int_in_range(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """Argparse type: an integer in [`minimum`, `maximum`] (no upper bound when `maximum` is None)."""
+    expected = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+
+    def parse(text: str) -> int:
+        stripped = text.strip()
+        digits = stripped[1:] if stripped.startswith("-") else stripped
+        value = int(stripped) if digits.isdigit() else None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    """Argparse type: an integer >= 0."""
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return int(text)
+_positive_int = _int_in_range(1)
+_non_negative_int = _int_in_range(0)
+MAX_NUM_WORKERS = 64
+"""The most image-decoding worker processes `--num-workers` accepts (each is a process holding the dataset)."""
+_num_workers = _int_in_range(0, MAX_NUM_WORKERS)
+_port = _int_in_range(1, 65535)
+
+
+def _sha1(text: str) -> str:
+    """Argparse type: a SHA-1, 40 hex digits."""
+    from .file_utils import is_sha1
+
+    if not is_sha1(text):
+        raise argparse.ArgumentTypeError(f"must be a SHA-1 of 40 hex digits, got {text!r}")
+    return text.lower()
 
 
 def _threshold(text: str) -> float:
@@ -89,8 +107,8 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "$COPS_OFFICIAL_BASE_URL, else https://raw.githubusercontent.com/cqylunlun/CoPS/main)."
     )  # fmt: skip
     parser.add_argument(
-        "--checkpoint-sha1", help="With --official: the git blob SHA-1 the checkpoint must have (default: the "
-        "published file's)."
+        "--checkpoint-sha1", type=_sha1, help="With --official: the git blob SHA-1 the checkpoint must have, 40 hex "
+        "digits (default: the published file's)."
     )  # fmt: skip
     parser.add_argument(
         "--no-round-deep-prompts",
@@ -133,7 +151,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder or Hub id")
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("--output", required=True, help="folder for scores.csv/json, overlays and masks (PNG)")
-    parser.add_argument("--format", choices=["csv", "json"], default="csv", help="table of scores (default csv)")
+    parser.add_argument("--format", choices=["csv", "json"], help="table of scores (default csv)")
     parser.add_argument("--threshold", type=_threshold, help="pixel threshold (default: the model's calibrated one)")
     parser.add_argument("--image-threshold", type=_threshold, help="score threshold (default: the calibrated one)")
     parser.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (default: 1)")
@@ -142,6 +160,15 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     _add_references_argument(parser)
     _add_style_arguments(parser)
     _add_device_arguments(parser)
+    ray = parser.add_argument_group(
+        "Ray Data (--engine ray)", 'score an archive on a Ray cluster into resumable Parquet shards (pip install '
+        '"cops-hf[ray]"); unreadable images become rows with an error, no overlays are drawn'
+    )  # fmt: skip
+    ray.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default) or ray")
+    ray.add_argument("--address", help='Ray cluster to join, e.g. "auto" (default: a new local Ray instance)')
+    ray.add_argument("--num-workers", type=_positive_int, help="scoring actors (default: one per GPU, else cores/4)")
+    ray.add_argument("--shard-size", type=_positive_int, default=1024, help="images per Parquet shard (default 1024)")
+    ray.add_argument("--maps", action="store_true", help="also write each anomaly map as maps/*.npy")
 
 
 def _add_references_argument(parser: argparse.ArgumentParser) -> None:
@@ -162,24 +189,64 @@ def _reference_paths(args: argparse.Namespace) -> list[str]:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from .predict import expand_image_sources, load_detector, write_predictions
+    if args.engine == "ray":
+        return _run_predict_on_ray(args)
+    ray_only = _given_flags(args, ["address", "num_workers", "maps"])
+    if ray_only:
+        raise ValueError(f"{ray_only[0]} applies to --engine ray only")
+    from accelerate import PartialState
+
+    from .predict import expand_image_sources, load_detector, write_predictions_sharded
 
     images = expand_image_sources(args.images)
     references = _reference_paths(args) if args.references else None
-    detector = load_detector(args.model, device=args.device, dtype=args.dtype)
+    state = PartialState(cpu=args.device == "cpu")
+    # Under accelerate launch / torchrun, every process takes its own device unless one is named.
+    device = args.device if args.device or state.num_processes == 1 else str(state.device)
+    detector = load_detector(args.model, device=device, dtype=args.dtype)
     if references:
         detector.set_references(references)
-    summary = write_predictions(
-        detector, images, args.output, output_format=args.format, batch_size=args.batch_size,
+    summary = write_predictions_sharded(
+        detector, images, args.output, output_format=args.format or "csv", state=state, batch_size=args.batch_size,
         skip_invalid=args.skip_invalid, threshold=args.threshold, image_threshold=args.image_threshold,
         overlays=not args.no_overlays, progress=args.verbosity >= 0,
         on_row=_print_row if args.verbosity > 0 else None, **_style(args),
     )  # fmt: skip
+    if summary is None:  # not the main process: the main one merged the table and reports
+        return 0
     if args.verbosity >= 0:
         print(f"Scored {summary.num_scored} image(s), {summary.num_failed} unreadable; wrote {summary.table_path}")
     if summary.num_scored == 0:
         print(f"cops-hf predict: error: no image could be scored ({summary.errors[0]})", file=sys.stderr)
         return 2
+    return 0
+
+
+def _given_flags(args: argparse.Namespace, names: list[str]) -> list[str]:
+    """The flags among `names` (argument destinations) given on the command line (not `None` or `False`)."""
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) not in (None, False)]
+
+
+def _run_predict_on_ray(args: argparse.Namespace) -> int:
+    local_only = _given_flags(
+        args, ["format", "threshold", "no_overlays", "skip_invalid", "colormap", "alpha", "references"]
+    )
+    if local_only:
+        raise ValueError(
+            f"{local_only[0]} applies to --engine local only; --engine ray writes Parquet shards (for few-shot, save "
+            "a referenced model with `cops-hf references` and score that)"
+        )
+    from .distributed import score_images
+
+    summary = score_images(
+        args.model, args.images, args.output, shard_size=args.shard_size, batch_size=args.batch_size,
+        num_workers=args.num_workers, device=args.device, dtype=args.dtype, image_threshold=args.image_threshold,
+        anomaly_maps=args.maps, address=args.address,
+    )  # fmt: skip
+    if args.verbosity >= 0:
+        print(f"Scored {summary.num_scored} image(s), {summary.num_failed} unreadable, skipped "
+              f"{summary.skipped_shards} finished shard(s); wrote {len(summary.shard_paths)} shard(s) to "
+              f"{summary.output_dir}")  # fmt: skip
     return 0
 
 
@@ -478,7 +545,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="keep the feature cache on disk here instead of in memory")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     parser.add_argument("--overwrite", action="store_true", help="replace the final model already in --output")
-    parser.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding worker processes")
+    parser.add_argument(
+        "--num-workers", type=_num_workers, default=0, help=f"image decoding worker processes (0..{MAX_NUM_WORKERS})"
+    )
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.add_argument(
         "--synthesize", action="store_true",
@@ -591,7 +660,7 @@ def _add_app_arguments(parser: argparse.ArgumentParser) -> None:
         help="an official CoPS detector, downloaded and converted (repeatable)",
     )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)")
-    parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    parser.add_argument("--port", type=_port, help="port, 1..65535 (default: the first free one from 7860)")
     parser.add_argument(
         "--write-space", metavar="FOLDER",
         help="instead of serving, write the app as a Hugging Face Space folder: --model folders are copied into "
@@ -618,6 +687,43 @@ def _run_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)")
+    parser.add_argument("--port", type=_port, default=8000, help="port, 1-65535 (default 8000)")
+    parser.add_argument("--max-batch-size", type=_positive_int, default=16, help="images per forward (default 16)")
+    parser.add_argument("--batch-wait-ms", type=_non_negative_int, default=10,
+                        help="longest wait for more images before a batch is scored (default 10 ms)")  # fmt: skip
+    parser.add_argument("--max-body-mb", type=_positive_int, default=32, help="largest request body (default 32 MiB)")
+    parser.add_argument("--allow-urls", action="store_true", help="let JSON requests name image URLs to fetch")
+    parser.add_argument("--num-replicas", type=_positive_int, default=1, help="model replicas (default 1)")
+    parser.add_argument("--address", help='Ray cluster to join, e.g. "auto" (default: a new local Ray instance)')
+    _add_references_argument(parser)
+    _add_device_arguments(parser)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .serve import ServeLimits, serve_detector
+
+    body_bytes = args.max_body_mb * 2**20
+    limits = ServeLimits(max_body_bytes=body_bytes, max_image_bytes=body_bytes,
+                         max_image_pixels=Image.MAX_IMAGE_PIXELS, allow_urls=args.allow_urls)  # fmt: skip
+    url = f"http://{args.host}:{args.port}"
+
+    def announce() -> None:
+        print(f"Serving {args.model} on {url} (POST /predict, GET /health, /ready, /docs; Ctrl+C stops)", flush=True)
+
+    serve_detector(
+        args.model, host=args.host, port=args.port, address=args.address, on_ready=[announce], device=args.device,
+        dtype=args.dtype, limits=limits, max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000, num_replicas=args.num_replicas,
+        references=[str(Path(path).resolve()) for path in _reference_paths(args)] if args.references else None,
+    )  # fmt: skip
+    return 0
+
+
 SUBCOMMANDS: list[Subcommand] = [
     (
         "demo",
@@ -641,6 +747,7 @@ SUBCOMMANDS: list[Subcommand] = [
     ("push", "Upload a model, its processor, code and card to the Hub.", _add_push_arguments, _run_push),
     ("export", "Export the whole inference to one ONNX graph.", _add_export_arguments, _run_export),
     ("app", "Serve the Gradio demo: upload images, see heatmaps and scores.", _add_app_arguments, _run_app),
+    ("serve", "Serve a detector over HTTP with dynamic batching (Ray Serve).", _add_serve_arguments, _run_serve),
 ]
 
 
@@ -653,6 +760,8 @@ EXAMPLES = {
     "  cops-hf convert --clip ViT-L-14-336px.pt --checkpoint epoch_10.pth --output cops",
     "predict": "  cops-hf predict --model cops part.png --output out\n"
     "  cops-hf predict --model cops photos/ 'more/**/*.jpg' --output out --format json --device cuda\n"
+    "  accelerate launch -m cops_hf.cli predict --model cops photos/ --output out   (one box, several GPUs)\n"
+    "  cops-hf predict --engine ray --address auto --model /shared/cops 's3://line/2025/**/*.png' --output shards\n"
     "  cops-hf predict --model cops --references good_parts/ new_parts/ --output out   (few-shot)",
     "references": "  cops-hf references --model cops --images good_parts/ --output cops-referenced\n"
     "  cops-hf predict --model cops-referenced new_parts/ --output out",
@@ -666,6 +775,8 @@ EXAMPLES = {
     "export": "  cops-hf export --model cops --output cops.onnx --int8",
     "app": "  cops-hf app --model cops --model cops-calibrated --port 7860\n  cops-hf app --official visa\n"
     "  cops-hf app --model my-org/cops-visa --write-space space/",
+    "serve": "  cops-hf serve --model cops --port 8000 --references good_parts/\n"
+    "  curl -F file=@part.png -F anomaly_map=png http://127.0.0.1:8000/predict",
 }
 """A few command lines per subcommand, shown at the end of its --help."""
 

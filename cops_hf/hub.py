@@ -36,7 +36,7 @@ from transformers import PretrainedConfig
 
 from .configuration_cops import CoPSConfig
 from .data.registry import benchmark_name
-from .file_utils import named_write_failures, staged_folder
+from .file_utils import atomic_write, named_write_failures, staged_folder
 from .hub_errors import CoPSHubError, friendly_hub_errors, hub_error_message
 from .modeling_cops import CoPSForAnomalyDetection
 from .pipeline_anomaly_detection import TASK
@@ -44,6 +44,12 @@ from .processing_cops import CoPSProcessor
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "assets" / "MODEL_CARD.md"
 """Jinja template of the model card, filled by `render_model_card` through ``ModelCard.from_template``."""
+
+ENDPOINT_HANDLER_TEMPLATE = Path(__file__).parent / "assets" / "endpoint_handler.py"
+"""The Inference Endpoints custom handler every saved detector carries as ``handler.py``."""
+
+ENDPOINT_HANDLER_NAME = "handler.py"
+"""The file name Hugging Face Inference Endpoints looks for in a repository with a custom handler."""
 
 PIPELINE_TAG = "image-segmentation"
 """Hub task of CoPS checkpoints: they output a per-pixel anomaly map (plus an image-level score)."""
@@ -236,6 +242,25 @@ def _refuse_access_tokens(text: str) -> None:
         raise ValueError("The model card would contain an access token; remove it from the configuration fields.")
 
 
+def write_endpoint_handler(folder: str | os.PathLike) -> Path:
+    """Write ``handler.py`` into a detector's ``folder``, so it deploys on Hugging Face Inference Endpoints.
+
+    The handler (``EndpointHandler``, the Inference Endpoints custom-handler convention) loads the folder with
+    ``trust_remote_code=True`` and answers the JSON ``cops-hf serve`` gives on ``POST /predict``
+    (`cops_hf.pipeline_anomaly_detection.response_json`, shipped with the remote code). `save_detector` calls it.
+
+    Args:
+        folder: an existing folder (a saved detector, or the staging folder of one).
+
+    Returns:
+        The path of the handler written (atomically).
+    """
+    target = Path(folder) / ENDPOINT_HANDLER_NAME
+    with atomic_write(target) as temporary:
+        temporary.write_text(ENDPOINT_HANDLER_TEMPLATE.read_text())
+    return target
+
+
 def save_detector(
     model: CoPSForAnomalyDetection,
     processor: CoPSProcessor | None,
@@ -250,9 +275,10 @@ def save_detector(
     The folder holds what ``model.save_pretrained`` and ``processor.save_pretrained`` write: the weights (with the
     reference memory, when the model has one), the configuration with an ``auto_map`` and the ``custom_pipelines``
     entry of the "anomaly-detection" task, the processor files, and the code files that let transformers load all
-    of them with ``trust_remote_code=True`` where cops_hf is not installed; plus ``README.md`` when a `card` is
-    given. Everything is written in a staging folder beside `output_dir`, flushed to disk and renamed into place
-    (`cops_hf.file_utils.staged_folder`): a failure (a full disk, say) leaves an existing folder as it was.
+    of them with ``trust_remote_code=True`` where cops_hf is not installed, ``handler.py`` for Inference Endpoints
+    (`write_endpoint_handler`); plus ``README.md`` when a `card` is given. Everything is written in a staging
+    folder beside `output_dir`, flushed to disk and renamed into place (`cops_hf.file_utils.staged_folder`): a
+    failure (a full disk, say) leaves an existing folder as it was.
 
     Args:
         model: the CoPS model to save.
@@ -284,6 +310,7 @@ def save_detector(
         with staged_folder(output_dir, into_existing=into_existing) as staging:
             model.save_pretrained(staging)
             processor.save_pretrained(staging)
+            write_endpoint_handler(staging)
             if card is not None:
                 card.save(staging / "README.md")
     return output_dir
@@ -364,6 +391,8 @@ def _card_config_fields(config: PretrainedConfig) -> dict[str, Any]:
 
 __all__ = [
     "CARD_TAGS",
+    "ENDPOINT_HANDLER_NAME",
+    "ENDPOINT_HANDLER_TEMPLATE",
     "MODEL_CARD_TEMPLATE",
     "PIPELINE_TAG",
     "CoPSHubError",  # defined in cops_hf.hub_errors
@@ -373,4 +402,5 @@ __all__ = [
     "push_cops_to_hub",
     "render_model_card",
     "save_detector",
+    "write_endpoint_handler",
 ]

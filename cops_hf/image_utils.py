@@ -6,15 +6,16 @@ The one home of image reading: the processor, the data loaders, predict, the app
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import io
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -74,8 +75,8 @@ def _over_pixel_limit() -> str:
 
 
 @contextmanager
-def open_image_file(path: str | os.PathLike, what: str) -> Iterator[Image.Image]:
-    """`PIL.Image.open(path)` (header read, pixels not yet decoded) refusing images over the pixel limit.
+def open_image_file(path: str | os.PathLike | IO[bytes], what: str) -> Iterator[Image.Image]:
+    """`PIL.Image.open(path)` of a path or binary file (header read, pixels not yet decoded), within the pixel limit.
 
     Errors while opening, and while decoding inside the block, become one-line `ImageLoadError`s starting with
     `what` (e.g. "Image file 'a.png'").
@@ -139,31 +140,113 @@ def _rescale_to_8bit(values: np.ndarray) -> Image.Image:
 URL_TIMEOUT = 30.0
 """Seconds an image URL may take to answer (see `load_image`)."""
 
+MAX_URL_BYTES = 64 << 20
+"""Default cap on the bytes an image URL may send (64 MiB); `COPS_HF_MAX_URL_BYTES` replaces it."""
 
-def _download_image(url: str, timeout: float | None) -> Image.Image:
-    """The image at an http(s) URL, read fully into memory."""
+MAX_URL_BYTES_ENV = "COPS_HF_MAX_URL_BYTES"
+"""Environment variable with the byte cap of image URLs (see `url_byte_limit`)."""
+
+
+def url_byte_limit() -> int:
+    """The most bytes an image URL may send: `COPS_HF_MAX_URL_BYTES` when set, else `MAX_URL_BYTES`."""
+    value = os.environ.get(MAX_URL_BYTES_ENV, "").strip()
+    if not value:
+        return MAX_URL_BYTES
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{MAX_URL_BYTES_ENV} must be a positive number of bytes, got {value!r}.")
+    return int(value)
+
+
+def _http_only_opener() -> Any:
+    """A urllib opener whose redirects may lead to http(s) URLs only (urllib alone also follows them to ftp)."""
     from urllib.error import URLError
-    from urllib.request import urlopen
+    from urllib.parse import urlsplit
+    from urllib.request import HTTPRedirectHandler, build_opener
 
+    class HttpOnlyRedirects(HTTPRedirectHandler):
+        def redirect_request(self, request, fp, code, message, headers, new_url):  # noqa: ANN001, ANN201
+            if urlsplit(new_url).scheme.lower() not in ("http", "https"):
+                raise URLError(f"redirect to '{new_url}' refused: only http(s) redirects are followed")
+            return super().redirect_request(request, fp, code, message, headers, new_url)
+
+    return build_opener(HttpOnlyRedirects)
+
+
+class ImageTooLargeError(ImageLoadError):
+    """An encoded image (an upload, a download) is over the byte limit it was given; refused before decoding."""
+
+
+def load_image_bytes(
+    content: bytes, what: str, max_bytes: int | None = None, unreadable: str = "is not a readable image"
+) -> Image.Image:
+    """Decode an encoded image (PNG, JPEG, ...) held in memory, refusing it before decoding when it is too big.
+
+    Args:
+        what: how messages name the image, e.g. "Upload 'part.png'".
+        max_bytes: refuse encoded images longer than this (`ImageTooLargeError`); `None` for no limit. The pixel
+            limit (decompression bombs, see `image_size_problem`) applies in any case, read from the header.
+        unreadable: what the message says after `what` when the bytes are no image, or a truncated one.
+    """
+    if max_bytes is not None and len(content) > max_bytes:
+        raise ImageTooLargeError(f"{what} is {len(content)} bytes, over the limit of {max_bytes} bytes.")
     try:
-        with urlopen(url, timeout=URL_TIMEOUT if timeout is None else timeout) as response:
-            content = response.read()
-    except (URLError, OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)
-        raise ImageLoadError(f"Image URL '{url}' cannot be downloaded ({reason}); check the address.") from error
-    try:
-        with Image.open(io.BytesIO(content)) as opened:
+        with open_image_file(io.BytesIO(content), what) as opened:
             opened.load()
             return opened.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageLoadError(f"Image URL '{url}' did not return a readable image ({error}).") from error
+    except ImageLoadError as error:
+        cause = error.__cause__
+        if cause is None or isinstance(cause, Image.DecompressionBombError):  # over the pixel limit: said already
+            raise
+        raise ImageLoadError(f"{what} {unreadable} (not an image file, or a truncated one).") from cause
 
 
-def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Image.Image:
+def _download_image(url: str, timeout: float | None, max_bytes: int | None = None) -> Image.Image:
+    """The image at an http(s) URL, within the byte cap and the pixel limit files get.
+
+    The cap is `url_byte_limit()`, or `max_bytes` when smaller. Redirects are followed to http(s) URLs only.
+    """
+    from urllib.error import URLError
+
+    limit = url_byte_limit() if max_bytes is None else min(max_bytes, url_byte_limit())
+    too_big = f"Image URL '{url}' sends more than {limit} bytes, over the cap of {MAX_URL_BYTES_ENV}; raise it if "
+    try:
+        with _http_only_opener().open(url, timeout=URL_TIMEOUT if timeout is None else timeout) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise ImageTooLargeError(too_big + "the image is genuine.")
+            content = response.read(limit + 1)
+    except (URLError, OSError, ValueError) as error:
+        if isinstance(error, ImageLoadError):
+            raise
+        reason = getattr(error, "reason", error)
+        raise ImageLoadError(f"Image URL '{url}' cannot be downloaded ({reason}); check the address.") from error
+    if len(content) > limit:
+        raise ImageTooLargeError(too_big + "the image is genuine.")
+    return load_image_bytes(content, f"Image URL '{url}'", unreadable="did not return a readable image")
+
+
+def refuse_non_finite_pixels(image: Image.Image, what: str) -> Image.Image:
+    """`image`, unless it is a float image with NaN or infinite pixels (min-max scaling would blacken it).
+
+    Args:
+        image: a decoded PIL image.
+        what: how the message names it, e.g. "Image file 'a.tif'".
+
+    Raises:
+        ImageLoadError: a NaN or infinite pixel.
+    """
+    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+        raise ImageLoadError(f"{what} holds NaN or infinite pixel values; it is not a valid image.")
+    return image
+
+
+def _open_image(
+    item: ImageLike, index: int, timeout: float | None = None, max_bytes: int | None = None
+) -> Image.Image:
     """Open a path, URL, PIL image, numpy array or tensor as a PIL image in its own mode, with clear errors."""
     what = describe_input(item, index)
     if isinstance(item, str) and item.startswith(("http://", "https://")):
-        return _download_image(item, timeout)
+        return refuse_non_finite_pixels(_download_image(item, timeout, max_bytes), f"Image URL {what}")
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if path.is_dir():
@@ -172,9 +255,9 @@ def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Im
             raise ImageLoadError(f"Image file {what} does not exist; check the path.")
         with open_image_file(path, f"Image file {what}") as opened:
             opened.load()
-            return opened.copy()
+            return refuse_non_finite_pixels(opened.copy(), f"Image file {what}")
     if isinstance(item, Image.Image):
-        return item
+        return refuse_non_finite_pixels(item, f"Image {what}")
     if isinstance(item, torch.Tensor):
         return _array_to_pil(item.detach().cpu().numpy(), what)
     if isinstance(item, np.ndarray):
@@ -182,7 +265,9 @@ def _open_image(item: ImageLike, index: int, timeout: float | None = None) -> Im
     raise ImageLoadError(f"{what}: expected a path, PIL image, numpy array or tensor.")
 
 
-def load_image(item: ImageLike, index: int = 0, timeout: float | None = None) -> Image.Image:
+def load_image(
+    item: ImageLike, index: int = 0, timeout: float | None = None, max_bytes: int | None = None
+) -> Image.Image:
     """Open a path, http(s) URL, PIL image, numpy array or tensor as a PIL image (mode kept), with clear errors.
 
     High-bit-depth single-channel images (16-bit, 32-bit, float) are min-max scaled to 8 bits.
@@ -190,8 +275,9 @@ def load_image(item: ImageLike, index: int = 0, timeout: float | None = None) ->
     Args:
         index: position of `item` in its batch, for messages about unnamed inputs.
         timeout: seconds a URL may take to answer (default `URL_TIMEOUT`).
+        max_bytes: the most bytes a URL's answer may have (`ImageTooLargeError` beyond); default no limit.
     """
-    image = _open_image(item, index, timeout)
+    image = _open_image(item, index, timeout, max_bytes)
     if image.mode in _HIGH_BIT_DEPTH_MODES:
         image = _rescale_to_8bit(np.asarray(image, dtype=np.float64))
     return image
@@ -243,7 +329,7 @@ def expand_image_sources(sources: Iterable[str | os.PathLike[str]]) -> list[str]
                 raise ValueError(f"{text}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             paths.extend(found)
         elif glob.has_magic(text):
-            matches = sorted(glob.glob(text, recursive=True))
+            matches = _glob_once(text)
             found = [match for match in matches if Path(match).is_file() and _is_image(Path(match))]
             found += [image for match in matches if Path(match).is_dir() for image in _images_under(Path(match))]
             if not found:
@@ -259,27 +345,67 @@ def _is_image(path: Path) -> bool:
 
 
 def _images_under(folder: Path) -> list[str]:
-    return [
-        str(path)
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-        and _is_image(path)
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    ]
+    return sorted(str(path) for path in _walk_once(folder) if path.is_file() and _is_image(path))
+
+
+def _walk_once(folder: Path) -> Iterator[Path]:
+    """Every entry under `folder` but hidden ones, following folder symlinks yet entering each real folder once.
+
+    A symlink loop thus ends, instead of repeating the tree until the kernel's link limit.
+    """
+    visited: set[tuple[int, int]] = set()
+    for directory, folders, files in os.walk(folder, followlinks=True):
+        status = os.stat(directory)
+        if (status.st_dev, status.st_ino) in visited:
+            folders.clear()
+            continue
+        visited.add((status.st_dev, status.st_ino))
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in [*folders, *files]:
+            if not name.startswith("."):
+                yield Path(directory, name)
+
+
+def _glob_once(pattern: str) -> list[str]:
+    """The paths matching a glob `pattern` (`**` for any depth), sorted; `**` walks with `_walk_once`."""
+    if "**" not in pattern:
+        return sorted(glob.glob(pattern))
+    parts = Path(pattern).parts
+    fixed = next(index for index, part in enumerate(parts) if glob.has_magic(part))
+    anchor = Path(*parts[:fixed]) if fixed else Path(".")
+    if not anchor.is_dir():
+        return []
+    found = [path for path in _walk_once(anchor) if _matches(path.relative_to(anchor).parts, parts[fixed:])]
+    return sorted(str(path) if fixed else os.path.relpath(path) for path in found)
+
+
+def _matches(names: Sequence[str], pattern: Sequence[str]) -> bool:
+    """Whether the path components `names` match the glob components `pattern` (`**` matches zero or more)."""
+    if not pattern:
+        return not names
+    if pattern[0] == "**":
+        return any(_matches(names[start:], pattern[1:]) for start in range(len(names) + 1))
+    return bool(names) and fnmatch.fnmatchcase(names[0], pattern[0]) and _matches(names[1:], pattern[1:])
 
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS_ENV",
+    "MAX_URL_BYTES",
+    "MAX_URL_BYTES_ENV",
     "URL_TIMEOUT",
     "ImageLike",
     "ImageLoadError",
+    "ImageTooLargeError",
     "apply_pixel_limit_from_environment",
     "describe_input",
     "expand_image_sources",
     "image_size_problem",
     "is_image_file",
     "load_image",
+    "load_image_bytes",
     "load_mask",
     "open_image_file",
+    "refuse_non_finite_pixels",
+    "url_byte_limit",
 ]

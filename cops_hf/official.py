@@ -34,10 +34,10 @@ from typing import Any
 
 import httpx2
 from huggingface_hub import constants, is_offline_mode, try_to_load_from_cache
-from huggingface_hub.file_download import http_get
-from huggingface_hub.utils import WeakFileLock
+from huggingface_hub.utils import WeakFileLock, get_session, hf_raise_for_status, tqdm
 
 from .conversion import VIT_L14_336_HUB_ID, convert_original_checkpoint
+from .file_utils import is_sha1, open_no_follow
 from .hub_errors import CoPSHubError, friendly_hub_errors
 from .modeling_cops import CoPSForAnomalyDetection
 from .processing_cops import CoPSProcessor
@@ -56,6 +56,10 @@ BASE_URL_ENV = "COPS_OFFICIAL_BASE_URL"
 
 OFFICIAL_IMAGE_SIZE = 518
 """Input size the official checkpoints were trained and tested at."""
+
+MAX_DOWNLOAD_ATTEMPTS = 5
+"""How many times one download request is sent (the first and its restarts after a dropped connection) before the
+download gives up and deletes what it received."""
 
 _ASSETS_LIBRARY, _ASSETS_NAMESPACE = "cops_hf", "cqylunlun--CoPS"
 _BLOB_CHUNK = 1 << 20
@@ -109,13 +113,27 @@ def official_release(name: str) -> OfficialRelease:
 
 
 def git_blob_sha1(path: str | os.PathLike) -> str:
-    r"""The git blob SHA-1 of a file: ``sha1(b"blob <size>\0" + content)``, read in chunks."""
-    path = Path(path)
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as handle:
+    r"""The git blob SHA-1 of a file: ``sha1(b"blob <size>\0" + content)``, read in chunks.
+
+    The file is never read through a symbolic link.
+    """
+    with open_no_follow(path, "rb") as handle:
+        digest = hashlib.sha1(b"blob %d\0" % os.fstat(handle.fileno()).st_size)
         while chunk := handle.read(_BLOB_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _checked_sha1(blob_sha1: str | None, spec: OfficialRelease) -> str:
+    """``blob_sha1`` in lower case (the release's when None).
+
+    Anything but 40 hex digits is refused, since it names a cache folder.
+    """
+    if blob_sha1 is None:
+        return spec.blob_sha1
+    if not is_sha1(blob_sha1):
+        raise ValueError(f"The checkpoint SHA-1 (--checkpoint-sha1) must be 40 hex digits, got {blob_sha1!r}.")
+    return blob_sha1.lower()
 
 
 def checkpoint_url(release: str | OfficialRelease, base_url: str | None = None) -> str:
@@ -139,9 +157,9 @@ def cached_official_checkpoint(
 ) -> Path | None:
     """The cached, verified checkpoint of ``release``, or ``None`` when the cache does not hold it."""
     spec = official_release(release)
-    blob_sha1 = (blob_sha1 or spec.blob_sha1).lower()
+    blob_sha1 = _checked_sha1(blob_sha1, spec)
     path = _cache_folder(blob_sha1, cache_dir) / spec.filename
-    return path if path.is_file() and git_blob_sha1(path) == blob_sha1 else None
+    return path if path.is_file() and not path.is_symlink() and git_blob_sha1(path) == blob_sha1 else None
 
 
 def download_official_checkpoint(
@@ -153,8 +171,11 @@ def download_official_checkpoint(
 ) -> Path:
     """The verified checkpoint of ``release`` in the cache, downloaded first if needed.
 
-    An interrupted download leaves ``<file>.incomplete`` in the cache folder; the next call resumes it with an HTTP
-    ``Range`` request. A downloaded file whose git blob SHA-1 differs from ``blob_sha1`` is deleted and refused.
+    An interrupted download leaves ``<file>.incomplete`` in the cache folder; the next call verifies it (it may be
+    complete) or resumes it with an HTTP ``Range`` request. A dropped connection is resumed, at most
+    ``MAX_DOWNLOAD_ATTEMPTS`` requests in all; a server that refuses the range (416) gets one fresh download.
+    A downloaded file whose git blob SHA-1 differs from ``blob_sha1`` is deleted and refused, and so is what a
+    download that gives up received. Cache files are never opened through a symbolic link.
 
     Args:
         release: ``"visa"`` or ``"mvtec"``.
@@ -167,7 +188,7 @@ def download_official_checkpoint(
             with an error, or the file is not the expected one. Nothing is cached in these cases.
     """
     spec = official_release(release)
-    blob_sha1 = (blob_sha1 or spec.blob_sha1).lower()
+    blob_sha1 = _checked_sha1(blob_sha1, spec)
     cached = cached_official_checkpoint(release, blob_sha1=blob_sha1, cache_dir=cache_dir)
     if cached is not None:
         return cached
@@ -181,10 +202,11 @@ def download_official_checkpoint(
         if cached_official_checkpoint(release, blob_sha1=blob_sha1, cache_dir=cache_dir) is not None:
             return target  # another process finished it while this one waited for the lock
         try:
-            with open(incomplete, "ab") as handle:
-                http_get(url, handle, resume_size=handle.tell(), displayed_filename=spec.filename)
+            verified = incomplete.is_file() and git_blob_sha1(incomplete) == blob_sha1  # killed after the last byte
+            if not verified:
+                _download(url, incomplete, spec.filename)
         except (OSError, httpx2.HTTPError) as error:
-            if incomplete.stat().st_size == 0:
+            if not incomplete.is_symlink() and (incomplete.is_file() and incomplete.stat().st_size == 0):
                 incomplete.unlink()  # nothing to resume from
             reason = str(error).splitlines()[0]
             raise OfficialReleaseError(
@@ -200,6 +222,66 @@ def download_official_checkpoint(
             )
         os.replace(incomplete, target)
     return target
+
+
+class _RangeNotSatisfiable(OSError):
+    """The server answered 416 to a resumed download: what the cache holds does not fit the file it serves."""
+
+
+def _download(url: str, incomplete: Path, filename: str) -> None:
+    """Append ``url``'s bytes to ``incomplete``, resuming after dropped connections.
+
+    At most ``MAX_DOWNLOAD_ATTEMPTS`` requests are sent. A 416 answer discards the partial file and starts over
+    once. When the download gives up, the partial file is deleted: nothing is left behind.
+    """
+    restarted = False
+    for attempt in range(1, MAX_DOWNLOAD_ATTEMPTS + 1):
+        try:
+            with open_no_follow(incomplete, "ab") as handle:
+                _request_into(url, handle, filename)
+            return
+        except _RangeNotSatisfiable:
+            if restarted:
+                incomplete.unlink(missing_ok=True)
+                raise
+            restarted = True
+            incomplete.unlink()
+        except httpx2.TransportError as error:  # dropped, timed out, refused
+            if attempt == MAX_DOWNLOAD_ATTEMPTS:
+                incomplete.unlink(missing_ok=True)
+                raise OSError(
+                    f"the connection dropped {attempt} times ({str(error).splitlines()[0] or type(error).__name__}); "
+                    "gave up and deleted the partial file"
+                ) from error
+    incomplete.unlink(missing_ok=True)
+    raise OSError(f"no complete download in {MAX_DOWNLOAD_ATTEMPTS} requests; gave up and deleted the partial file")
+
+
+def _request_into(url: str, handle: Any, filename: str) -> None:
+    """One GET of ``url`` appended to ``handle`` (an append-mode file), asking only for the bytes it lacks.
+
+    A server that sends the whole file instead (200 to a ``Range`` request) has the partial content replaced.
+    """
+    offset = handle.tell()
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    with get_session().stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as response:
+        if response.status_code == 416:
+            raise _RangeNotSatisfiable(f"the server refused to resume from byte {offset} (416)")
+        hf_raise_for_status(response)
+        if offset and response.status_code != 206:  # the Range was ignored: the body is the whole file
+            handle.seek(0)
+            handle.truncate()
+            offset = 0
+        length = response.headers.get("Content-Length", "")
+        total = offset + int(length) if length.isdigit() else None
+        bar = {"total": total, "initial": offset, "unit": "B", "unit_scale": True, "desc": filename}
+        with tqdm(**bar, disable=None) as progress:  # None: no bar when stderr is not a terminal
+            for chunk in response.iter_bytes():  # as they arrive: a dropped connection keeps what came
+                handle.write(chunk)
+                progress.update(len(chunk))
+    if total is not None and handle.tell() != total:
+        raise httpx2.RemoteProtocolError(f"the server sent {handle.tell() - offset} of {total - offset} bytes")
 
 
 @contextmanager
@@ -280,7 +362,7 @@ def load_official(
             f"copies: cops-hf convert --clip ViT-L-14-336px.pt --checkpoint {spec.filename} --output DIR"
         ) from error
     model.config = model.config.with_preset(test_dataset=spec.test_preset, train_dataset=spec.train_dataset)
-    model.config.source_checkpoint = f"{OFFICIAL_REPOSITORY}/{spec.path}@{(blob_sha1 or spec.blob_sha1).lower()}"
+    model.config.source_checkpoint = f"{OFFICIAL_REPOSITORY}/{spec.path}@{_checked_sha1(blob_sha1, spec)}"
     model.config.train_dataset = spec.train_dataset
     return model, CoPSProcessor.for_image_size(model.config.image_size)
 
@@ -295,6 +377,7 @@ def _clip_is_cached(clip: str, revision: str | None, cache_dir: str | os.PathLik
 __all__ = [
     "BASE_URL_ENV",
     "DEFAULT_BASE_URL",
+    "MAX_DOWNLOAD_ATTEMPTS",
     "OFFICIAL_CLIP",
     "OFFICIAL_IMAGE_SIZE",
     "OFFICIAL_RELEASES",

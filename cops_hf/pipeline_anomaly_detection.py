@@ -6,6 +6,7 @@ import logging
 import os
 import types
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_cops import check_model_type
-from .image_utils import ImageLike, ImageLoadError, load_image
+from .image_utils import ImageLike, ImageLoadError, load_image, load_image_bytes
 from .modeling_cops import CoPSAnomalyDetectionOutput
 from .processing_cops import CoPSProcessor, check_threshold
 from .schema import ANOMALY_MAP, ERROR, IMAGE_PATH, PRED_LABEL, PRED_MASK, PRED_SCORE, Prediction
@@ -242,6 +243,173 @@ def reference_label(image: ImageLike, index: int) -> str:
     return os.path.basename(filename) if filename else f"reference {index}"
 
 
+ANOMALY_MAP_FORMATS = ("png", "array")
+"""How a served prediction may carry its anomaly map (request parameter `anomaly_map`): "png" is a base64 16-bit
+grayscale PNG at the image's size (value / 65535 is the map), "array" a float list of lists no larger than
+`ARRAY_MAP_SIDE` on its longer side."""
+
+ARRAY_MAP_SIDE = 64
+"""The longer side of an anomaly map sent as an array (resized bilinearly from the image's size)."""
+
+MAX_REQUEST_IMAGE_BYTES = 20 * 2**20
+"""The default limit on one encoded image of a request (20 MiB), checked before it is decoded."""
+
+REQUEST_PARAMETERS = {
+    "anomaly_map": f"one of {', '.join(ANOMALY_MAP_FORMATS)}: add the map to each prediction (default: no map)",
+    "threshold": "pixel threshold in [0, 1] (default: the calibrated one)",
+    "image_threshold": "score threshold in [0, 1] (default: the calibrated one)",
+}
+"""The parameters a prediction request may carry (JSON `parameters`, or form fields of a multipart upload)."""
+
+
+class RequestError(ValueError):
+    """A prediction request (served `/predict`, Inference Endpoints handler) is malformed; the message says how."""
+
+
+@dataclass
+class PredictionRequest:
+    """A parsed prediction request.
+
+    Attributes:
+        images: the decoded images, in request order.
+        anomaly_map: one of `ANOMALY_MAP_FORMATS`, or `None` for no map.
+        pipeline_kwargs: the thresholds to call the pipeline with.
+    """
+
+    images: list[Any]
+    anomaly_map: str | None = None
+    pipeline_kwargs: dict[str, float] = field(default_factory=dict)
+
+
+def request_parameters(parameters: Mapping[str, Any] | None) -> tuple[str | None, dict[str, float]]:
+    """Check a request's `parameters` (see `REQUEST_PARAMETERS`); return the map format and the pipeline kwargs.
+
+    Raises:
+        RequestError: an unknown parameter, an unknown map format or a threshold outside [0, 1].
+    """
+    parameters = dict(parameters or {})
+    unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
+    if unknown:
+        raise RequestError(f"unknown parameter {unknown[0]!r}; use {', '.join(REQUEST_PARAMETERS)}")
+    anomaly_map = parameters.pop("anomaly_map", None)
+    if anomaly_map is not None and anomaly_map not in ANOMALY_MAP_FORMATS:
+        raise RequestError(f"parameter 'anomaly_map' must be one of {', '.join(ANOMALY_MAP_FORMATS)}")
+    pipeline_kwargs = {}
+    for name, value in parameters.items():
+        try:
+            pipeline_kwargs[name] = check_threshold(float(value), f"parameter {name!r}")
+        except (TypeError, ValueError) as error:
+            raise RequestError(f"parameter {name!r} must be a number in [0, 1], got {value!r}") from error
+    return anomaly_map, pipeline_kwargs
+
+
+def parse_request(
+    data: Mapping[str, Any], *, allow_urls: bool = True, max_image_bytes: int | None = MAX_REQUEST_IMAGE_BYTES
+) -> PredictionRequest:
+    """The images and parameters of a JSON prediction request `{"inputs": ..., "parameters": {...}}`.
+
+    `inputs` is one item or a non-empty list; an item is a base64 string of an encoded image (a `data:` URL works
+    too), an http(s) URL (when `allow_urls`), or a PIL image (as Inference Endpoints hands over a binary body).
+
+    Args:
+        allow_urls: whether URLs are fetched (a server reachable by others may not want to fetch for them).
+        max_image_bytes: refuse encoded images longer than this, before decoding; `None` for no limit.
+
+    Raises:
+        RequestError: the request has the wrong shape; `ImageLoadError` (`ImageTooLargeError`): an image is not
+            readable, is over `max_image_bytes`, or over the pixel limit.
+    """
+    if not isinstance(data, Mapping) or "inputs" not in data:
+        raise RequestError('the request must be a JSON object with "inputs" (base64 images or URLs)')
+    inputs = data["inputs"]
+    items = inputs if isinstance(inputs, list) else [inputs]
+    if not items:
+        raise RequestError('"inputs" is an empty list; give at least one image')
+    unknown_fields = sorted(set(data) - {"inputs", "parameters"})
+    if unknown_fields:
+        raise RequestError(f'unknown field {unknown_fields[0]!r}; a request has "inputs" and "parameters"')
+    if data.get("parameters") is not None and not isinstance(data["parameters"], Mapping):
+        raise RequestError('"parameters" must be a JSON object')
+    anomaly_map, pipeline_kwargs = request_parameters(data.get("parameters"))
+    images = [_request_image(item, index, allow_urls, max_image_bytes) for index, item in enumerate(items)]
+    return PredictionRequest(images, anomaly_map, pipeline_kwargs)
+
+
+def _request_image(item: Any, index: int, allow_urls: bool, max_image_bytes: int | None) -> Any:
+    import base64
+    import binascii
+
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return item
+    if not isinstance(item, str):
+        raise RequestError(f"inputs[{index}] must be a base64 string or an image URL, got {type(item).__name__}")
+    if item.startswith(("http://", "https://")):
+        if not allow_urls:
+            raise RequestError(f"inputs[{index}] is a URL, and this server does not fetch URLs; send the image bytes")
+        return load_image(item, index, max_bytes=max_image_bytes)
+    encoded = item.split(",", 1)[1] if item.startswith("data:") else item
+    if max_image_bytes is not None and len(encoded) * 3 // 4 > max_image_bytes + 3:
+        raise ImageLoadError(f"inputs[{index}] encodes over {max_image_bytes} bytes, the limit for one image")
+    try:
+        content = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise RequestError(f"inputs[{index}] is neither valid base64 nor an http(s) URL ({error})") from error
+    return load_image_bytes(content, f"inputs[{index}]", max_image_bytes)
+
+
+def prediction_json(result: Mapping[str, Any], anomaly_map: str | None = None) -> dict[str, Any]:
+    """One pipeline result as served JSON: `pred_score`, `pred_label` when calibrated, the map if asked for.
+
+    Args:
+        result: a result of `AnomalyDetectionPipeline` (see `RESULT_KEYS`).
+        anomaly_map: one of `ANOMALY_MAP_FORMATS`, or `None` to leave the map out.
+    """
+    prediction: dict[str, Any] = {PRED_SCORE: float(result[PRED_SCORE])}
+    if PRED_LABEL in result:
+        prediction[PRED_LABEL] = result[PRED_LABEL]
+    if anomaly_map is not None:
+        prediction[ANOMALY_MAP] = _anomaly_map_json(np.asarray(result[ANOMALY_MAP], dtype=np.float32), anomaly_map)
+    return prediction
+
+
+def _anomaly_map_json(values: np.ndarray, map_format: str) -> dict[str, Any]:
+    import base64
+    import io
+
+    from PIL import Image
+
+    height, width = values.shape
+    if map_format == "png":
+        buffer = io.BytesIO()
+        levels = np.round(np.clip(values, 0.0, 1.0) * 65535.0).astype(np.uint16)
+        Image.fromarray(levels).save(buffer, format="PNG")
+        return {"format": "png", "size": [height, width], "png": base64.b64encode(buffer.getvalue()).decode("ascii")}
+    scale = min(1.0, ARRAY_MAP_SIDE / max(height, width))
+    small_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = np.asarray(Image.fromarray(values).resize(small_size, Image.Resampling.BILINEAR))
+    return {"format": "array", "size": [height, width], "values": small.astype(float).tolist()}
+
+
+def response_json(
+    results: list[Mapping[str, Any]], *, anomaly_map: str | None = None, timing: Mapping[str, float] | None = None
+) -> dict[str, Any]:
+    """The served answer to a prediction request: `{"predictions": [...], "timing": {...}}`.
+
+    The one builder of this JSON: `cops-hf serve` and the Inference Endpoints handler (`handler.py`) both call it.
+
+    Args:
+        results: the pipeline's results, one per image, in request order.
+        anomaly_map: see `prediction_json`.
+        timing: durations in milliseconds (e.g. `total_ms`).
+    """
+    return {
+        "predictions": [prediction_json(result, anomaly_map) for result in results],
+        "timing": {name: round(float(value), 3) for name, value in (timing or {}).items()},
+    }
+
+
 NO_DEFAULT_MODEL_MESSAGE = (
     f'pipeline("{TASK}") needs a CoPS model: run `cops-hf convert --official visa --output cops-visa` and pass '
     f'model="cops-visa", or pass model=cops_hf.official.load_official("visa")[0].'
@@ -275,4 +443,19 @@ def register_pipeline() -> None:
     )
 
 
-__all__ = ["RESULT_KEYS", "TASK", "AnomalyDetectionPipeline", "register_pipeline"]
+__all__ = [
+    "ANOMALY_MAP_FORMATS",
+    "ARRAY_MAP_SIDE",
+    "MAX_REQUEST_IMAGE_BYTES",
+    "REQUEST_PARAMETERS",
+    "RESULT_KEYS",
+    "TASK",
+    "AnomalyDetectionPipeline",
+    "PredictionRequest",
+    "RequestError",
+    "parse_request",
+    "prediction_json",
+    "register_pipeline",
+    "request_parameters",
+    "response_json",
+]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from .file_utils import bounded_filename, csv_dict_writer
 from .image_utils import expand_image_sources
 from .schema import DEPRECATED_RESULT_KEYS, ERROR, IMAGE_PATH, PRED_LABEL, PRED_MASK, PRED_SCORE
 from .visualization import DEFAULT_ALPHA, DEFAULT_COLORMAP
@@ -50,16 +51,21 @@ def load_model_and_processor(
     from .devices import resolve_device, resolve_dtype
     from .hub_errors import friendly_hub_errors
     from .modeling_cops import CoPSForAnomalyDetection
-    from .processing_cops import CoPSProcessor
 
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     with friendly_hub_errors(os.fspath(model_name)):
         model = CoPSForAnomalyDetection.from_pretrained(model_name, dtype=torch_dtype)
+    return model.to(torch_device).eval(), load_processor(model_name, model.config.image_size)
+
+
+def load_processor(model_name: str | os.PathLike[str], image_size: int) -> Any:
+    """The `CoPSProcessor` saved with a model, else the default one at the model's `image_size`."""
+    from .processing_cops import CoPSProcessor
+
     try:
-        processor = CoPSProcessor.from_pretrained(model_name)
+        return CoPSProcessor.from_pretrained(model_name)
     except (OSError, ValueError):
-        processor = CoPSProcessor.for_image_size(model.config.image_size)
-    return model.to(torch_device).eval(), processor
+        return CoPSProcessor.for_image_size(image_size)
 
 
 def load_detector(model_name: str | os.PathLike[str], *, device: str | None = None, dtype: str | None = None) -> Any:
@@ -95,6 +101,8 @@ def write_predictions(
     alpha: float = DEFAULT_ALPHA,
     on_row: Callable[[dict[str, str]], None] | None = None,
     progress: bool = True,
+    first_index: int = 0,
+    table_name: str | None = None,
 ) -> PredictionSummary:
     """Score `images` with `detector` (an "anomaly-detection" pipeline) and write one row per image as it is scored.
 
@@ -106,6 +114,8 @@ def write_predictions(
         colormap_name, alpha: colormap and opacity of the overlays.
         on_row: called with each row once it is written (the CLI prints it).
         progress: show a tqdm bar.
+        first_index: number of the first image in the overlay and mask file names (a shard's offset).
+        table_name: file name of the table (default `scores.csv` / `scores.json`).
     """
     from tqdm.auto import tqdm
 
@@ -120,7 +130,7 @@ def write_predictions(
     pixel_threshold_used = threshold if threshold is not None else config.pixel_threshold
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    summary = PredictionSummary(table_path=output / f"scores.{output_format}")
+    summary = PredictionSummary(table_path=output / (table_name or f"scores.{output_format}"))
     options = {"batch_size": batch_size, "skip_invalid": skip_invalid}
     options.update({"threshold": threshold} if threshold is not None else {})
     options.update({"image_threshold": image_threshold} if image_threshold is not None else {})
@@ -129,34 +139,94 @@ def write_predictions(
         tqdm(total=len(images), unit="image", disable=not progress) as bar,
     ):
         table = _TableWriter(handle, output_format)
-        results = detector((path for path in images), **options)  # a stream: one result alive at a time
-        for index, (path, result) in enumerate(zip(images, results, strict=True)):
-            row = dict.fromkeys(RESULT_COLUMNS, "") | {IMAGE_PATH: path}
-            if ERROR in result:
-                row[ERROR] = result[ERROR]
-                summary.num_failed += 1
-                summary.errors.append(result[ERROR])
-            else:
-                row[PRED_SCORE] = f"{result[PRED_SCORE]:.6f}"
-                row[PRED_LABEL] = result.get(PRED_LABEL, "")
-                if overlays:
-                    stem = f"{index:05d}_{Path(path).stem}"
-                    row["overlay"] = f"{stem}_overlay.png"
-                    render_prediction(
-                        load_image(path), result, image_threshold=image_threshold_used,
-                        pixel_threshold=pixel_threshold_used, title=Path(path).name,
-                        colormap_name=colormap_name, alpha=alpha,
-                    ).save(output / row["overlay"])  # fmt: skip
-                    if PRED_MASK in result:
-                        row[PRED_MASK] = f"{stem}_mask.png"
-                        _save_mask(result[PRED_MASK], output / row[PRED_MASK])
-                summary.num_scored += 1
-            table.write(row | {old: row[DEPRECATED_RESULT_KEYS[old]] for old in DEPRECATED_COLUMNS})
-            bar.update(1)
-            if on_row is not None:
-                on_row(row)
-        table.close()
+        try:
+            results = detector((path for path in images), **options)  # a stream: one result alive at a time
+            for index, (path, result) in enumerate(zip(images, results, strict=True), start=first_index):
+                row = dict.fromkeys(RESULT_COLUMNS, "") | {IMAGE_PATH: path}
+                if ERROR in result:
+                    row[ERROR] = result[ERROR]
+                    summary.num_failed += 1
+                    summary.errors.append(result[ERROR])
+                else:
+                    row[PRED_SCORE] = f"{result[PRED_SCORE]:.6f}"
+                    row[PRED_LABEL] = result.get(PRED_LABEL, "")
+                    if overlays:
+                        stem = f"{index:05d}_{Path(path).stem}"
+                        row["overlay"] = bounded_filename(stem, "_overlay.png")
+                        render_prediction(
+                            load_image(path), result, image_threshold=image_threshold_used,
+                            pixel_threshold=pixel_threshold_used, title=Path(path).name,
+                            colormap_name=colormap_name, alpha=alpha,
+                        ).save(output / row["overlay"])  # fmt: skip
+                        if PRED_MASK in result:
+                            row[PRED_MASK] = bounded_filename(stem, "_mask.png")
+                            _save_mask(result[PRED_MASK], output / row[PRED_MASK])
+                    summary.num_scored += 1
+                table.write(row | {old: row[DEPRECATED_RESULT_KEYS[old]] for old in DEPRECATED_COLUMNS})
+                bar.update(1)
+                if on_row is not None:
+                    on_row(row)
+        finally:  # an aborted run still leaves a valid table of the rows written so far
+            table.close()
     return summary
+
+
+def write_predictions_sharded(
+    detector: Any, images: Sequence[str], output_dir: str | os.PathLike[str], *, output_format: str = "csv",
+    state: Any = None, **options: Any,
+) -> PredictionSummary | None:
+    """`write_predictions` over the processes of `accelerate launch` / `torchrun`: one table, in input order.
+
+    Every process scores a contiguous shard of `images` (overlays and masks numbered as in a single-process run) and
+    writes its rows to a hidden shard table; the main process then merges the shards, in process order, into
+    `scores.csv` / `scores.json` (written atomically) and removes them. In a single process this is
+    `write_predictions`.
+
+    Args:
+        state: the `accelerate.PartialState` (default: the current one).
+        options: the other arguments of `write_predictions`.
+
+    Returns:
+        The summary of the whole run on the main process; `None` on the others.
+    """
+    from accelerate import PartialState
+
+    from .file_utils import atomic_write
+
+    state = state or PartialState()
+    if state.num_processes == 1:
+        return write_predictions(detector, images, output_dir, output_format=output_format, **options)
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+    output = Path(output_dir)
+    with state.split_between_processes(list(range(len(images)))) as indices:
+        write_predictions(
+            detector, [images[index] for index in indices], output, output_format="csv",
+            first_index=indices[0] if indices else 0, table_name=_shard_table_name(state.process_index),
+            **options | {"progress": options.get("progress", True) and state.is_local_main_process},
+        )  # fmt: skip
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    summary = PredictionSummary(table_path=output / f"scores.{output_format}")
+    shard_tables = [output / _shard_table_name(rank) for rank in range(state.num_processes)]
+    with atomic_write(summary.table_path) as temporary, open(temporary, "w", newline="") as handle:
+        table = _TableWriter(handle, output_format)
+        for shard_table in shard_tables:
+            with open(shard_table, newline="") as shard:
+                for row in csv.DictReader(shard):
+                    table.write(row)
+                    summary.num_failed += bool(row[ERROR])
+                    summary.num_scored += not row[ERROR]
+                    summary.errors += [row[ERROR]] if row[ERROR] else []
+        table.close()
+    for shard_table in shard_tables:
+        shard_table.unlink()
+    return summary
+
+
+def _shard_table_name(process_index: int) -> str:
+    return f".scores-process{process_index:03d}.csv"
 
 
 def _save_mask(mask: Any, path: Path) -> None:
@@ -175,7 +245,7 @@ class _TableWriter:
     def __init__(self, handle: IO[str], output_format: str) -> None:
         self.handle, self.format, self.rows = handle, output_format, 0
         if output_format == "csv":
-            self.csv = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS)
+            self.csv = csv_dict_writer(handle, TABLE_COLUMNS)
             self.csv.writeheader()
         else:
             handle.write("[")
@@ -203,5 +273,7 @@ __all__ = [
     "expand_image_sources",
     "load_detector",
     "load_model_and_processor",
+    "load_processor",
     "write_predictions",
+    "write_predictions_sharded",
 ]

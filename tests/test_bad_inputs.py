@@ -7,6 +7,7 @@ folder per module, 16 px images, and most cases stop before any scoring.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import struct
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from cops_hf.cli import main
 from cops_hf.data import make_record, read_meta_json, write_meta_json
-from cops_hf.image_utils import IMAGE_SUFFIXES, ImageLoadError, load_image
+from cops_hf.image_utils import IMAGE_SUFFIXES, ImageLoadError, expand_image_sources, load_image, load_mask
 from cops_hf.processing_cops import CoPSProcessor
 from tests.data_fakes import write_image, write_mask
 from tests.tiny_models import tiny_model
@@ -42,6 +43,15 @@ def write_png_header(path: Path, width: int, height: int) -> Path:
     content = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content + chunk(b"IEND", b""))
+    return path
+
+
+def write_float_tiff(path: Path, bad_value: float) -> Path:
+    """A 16x16 float TIFF with one `bad_value` pixel (NaN, inf): min-max scaling would turn the whole image black."""
+    pixels = np.linspace(0.0, 1.0, 256, dtype=np.float32).reshape(16, 16)
+    pixels[3, 5] = bad_value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode="F").save(path)
     return path
 
 
@@ -99,6 +109,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     paths["truncated"] = truncated
     paths["bomb"] = write_png_header(root / "images" / "bomb.png", 30000, 30000)  # over twice PIL's limit
     paths["big"] = write_png_header(root / "images" / "big.png", 10000, 10000)  # over the limit, under twice it
+    for name, value in (("nan_tiff", np.nan), ("inf_tiff", np.inf), ("minus_inf_tiff", -np.inf)):
+        paths[name] = write_float_tiff(root / "images" / f"{name}.tif", value)
     paths["text_pt"] = root / "weights" / "text.pt"
     paths["text_pt"].parent.mkdir()
     paths["text_pt"].write_text("hello")
@@ -287,7 +299,7 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
     *[(f"train-{flag[2:]}-{value}", ["train", "--random-clip", "tiny", "--data", "{data}", *OUT, flag, value], 2,
        f"cops-hf train: error: argument {flag}: must be an integer >= {minimum}, got '{value}'")
       for flag, minimum, value in (("--epochs", 1, "0"), ("--epochs", 1, "-2"), ("--batch-size", 1, "0"),
-                                   ("--grad-accum", 1, "0"), ("--num-workers", 0, "-1"), ("--image-size", 1, "0"))],
+                                   ("--grad-accum", 1, "0"), ("--image-size", 1, "0"))],
     *[(f"train-lr-{value}", ["train", "--random-clip", "tiny", "--data", "{data}", *OUT, "--lr", value], 2,
        "cops-hf train: error: Invalid TrainingConfig: learning_rate must be finite and > 0, and adam_betas in [0, 1).")
       for value in ("nan", "inf", "0", "-1")],
@@ -343,6 +355,32 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
 ]  # fmt: skip
 
 
+RESOURCE_CASES: list[tuple[str, list[str], int, str]] = [
+    # ranges: worker processes and ports, in one shared argparse type
+    *[(f"train-num-workers-{value}", ["train", "--random-clip", "tiny", "--data", "{data}", *OUT, "--num-workers",
+                                      value], 2,
+       f"cops-hf train: error: argument --num-workers: must be an integer in [0, 64], got '{value}'")
+      for value in ("100000", "65", "-1", "1e3")],
+    *[(f"app-port-{value}", ["app", "--model", "{model}", "--port", value], 2,
+       f"cops-hf app: error: argument --port: must be an integer in [1, 65535], got '{value}'")
+      for value in ("99999", "65536", "0", "-1", "http", "80.5")],
+    # the checkpoint SHA-1 names a cache folder: 40 hex digits and nothing else
+    *[(f"convert-checkpoint-sha1-{name}", ["convert", "--official", "visa", *OUT, "--checkpoint-sha1", value], 2,
+       f"cops-hf convert: error: argument --checkpoint-sha1: must be a SHA-1 of 40 hex digits, got '{value}'")
+      for name, value in (("parent", "../../x"), ("short", "9b658b4c"), ("absolute", "/" + "0" * 39),
+                          ("not-hex", "z" * 40))],
+    # non-finite pixels are not an image, wherever images are read
+    *[(f"predict-{name}", _predict("{model}", f"{{{name}}}"), 2,
+       f"cops-hf predict: error: Image file '{{{name}}}' holds NaN or infinite pixel values; it is not a valid image.")
+      for name in ("nan_tiff", "inf_tiff", "minus_inf_tiff")],
+    ("calibrate-nan-tiff", ["calibrate", "--model", "{model}", "--normal", "{image}", "{nan_tiff}", *OUT], 2,
+     "cops-hf calibrate: error: Image file '{nan_tiff}' holds NaN or infinite pixel values"),
+    ("predict-skip-invalid-only-nan", _predict("{model}", "{nan_tiff}", extra=("--skip-invalid",)), 2,
+     "cops-hf predict: error: no image could be scored (Image file '{nan_tiff}' holds NaN or infinite pixel values"),
+]  # fmt: skip
+CLI_CASES += RESOURCE_CASES
+
+
 @pytest.mark.parametrize(
     ("argv", "code", "first_line"), [case[1:] for case in CLI_CASES], ids=[c[0] for c in CLI_CASES]
 )
@@ -360,6 +398,7 @@ def test_cli_matrix(files, tmp_path, capsys, argv, code, first_line):
 
 def test_matrix_size():
     assert len(CLI_CASES) + len(DATA_CASES) + len(API_CASES) >= 80
+    assert len(RESOURCE_CASES) >= 19  # issue 23's round two: ranges, SHA-1s, non-finite pixels
 
 
 # ---------------------------------------------------------------- meta.json datasets gone wrong
@@ -423,6 +462,24 @@ def test_invalid_records_are_listed_refused_and_skippable(files, tmp_path, capsy
     assert len(predictions) == 1 + 4  # header + the four valid records, each once
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_non_finite_pixels_in_a_dataset_are_listed_and_refused(files, tmp_path, capsys, value):
+    root = _dataset(tmp_path / "data", [_record("bottle/float.tif")])
+    write_float_tiff(root / "bottle" / "float.tif", value)
+
+    assert _run(["data", "validate", str(root)]) == 1  # validate decodes every image
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"  - {root}/bottle/float.tif: image holds NaN or infinite pixel values; it is not a valid image "
+        "[test/bottle[4]]"
+    )
+    evaluate = ["evaluate", "--model", str(files["model"]), "--data", str(root), "--output", str(tmp_path / "out")]
+    assert _run(evaluate) == 2  # refused while scoring, naming the file
+    assert _error_line(capsys) == (
+        f"cops-hf evaluate: error: Image file '{root}/bottle/float.tif' holds NaN or infinite pixel values; it is not "
+        "a valid image."
+    )
+
+
 def test_category_names_are_refused_by_every_reader(files, tmp_path, capsys):
     root = tmp_path / "data"
     write_image(root / "x.png", size=(16, 16))
@@ -476,6 +533,13 @@ API_CASES: list[tuple[str, Callable[[dict], object], type[Exception], str]] = [
      "Reference images: Image file '{text}' cannot be read (cannot identify image file"),
     ("wrong-shape", lambda f: load_image(np.zeros((2, 3, 5, 7))), ImageLoadError,
      "input #0 (ndarray): expected an HxW, HxWx3 or HxWx4 array, got shape [2, 3, 5, 7]."),
+    *[(f"pil-float-{value}", lambda f, value=value: f["detector"](Image.fromarray(np.full((8, 8), value, np.float32))),
+       ImageLoadError, "Image input #0 (Image) holds NaN or infinite pixel values; it is not a valid image.")
+      for value in (np.nan, np.inf)],
+    ("nan-tiff-mask", lambda f: load_mask(f["nan_tiff"]), ImageLoadError,
+     "Image file '{nan_tiff}' holds NaN or infinite pixel values"),
+    ("nan-tensor", lambda f: f["detector"](torch.full((3, 8, 8), float("nan"))), ImageLoadError,
+     "input #0 (Tensor): float arrays must hold finite values in [0, 1]."),
 ]  # fmt: skip
 
 
@@ -545,3 +609,48 @@ def test_refused_flags_write_nothing(tmp_path):
 def test_saved_weights_are_as_readable_as_the_config(files):
     modes = {name: (files["model"] / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
     assert modes["model.safetensors"] == modes["config.json"]
+
+
+# ---------------------------------------------------------------- names and folders that strain the file system
+
+
+def test_an_image_name_near_255_bytes_gets_a_short_overlay_name(files, tmp_path):
+    long_names = [f"{'é' * 120}{tag}.png" for tag in ("a", "b")]  # 245 bytes each, sharing a 240-byte prefix
+    for name in long_names:
+        write_image(tmp_path / "images" / name, size=(16, 16))
+    argv = _predict(str(files["model"]), str(tmp_path / "images"), extra=("--threshold", "0.5"))
+
+    assert _run([part.format(tmp=tmp_path) for part in argv]) == 0
+
+    rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    assert [Path(row["image_path"]).name for row in rows] == sorted(long_names)
+    written = [row[column] for row in rows for column in ("overlay", "pred_mask")]
+    assert len(set(written)) == 4 and all(len(name.encode()) <= 255 for name in written)
+    assert all((tmp_path / "out" / name).is_file() for name in written)
+    for index, row in enumerate(rows):
+        assert row["overlay"].startswith(f"{index:05d}_éé") and row["pred_mask"].startswith(f"{index:05d}_éé")
+
+
+def test_scores_json_stays_valid_when_the_run_aborts(files, tmp_path, capsys):
+    argv = _predict(str(files["model"]), str(files["image"]), str(files["truncated"]), extra=("--format", "json"))
+
+    assert _run([part.format(tmp=tmp_path) for part in argv]) == 2  # the truncated image stops the run
+
+    assert _error_line(capsys).startswith(f"cops-hf predict: error: Image file '{files['truncated']}' cannot be read")
+    rows = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert [row["image_path"] for row in rows] == [str(files["image"])] and 0.0 <= rows[0]["pred_score"] <= 1.0
+
+
+def test_symlink_loops_in_a_folder_visit_each_real_folder_once(files, tmp_path):
+    root = tmp_path / "tree"
+    write_image(root / "a" / "one.png", size=(16, 16))
+    write_image(root / "a" / "b" / "two.png", size=(16, 16))
+    write_image(tmp_path / "elsewhere" / "three.png", size=(16, 16))
+    (root / "a" / "b" / "up").symlink_to(root / "a")  # a loop
+    (root / "a" / "b" / "root").symlink_to(root)  # another
+    (root / "linked").symlink_to(tmp_path / "elsewhere")  # a folder linked in, followed once
+    expected = [root / "a" / "b" / "two.png", root / "a" / "one.png", root / "linked" / "three.png"]
+
+    assert expand_image_sources([root]) == [str(path) for path in expected]
+    assert expand_image_sources([f"{root}/**/*.png"]) == [str(path) for path in expected]
+    assert expand_image_sources([f"{root}/a/*.png"]) == [str(root / "a" / "one.png")]

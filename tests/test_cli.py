@@ -93,21 +93,23 @@ def test_help_lists_subcommands(capsys):
 
 
 def test_help_imports_neither_torch_nor_transformers():
-    """`cops-hf --help` and every subcommand's --help stay light: measured in a fresh interpreter."""
+    """`cops-hf --help` and every subcommand's --help stay light (no torch, transformers, accelerate, and none of the
+    optional Ray extra): measured in a fresh interpreter."""
     script = (
         "import sys, contextlib, io\n"
         "from cops_hf.cli import SUBCOMMANDS, main\n"
         "for argv in [['--help'], *[[name, '--help'] for name, *_ in SUBCOMMANDS]]:\n"
         "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
         "        main(argv)\n"
-        "print(sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'transformers', 'accelerate'}))\n"
+        "heavy = {'torch', 'transformers', 'accelerate', 'ray', 'fastapi'}\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules} & heavy))\n"
     )
     completed = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", script], capture_output=True, text=True, check=True, env=_env()
     )
     assert completed.stdout.strip() == "[]"
     imported = {line.rsplit("|", 1)[-1].strip() for line in completed.stderr.splitlines() if "|" in line}
-    assert "cops_hf.cli" in imported and not imported & {"torch", "transformers"}
+    assert "cops_hf.cli" in imported and not imported & {"torch", "transformers", "ray", "fastapi"}
 
 
 def test_every_option_has_help_and_shows_its_default(capsys):

@@ -278,6 +278,7 @@ def test_pushed_repository_files_and_card(hub_env: dict[str, str], hub_server: L
     files = set(api.list_repo_files(REPO_ID))
     assert {"README.md", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= files
     assert REMOTE_CODE_FILES <= files
+    assert "handler.py" in files  # deployable as a custom-handler Inference Endpoint
     assert not [name for name in files if name.endswith(PICKLE_SUFFIXES)]
     assert commit.oid == api.model_info(REPO_ID).sha and commit.commit_url.endswith(commit.oid)
     config = json.loads(Path(hf_hub_download(REPO_ID, "config.json", endpoint=hub_server.url)).read_text())

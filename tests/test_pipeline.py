@@ -162,7 +162,7 @@ def test_urls_are_downloaded(detector, images, tmp_path):
         assert from_url["anomaly_map"].shape == arrays[0].shape[:2]
         with pytest.raises(ImageLoadError, match="missing.png' cannot be downloaded"):
             detector(f"{base}/missing.png")
-        with pytest.raises(ImageLoadError, match="did not return a readable image"):
+        with pytest.raises(ImageLoadError, match="cannot be read"):
             detector(f"{base}/notes.txt")
     finally:
         server.shutdown()

@@ -20,10 +20,13 @@ from .test_conversion import FIXTURE_NAMES, load_fixture, reference_weights
 from .tiny_models import tiny_model
 
 # Every file of a saved detector folder: weights and configuration, the processor (with CLIP's tokenizer: the
-# processor tokenizes `text=`), and the code files transformers needs for trust_remote_code.
+# processor tokenizes `text=`), and the code files transformers needs for trust_remote_code: the core modules and
+# the layer-1 helpers they import (hub_errors: the model checks its source; image_utils, schema).
 DETECTOR_FILES = [
     "config.json",
     "configuration_cops.py",
+    "handler.py",  # the Inference Endpoints handler (cops_hf.hub.write_endpoint_handler)
+    "hub_errors.py",  # modeling_cops imports check_model_source from it, so the remote code carries it
     "image_utils.py",
     "losses.py",
     "model.safetensors",

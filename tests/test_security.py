@@ -5,22 +5,34 @@ Every case asserts the exit code, the first line of the message, and that the at
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
 import pickle
+import re
 import struct
 import zipfile
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from huggingface_hub import constants
+from PIL import Image
 
 from cops_hf.cli import main
 from cops_hf.conversion import read_torchscript_tensors
 from cops_hf.data import DataError, load_meta_dataset, make_record, validate_meta_dataset, write_meta_json
+from cops_hf.file_utils import FORMULA_TRIGGERS, formula_safe_cell
+from cops_hf.image_utils import MAX_URL_BYTES_ENV, ImageLoadError, load_image
+from cops_hf.official import MAX_DOWNLOAD_ATTEMPTS, OfficialReleaseError, download_official_checkpoint
 from cops_hf.processing_cops import CoPSProcessor
 from tests.data_fakes import write_image, write_mask
+from tests.hub_server import LoopbackServer, StaticFileServer, git_blob_id
+from tests.test_bad_inputs import write_png_header
 from tests.test_conversion import FIXTURE_NAMES, load_fixture, reference_weights
 from tests.tiny_models import tiny_model
 
@@ -313,3 +325,214 @@ def test_names_that_would_escape_the_output_folder_are_refused(tmp_path, capsys,
     assert main(["data", "validate", str(root)]) in (1, 2)
     assert sorted(path.name for path in (tmp_path / "deep").iterdir()) == ["data"]
     assert not (tmp_path / "x").exists() and not Path("/abs/dir").exists()
+
+
+# ---------------------------------------------------------------- downloads: bounded, http(s) only, no symlinks
+
+
+class _ScriptedServer(LoopbackServer):
+    """A 127.0.0.1 server whose every GET is answered by `answer(handler)`; `requests` records the Range headers."""
+
+    def __init__(self, answer: Callable[[BaseHTTPRequestHandler], None]) -> None:
+        super().__init__()
+        self.answer, self.requests = answer, []
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - the name BaseHTTPRequestHandler calls
+                server.requests.append(self.headers.get("Range"))
+                server.answer(self)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                """Quiet."""
+
+        return Handler
+
+
+def _send(handler: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    handler.send_response(status)
+    for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def _png_bytes(size: tuple[int, int] = (16, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (90, 40, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_url_images_get_the_pixel_limit_of_files(tmp_path):
+    bomb = write_png_header(tmp_path / "big.png", 10000, 10000).read_bytes()  # 10^8 pixels in 100 bytes
+    with _ScriptedServer(lambda handler: _send(handler, 200, bomb)) as server:
+        with pytest.raises(ImageLoadError, match=r"^Image URL 'http://.*/big.png' is 10000x10000 pixels, over"):
+            load_image(f"{server.url}/big.png")
+
+
+def test_url_images_have_a_byte_cap(tmp_path, monkeypatch):
+    picture = _png_bytes((64, 64))
+    assert len(picture) > 100
+    with _ScriptedServer(lambda handler: _send(handler, 200, picture)) as server:
+        assert load_image(f"{server.url}/a.png").size == (64, 64)
+        monkeypatch.setenv(MAX_URL_BYTES_ENV, "100")
+        with pytest.raises(ImageLoadError, match=f"sends more than 100 bytes, over the cap of {MAX_URL_BYTES_ENV}"):
+            load_image(f"{server.url}/a.png")
+    # Without a Content-Length (the body ends with the connection) the cap holds while reading.
+    def unannounced(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(picture)
+        handler.close_connection = True
+
+    with _ScriptedServer(unannounced) as server:
+        with pytest.raises(ImageLoadError, match="sends more than 100 bytes"):
+            load_image(f"{server.url}/a.png")
+
+
+def test_url_redirects_away_from_http_are_refused():
+    def to_ftp(handler: BaseHTTPRequestHandler) -> None:
+        _send(handler, 302, b"", {"Location": "ftp://127.0.0.1/etc/passwd"})
+
+    with _ScriptedServer(to_ftp) as server:
+        with pytest.raises(ImageLoadError, match="redirect to 'ftp://127.0.0.1/etc/passwd' refused: only http"):
+            load_image(f"{server.url}/a.png")
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def _checkpoint_folder(cache: Path, content: bytes) -> Path:
+    return cache / "cops_hf" / "cqylunlun--CoPS" / git_blob_id(content)
+
+
+def test_a_download_that_keeps_dropping_gives_up_and_leaves_nothing(tmp_path, online):
+    content = bytes(range(256)) * 400
+
+    def ignore_range_and_drop(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)  # the whole file, whatever Range asked for
+        handler.send_header("Content-Length", str(len(content)))
+        handler.end_headers()
+        handler.wfile.write(content[: len(content) // 3])
+        handler.close_connection = True
+
+    cache = tmp_path / "cache"
+    with _ScriptedServer(ignore_range_and_drop) as server:
+        with pytest.raises(OfficialReleaseError, match=f"dropped {MAX_DOWNLOAD_ATTEMPTS} times") as raised:
+            download_official_checkpoint("visa", base_url=server.url, blob_sha1=git_blob_id(content), cache_dir=cache)
+    assert "\n" not in str(raised.value) and "deleted the partial file" in str(raised.value)
+    assert len(server.requests) == MAX_DOWNLOAD_ATTEMPTS
+    assert server.requests[1] == f"bytes={len(content) // 3}-"  # it did try to resume
+    assert not cache.exists()
+
+
+def test_a_symlinked_partial_download_is_never_written_through(tmp_path, online):
+    content = b"checkpoint bytes" * 100
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    folder = _checkpoint_folder(tmp_path / "cache", content)
+    folder.mkdir(parents=True)
+    (folder / "epoch_10.pth.incomplete").symlink_to(victim)
+    with StaticFileServer({"/results/models/visa/epoch_10.pth": content}) as files:
+        with pytest.raises(OfficialReleaseError, match="epoch_10.pth.incomplete is a symbolic link"):
+            download_official_checkpoint("visa", base_url=files.url, blob_sha1=git_blob_id(content),
+                                         cache_dir=tmp_path / "cache")  # fmt: skip
+    assert victim.read_bytes() == b"precious" and files.requests == []
+
+
+@pytest.mark.parametrize("sha1", ["../../x", "abc", "0" * 39, "g" * 40, "0" * 41, "../" + "0" * 37])
+def test_checkpoint_sha1_must_be_40_hex_digits(tmp_path, capsys, online, sha1):
+    cache = tmp_path / "deep" / "cache"
+    with pytest.raises(ValueError, match=f"must be 40 hex digits, got {re.escape(repr(sha1))}"):
+        download_official_checkpoint("visa", base_url="http://127.0.0.1:9", blob_sha1=sha1, cache_dir=cache)
+    with pytest.raises(SystemExit, match="2"):  # argparse refuses it
+        main(["convert", "--official", "visa", "--checkpoint-sha1", sha1, "--output", str(tmp_path / "m")])
+    assert _first_error_line(capsys) == (
+        f"cops-hf convert: error: argument --checkpoint-sha1: must be a SHA-1 of 40 hex digits, got {sha1!r}"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("partial", ["complete", "corrupt"])
+def test_a_complete_partial_download_and_a_416_recover(tmp_path, online, partial):
+    content = b"the published checkpoint " * 200
+    folder = _checkpoint_folder(tmp_path / "cache", content)
+    folder.mkdir(parents=True)
+    kept = content if partial == "complete" else b"X" * len(content)  # all there; or as long, but wrong
+    (folder / "epoch_10.pth.incomplete").write_bytes(kept)
+    with StaticFileServer({"/results/models/visa/epoch_10.pth": content}) as files:
+        for _ in range(2):  # and again, from the cache
+            path = download_official_checkpoint(
+                "visa", base_url=files.url, blob_sha1=git_blob_id(content), cache_dir=tmp_path / "cache"
+            )
+            assert path == folder / "epoch_10.pth" and path.read_bytes() == content
+    # Verified as it was; or refused with 416 for the range past its end, then downloaded afresh, once.
+    expected = [] if partial == "complete" else [("GET", f"bytes={len(content)}-"), ("GET", None)]
+    assert [(method, ranges) for method, _, ranges in files.requests] == expected
+    assert sorted(path.name for path in folder.iterdir() if path.suffix != ".lock") == ["epoch_10.pth"]
+
+
+# ---------------------------------------------------------------- CSV cells that would start a formula
+
+
+def test_formula_cells_are_neutralised():
+    hostile = ["=HYPERLINK(\"x\")", "+1+2", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+    assert [formula_safe_cell(value) for value in hostile] == ["'" + value for value in hostile]
+    harmless = ["bottle", "-0.5", "+1e-3", "-", "", 0.25, None, "a=b"]
+    assert [formula_safe_cell(value) for value in harmless] == harmless
+
+
+def test_every_csv_writer_goes_through_the_formula_guard():
+    package = Path(__file__).resolve().parents[1] / "cops_hf"
+    writers = [
+        f"{path.relative_to(package)}:{number}"
+        for path in package.rglob("*.py")
+        if path.name != "file_utils.py"
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if re.search(r"csv\.(writer|DictWriter)\(", line)
+    ]
+    assert writers == []
+
+
+def test_predict_and_evaluate_csvs_hold_no_formulas(model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("=cmd.png", "@a.png", "+b.png", "-c.png"):
+        write_image(tmp_path / name, size=(16, 16))
+    assert main(["predict", "--model", str(model_dir), "--output", "out", "--no-overlays", "--",
+                 "=cmd.png", "@a.png", "+b.png", "-c.png"]) == 0  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    assert [row["image_path"] for row in rows] == ["'=cmd.png", "'@a.png", "'+b.png", "'-c.png"]
+    assert all(0.0 <= float(row["pred_score"]) <= 1.0 for row in rows)
+
+    data = _dataset(tmp_path / "data", category="=1+1")
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "--output", "evaluation",
+                 "--num-visualizations", "0"]) == 0  # fmt: skip
+    metrics = list(csv.reader(open(tmp_path / "evaluation" / "metrics.csv")))
+    predictions = list(csv.DictReader(open(tmp_path / "evaluation" / "predictions.csv")))
+    assert "'=1+1" in [row[0] for row in metrics] and "=1+1" not in sum(metrics, [])
+    assert {row["category"] for row in predictions} == {"'=1+1"}
+    assert all(not row["image_path"].startswith(FORMULA_TRIGGERS) for row in predictions)
+
+
+def test_the_app_batch_csv_holds_no_formulas(model_dir, tmp_path):
+    from transformers import pipeline
+
+    from cops_hf.app import AnomalyApp, AppModel
+
+    detector = pipeline("anomaly-detection", model=str(model_dir))
+    upload = write_image(tmp_path / "uploads" / '=HYPERLINK("http:evil","x").png', size=(16, 16))
+    logic = AnomalyApp([AppModel.from_detector("tiny", detector)])
+
+    _, rows, csv_path = logic.score_batch([str(upload)], "tiny", 0.5, 0.5, tmp_path / "batch")
+
+    (saved,) = list(csv.DictReader(open(csv_path)))
+    assert saved["image_path"] == "'" + upload.name
+    assert float(saved["pred_score"]) == pytest.approx(rows[0][1], abs=1e-6)

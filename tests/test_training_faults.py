@@ -16,9 +16,10 @@ import pytest
 
 from cops_hf.cli import main
 from cops_hf.data import make_synthetic_dataset
-from cops_hf.file_utils import STAGING_PREFIX
+from cops_hf.file_utils import LOCK_FILENAME, STAGING_PREFIX
 from cops_hf.testing_utils import random_clip_model
 from cops_hf.training import (
+    CoPSTrainer,
     TrainingConfig,
     TrainingResult,
     cops_model_for_training,
@@ -165,3 +166,117 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_good_one(small_disk
     (small_disk / "filler").unlink()
     assert main([*argv, "--epochs", "2"]) == 0
     assert [checkpoint.name for checkpoint in list_checkpoints(run)][-1] == "epoch-0002"
+
+
+# ---------------------------------------------------------------- round two: no silent overwrite, no stale features
+
+
+def test_resume_into_a_final_model_without_checkpoints_never_replaces_it(finished_run, data_root, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    weights = (run / "model.safetensors").read_bytes()
+    argv = ["train", "--random-clip", "tiny", "--data", str(data_root), "--output", str(run), "--epochs", "1",
+            "--image-size", str(IMAGE_SIZE), "--no-cache", "--resume"]  # fmt: skip
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"cops-hf train: error: {run} holds the final model of an earlier run and no checkpoint to resume from: pass "
+        "overwrite=True (--overwrite) to replace it, or choose another output_dir."
+    )
+    assert (run / "model.safetensors").read_bytes() == weights
+    assert main([*argv, "--overwrite"]) == 0
+    assert (run / "model.safetensors").read_bytes() != weights
+
+
+@pytest.mark.parametrize("torn", ['{"epoch": 3, "step": 6, "lo', "\0\0\0\0", '{"epoch": 3}{"epo'])
+def test_a_torn_last_log_line_is_dropped_with_a_warning(finished_run, data_root, tmp_path, caplog, torn):
+    run = _copy(finished_run, tmp_path)
+    log = run / "train_log.jsonl"
+    log.write_text(log.read_text() + torn)  # a crash or a full disk in the middle of an append
+
+    with caplog.at_level(logging.WARNING, logger="cops_hf.training"):
+        result = _train(data_root, run, num_epochs=3, resume=True)
+
+    assert result.resumed_from_epoch == 2
+    assert f"Dropping line 3 of {log}: it is not a complete log record" in caplog.text
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def _cached_epochs(run: Path) -> list[bool]:
+    return [json.loads(line)["cached_features"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_the_feature_cache_sees_images_replaced_in_place(data_root, tmp_path, caplog):
+    root = Path(shutil.copytree(data_root, tmp_path / "data"))
+    cache = tmp_path / "features"
+    _train(root, tmp_path / "first", cache_vision_features=True, cache_dir=cache)
+    assert _cached_epochs(tmp_path / "first") == [False, True]
+    _train(root, tmp_path / "same", cache_vision_features=True, cache_dir=cache)
+    assert _cached_epochs(tmp_path / "same") == [True, True]  # nothing changed: the cache serves from epoch 1
+
+    first, second = (Path(path) for path in load_training_dataset(root)["image_path"][:2])  # training images
+    first.write_bytes(second.read_bytes())  # same path, other pixels
+    with caplog.at_level(logging.WARNING, logger="cops_hf.training"):
+        _train(root, tmp_path / "replaced", cache_vision_features=True, cache_dir=cache)
+    assert _cached_epochs(tmp_path / "replaced") == [False, True]
+    assert "was made for other image or mask files (paths, sizes or modification times)" in caplog.text
+    assert "rebuilding the cache" in caplog.text
+
+    caplog.clear()
+    os.utime(second, ns=(second.stat().st_atime_ns, second.stat().st_mtime_ns + 10**9))  # touched: maybe rewritten
+    with caplog.at_level(logging.WARNING, logger="cops_hf.training"):
+        _train(root, tmp_path / "touched", cache_vision_features=True, cache_dir=cache)
+    assert _cached_epochs(tmp_path / "touched") == [False, True] and "rebuilding the cache" in caplog.text
+
+
+@pytest.fixture
+def other_process() -> Iterator[subprocess.Popen]:
+    process = subprocess.Popen(["sleep", "120"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_naming_the_pid(data_root, tmp_path, capsys, other_process):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILENAME).write_text(str(other_process.pid))  # a live run writing into this folder
+    argv = ["train", "--random-clip", "tiny", "--data", str(data_root), "--output", str(run), "--epochs", "1",
+            "--image-size", str(IMAGE_SIZE), "--no-cache"]  # fmt: skip
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"cops-hf train: error: {run} is being written by another cops-hf train (PID {other_process.pid}): wait for "
+        f"it to end, or choose another output folder; if no such process runs, delete {run / LOCK_FILENAME}."
+    )
+    assert sorted(path.name for path in run.iterdir()) == [LOCK_FILENAME]
+    assert main([*argv, "--resume"]) == 2 and main([*argv, "--overwrite"]) == 2
+
+
+def test_a_running_run_holds_the_lock_and_a_dead_ones_lock_is_taken_over(
+    data_root, tmp_path, caplog, monkeypatch, other_process
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    other_process.kill()
+    other_process.wait()
+    (run / LOCK_FILENAME).write_text(str(other_process.pid))  # left by a run killed with -9
+    holders = []
+    save = CoPSTrainer._save_checkpoint
+    monkeypatch.setattr(
+        CoPSTrainer, "_save_checkpoint",
+        lambda self, epoch: (holders.append((run / LOCK_FILENAME).read_text()), save(self, epoch))[1],
+    )  # fmt: skip
+
+    with caplog.at_level(logging.WARNING, logger="cops_hf"):
+        result = _train(data_root, run)
+
+    assert len(result.history) == 2 and holders == [str(os.getpid())] * 2  # held while writing, by this process
+    assert f"Taking over {run / LOCK_FILENAME}: the process that wrote it ({other_process.pid}) no longer runs" in (
+        caplog.text
+    )
+    assert not (run / LOCK_FILENAME).exists()  # released at the end
+
+    with pytest.raises(ValueError, match="holds checkpoints"):  # a refusal before locking leaves no lock either
+        _train(data_root, run)
+    assert not (run / LOCK_FILENAME).exists()

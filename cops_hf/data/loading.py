@@ -29,7 +29,7 @@ from typing import Any
 
 import datasets
 
-from ..image_utils import ImageLoadError, open_image_file
+from ..image_utils import ImageLoadError, open_image_file, refuse_non_finite_pixels
 from ..schema import LABEL_NAMES
 from .meta import SPLITS, DataError, DataProblem, meta_dataset_name, meta_json_path, read_meta_json, record_problems
 
@@ -216,6 +216,7 @@ def _decoding_problems(image_path: Path, mask_path: Path | None, location: str, 
             with open_image_file(path, kind) as image:
                 if decode:
                     image.load()
+                    refuse_non_finite_pixels(image, kind)
         except ImageLoadError as error:
             problems.append(DataProblem(str(path), str(error).removesuffix("."), location))
     return problems

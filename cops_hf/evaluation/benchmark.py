@@ -8,7 +8,6 @@ all anomalous have no image metrics), as in the paper.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from accelerate import Accelerator
 
 from ..data import DataError, meta_json_path, prepare_dataset
 from ..data.registry import REGISTRY, SUITES, benchmark_name
+from ..file_utils import csv_writer
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
 from ..schema import SHOTS, STD
@@ -159,7 +159,7 @@ def _write_tables(output_dir: Path, result: BenchmarkResult) -> None:
     (output_dir / "benchmark.json").write_text(json.dumps(result.to_dict(), indent=2))
     (output_dir / "benchmark.md").write_text(result.format_table(markdown=True) + "\n")
     with open(output_dir / "benchmark.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv_writer(handle)
         writer.writerow([result.dataset_heading, *METRIC_DISPLAY_NAMES.values()])
         for name, values in result.metrics.items():
             writer.writerow(

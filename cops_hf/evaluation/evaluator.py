@@ -7,7 +7,6 @@ dataset and the main process gathers the results, so the metrics equal a single-
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import json
 import logging
@@ -22,10 +21,11 @@ from accelerate import Accelerator
 
 from ..data import has_masks, load_meta_dataset, meta_dataset_name
 from ..data.registry import resolve_test_preset
+from ..file_utils import csv_dict_writer, csv_writer
 from ..image_utils import load_image
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
-from ..schema import GT_LABEL, IMAGE_PATH, LABEL_NAMES, PRED_SCORE, dataset_key, decision_label
+from ..schema import ANOMALY_MAP, GT_LABEL, GT_MASK, IMAGE_PATH, LABEL_NAMES, PRED_SCORE, dataset_key, decision_label
 from ..visualization import (
     DEFAULT_ALPHA,
     DEFAULT_COLORMAP,
@@ -173,7 +173,7 @@ def evaluate_dataset(
         {"index": index, **{name: values[index] for name, values in columns.items()}} for index in range(len(dataset))
     ]
     reference_paths = {path for paths in (references or {}).values() for path in paths}
-    scored_rows = [row for row in rows if row["image_path"] not in reference_paths]
+    scored_rows = [row for row in rows if row[IMAGE_PATH] not in reference_paths]
     if len(scored_rows) < len(rows):
         logger.warning("%d test images serve as references: left out of scoring.", len(rows) - len(scored_rows))
     rows, num_left_out = scored_rows, len(rows) - len(scored_rows)
@@ -193,23 +193,47 @@ def evaluate_dataset(
     protocol["dataset"] = meta_dataset_name(data_root) or Path(data_root).resolve().name
     if references is not None:
         protocol["left_out_of_scoring"] = num_left_out
+    records, pixel_records = _category_records(rows, ordered, pixel_level)
+    result = EvaluationResult(
+        report=compute_zsad_metrics(pixel_records),
+        protocol=protocol,
+        image_paths=[row[IMAGE_PATH] for row in rows],
+        categories=[row["cls_name"] for row in rows],
+        image_scores=np.asarray([item[PRED_SCORE] for item in ordered]),
+        image_labels=np.asarray([int(row[GT_LABEL]) for row in rows]),
+        test_preset=preset,
+    )
+    if output_dir is not None:
+        style = {
+            "colormap_name": colormap_name,
+            "alpha": alpha,
+            "image_threshold": model.config.image_threshold,
+            "pixel_threshold": model.config.pixel_threshold,
+        }
+        result.files = _write_outputs(Path(output_dir), result, records, rows, num_visualizations, style)
+    return result
 
+
+def _category_records(
+    rows: list[dict[str, Any]], ordered: list[dict[str, Any]], pixel_level: bool
+) -> tuple[dict[str, CategoryRecord], dict[str, CategoryRecord]]:
+    """Group the scored rows by category: all images, and those that count at pixel level (for the pixel metrics)."""
     grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row, result in zip(rows, ordered, strict=True):
         group = grouped[row["cls_name"]]
-        group["pred_score"].append(result["pred_score"])
-        group["gt_label"].append(int(row["gt_label"]))
+        group[PRED_SCORE].append(result[PRED_SCORE])
+        group[GT_LABEL].append(int(row[GT_LABEL]))
         if pixel_level:
-            group["anomaly_map"].append(result["anomaly_map"])
-            group["gt_mask"].append(result["gt_mask"])
+            group[ANOMALY_MAP].append(result[ANOMALY_MAP])
+            group[GT_MASK].append(result[GT_MASK])
             # An anomalous image without a mask counts at image level only (docs/protocol.md, mask rules).
-            group["pixel_level"].append(bool(row["mask_path"]) or not row["gt_label"])
+            group["pixel_level"].append(bool(row["mask_path"]) or not row[GT_LABEL])
     records = {
         name: CategoryRecord(
-            image_scores=np.asarray(group["pred_score"]),
-            image_labels=np.asarray(group["gt_label"]),
-            anomaly_maps=np.stack(group["anomaly_map"]) if pixel_level else None,
-            gt_masks=np.stack(group["gt_mask"]) if pixel_level else None,
+            image_scores=np.asarray(group[PRED_SCORE]),
+            image_labels=np.asarray(group[GT_LABEL]),
+            anomaly_maps=np.stack(group[ANOMALY_MAP]) if pixel_level else None,
+            gt_masks=np.stack(group[GT_MASK]) if pixel_level else None,
         )
         for name, group in grouped.items()
     }
@@ -223,25 +247,7 @@ def evaluate_dataset(
         else record
         for name, record in records.items()
     }
-    report = compute_zsad_metrics(pixel_records)
-    result = EvaluationResult(
-        report=report,
-        protocol=protocol,
-        image_paths=[row["image_path"] for row in rows],
-        categories=[row["cls_name"] for row in rows],
-        image_scores=np.asarray([item["pred_score"] for item in ordered]),
-        image_labels=np.asarray([int(row["gt_label"]) for row in rows]),
-        test_preset=preset,
-    )
-    if output_dir is not None:
-        style = {
-            "colormap_name": colormap_name,
-            "alpha": alpha,
-            "image_threshold": model.config.image_threshold,
-            "pixel_threshold": model.config.pixel_threshold,
-        }
-        result.files = _write_outputs(Path(output_dir), result, records, rows, num_visualizations, style)
-    return result
+    return records, pixel_records
 
 
 def _score_rows(
@@ -287,8 +293,8 @@ def _predictions(
         **scoring,
     )
     return [
-        {"index": rows[prediction.index]["index"], "pred_score": prediction.pred_score}
-        | ({"anomaly_map": prediction.anomaly_map, "gt_mask": prediction.gt_mask} if pixel_level else {})
+        {"index": rows[prediction.index]["index"], PRED_SCORE: prediction.pred_score}
+        | ({ANOMALY_MAP: prediction.anomaly_map, GT_MASK: prediction.gt_mask} if pixel_level else {})
         for prediction in predictions
     ]
 
@@ -305,12 +311,12 @@ def _write_outputs(
     files = [output_dir / "metrics.csv", output_dir / "metrics.json", output_dir / "predictions.csv"]
     table_rows = result.report.to_rows()
     with open(files[0], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table_rows[0]))
+        writer = csv_dict_writer(handle, list(table_rows[0]))
         writer.writeheader()
         writer.writerows(table_rows)
     files[1].write_text(json.dumps({**result.report.to_dict(), "protocol": result.protocol}, indent=2))
     with open(files[2], "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv_writer(handle)
         writer.writerow([IMAGE_PATH, "category", GT_LABEL, PRED_SCORE])
         for path, category, label, score in zip(
             result.image_paths, result.categories, result.image_labels, result.image_scores, strict=True

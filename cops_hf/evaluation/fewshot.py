@@ -14,7 +14,6 @@ Files (with an output folder): `OUT/seed-<S>/` holds each seed's evaluation file
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..data import load_meta_dataset, read_meta_json
+from ..file_utils import csv_writer
 from ..modeling_cops import CoPSForAnomalyDetection
 from ..processing_cops import CoPSProcessor
 from ..schema import PER_SEED, REFERENCE_SPLIT, REFERENCES, SHOT_SEEDS, SHOTS, STD
@@ -253,7 +253,7 @@ def _write_outputs(output_dir: Path, result: FewShotResult) -> list[Path]:
     metrics_json, metrics_csv = output_dir / "metrics.json", output_dir / "metrics.csv"
     metrics_json.write_text(json.dumps(result.to_dict(), indent=2))
     with open(metrics_csv, "w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv_writer(handle)
         writer.writerow(["category", *METRIC_NAMES, *(f"{name}_std" for name in METRIC_NAMES)])
         rows = [*result.per_category_std.items(), ("mean", result.std)]
         averages = [*result.report.per_category.values(), result.report.mean]

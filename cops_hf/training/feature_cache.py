@@ -37,11 +37,20 @@ class VisionFeatureCache:
             self.directory.mkdir(parents=True, exist_ok=True)
             manifest = self._manifest_path()
             if manifest.is_file():
-                content = json.loads(manifest.read_text())
-                if content.get("fingerprint") == fingerprint:
-                    self._files = {int(index): name for index, name in content["files"].items()}
+                try:
+                    content = json.loads(manifest.read_text())
+                    recorded, files = content.get("fingerprint"), content["files"]
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    logger.warning("Feature cache manifest %s cannot be read; rebuilding the cache.", manifest)
+                    return
+                if recorded == fingerprint:
+                    self._files = {int(index): name for index, name in files.items()}
                 else:
-                    logger.warning("Feature cache %s was made for other data or weights; recomputing.", manifest)
+                    logger.warning(
+                        "Feature cache %s was made for other image or mask files (paths, sizes or modification "
+                        "times), vision weights or precision; rebuilding the cache.",
+                        manifest,
+                    )
 
     def _manifest_path(self) -> Path:
         return self.directory / f"manifest-process{self.process_index}.json"
@@ -110,7 +119,10 @@ class VisionFeatureCache:
 def vision_fingerprint(
     model: CoPSForAnomalyDetection, dataset: datasets.Dataset, mixed_precision: str, num_processes: int
 ) -> str:
-    """Hash of what the cached features depend on: data files, vision tower (config and weights), precision."""
+    """Hash of what the cached features depend on: data files, vision tower (config and weights), precision.
+
+    Each data file counts with its path, size and modification time, so that images replaced in place are seen.
+    """
     config = model.config
     digest = hashlib.sha256()
     vision_fields = {
@@ -124,11 +136,19 @@ def vision_fingerprint(
     digest.update(json.dumps(vision_fields, sort_keys=True, default=str).encode())
     for column in ("image_path", "mask_path"):
         if column in dataset.column_names:
-            digest.update("\n".join(dataset[column]).encode())
+            digest.update("\n".join(_file_signature(path) for path in dataset[column]).encode())
     digest.update(weights_digest(model.clip.vision_model).encode())
     with torch.no_grad():
         digest.update(f"{model.clip.visual_projection.weight.double().sum().item():.12e}".encode())
     return digest.hexdigest()
+
+
+def _file_signature(path: str | None) -> str:
+    """`path`, its size and modification time (ns); only the path when it names no file (e.g. no mask)."""
+    if not path or not os.path.isfile(path):
+        return f"{path}"
+    status = os.stat(path)
+    return f"{path}\t{status.st_size}\t{status.st_mtime_ns}"
 
 
 def weights_digest(module: torch.nn.Module) -> str:

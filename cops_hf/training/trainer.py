@@ -7,7 +7,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,14 +15,20 @@ from typing import Any
 import datasets
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPModel
 from transformers.utils import CONFIG_NAME
 
 from ..clip_loading import load_clip_model
-from ..file_utils import STAGING_PREFIX, atomic_write
+from ..file_utils import (
+    STAGING_PREFIX,
+    FolderLockedError,
+    acquire_folder_lock,
+    atomic_write,
+    release_folder_lock,
+)
 from ..hub import save_detector
 from ..losses import LOSS_TERMS
 from ..modeling_cops import CoPSForAnomalyDetection, CoPSVisionOutput
@@ -142,20 +148,48 @@ class CoPSTrainer:
     # -- public ---------------------------------------------------------------------------------------------
 
     def train(self) -> TrainingResult:
-        """Run (or resume) the training, save the final model and processor, and return the result."""
-        config, accelerator = self.config, self.accelerator
-        if list_checkpoints(self.output_dir) and not config.resume:
+        """Run (or resume) the training, save the final model and processor, and return the result.
+
+        While it runs, `output_dir` is locked (`cops_hf.file_utils.LOCK_FILENAME`, by the main process): a second run
+        into the same folder is refused, naming this one's PID.
+        """
+        config = self.config
+        checkpoints = list_checkpoints(self.output_dir)
+        if checkpoints and not config.resume:
             raise ValueError(
                 f"{self.output_dir} holds checkpoints of an earlier run: pass resume=True (--resume) to continue it, "
                 "or choose another output_dir."
             )
-        if not config.resume and not config.overwrite and (self.output_dir / CONFIG_NAME).is_file():
+        if not config.overwrite and (self.output_dir / CONFIG_NAME).is_file() and not checkpoints:
+            resuming = " and no checkpoint to resume from" if config.resume else ""
             raise ValueError(
-                f"{self.output_dir} holds the final model of an earlier run: pass overwrite=True (--overwrite) to "
-                "replace it, or choose another output_dir."
+                f"{self.output_dir} holds the final model of an earlier run{resuming}: pass overwrite=True "
+                "(--overwrite) to replace it, or choose another output_dir."
             )
+        with self._output_folder_lock():
+            return self._train_in_locked_folder()
+
+    @contextmanager
+    def _output_folder_lock(self) -> Iterator[None]:
+        """Hold `output_dir`'s lock for the block: taken by the main process, its refusal raised by every process."""
+        accelerator, lock, refusal = self.accelerator, None, None
         if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = acquire_folder_lock(self.output_dir, "cops-hf train")
+            except FolderLockedError as error:
+                refusal = str(error)
+        refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise FolderLockedError(refusal)
+        try:
+            yield
+        finally:
+            if lock is not None:
+                release_folder_lock(lock)
+
+    def _train_in_locked_folder(self) -> TrainingResult:
+        config, accelerator = self.config, self.accelerator
+        if accelerator.is_main_process:
             self._remove_interrupted_saves()
         accelerator.wait_for_everyone()
         self.fingerprint = run_fingerprint(self.model, self.train_dataset)
@@ -378,7 +412,15 @@ class CoPSTrainer:
         log = self.output_dir / TRAIN_LOG_FILENAME
         if not log.is_file():
             return
-        kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["epoch"] <= last_epoch]
+        kept = []
+        for number, line in enumerate(log.read_text(errors="replace").splitlines(), start=1):
+            try:
+                epoch = json.loads(line)["epoch"] if line.strip() else None
+            except (json.JSONDecodeError, TypeError, KeyError):
+                logger.warning("Dropping line %d of %s: it is not a complete log record (a torn write).", number, log)
+                continue
+            if epoch is not None and epoch <= last_epoch:
+                kept.append(line)
         with atomic_write(log) as temporary:
             temporary.write_text("".join(line + "\n" for line in kept))
 
