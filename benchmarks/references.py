@@ -72,8 +72,7 @@ def main() -> None:
         zero_shot = best_of(lambda: model(pixel_values, vae_noise=noise), args.repeats)
         vision = model.dual_path_vision_forward(pixel_values)
         grid = (config.patch_grid_size, config.patch_grid_size)
-        # [1, F, N, D] smoothed tokens, as the forward scores them
-        smoothed = model.reference_features(pixel_values)
+        patch_embeds = model.reference_features(pixel_values)  # [1, F, N, D], what the forward searches with
         baseline = model(vision_outputs=vision, vae_noise=noise)
     print(f"zero-shot forward, batch 1: {zero_shot:.3f} s (best of {args.repeats})\n")
     print("    k  memory rows  memory MiB  added s  added/zero-shot  search peak RSS MiB")
@@ -85,7 +84,7 @@ def main() -> None:
             outputs = CoPSAnomalyDetectionOutput(
                 image_scores=baseline.image_scores.clone(), anomaly_maps=baseline.anomaly_maps.clone()
             )
-            model._fuse_references(outputs, smoothed, grid, (size, size))
+            model._fuse_references(outputs, patch_embeds, grid, (size, size))
 
         with torch.no_grad():
             added = best_of(fuse, args.repeats)

@@ -329,8 +329,8 @@ def _run_references(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise ValueError(f"--images {error}") from error
     output = Path(args.output)
-    if (output / "config.json").exists() and not args.overwrite:
-        raise ValueError(f"--output {output} already holds a model; pass --overwrite to replace it")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise ValueError(f"--output {output} already holds files; pass --overwrite to replace them")
     detector = load_detector(args.model, device=args.device, dtype=args.dtype)
     count = detector.set_references(references)
     save_detector(detector.model, detector.processor, output, overwrite=args.overwrite)

@@ -216,7 +216,9 @@ class CoPSConfig(PretrainedConfig):
         reference_weight (`float`): weight w of the few-shot reference map when references are set:
             `anomaly_map = (1 - w) * zero_shot_map + w * reference_map` and
             `score = (1 - w) * zero_shot_score + w * max(reference_map)` (WinCLIP+'s average at w = 0.5). The
-            default was chosen by an ablation on synthetic data (benchmarks/README.md). Unused without references.
+            default 1.0 (the reference map alone) won the ablation on synthetic data with random towers
+            (`benchmarks/reference_weight.py`, table in benchmarks/README.md), whose zero-shot maps carry little
+            signal; with real CLIP weights a lower weight mixes in the zero-shot map. Unused without references.
         reference_memory_limit (`int`): most memory rows (patch features) kept per feature layer; a larger memory
             is subsampled to it by a greedy k-center coreset (PatchCore's), which bounds the search cost.
         reference_memory_size (`int`): rows per feature layer of the stored memory (the `reference_memory` buffer
@@ -266,7 +268,7 @@ class CoPSConfig(PretrainedConfig):
     train_split: str | None = None
     train_real_images: int | None = None
     train_synthetic_images: int | None = None
-    reference_weight: float = 0.5
+    reference_weight: float = 1.0
     reference_memory_limit: int = 16384
     reference_memory_size: int = 0
     reference_count: int = 0

@@ -289,6 +289,16 @@ CLI_CASES: list[tuple[str, list[str], int, str]] = [
      f"cops-hf predict: error: Image file '{{big}}' is 10000x10000 pixels, over the limit of {PIL_LIMIT} pixels"),
     ("predict-skip-invalid-all-failed", _predict("{model}", "{text}", "{bomb}", extra=("--skip-invalid",)), 2,
      "cops-hf predict: error: no image could be scored (Image file '{text}' cannot be read"),
+    # predict and references: normal references (few-shot)
+    ("predict-references-no-images", _predict("{model}", "{image}", extra=("--references", "{root}/weights")), 2,
+     "cops-hf predict: error: --references {root}/weights: folder holds no image files (.bmp, .jpeg, .jpg, .png, "),
+    ("predict-references-unreadable", _predict("{model}", "{image}", extra=("--references", "{text}")), 2,
+     "cops-hf predict: error: Reference images: Image file '{text}' cannot be read (cannot identify image file"),
+    ("references-missing-images", ["references", "--model", "{model}", "--images", "{tmp}/gone", *OUT], 2,
+     "cops-hf references: error: --images {tmp}/gone: no such file or folder; pass image files, folders or glob "
+     "patterns"),
+    ("references-truncated-image", ["references", "--model", "{model}", "--images", "{truncated}", *OUT], 2,
+     "cops-hf references: error: Reference images: Image file '{truncated}' cannot be read ("),
     # predict: flags, refused before any work
     *[(f"predict-{flag[2:]}-{value}", _predict("{model}", "{image}", extra=(flag, value)), 2,
        f"cops-hf predict: error: argument {flag}: must be a finite number in [0, 1], got '{value}'")
@@ -732,6 +742,10 @@ API_CASES: list[tuple[str, Callable[[dict], object], type[Exception], str]] = [
      "Image file '{root}' is a directory; give the image files in it."),
     ("bomb", lambda f: load_image(f["bomb"]), ImageLoadError,
      f"Image file '{{bomb}}' declares more than {2 * PIL_LIMIT} pixels"),
+    ("references-empty", lambda f: f["detector"].set_references([]), ValueError,
+     "No reference images were given: pass a non-empty list of normal images."),
+    ("references-unreadable", lambda f: f["detector"].set_references([f["image"], f["text"]]), ImageLoadError,
+     "Reference images: Image file '{text}' cannot be read (cannot identify image file"),
     ("wrong-shape", lambda f: load_image(np.zeros((2, 3, 5, 7))), ImageLoadError,
      "input #0 (ndarray): expected an HxW, HxWx3 or HxWx4 array, got shape [2, 3, 5, 7]."),
     ("pipeline-processor-size", lambda f: pipeline("anomaly-detection", model=f["detector"].model,
@@ -764,6 +778,16 @@ def test_api_matrix(files, detector, call, error, message):
     with pytest.raises(error) as raised:
         call({**files, "detector": detector})
     assert str(raised.value).splitlines()[0].startswith(message.format(**{name: str(v) for name, v in files.items()}))
+
+
+def test_references_of_another_size_or_mode_are_processed_like_any_image(files):
+    from transformers import pipeline
+
+    grey = np.random.default_rng(0).integers(0, 256, (30, 50), dtype=np.uint8)
+    rgba = np.random.default_rng(1).integers(0, 256, (120, 40, 4), dtype=np.uint8)
+    referenced = pipeline("anomaly-detection", model=str(files["model"]), references=[files["image"], grey, rgba])
+    assert referenced.model.num_references == 3
+    assert 0.0 <= referenced(str(files["image"]))["score"] <= 1.0
 
 
 def test_skip_invalid_keeps_the_rest_of_the_batch(files, detector):

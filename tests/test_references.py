@@ -11,14 +11,18 @@ import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import pipeline
 
 from cops_hf import CoPSForAnomalyDetection, CoPSProcessor
 from cops_hf.cli import main
 from cops_hf.data import DEFAULT_TEST_CATEGORIES, DEFECT_TYPES, render_synthetic_sample
+from cops_hf.demo import run_demo
 from cops_hf.evaluation.metrics import pixel_auroc
 from cops_hf.modeling_cops import greedy_coreset, nearest_reference_distance
 from cops_hf.testing_utils import random_cops_config, random_cops_model
+from tests.hub_server import USER_NAME, LocalHub
+from tests.test_hub_integration import _inputs, _run_python
 
 from .tiny_models import tiny_model
 
@@ -46,8 +50,11 @@ def _scored(model: CoPSForAnomalyDetection, pixel_values: torch.Tensor):
 
 @pytest.mark.parametrize(("tower", "size"), [("tiny", 98), ("small", 112)])
 def test_references_raise_pixel_auroc_on_held_out_categories(tower: str, size: int) -> None:
+    """Four normal references of each unseen category; measured: tiny 0.76 -> 0.97 and 0.54 -> 0.94, small
+    0.81 -> 0.96 and 0.84 -> 0.95 (checker, ring)."""
     model = random_cops_model(random_cops_config(tower, image_size=size))
     processor = CoPSProcessor.for_image_size(size)
+    gains = []
     for category in DEFAULT_TEST_CATEGORIES:
         images, masks = _synthetic_category(category, size, 6)
         pixel_values = processor(images=images)["pixel_values"]
@@ -55,7 +62,9 @@ def test_references_raise_pixel_auroc_on_held_out_categories(tower: str, size: i
         model.set_references(processor(images=_normals(category, size, 4))["pixel_values"])
         few_shot = pixel_auroc(_scored(model, pixel_values).anomaly_maps.numpy(), masks)
         model.clear_references()
-        assert few_shot > 0.85 and few_shot > zero_shot + 0.15, (tower, category, zero_shot, few_shot)
+        assert few_shot > 0.9 and few_shot > zero_shot + 0.05, (tower, category, zero_shot, few_shot)
+        gains.append(few_shot - zero_shot)
+    assert np.mean(gains) > 0.1, gains
 
 
 def test_an_empty_memory_gives_todays_outputs_exactly() -> None:
@@ -181,8 +190,8 @@ def test_cli_references_then_predict(tmp_path: Path, capsys: pytest.CaptureFixtu
     capsys.readouterr()
     assert main(argv) == 2
     assert capsys.readouterr().err == (
-        f"cops-hf references: error: --output {tmp_path / 'ref'} already holds a model; "
-        "pass --overwrite to replace it\n"
+        f"cops-hf references: error: --output {tmp_path / 'ref'} already holds files; "
+        "pass --overwrite to replace them\n"
     )
     config = json.loads((tmp_path / "ref" / "config.json").read_text())
     assert config["reference_count"] == 3 and config["reference_sources"] == [f"good{i}.png" for i in range(3)]
@@ -193,3 +202,50 @@ def test_cli_references_then_predict(tmp_path: Path, capsys: pytest.CaptureFixtu
                  "--output", str(tmp_path / "flag")]) == 0  # fmt: skip
     saved = (tmp_path / "saved" / "scores.csv").read_text()
     assert saved == (tmp_path / "flag" / "scores.csv").read_text()
+
+
+def test_referenced_model_from_the_local_hub_with_remote_code(
+    hub_env: dict[str, str], hub_server: LocalHub, tmp_path: Path
+) -> None:
+    """Pushed with transformers' own `push_to_hub`, the memory comes back in a process that cannot import cops_hf."""
+    model = tiny_model()
+    model.set_references(torch.randn(2, 3, 98, 98), sources=["a.png", "b.png"])
+    repo_id = f"{USER_NAME}/tiny-cops-referenced"
+    model.push_to_hub(repo_id)
+    CoPSProcessor.for_image_size(98).push_to_hub(repo_id)
+    inputs = _inputs(model, tmp_path / "inputs.safetensors")
+    output = _run_python(
+        f"""
+        import torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained({repo_id!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            result = model(**load_file("inputs.safetensors"))
+        save_file({{"memory": model.reference_memory.contiguous(), "anomaly_maps": result.anomaly_maps.contiguous(),
+                   "image_scores": result.image_scores.contiguous(),
+                   "reference_maps": result.reference_maps.contiguous()}}, "outputs.safetensors")
+        print("references", model.num_references, model.config.reference_sources, type(model).__module__)
+        """,
+        hub_env,
+        tmp_path,
+        with_cops_hf=False,
+    )
+    assert "references 2 ['a.png', 'b.png'] transformers_modules." in output
+    remote = load_file(str(tmp_path / "outputs.safetensors"))
+    # Exact: the memory is stored float32 and read back byte for byte.
+    assert torch.equal(remote["memory"], model.reference_memory)
+    with torch.no_grad():
+        expected = model(**inputs)
+    for name in ("anomaly_maps", "image_scores", "reference_maps"):
+        torch.testing.assert_close(remote[name], getattr(expected, name), atol=1e-6, rtol=0, msg=name)
+
+
+def test_demo_reports_zero_shot_next_to_two_shot(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, num_epochs=1, images_per_category=4, image_size=56, progress_bar=False)
+    assert result.shots == 2 and result.few_shot.per_category.keys() == result.evaluation.report.per_category.keys()
+    assert result.few_shot.mean["pixel_auroc"] > result.evaluation.report.mean["pixel_auroc"] + 0.1
+    mean_row = result.comparison_table().splitlines()[-1]
+    zero_shot, two_shot = result.evaluation.report.mean["pixel_auroc"], result.few_shot.mean["pixel_auroc"]
+    assert mean_row.startswith("mean") and f"{100 * zero_shot:.1f} / {100 * two_shot:.1f}" in mean_row
