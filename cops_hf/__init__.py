@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from .lazy_exports import lazy_exports
+
 __version__ = "0.1.0"
 
 _PUBLIC_NAMES = {
@@ -44,17 +46,7 @@ if TYPE_CHECKING:
     from .processing_cops import CoPSImageProcessor, CoPSProcessor
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _PUBLIC_NAMES.get(name)
-    if module_name is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module_name}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_PUBLIC_NAMES])
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC_NAMES)
 
 
 _registered = False

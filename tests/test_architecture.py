@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "hub_errors": HELPERS,
     "random_towers": HELPERS,
     "clip_loading": HELPERS,
+    "lazy_exports": HELPERS,
     "assets": HELPERS,  # packaged files; assets/endpoint_handler.py (a detector's handler.py) imports no cops_hf
     "configuration_cops": CORE,
     "modeling_cops": CORE,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ast
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,17 +102,6 @@ def test_into_existing_keeps_the_other_files_of_a_run(tmp_path: Path) -> None:
 
     assert sorted(path.name for path in run.iterdir()) == sorted([*DETECTOR_FILES, "checkpoints", "train_log.jsonl"])
     assert (run / "train_log.jsonl").read_text() == '{"epoch": 1}\n'
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB tmpfs, so that a disk can really fill up; skipped where mounting is not allowed."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); the disk-full test needs a small real disk")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_convert_over_a_model_on_a_full_disk_leaves_the_old_model_loading(

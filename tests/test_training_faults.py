@@ -132,17 +132,6 @@ def test_no_intact_checkpoint_is_a_clear_error(finished_run, data_root, tmp_path
         _train(data_root, run, num_epochs=3, resume=True)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB tmpfs, so that a disk can really fill up; skipped where mounting is not allowed."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); the disk-full test needs a small real disk")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_good_one(small_disk, data_root, capsys):
     run = small_disk / "run"
     argv = ["train", "--random-clip", "tiny", "--data", str(data_root), "--output", str(run), "--resume",

@@ -11,8 +11,7 @@ Typical use::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy_exports import lazy_exports
 
 # Public name -> the module defining it; loaded on first access, so that light users (the CLI's --help reads
 # the dataset registry) do not import datasets and torch.
@@ -71,17 +70,7 @@ _PUBLIC_NAMES = {
     "render_synthetic_sample": "synthetic",
 }
 
-def __getattr__(name: str) -> Any:
-    module_name = _PUBLIC_NAMES.get(name)
-    if module_name is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module_name}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_PUBLIC_NAMES])
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC_NAMES)
 
 
 __all__ = sorted(_PUBLIC_NAMES)
