@@ -875,7 +875,7 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         compute_dtype = self.prompt_synthesizer.normal_context.dtype
         image_embeds = vision_outputs.image_embeds.to(compute_dtype)
         layer_patch_embeds = vision_outputs.patch_embeds.to(compute_dtype)
-        batch_size, num_layers, num_patches, dim = layer_patch_embeds.shape
+        batch_size = layer_patch_embeds.shape[0]
         # [B, F, N, D] -> [B*F, N, D] -> smoothed -> [B, F, N, D]
         smoothed = neighbour_average(layer_patch_embeds.flatten(0, 1), grid, kernel_size).view_as(layer_patch_embeds)
         fused = smoothed.mean(dim=1)  # [B, N, D]
@@ -883,57 +883,20 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
         normal_distances = nearest_prototype_distance(fused, normal_prototypes)
         anomalous_distances = nearest_prototype_distance(fused, anomalous_prototypes)
 
-        vae = self.class_token_vae
-        if training_path:
-            mean, log_var = vae.encode(image_embeds)
-            noise = vae_noise if vae_noise is not None else torch.randn_like(mean).unsqueeze(1)
-            self._check_noise(noise, (batch_size, 1, dim))
-            latents = mean + torch.exp(0.5 * log_var) * noise[:, 0].to(mean.dtype)
-            class_tokens = vae.decode(latents).unsqueeze(1)  # [B, 1, D]
-            text_embeds = self.synthesize_text_embeds(
-                normal_prototypes.detach(), anomalous_prototypes.detach(), class_tokens
-            )
-        else:
-            noise = vae_noise
-            if noise is None and self.training:
-                noise = torch.randn(
-                    batch_size, self.config.vae_samples, dim, device=image_embeds.device, dtype=compute_dtype
-                )
-            elif noise is None:
-                noise = self.seeded_prior_noise(batch_size, DEFAULT_NOISE_SEED).to(image_embeds.device)
-            self._check_noise(noise, (batch_size, None, dim))
-            class_tokens = vae.decode(noise.to(compute_dtype))  # [B, S, D]
-            text_embeds = self.synthesize_text_embeds(normal_prototypes, anomalous_prototypes, class_tokens)
+        class_tokens, posterior = self._class_tokens(image_embeds, vae_noise, training_path)
+        if training_path:  # as the reference trains: no gradient reaches the prototypes through the text path
+            normal_prototypes, anomalous_prototypes = normal_prototypes.detach(), anomalous_prototypes.detach()
+        text_embeds = self.synthesize_text_embeds(normal_prototypes, anomalous_prototypes, class_tokens)
 
         state_probs = self._state_probs(smoothed.float(), text_embeds.float())  # [B, F, N, 2]
         image_unit = image_embeds.float() / image_embeds.float().norm(dim=-1, keepdim=True)
         image_logits = torch.einsum("bd,bsd->bs", image_unit, text_embeds.float()) / self.config.temperature
 
         if training_path:
-            # [B, F, N, 2] -> [B*F, 2, N] -> [B*F, 2, H, W] -> [B, F, 2, H, W]
-            state_maps = self._upsample_patches(state_probs.flatten(0, 1).transpose(1, 2), grid, output_size)
-            state_maps = state_maps.view(batch_size, num_layers, 2, *output_size)
-            loss, terms = cops_objective(
-                image_logits=image_logits,
-                labels=labels,
-                state_maps=state_maps,
-                masks=self._binary_masks(masks, batch_size, output_size) if masks is not None else None,
-                normal_distances=normal_distances,
-                anomalous_distances=anomalous_distances,
-                posterior_mean=mean,
-                posterior_log_var=log_var,
-                image_embeds=image_embeds,
-                class_tokens=class_tokens[:, 0],
-                patch_size=patch,
-                use_recon_loss=self.config.use_recon_loss,
-            )
-            outputs = CoPSAnomalyDetectionOutput(
-                loss=loss,
-                loss_terms={name: value.detach() for name, value in terms.items()},
-                image_scores=image_logits.softmax(dim=-1)[:, ANOMALOUS],
-                anomaly_maps=state_maps[:, -1, ANOMALOUS],
-                patch_scores=state_probs[:, -1, :, ANOMALOUS],
-            )
+            outputs = self._training_outputs(
+                state_probs, image_logits, grid, output_size, labels, masks, normal_distances, anomalous_distances,
+                posterior, image_embeds, class_tokens,
+            )  # fmt: skip
         else:
             outputs = self._inference_outputs(
                 state_probs, image_logits, grid, output_size, normal_distances, anomalous_distances
@@ -949,6 +912,74 @@ class CoPSForAnomalyDetection(CoPSPreTrainedModel):
                 raise ValueError(f"Got {len(original_sizes)} original_sizes for {batch_size} images.")
             outputs.original_sizes = [(int(height), int(width)) for height, width in original_sizes]
         return outputs if return_dict else outputs.to_tuple()
+
+    def _class_tokens(
+        self, image_embeds: torch.Tensor, vae_noise: torch.Tensor | None, training_path: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Class tokens from the VAE, and the posterior `(mean, log_var)` on the training path (else None).
+
+        Training path: one reparameterized posterior sample per image, `[B, 1, D]`. Inference: `[B, S, D]` prior
+        samples decoded from `vae_noise`, else from seeded noise in eval mode, else from torch's generator.
+        """
+        vae = self.class_token_vae
+        batch_size, dim = image_embeds.shape
+        if training_path:
+            mean, log_var = vae.encode(image_embeds)
+            noise = vae_noise if vae_noise is not None else torch.randn_like(mean).unsqueeze(1)
+            self._check_noise(noise, (batch_size, 1, dim))
+            latents = mean + torch.exp(0.5 * log_var) * noise[:, 0].to(mean.dtype)
+            return vae.decode(latents).unsqueeze(1), (mean, log_var)
+        noise = vae_noise
+        if noise is None and self.training:
+            noise = torch.randn(
+                batch_size, self.config.vae_samples, dim, device=image_embeds.device, dtype=image_embeds.dtype
+            )
+        elif noise is None:
+            noise = self.seeded_prior_noise(batch_size, DEFAULT_NOISE_SEED).to(image_embeds.device)
+        self._check_noise(noise, (batch_size, None, dim))
+        return vae.decode(noise.to(image_embeds.dtype)), None
+
+    def _training_outputs(
+        self,
+        state_probs: torch.Tensor,
+        image_logits: torch.Tensor,
+        grid: tuple[int, int],
+        output_size: tuple[int, int],
+        labels: torch.Tensor,
+        masks: torch.Tensor | None,
+        normal_distances: torch.Tensor,
+        anomalous_distances: torch.Tensor,
+        posterior: tuple[torch.Tensor, torch.Tensor],
+        image_embeds: torch.Tensor,
+        class_tokens: torch.Tensor,
+    ) -> CoPSAnomalyDetectionOutput:
+        """The training path's outputs: the loss and its terms, with the same scores and maps as inference gives."""
+        batch_size, num_layers = state_probs.shape[:2]
+        # [B, F, N, 2] -> [B*F, 2, N] -> [B*F, 2, H, W] -> [B, F, 2, H, W]
+        state_maps = self._upsample_patches(state_probs.flatten(0, 1).transpose(1, 2), grid, output_size)
+        state_maps = state_maps.view(batch_size, num_layers, 2, *output_size)
+        posterior_mean, posterior_log_var = posterior
+        loss, terms = cops_objective(
+            image_logits=image_logits,
+            labels=labels,
+            state_maps=state_maps,
+            masks=self._binary_masks(masks, batch_size, output_size) if masks is not None else None,
+            normal_distances=normal_distances,
+            anomalous_distances=anomalous_distances,
+            posterior_mean=posterior_mean,
+            posterior_log_var=posterior_log_var,
+            image_embeds=image_embeds,
+            class_tokens=class_tokens[:, 0],
+            patch_size=self.config.vision_config.patch_size,
+            use_recon_loss=self.config.use_recon_loss,
+        )
+        return CoPSAnomalyDetectionOutput(
+            loss=loss,
+            loss_terms={name: value.detach() for name, value in terms.items()},
+            image_scores=image_logits.softmax(dim=-1)[:, ANOMALOUS],
+            anomaly_maps=state_maps[:, -1, ANOMALOUS],
+            patch_scores=state_probs[:, -1, :, ANOMALOUS],
+        )
 
     @staticmethod
     def _check_noise(noise: torch.Tensor, expected: tuple[int | None, ...]) -> None:
