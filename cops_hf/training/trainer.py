@@ -389,26 +389,8 @@ class CoPSTrainer:
             group_start = position - position % accumulation
             group_size = min(accumulation, len(batches) - group_start)
             sync_now = position == group_start + group_size - 1
-            labels = batch["labels"].to(device)
-            masks = batch["masks"].to(device) if "masks" in batch else None
-            if "vision_outputs" in batch:
-                vision_outputs = CoPSVisionOutput(
-                    image_embeds=batch["vision_outputs"].image_embeds.to(device),
-                    patch_embeds=batch["vision_outputs"].patch_embeds.to(device),
-                )
-            else:
-                vision_outputs = self._vision_outputs(vision_model, batch["pixel_values"])
-                if cache is not None:
-                    self._store_real(cache, batch["indices"].tolist(), vision_outputs, masks)
-            with accelerator.no_sync(self.wrapped_model) if not sync_now else nullcontext():
-                with accelerator.autocast():
-                    outputs = self.wrapped_model(vision_outputs=vision_outputs, labels=labels, masks=masks)
-                accelerator.backward(outputs.loss / group_size)
-            if sync_now:
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.global_step += 1
-            batch_size = len(labels)
+            outputs = self._train_step(batch, vision_model, cache, group_size=group_size, sync_now=sync_now)
+            batch_size = len(batch["labels"])
             values = [outputs.loss.detach()] + [outputs.loss_terms[name] for name in LOSS_TERMS]
             totals[:-1] += torch.stack([value.double() for value in values]) * batch_size
             totals[-1] += batch_size
@@ -421,8 +403,54 @@ class CoPSTrainer:
         progress.close()
         if cache is not None and not cached_epoch:
             cache.finalize()
-        seconds = time.perf_counter() - started
-        totals = accelerator.reduce(totals, reduction="sum")
+        return self._epoch_record(epoch, totals, time.perf_counter() - started, cached_epoch)
+
+    def _train_step(
+        self,
+        batch: dict[str, Any],
+        vision_model: Any,
+        cache: VisionFeatureCache | None,
+        *,
+        group_size: int,
+        sync_now: bool,
+    ) -> Any:
+        """One batch through the model's training path: loss, backward, and an optimizer step ending each group.
+
+        The vision features come from the cache when the batch carries them, else from the frozen tower (and are
+        stored for the next epochs when a cache is kept). Returns the model outputs (loss and its terms).
+        """
+        accelerator, device = self.accelerator, self.accelerator.device
+        labels = batch["labels"].to(device)
+        masks = batch["masks"].to(device) if "masks" in batch else None
+        if "vision_outputs" in batch:
+            vision_outputs = CoPSVisionOutput(
+                image_embeds=batch["vision_outputs"].image_embeds.to(device),
+                patch_embeds=batch["vision_outputs"].patch_embeds.to(device),
+            )
+        else:
+            vision_outputs = self._vision_outputs(vision_model, batch["pixel_values"])
+            if cache is not None:
+                self._store_real(cache, batch["indices"].tolist(), vision_outputs, masks)
+        with accelerator.no_sync(self.wrapped_model) if not sync_now else nullcontext():
+            with accelerator.autocast():
+                outputs = self.wrapped_model(vision_outputs=vision_outputs, labels=labels, masks=masks)
+            accelerator.backward(outputs.loss / group_size)
+        if sync_now:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_step += 1
+        return outputs
+
+    def _epoch_record(
+        self, epoch: int, totals: torch.Tensor, seconds: float, cached_epoch: bool
+    ) -> dict[str, Any]:
+        """The epoch's log line: the mean loss and terms over every process's images, speed, and the data used.
+
+        Args:
+            totals: this process's `[1 + len(LOSS_TERMS) + 1]` sums (loss, terms) weighted by batch size, then the
+                image count; summed over processes here.
+        """
+        totals = self.accelerator.reduce(totals, reduction="sum")
         means = (totals[:-1] / totals[-1]).tolist()
         num_images = int(totals[-1].item())
         record = {"epoch": epoch, "step": self.global_step, "loss": means[0]}
@@ -438,7 +466,7 @@ class CoPSTrainer:
             split=self.model.config.train_split,
             preset=self.model.config.train_preset,
         )
-        if accelerator.is_main_process:
+        if self.accelerator.is_main_process:
             logger.info("epoch %d: %s", epoch, json.dumps(record))
         return record
 
